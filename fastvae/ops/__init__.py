@@ -1,0 +1,1 @@
+"""The fused ops: each module holds the public function, its PyTorch reference and its autograd wiring."""

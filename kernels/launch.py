@@ -1,0 +1,103 @@
+"""Launch planning shared by fastvae's kernels.
+
+The fused ops all see their input as a matrix of ``n_rows`` samples by
+``n_cols`` features, and reduce along the rows. A program handles a tile of
+``block_rows x block_cols`` elements (about ``BLOCK_ELEMENTS``): many short
+rows at once when rows are short, one long row in column chunks when rows are
+long. When there are too few row tiles to fill the device (a small batch of
+large samples), each row is also split into ``n_splits`` column ranges run by
+separate programs, whose partial sums the caller adds up.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+BLOCK_ELEMENTS = 4096
+MAX_GRID_Y = 65535
+# Programs per streaming multiprocessor that keep the memory system busy.
+PROGRAMS_PER_SM = 4
+# The interpreter has no SMs; this small count still exercises the split path.
+CPU_PROGRAMS = 8
+
+
+@triton.jit
+def _probe_kernel():
+    pass
+
+
+def is_interpreted() -> bool:
+    """Whether Triton's interpreter runs these kernels (``TRITON_INTERPRET=1`` when they were defined)."""
+    return isinstance(_probe_kernel, InterpretedFunction)
+
+
+@functools.cache
+def target_programs(device: torch.device) -> int:
+    """How many programs a launch needs to fill ``device``."""
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_PROGRAMS
+
+
+@dataclass(frozen=True)
+class RowTiling:
+    """How a row-wise kernel covers an ``n_rows x n_cols`` matrix.
+
+    Program ``(i, s)`` of the ``(row_tiles, n_splits)`` grid covers rows
+    ``[i * block_rows, (i + 1) * block_rows)`` and columns
+    ``[s * cols_per_split, (s + 1) * cols_per_split)``, in steps of
+    ``block_cols``; ``cols_per_split`` is a multiple of ``block_cols``.
+    """
+
+    block_rows: int
+    block_cols: int
+    row_tiles: int
+    n_splits: int
+    cols_per_split: int
+    num_warps: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.row_tiles, self.n_splits)
+
+
+def plan_rows(n_rows: int, n_cols: int, device: torch.device, *, min_block_cols: int = 1) -> RowTiling:
+    """Tile sizes, column splits and warps for a row-wise kernel.
+
+    ``min_block_cols`` is the smallest column block the kernel accepts (a power
+    of two), for kernels that work on groups of columns.
+    """
+    block_cols = max(min(triton.next_power_of_2(n_cols), BLOCK_ELEMENTS), min_block_cols)
+    block_rows = max(min(triton.next_power_of_2(n_rows), BLOCK_ELEMENTS // block_cols), 1)
+    row_tiles = triton.cdiv(n_rows, block_rows)
+    col_blocks = triton.cdiv(n_cols, block_cols)
+    n_splits = min(col_blocks, max(triton.cdiv(target_programs(device), row_tiles), 1), MAX_GRID_Y)
+    cols_per_split = triton.cdiv(col_blocks, n_splits) * block_cols
+    n_splits = triton.cdiv(n_cols, cols_per_split)
+    num_warps = 8 if block_rows * block_cols >= BLOCK_ELEMENTS else 4
+    return RowTiling(block_rows, block_cols, row_tiles, n_splits, cols_per_split, num_warps)
+
+
+def as_rows(tensor: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """``tensor`` as an ``(n_rows, n_cols)`` matrix: a view with its own strides when one exists, else a copy.
+
+    Slices such as ``h[:, :D]`` stay views, so the kernels read them in place.
+    """
+    return tensor.reshape(-1, n_cols)
+
+
+def device_guard(tensor: torch.Tensor):
+    """Make ``tensor``'s GPU the current one, so that Triton launches there and not on GPU 0."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+@triton.jit
+def row_offsets(pid, BLOCK_ROWS: tl.constexpr):
+    """int64 row indices of tile ``pid``: offsets into tensors of more than 2**31 elements must not wrap."""
+    return pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)

@@ -1,0 +1,27 @@
+"""fastvae: fused Triton kernels for variational autoencoders.
+
+The Triton kernels live in the top-level ``kernels/`` folder and install as the
+subpackage ``fastvae.kernels`` (``package_dir``), for ``pip install .`` and
+``pip install -e .`` alike.
+"""
+from setuptools import setup
+
+setup(
+    name="fastvae",
+    version="0.1.0",
+    description="Fast variational autoencoders: fused Triton kernels for sampling, KL and reconstruction losses",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastvae", "fastvae.ops", "fastvae.kernels"],
+    package_dir={"fastvae.kernels": "kernels"},
+    install_requires=[
+        # torch.library.custom_op with tags (torch 2.8) keeps torch.compile free of graph breaks.
+        "torch>=2.8",
+        # Triton ships Linux wheels only; elsewhere the reference path serves.
+        "triton>=3.2; sys_platform == 'linux'",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    entry_points={"console_scripts": ["fastvae = fastvae.cli:main"]},
+)

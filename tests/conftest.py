@@ -1,0 +1,36 @@
+"""Test setup: where the Triton kernels run.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors; Triton
+reads ``TRITON_INTERPRET`` when a kernel is defined, so it is set here, before
+any test imports fastvae's kernels. With CUDA the kernels are compiled and the
+same tests run on the GPU at larger shapes; the CPU cases are then skipped.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastvae.backend import kernels_interpreted  # noqa: E402
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    """A device the Triton kernels can run on: the CPU under the interpreter, or a GPU."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if request.param == "cpu" and not kernels_interpreted():
+        pytest.skip("kernels are compiled for the GPU (TRITON_INTERPRET is not set)")
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """Each test draws fresh random inputs, from a seed pytest reports if it fails."""
+    seed = torch.seed() % 2**31
+    torch.manual_seed(seed)
+    print(f"torch seed {seed}")  # shown with a failing test's captured output
+    yield seed

@@ -34,3 +34,8 @@ def _fresh_seed():
     torch.manual_seed(seed)
     print(f"torch seed {seed}")  # shown with a failing test's captured output
     yield seed
+
+
+def pytest_configure(config):
+    # torch.compile's own deprecation noise, not ours.
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")

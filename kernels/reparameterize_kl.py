@@ -54,7 +54,7 @@ def _tile_columns(group_start, BLOCK_GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row):
+def standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row):
     """eps of a tile: lane k of group g in row r is normal k of Philox round first_counter + r * groups_per_row + g."""
     n0, n1, n2, n3 = tl.randn4x(seed, first_counter + rows * groups_per_row + groups)
     return tl.where(lanes == 0, n0, tl.where(lanes == 1, n1, tl.where(lanes == 2, n2, n3)))
@@ -88,7 +88,7 @@ def _reparameterize_kl_forward_kernel(
         if HAS_EPS:
             eps = _load_f32(eps_ptr, rows, cols, stride_eps_row, stride_eps_col, mask)
         else:
-            eps = _standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row)
+            eps = standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row)
         std = tl.exp(0.5 * logvar)
         tl.store(z_ptr + rows * n_cols + cols, (mu + std * eps).to(z_ptr.dtype.element_ty), mask=mask)
         # Masked lanes load mu = logvar = 0, whose KL term is exactly 0.
@@ -127,7 +127,7 @@ def _reparameterize_kl_backward_kernel(
             if HAS_EPS:
                 eps = _load_f32(eps_ptr, rows, cols, stride_eps_row, stride_eps_col, mask)
             else:
-                eps = _standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row)
+                eps = standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row)
             grad_mu += grad_z
             grad_logvar += 0.5 * grad_z * eps * std
         if HAS_GRAD_KL:

@@ -1,0 +1,291 @@
+"""Op benchmarks: each fused op against the same reference code run eagerly and under torch.compile.
+
+A case is one op at one shape and dtype. Each of its implementations
+("eager": the reference in plain PyTorch, "compile": ``torch.compile`` of that
+reference, "fastvae": the fused op) is timed for three passes, all with
+autograd on, as in training:
+
+* ``forward``: the op's outputs (and whatever it keeps for the backward);
+* ``backward``: the gradients from a graph built beforehand;
+* ``forward+backward``: both, one after the other.
+
+Floor bytes are the fewest bytes each pass must move (every input read once,
+every output written once; see the byte tables in ``kernels/*.py``); divided
+by the measured copy bandwidth they give the floor time.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from benchmarks.harness import kernel_count, median_ms, median_ms_after_setup, rotating, synchronize
+from fastvae.functional import reconstruction_loss, reparameterize_kl
+from fastvae.ops.reconstruction_loss import reconstruction_loss_reference
+from fastvae.ops.reparameterize_kl import reparameterize_kl_reference
+
+PASSES = ("forward", "backward", "forward+backward")
+IMPLS = ("eager", "compile", "fastvae")
+ROTATION_BYTES = 256 << 20  # inputs rotated until this much is in play
+
+
+@dataclass
+class OpCase:
+    """One op at one shape and dtype, with its implementations and byte counts."""
+
+    op: str
+    variant: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make_inputs: Callable[[torch.device], dict]
+    impls: dict[str, Callable[[dict], tuple]]
+    floor_bytes: dict[str, int]
+    grad_wrt: tuple[str, ...]
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+
+def _nbytes(shape, dtype) -> int:
+    return math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+
+
+# ---- reparameterize + KL --------------------------------------------------------------------------
+
+
+def reparameterize_case(rows: int, d: int, dtype: torch.dtype, eps_given: bool) -> OpCase:
+    """``reparameterize_kl`` on ``(rows, d)``: z gets a random upstream gradient, the summed KL a gradient of 1."""
+    shape = (rows, d)
+
+    def make_inputs(device):
+        mu = torch.randn(shape, device=device).to(dtype).requires_grad_()
+        logvar = (0.5 * torch.randn(shape, device=device)).to(dtype).requires_grad_()
+        eps = torch.randn(shape, device=device, dtype=dtype) if eps_given else None
+        return {"mu": mu, "logvar": logvar, "eps": eps, "grad_z": torch.randn(shape, device=device, dtype=dtype)}
+
+    def eager(t):
+        eps = t["eps"] if eps_given else torch.randn_like(t["mu"])
+        return reparameterize_kl_reference(t["mu"], t["logvar"], eps, "sum")
+
+    def fastvae(t):
+        return reparameterize_kl(t["mu"], t["logvar"], t["eps"], reduction="sum", backend="triton")
+
+    n = _nbytes(shape, dtype)
+    per_row = rows * 4
+    reads_eps = n if eps_given else 0
+    forward = 2 * n + reads_eps + n + per_row  # mu, logvar (, eps) -> z, kl
+    backward = 3 * n + reads_eps + 2 * n  # grad_z, mu, logvar (, eps) -> grad_mu, grad_logvar
+    return OpCase(
+        op="reparameterize_kl",
+        variant="eps given" if eps_given else "eps drawn",
+        shape=shape,
+        dtype=dtype,
+        make_inputs=make_inputs,
+        impls={"eager": eager, "fastvae": fastvae},
+        floor_bytes={"forward": forward, "backward": backward, "forward+backward": forward + backward},
+        grad_wrt=("mu", "logvar"),
+    )
+
+
+# ---- reconstruction losses ------------------------------------------------------------------------
+
+
+def loss_case(kind: str, batch: int, sample_shape: tuple[int, ...], dtype: torch.dtype) -> OpCase:
+    """``reconstruction_loss`` summed over the batch (``loss.backward()`` gives a gradient of 1).
+
+    The Gaussian likelihood learns one log-variance per feature.
+    """
+    shape = (batch, *sample_shape)
+
+    def make_inputs(device):
+        x_hat = torch.randn(shape, device=device).to(dtype).requires_grad_()
+        x = torch.rand(shape, device=device).to(dtype)
+        logvar = None
+        if kind == "gaussian":
+            logvar = (0.1 * torch.randn(sample_shape, device=device)).requires_grad_()
+        return {"x_hat": x_hat, "x": x, "logvar": logvar}
+
+    def eager(t):
+        return (reconstruction_loss_reference(t["x_hat"], t["x"], kind, "sum", t["logvar"]),)
+
+    def fastvae(t):
+        return (reconstruction_loss(t["x_hat"], t["x"], kind, reduction="sum", logvar=t["logvar"], backend="triton"),)
+
+    n = _nbytes(shape, dtype)
+    logvar_bytes = 2 * _nbytes(sample_shape, torch.float32) if kind == "gaussian" else 0
+    # With the gradient written in the forward, the backward only has to hand it on.
+    forward = 2 * n + n + logvar_bytes + batch * 4
+    return OpCase(
+        op=kind,
+        variant="logvar per feature" if kind == "gaussian" else "",
+        shape=shape,
+        dtype=dtype,
+        make_inputs=make_inputs,
+        impls={"eager": eager, "fastvae": fastvae},
+        floor_bytes={"forward": forward, "backward": 0, "forward+backward": forward},
+        grad_wrt=("x_hat", "logvar") if kind == "gaussian" else ("x_hat",),
+    )
+
+
+# ---- running a case -------------------------------------------------------------------------------
+
+
+def _grad_outputs(outputs: tuple, inputs: dict) -> list:
+    """Upstream gradients: the case's own random ``grad_z`` for a sample, 1 for a scalar loss."""
+    grads = []
+    for out in outputs:
+        if out.dim() == 0:
+            grads.append(torch.ones_like(out))
+        else:
+            grads.append(inputs["grad_z"])
+    return grads
+
+
+def implementation(case: OpCase, impl_name: str) -> Callable[[dict], tuple]:
+    """The callable for ``impl_name``: ``compile`` is ``torch.compile`` of the eager reference (static shapes)."""
+    if impl_name == "compile":
+        return torch.compile(case.impls["eager"], dynamic=False)
+    return case.impls[impl_name]
+
+
+@dataclass
+class Pass:
+    """A timed pass: ``fn(setup())``, where ``setup`` (untimed) prepares what ``fn`` consumes."""
+
+    setup: Callable[[], object]
+    fn: Callable[[object], object]
+
+    def __call__(self):
+        return self.fn(self.setup())
+
+
+def passes(case: OpCase, impl: Callable[[dict], tuple], device: torch.device) -> dict[str, Pass]:
+    """The three timed passes of one implementation, over rotating input sets.
+
+    The backward consumes a graph built by its untimed setup: compiled
+    backwards free their buffers, so a graph cannot be reused with retain_graph.
+    """
+    n_sets = max(1, min(4, ROTATION_BYTES // max(case.floor_bytes["forward"], 1)))
+    next_inputs = rotating([case.make_inputs(device) for _ in range(n_sets)])
+
+    def wrt(t):
+        return [t[name] for name in case.grad_wrt if t.get(name) is not None]
+
+    def build_graph():
+        t = next_inputs()
+        out = impl(t)
+        return out, wrt(t), _grad_outputs(out, t)
+
+    def backward(graph):
+        return torch.autograd.grad(*graph)
+
+    def forward_backward(t):
+        out = impl(t)
+        return torch.autograd.grad(out, wrt(t), _grad_outputs(out, t))
+
+    return {
+        "forward": Pass(next_inputs, impl),
+        "backward": Pass(build_graph, backward),
+        "forward+backward": Pass(next_inputs, forward_backward),
+    }
+
+
+def saved_bytes(impl: Callable[[dict], tuple], inputs: dict, device: torch.device) -> int | None:
+    """Bytes an implementation's forward keeps alive for its backward, beyond its inputs and outputs."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    out = impl(inputs)
+    synchronize(device)
+    kept = torch.cuda.memory_allocated(device) - before
+    return kept - sum(o.untyped_storage().nbytes() for o in out)
+
+
+def measure_case(case: OpCase, device: torch.device, impls=IMPLS, count_kernels: bool = True) -> list[dict]:
+    """Time every implementation and pass of ``case``; one record per (implementation, pass)."""
+    torch.manual_seed(0)
+    records = []
+    for impl_name in impls:
+        impl = implementation(case, impl_name)
+        first = _time_first_call(impl, case.make_inputs(device), device)
+        timed = passes(case, impl, device)
+        for pass_name in PASSES:
+            p = timed[pass_name]
+            # Inputs cycle cheaply inside a timed call; a backward's graph must be built outside it.
+            ms = median_ms_after_setup(p.setup, p.fn, device) if pass_name == "backward" else median_ms(p, device)
+            records.append({
+                "suite": "op",
+                "op": case.op,
+                "variant": case.variant,
+                "shape": list(case.shape),
+                "elements": case.elements,
+                "dtype": str(case.dtype).replace("torch.", ""),
+                "impl": impl_name,
+                "pass": pass_name,
+                "ms": ms,
+                "floor_bytes": case.floor_bytes[pass_name],
+                "first_call_ms": first if pass_name == "forward" else None,
+                "kernels": _kernels_of(p, device) if count_kernels else None,
+                "saved_bytes": saved_bytes(impl, case.make_inputs(device), device) if pass_name == "forward" else None,
+            })
+        del timed
+    return records
+
+
+def _kernels_of(p: Pass, device: torch.device) -> int | None:
+    state = p.setup()
+    return kernel_count(lambda: p.fn(state), device)
+
+
+def _time_first_call(impl, inputs, device) -> float:
+    """Wall time of the first forward+backward: for ``compile`` this is the compile time, reported apart."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = impl(inputs)
+    grad_wrt = [v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    torch.autograd.grad(out, grad_wrt, _grad_outputs(out, inputs), allow_unused=True)
+    synchronize(device)
+    return (time.perf_counter() - start) * 1000
+
+
+# ---- the grids ------------------------------------------------------------------------------------
+
+LATENT_D = 256
+LAUNCH_BOUND_D = 32
+SAMPLE_SHAPES = {"784": (784,), "3x64x64": (3, 64, 64), "3x256x256": (3, 256, 256)}
+LOSS_KINDS = ("mse", "bce", "gaussian", "l1")
+
+
+def op_cases(grid: str, dtypes: list[torch.dtype], ops: set[str] | None = None) -> list[OpCase]:
+    """The cases of a grid: ``"smoke"`` (tiny, CPU), ``"default"`` (a few minutes on an H100) or ``"full"``."""
+    if grid == "smoke":
+        latent_exps, launch_batches, loss_totals = (10, 14), (256,), (1 << 14,)
+        shapes = {"784": (784,), "3x32x32": (3, 32, 32)}
+    elif grid == "default":
+        latent_exps, launch_batches, loss_totals = (14, 18, 22, 24, 26, 28), (256, 1024, 4096, 16384), (1 << 24,)
+        shapes = SAMPLE_SHAPES
+    else:
+        latent_exps = tuple(range(14, 29, 2))
+        launch_batches, loss_totals = (256, 1024, 4096, 16384), (1 << 20, 1 << 24, 1 << 26)
+        shapes = SAMPLE_SHAPES
+    cases = []
+    for dtype in dtypes:
+        for exp in latent_exps:
+            for eps_given in (True, False):
+                cases.append(reparameterize_case((1 << exp) // LATENT_D, LATENT_D, dtype, eps_given))
+        for batch in launch_batches:
+            case = reparameterize_case(batch, LAUNCH_BOUND_D, dtype, eps_given=False)
+            case.variant = f"eps drawn, launch-bound D={LAUNCH_BOUND_D}"
+            cases.append(case)
+        for kind in LOSS_KINDS:
+            for name, sample_shape in shapes.items():
+                for total in loss_totals:
+                    batch = max(1, total // math.prod(sample_shape))
+                    cases.append(loss_case(kind, batch, sample_shape, dtype))
+    return [c for c in cases if ops is None or c.op in ops]

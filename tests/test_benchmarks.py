@@ -1,0 +1,82 @@
+"""The benchmark suite's own machinery, run tiny on the CPU (the fused kernels through Triton's interpreter).
+
+These check that every implementation and pass of the suite runs and is reported; they time nothing.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.__main__ import main as run_benchmarks
+from benchmarks.noise import measure_noise
+from benchmarks.ops import PASSES, loss_case, measure_case, reparameterize_case
+from benchmarks.report import check_targets, derive, markdown
+
+
+@pytest.fixture
+def tiny_cases():
+    return [
+        reparameterize_case(6, 40, torch.float32, eps_given=False),
+        loss_case("gaussian", 3, (2, 5, 5), torch.bfloat16),
+    ]
+
+
+def test_every_implementation_and_pass_runs(device, tiny_cases):
+    torch._dynamo.reset()
+    records = []
+    for case in tiny_cases:
+        records += measure_case(case, device, impls=("eager", "compile", "fastvae"), count_kernels=False)
+    assert len(records) == len(tiny_cases) * 3 * len(PASSES)
+    assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in records)
+    derive(records, bandwidth_gbs=100.0)
+    fused = [r for r in records if r["impl"] == "fastvae" and r["pass"] == "forward+backward"]
+    assert all(r["speedup_vs_eager"] > 0 and r["speedup_vs_compile"] > 0 for r in fused)
+    text = markdown({"device": "test"}, 100.0, records, check_targets(records), [])
+    assert "reparameterize_kl (eps drawn)" in text and "gaussian (logvar per feature)" in text
+
+
+def test_floor_bytes_count_each_tensor_once():
+    case = reparameterize_case(8, 16, torch.float32, eps_given=True)
+    n = 8 * 16 * 4
+    assert case.floor_bytes["forward"] == 4 * n + 8 * 4  # mu, logvar, eps -> z, per-row kl
+    assert case.floor_bytes["backward"] == 6 * n  # grad_z, mu, logvar, eps -> grad_mu, grad_logvar
+    drawn = reparameterize_case(8, 16, torch.bfloat16, eps_given=False)
+    assert drawn.floor_bytes["forward+backward"] == 8 * (8 * 16 * 2) + 8 * 4
+
+
+def test_targets_report_misses_with_their_gap():
+    base = {"suite": "op", "op": "mse", "variant": "", "shape": [1 << 24], "elements": 1 << 24, "dtype": "float32",
+            "pass": "forward+backward", "floor_bytes": 3 * 4 << 24}
+    records = [dict(base, impl="eager", ms=4.0), dict(base, impl="compile", ms=2.0), dict(base, impl="fastvae", ms=1.6)]
+    targets = {t["target"]: t for t in check_targets(derive(records, bandwidth_gbs=3000.0))}
+    vs_compile = targets["mse forward+backward >= 1.4x faster than compile"]
+    assert not vs_compile["met"] and "1.25x" in vs_compile["measured"] and "short by 1.12x" in vs_compile["measured"]
+    assert targets["mse forward+backward >= 2.0x faster than eager"]["met"]
+
+
+def test_noise_kernels_draw_normals(device):
+    records = measure_noise(device, exponents=(12,))
+    assert {r["impl"] for r in records} == {"tl.randn", "tl.randn4x", "torch.randn"}
+
+
+def test_randn4x_benchmark_kernel_is_standard_normal(device):
+    import triton
+
+    from benchmarks.noise import BLOCK, _randn4x_kernel
+
+    n = 10_000
+    out = torch.full((n + 64,), float("nan"), device=device)
+    _randn4x_kernel[(triton.cdiv(n, BLOCK),)](out, n, 1234, BLOCK=BLOCK)
+    values = out[:n].double()
+    assert torch.isnan(out[n:]).all()  # nothing written past n
+    assert abs(values.mean()) < 0.05 and abs(values.std() - 1) < 0.05
+
+
+def test_runner_smoke_mode_writes_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_benchmarks(["--ops", "reparameterize_kl,l1", "--dtypes", "float32", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert "smoke run" in payload["notes"][0]
+    assert {r["op"] for r in payload["records"]} == {"reparameterize_kl", "l1"}
+    assert (tmp_path / "results.md").exists() and (tmp_path / "reparameterize_kl.png").exists()

@@ -312,3 +312,45 @@ def test_more_than_2_31_elements_cuda():
     assert_close(z[-2:], z_ref)
     assert_close(kl[-2:], kl_ref, dtype=torch.bfloat16)
     assert (kl[:-2] == 0).all()
+
+
+def test_eps_that_requires_grad_gets_its_gradient(device):
+    mu, logvar, eps = make_inputs((3, 7), device)
+    eps.requires_grad_()
+    z, kl = reparameterize_kl(mu, logvar, eps, backend="triton")
+    z_ref, _ = reparameterize_kl_reference(mu, logvar, eps)
+    grad_z = torch.randn_like(z)
+    got = torch.autograd.grad(z, (mu, logvar, eps), grad_z)
+    want = torch.autograd.grad(z_ref, (mu, logvar, eps), grad_z)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+class FakeCudaGenerator:
+    """Stands in for a CUDA generator (a Philox seed and offset), which a CPU-only machine lacks."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, seed, offset):
+        self.seed, self.offset = seed, offset
+
+    def initial_seed(self):
+        return self.seed
+
+    def get_offset(self):
+        return self.offset
+
+    def set_offset(self, offset):
+        assert offset % 4 == 0  # as CUDA generators demand
+        self.offset = offset
+
+
+def test_philox_state_from_a_cuda_generator_reserves_disjoint_counters():
+    from fastvae.ops.rng import philox_seed_offset
+
+    gen = FakeCudaGenerator(seed=2**64 - 5, offset=40)
+    seed, first = philox_seed_offset(gen, torch.device("cuda"), n_rounds=7)
+    assert seed == -5  # the unsigned seed's bits, as a signed int64
+    assert first == 10 and gen.offset == 40 + 4 * 7  # counters 10..16 are ours
+    _, second = philox_seed_offset(gen, torch.device("cuda"), n_rounds=3)
+    assert second == 17  # the next call starts where this one ended

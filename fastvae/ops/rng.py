@@ -41,7 +41,7 @@ def philox_seed_offset(generator: torch.Generator | None, device: torch.device, 
     if generator.device.type == "cpu":
         seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
         return seed, 0
-    if torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "fastvae draws its noise from the generator's state when a kernel is launched, which a CUDA graph "
             "would freeze; pass eps explicitly inside CUDA graph capture"

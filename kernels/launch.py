@@ -67,13 +67,19 @@ class RowTiling:
         return (self.row_tiles, self.n_splits)
 
 
-def plan_rows(n_rows: int, n_cols: int, device: torch.device, *, min_block_cols: int = 1) -> RowTiling:
+def plan_rows(
+    n_rows: int, n_cols: int, device: torch.device, *, min_block_cols: int = 1, min_block_rows: int = 1
+) -> RowTiling:
     """Tile sizes, column splits and warps for a row-wise kernel.
 
     ``min_block_cols`` is the smallest column block the kernel accepts (a power
-    of two), for kernels that work on groups of columns.
+    of two), for kernels that work on groups of columns. ``min_block_rows``
+    (a power of two) asks for tiles of at least that many rows where there are
+    that many, with narrower column blocks to match, for kernels that also
+    reduce along the columns: each tile then adds up ``block_rows`` rows.
     """
-    block_cols = max(min(triton.next_power_of_2(n_cols), BLOCK_ELEMENTS), min_block_cols)
+    tall_rows = min(triton.next_power_of_2(n_rows), min_block_rows)
+    block_cols = max(min(triton.next_power_of_2(n_cols), BLOCK_ELEMENTS // tall_rows), min_block_cols)
     block_rows = max(min(triton.next_power_of_2(n_rows), BLOCK_ELEMENTS // block_cols), 1)
     row_tiles = triton.cdiv(n_rows, block_rows)
     col_blocks = triton.cdiv(n_cols, block_cols)
@@ -95,6 +101,12 @@ def as_rows(tensor: torch.Tensor, n_cols: int) -> torch.Tensor:
 def device_guard(tensor: torch.Tensor):
     """Make ``tensor``'s GPU the current one, so that Triton launches there and not on GPU 0."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+@triton.jit
+def load_f32(ptr, rows, cols, stride_row, stride_col, mask):
+    """Elements ``(rows, cols)`` of a strided matrix, as float32 (0 where masked off)."""
+    return tl.load(ptr + rows * stride_row + cols * stride_col, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import as_rows, device_guard, plan_rows, row_offsets
+from .launch import as_rows, device_guard, load_f32, plan_rows, row_offsets
 
 # Columns come in groups of four: one Philox round gives the noise of a group.
 GROUP = 4
@@ -61,11 +61,6 @@ def standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row):
 
 
 @triton.jit
-def _load_f32(ptr, rows, cols, stride_row, stride_col, mask):
-    return tl.load(ptr + rows * stride_row + cols * stride_col, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _reparameterize_kl_forward_kernel(
     mu_ptr, logvar_ptr, eps_ptr, z_ptr, kl_ptr,
     n_rows, n_cols,
@@ -83,10 +78,10 @@ def _reparameterize_kl_forward_kernel(
         groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
         cols = groups * 4 + lanes
         mask = (rows < n_rows) & (cols < col_end)
-        mu = _load_f32(mu_ptr, rows, cols, stride_mu_row, stride_mu_col, mask)
-        logvar = _load_f32(logvar_ptr, rows, cols, stride_logvar_row, stride_logvar_col, mask)
+        mu = load_f32(mu_ptr, rows, cols, stride_mu_row, stride_mu_col, mask)
+        logvar = load_f32(logvar_ptr, rows, cols, stride_logvar_row, stride_logvar_col, mask)
         if HAS_EPS:
-            eps = _load_f32(eps_ptr, rows, cols, stride_eps_row, stride_eps_col, mask)
+            eps = load_f32(eps_ptr, rows, cols, stride_eps_row, stride_eps_col, mask)
         else:
             eps = standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row)
         std = tl.exp(0.5 * logvar)
@@ -117,15 +112,15 @@ def _reparameterize_kl_backward_kernel(
         groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
         cols = groups * 4 + lanes
         mask = (rows < n_rows) & (cols < col_end)
-        mu = _load_f32(mu_ptr, rows, cols, stride_mu_row, stride_mu_col, mask)
-        logvar = _load_f32(logvar_ptr, rows, cols, stride_logvar_row, stride_logvar_col, mask)
+        mu = load_f32(mu_ptr, rows, cols, stride_mu_row, stride_mu_col, mask)
+        logvar = load_f32(logvar_ptr, rows, cols, stride_logvar_row, stride_logvar_col, mask)
         std = tl.exp(0.5 * logvar)
         grad_mu = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
         grad_logvar = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
         if HAS_GRAD_Z:
-            grad_z = _load_f32(grad_z_ptr, rows, cols, stride_grad_z_row, stride_grad_z_col, mask)
+            grad_z = load_f32(grad_z_ptr, rows, cols, stride_grad_z_row, stride_grad_z_col, mask)
             if HAS_EPS:
-                eps = _load_f32(eps_ptr, rows, cols, stride_eps_row, stride_eps_col, mask)
+                eps = load_f32(eps_ptr, rows, cols, stride_eps_row, stride_eps_col, mask)
             else:
                 eps = standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row)
             grad_mu += grad_z

@@ -1,0 +1,519 @@
+"""The fused reconstruction losses against their PyTorch reference, through the Triton kernels themselves."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvae.functional import reconstruction_loss, reparameterize_kl
+from fastvae.ops.reconstruction_loss import reconstruction_loss_reference
+from tests.utils import TOLERANCES, assert_close, compile_for_cuda, pick
+
+KINDS = ["mse", "bce", "gaussian", "l1"]
+REDUCTIONS = ["none", "sum", "mean"]
+
+
+def make_inputs(kind, shape, device, dtype=torch.float32, logvar_shape=None, x_dtype=None):
+    """``x_hat`` (requires grad), a target in [0, 1], and for ``"gaussian"`` a learned ``logvar``.
+
+    ``logvar_shape`` defaults to one value per feature, ``shape[1:]``.
+    """
+    x_hat = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    x = torch.rand(shape, device=device).to(x_dtype or dtype)
+    logvar = None
+    if kind == "gaussian":
+        logvar_shape = shape[1:] if logvar_shape is None else logvar_shape
+        logvar = (0.5 * torch.randn(logvar_shape, device=device)).to(dtype).requires_grad_()
+    return x_hat, x, logvar
+
+
+def check_against_reference(x_hat, x, kind, reduction="none", logvar=None, grad_loss=None):
+    """Forward and backward against the reference; the upstream gradient defaults to one that is not all ones."""
+    loss = reconstruction_loss(x_hat, x, kind, reduction=reduction, logvar=logvar, backend="triton")
+    want = reconstruction_loss_reference(x_hat, x, kind, reduction, logvar)
+    assert "fastvae" in type(loss.grad_fn).__name__  # the kernels ran, not the reference
+    assert loss.shape == want.shape and loss.dtype == torch.float32
+    assert_close(loss, want, rtol=2e-5)
+    grad_loss = torch.rand_like(loss) + 0.5 if grad_loss is None else grad_loss
+    inputs = [t for t in (x_hat, x, logvar) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(loss, inputs, grad_loss)
+    expected = torch.autograd.grad(want, inputs, grad_loss)
+    for t, g, w in zip(inputs, got, expected):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        # A broadcast logvar's gradient adds up k terms, in another order than the reference's:
+        # rounding of order k float32 ulps, beyond 1e-5 once the terms cancel.
+        summed = x_hat.numel() // max(t.numel(), 1)
+        assert_close(g, w, atol=max(TOLERANCES[g.dtype]["atol"], 1e-6 * summed))
+    return loss, got
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_reference(device, kind, reduction):
+    x_hat, x, logvar = make_inputs(kind, (pick(device, 3, 67), 5, pick(device, 7, 301)), device)
+    check_against_reference(x_hat, x, kind, reduction, logvar)
+
+
+SHAPES = {
+    "vector": lambda dev: (pick(dev, 5, 10001),),
+    "odd": lambda dev: (pick(dev, 3, 1001), pick(dev, 37, 129)),
+    "image": lambda dev: (pick(dev, 2, 64), 3, pick(dev, 5, 32), pick(dev, 7, 33)),
+    "above-one-block": lambda dev: (pick(dev, 3, 300), pick(dev, 4100, 70001)),
+    "batch-of-one": lambda dev: (1, 3, pick(dev, 64, 512), pick(dev, 64, 512)),
+    "many-small-samples": lambda dev: (pick(dev, 300, 100000), 3),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("kind", KINDS)
+def test_shapes(device, kind, shape):
+    x_hat, x, logvar = make_inputs(kind, shape(device), device)
+    check_against_reference(x_hat, x, kind, "sum", logvar)
+    check_against_reference(x_hat, x, kind, "none", logvar)
+
+
+def test_the_shapes_exercise_every_tiling(device):
+    from fastvae.kernels.launch import plan_rows
+
+    batch_of_one = SHAPES["batch-of-one"](device)
+    assert plan_rows(1, math.prod(batch_of_one[1:]), device).n_splits > 1  # one sample split across programs
+    rows, cols = SHAPES["many-small-samples"](device)
+    assert plan_rows(rows, cols, device).block_rows > 1  # many samples to a program
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_results_do_not_depend_on_tiling(device, kind, monkeypatch):
+    from fastvae.kernels import launch
+
+    # Tiny tiles and many programs: several row tiles and column splits even at small sizes.
+    monkeypatch.setattr(launch, "BLOCK_ELEMENTS", 32)
+    monkeypatch.setattr(launch, "target_programs", lambda device: 64)
+    shape = (pick(device, 37, 300), pick(device, 70, 700))
+    for reduction in REDUCTIONS:
+        x_hat, x, logvar = make_inputs(kind, shape, device)
+        check_against_reference(x_hat, x, kind, reduction, logvar)
+
+
+DTYPES = {
+    "float16": (torch.float16, None),
+    "bfloat16": (torch.bfloat16, None),
+    "bf16 prediction, f32 target": (torch.bfloat16, torch.float32),
+    "f32 prediction, f16 target": (torch.float32, torch.float16),
+}
+
+
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("kind", KINDS)
+def test_dtypes(device, kind, dtypes):
+    dtype, x_dtype = dtypes
+    shape = (pick(device, 4, 256), pick(device, 33, 1025))
+    x_hat, x, logvar = make_inputs(kind, shape, device, dtype, x_dtype=x_dtype)
+    check_against_reference(x_hat, x, kind, "mean", logvar)
+
+
+LOGVAR_SHAPES = {
+    "scalar": lambda b, c, h, w: (),
+    "one": lambda b, c, h, w: (1,),
+    "per feature": lambda b, c, h, w: (c, h, w),
+    "per feature, batch dim 1": lambda b, c, h, w: (1, c, h, w),
+    "per channel": lambda b, c, h, w: (c, 1, 1),
+    "per column": lambda b, c, h, w: (w,),
+    "per sample": lambda b, c, h, w: (b, 1, 1, 1),
+    "per sample and pixel": lambda b, c, h, w: (b, 1, h, w),
+    "per element": lambda b, c, h, w: (b, c, h, w),
+}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("logvar_shape", LOGVAR_SHAPES.values(), ids=LOGVAR_SHAPES.keys())
+def test_gaussian_logvar_broadcasts(device, logvar_shape, reduction):
+    shape = (pick(device, 5, 40), 3, pick(device, 4, 30), pick(device, 6, 31))
+    x_hat, x, logvar = make_inputs("gaussian", shape, device, logvar_shape=logvar_shape(*shape))
+    check_against_reference(x_hat, x, "gaussian", reduction, logvar)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_shared_logvar_summed_over_many_row_tiles(device, reduction):
+    # More samples than a tile of COLUMN_BLOCK_ROWS rows: the column sums come from several tiles.
+    shape = (pick(device, 40, 1000), 3, 10, pick(device, 10, 100))
+    x_hat, x, logvar = make_inputs("gaussian", shape, device)
+    check_against_reference(x_hat, x, "gaussian", reduction, logvar)
+
+
+def test_gaussian_logvar_of_half_precision_and_strided(device):
+    shape = (pick(device, 4, 64), pick(device, 9, 300))
+    x_hat, x, _ = make_inputs("gaussian", shape, device, torch.bfloat16)
+    logvar = torch.randn(2 * shape[1], device=device, dtype=torch.float16)[::2].requires_grad_()
+    check_against_reference(x_hat, x, "gaussian", "sum", logvar)
+    logvar = torch.randn(shape[::-1], device=device).t().requires_grad_()  # per element, transposed
+    check_against_reference(x_hat, x, "gaussian", "none", logvar)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "channels-last", "broadcast-target"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_contiguous_inputs(device, kind, layout):
+    b, c, h, w = pick(device, 3, 32), 3, pick(device, 5, 40), pick(device, 6, 41)
+    if layout == "transposed":
+        x_hat = torch.randn(w * h, b, device=device).t().requires_grad_()
+        x = torch.rand(w * h, b, device=device).t()
+    elif layout == "strided":
+        x_hat = torch.randn(b, 2 * c * h, w, device=device)[:, ::2].requires_grad_()
+        x = torch.rand(2 * b, c * h, w, device=device)[::2]
+    elif layout == "channels-last":
+        x_hat = torch.randn(b, c, h, w, device=device).to(memory_format=torch.channels_last).requires_grad_()
+        x = torch.rand(b, c, h, w, device=device).to(memory_format=torch.channels_last)
+    else:  # one target for every sample, stride 0 along the batch
+        x_hat = torch.randn(b, c, h, w, device=device, requires_grad=True)
+        x = torch.rand(1, c, h, w, device=device).expand(b, c, h, w)
+    assert not x_hat.is_contiguous() or not x.is_contiguous()
+    logvar = (0.3 * torch.randn(x.shape[1:], device=device)).requires_grad_() if kind == "gaussian" else None
+    check_against_reference(x_hat, x, kind, "sum", logvar)
+    check_against_reference(x_hat, x, kind, "none", logvar)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_target_that_requires_grad_gets_its_gradient(device, kind):
+    x_hat, x, logvar = make_inputs(kind, (pick(device, 3, 100), pick(device, 11, 999)), device, x_dtype=torch.float16)
+    x.requires_grad_()
+    for reduction in ("none", "mean"):
+        check_against_reference(x_hat, x, kind, reduction, logvar)
+    # The target alone.
+    check_against_reference(x_hat.detach(), x, kind, "sum", logvar.detach() if logvar is not None else None)
+
+
+# ---- the gradient written in the forward ---------------------------------------------------------
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Records the keyword arguments of every forward launch and the shapes of every scaling launch."""
+    from fastvae.kernels import reconstruction_loss as kernels
+
+    calls = {"forward": [], "scale": []}
+    forward, scale = kernels.reconstruction_loss_forward, kernels.scale_rows
+
+    def spy_forward(*args, **kwargs):
+        calls["forward"].append(kwargs)
+        return forward(*args, **kwargs)
+
+    def spy_scale(src, weight):
+        calls["scale"].append(tuple(src.shape))
+        return scale(src, weight)
+
+    monkeypatch.setattr(kernels, "reconstruction_loss_forward", spy_forward)
+    monkeypatch.setattr(kernels, "scale_rows", spy_scale)
+    return calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_gradient_written_without_autograd(device, kind, kernel_calls):
+    x_hat, x, logvar = make_inputs(kind, (4, 9), device)
+    with torch.no_grad():
+        loss = reconstruction_loss(x_hat, x, kind, reduction="none", logvar=logvar, backend="triton")
+    assert loss.grad_fn is None
+    with torch.inference_mode():
+        reconstruction_loss(x_hat, x, kind, reduction="sum", logvar=logvar, backend="triton")
+    assert_close(loss, reconstruction_loss_reference(x_hat, x, kind, "none", logvar).detach())
+    loss = reconstruction_loss(x_hat.detach(), x, kind, logvar=None if logvar is None else logvar.detach(),
+                               backend="triton")
+    assert loss.grad_fn is None
+    for call in kernel_calls["forward"]:
+        assert call["grad_x_hat"] is False and call["grad_x"] is False and call["logvar_grad"] == "none"
+    # Only what requires grad gets a gradient: here x_hat, not logvar.
+    reconstruction_loss(x_hat, x, kind, logvar=None if logvar is None else logvar.detach(), backend="triton")
+    assert kernel_calls["forward"][-1]["grad_x_hat"] is True
+    assert kernel_calls["forward"][-1]["logvar_grad"] == "none"
+    # The op itself hands back empty tensors for the gradients it was not asked for.
+    _, grad_x_hat, grad_x, grad_logvar = torch.ops.fastvae.reconstruction_loss(
+        x_hat.detach(), x, logvar, kind, "sum", False, False, False
+    )
+    assert grad_x_hat.numel() == grad_x.numel() == grad_logvar.numel() == 0
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none then sum"])
+def test_upstream_gradient_of_one_hands_on_the_saved_gradient(device, reduction, kernel_calls):
+    x_hat, x, logvar = make_inputs("gaussian", (pick(device, 5, 64), pick(device, 13, 1000)), device)
+    if reduction == "none then sum":
+        loss = reconstruction_loss(x_hat, x, "gaussian", reduction="none", logvar=logvar, backend="triton").sum()
+        want = reconstruction_loss_reference(x_hat, x, "gaussian", "none", logvar).sum()
+    else:
+        loss = reconstruction_loss(x_hat, x, "gaussian", reduction=reduction, logvar=logvar, backend="triton")
+        want = reconstruction_loss_reference(x_hat, x, "gaussian", reduction, logvar)
+    loss.backward()
+    assert kernel_calls["scale"] == []  # no pass over the gradient in the backward
+    expected = torch.autograd.grad(want, (x_hat, logvar))
+    assert_close(x_hat.grad, expected[0])
+    assert_close(logvar.grad, expected[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scaled_scalar_loss(device, kind, kernel_calls):
+    x_hat, x, logvar = make_inputs(kind, (pick(device, 4, 64), pick(device, 10, 999)), device)
+    inputs = [t for t in (x_hat, logvar) if t is not None]
+    loss = reconstruction_loss(x_hat, x, kind, reduction="sum", logvar=logvar, backend="triton")
+    got = torch.autograd.grad(-2.5 * loss, inputs)
+    expected = torch.autograd.grad(-2.5 * reconstruction_loss_reference(x_hat, x, kind, "sum", logvar), inputs)
+    assert len(kernel_calls["scale"]) == len(inputs)
+    for g, w in zip(got, expected):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize("upstream", ["one", "weights"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_inputs_unchanged_and_backward_twice(device, kind, upstream):
+    x_hat, x, logvar = make_inputs(kind, (pick(device, 4, 64), pick(device, 10, 999)), device)
+    x_hat_before, x_before = x_hat.detach().clone(), x.clone()
+    inputs = [t for t in (x_hat, logvar) if t is not None]
+    reduction = "sum" if upstream == "one" else "none"
+    loss = reconstruction_loss(x_hat, x, kind, reduction=reduction, logvar=logvar, backend="triton")
+    grad_loss = torch.ones_like(loss) if upstream == "one" else torch.rand_like(loss)
+    first = torch.autograd.grad(loss, inputs, grad_loss, retain_graph=True)
+    second = torch.autograd.grad(loss, inputs, grad_loss, retain_graph=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    # Accumulating into .grad twice gives twice the gradient: the saved gradient was not modified in place.
+    loss.backward(grad_loss, retain_graph=True)
+    loss.backward(grad_loss)
+    for t, g in zip(inputs, first):
+        assert_close(t.grad, 2 * g)
+    assert torch.equal(x_hat.detach(), x_hat_before) and torch.equal(x, x_before)
+
+
+def test_upstream_weights_of_one_per_sample(device, kernel_calls):
+    x_hat, x, logvar = make_inputs("gaussian", (4, 3, 5), device, logvar_shape=(4, 3, 5))
+    check_against_reference(x_hat, x, "gaussian", "none", logvar, grad_loss=torch.ones(4, device=device))
+    assert kernel_calls["scale"] == []
+
+
+def test_autocast_decoder_output(device):
+    decoder = torch.nn.Linear(6, 20).to(device)
+    z, x = torch.randn(5, 6, device=device), torch.rand(5, 20, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        logits = decoder(z)
+        assert logits.dtype == torch.bfloat16
+        loss = reconstruction_loss(logits, x, "bce", reduction="mean", backend="triton")
+        want = reconstruction_loss_reference(logits, x, "bce", "mean")
+    assert loss.dtype == torch.float32
+    assert_close(loss, want)
+    got = torch.autograd.grad(loss, decoder.weight, retain_graph=True)[0]
+    # The logits' gradient is bfloat16: the same float32 math by a different chain of operations, rounded.
+    assert_close(got, torch.autograd.grad(want, decoder.weight)[0], dtype=torch.bfloat16)
+
+
+# ---- edge values ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mse", "l1", "bce"])
+def test_nan_inf_and_ties_as_in_reference(device, kind):
+    x_hat, x, _ = make_inputs(kind, (4, 6), device)
+    with torch.no_grad():
+        x_hat[0, 1], x_hat[1, 2], x_hat[2, 0] = float("nan"), float("inf"), float("-inf")
+        x[3, :3] = x_hat[3, :3]  # |d| at 0, where l1's gradient is sign(0) = 0
+    check_against_reference(x_hat, x, kind, "none")
+
+
+def test_bce_stable_for_extreme_logits(device):
+    logits = torch.tensor([[-1e4, -100.0, -30.0, -1e-6, 0.0, 1e-6, 30.0, 100.0, 1e4]], device=device)
+    for target in (0.0, 0.3, 1.0):
+        x = torch.full_like(logits, target)
+        x_hat = logits.clone().requires_grad_()
+        loss = reconstruction_loss(x_hat, x, "bce", reduction="sum", backend="triton")
+        want = F.binary_cross_entropy_with_logits(logits.double(), x.double(), reduction="sum")
+        assert torch.isfinite(loss)
+        assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+        loss.backward()
+        assert_close(x_hat.grad, torch.sigmoid(logits.double()).sub(x.double()).float())
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (2, 0, 4)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty(device, shape, reduction):
+    x_hat, x, logvar = make_inputs("gaussian", shape, device, logvar_shape=())
+    loss = reconstruction_loss(x_hat, x, "gaussian", reduction=reduction, logvar=logvar, backend="triton")
+    want = reconstruction_loss_reference(x_hat, x, "gaussian", reduction, logvar)
+    assert loss.shape == want.shape
+    assert_close(loss, want)
+    grad_x_hat, grad_logvar = torch.autograd.grad(loss, (x_hat, logvar), torch.ones_like(loss))
+    assert grad_x_hat.shape == x_hat.shape
+    assert grad_logvar.shape == () and grad_logvar.item() == 0
+
+
+# ---- torch.compile ---------------------------------------------------------------------------------
+
+
+class TinyGaussianDecoder(torch.nn.Module):
+    """A linear decoder with a learned log-variance per feature."""
+
+    def __init__(self, latent=5, features=12):
+        super().__init__()
+        self.decode = torch.nn.Linear(latent, features)
+        self.logvar = torch.nn.Parameter(0.1 * torch.randn(features))
+
+    def forward(self, z, x, weights):
+        loss = reconstruction_loss(self.decode(z), x, "gaussian", logvar=self.logvar, backend="triton")
+        weighted = (loss * weights).sum()
+        mean = reconstruction_loss(self.decode(z), x, "bce", reduction="mean", backend="triton")
+        return weighted + mean
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    model = TinyGaussianDecoder().to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    z, x = torch.randn(6, 5, device=device), torch.rand(6, 12, device=device)
+    weights = torch.rand(6, device=device)
+    loss, loss_compiled = model(z, x, weights), compiled(z, x, weights)
+    assert_close(loss_compiled, loss)
+    params = list(model.parameters())
+    for g, g_compiled in zip(torch.autograd.grad(loss, params), torch.autograd.grad(loss_compiled, params)):
+        assert_close(g_compiled, g)
+    with torch.no_grad():
+        assert_close(compiled(z, x, weights), loss.detach())
+
+
+@pytest.mark.parametrize(
+    "kind, reduction, logvar_shape, grads",
+    [
+        ("mse", "none", None, (True, False, False)),
+        ("bce", "sum", None, (True, True, False)),
+        ("gaussian", "mean", (7,), (True, False, True)),
+        ("gaussian", "none", (7,), (False, False, True)),
+        ("gaussian", "none", (3, 1), (True, False, True)),
+        ("gaussian", "sum", (3, 7), (True, False, True)),
+        ("l1", "mean", None, (False, False, False)),
+    ],
+)
+def test_custom_op_registration(device, kind, reduction, logvar_shape, grads):
+    """Schema, fake tensors (shapes the compiler plans with) and autograd of the op, by torch's own checker."""
+    x_hat = torch.randn(3, 7, device=device, requires_grad=grads[0])
+    x = torch.rand(3, 7, device=device, requires_grad=grads[1])
+    logvar = None if logvar_shape is None else torch.randn(logvar_shape, device=device, requires_grad=grads[2])
+    args = (x_hat, x, logvar, kind, reduction, *grads)
+    torch.library.opcheck(torch.ops.fastvae.reconstruction_loss.default, args)
+    torch.library.opcheck(torch.ops.fastvae.scale_per_sample.default, (torch.randn(3, 7, device=device),
+                                                                       torch.rand(3, device=device)))
+
+
+def _forward_kernel_job(kind, logvar_grad, dtype):
+    from fastvae.kernels import reconstruction_loss as kernels
+
+    kernel = kernels._reconstruction_loss_forward_kernel
+    pointer_types = {"loss_ptr": "*fp32", "grad_logvar_ptr": "*fp32" if logvar_grad in ("rows", "columns") else None}
+    signature = {}
+    for name in kernel.arg_names:
+        if name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name) or f"*{dtype}"
+        elif not name.isupper():
+            signature[name] = "fp32" if name == "grad_scale" else "i64"
+    constexprs = dict(KIND=kind, GRAD_X_HAT=True, GRAD_X=True, LOGVAR_GRAD=logvar_grad, BLOCK_ROWS=4, BLOCK_COLS=1024)
+    return kernels.__name__, "_reconstruction_loss_forward_kernel", signature, constexprs, 8
+
+
+def test_kernels_compile_for_a_cuda_target():
+    """The interpreter runs code that compiled Triton refuses; this compiles every variant as a GPU would."""
+    jobs = [_forward_kernel_job(kind, "none", dtype) for kind in ("mse", "bce", "l1") for dtype in ("bf16", "fp32")]
+    jobs += [_forward_kernel_job("gaussian", mode, "fp16") for mode in ("none", "elements", "rows", "columns")]
+    scale_signature = {"src_ptr": "*bf16", "weight_ptr": "*fp32", "out_ptr": "*bf16", "n_rows": "i64",
+                       "n_cols": "i64", "stride_weight": "i64", "cols_per_split": "i64"}
+    jobs.append(("fastvae.kernels.reconstruction_loss", "_scale_rows_kernel", scale_signature,
+                 dict(BLOCK_ROWS=1, BLOCK_COLS=4096), 8))
+    compile_for_cuda(jobs)
+
+
+# ---- drop-in for a VAE's loss ------------------------------------------------------------------------
+
+
+class MLPVAE(torch.nn.Module):
+    def __init__(self, features=20, hidden=16, latent=4):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(
+            torch.nn.Linear(features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2 * latent)
+        )
+        self.decoder = torch.nn.Sequential(
+            torch.nn.Linear(latent, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, features)
+        )
+
+
+def plain_torch_loss(model, x, eps):
+    mu, logvar = model.encoder(x).chunk(2, dim=-1)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    reconstruction = F.binary_cross_entropy(torch.sigmoid(model.decoder(z)), x, reduction="sum")
+    kl = -0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp())
+    return reconstruction + kl
+
+
+def fastvae_loss(model, x, eps):
+    mu, logvar = model.encoder(x).chunk(2, dim=-1)
+    z, kl = reparameterize_kl(mu, logvar, eps, reduction="sum", backend="triton")
+    return reconstruction_loss(model.decoder(z), x, "bce", reduction="sum", backend="triton") + kl
+
+
+def test_drop_in_for_sigmoid_bce_and_analytic_kl(device):
+    x = torch.rand(8, 20, device=device)
+    reference = MLPVAE().to(device)
+    initial = {name: p.detach().clone() for name, p in reference.named_parameters()}
+    fused = MLPVAE().to(device)
+    fused.load_state_dict(reference.state_dict())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for m in (reference, fused)]
+    for _ in range(5):
+        eps = torch.randn(8, 4, device=device)
+        losses = []
+        for model, loss_fn, optimizer in zip((reference, fused), (plain_torch_loss, fastvae_loss), optimizers):
+            optimizer.zero_grad()
+            loss = loss_fn(model, x, eps)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-4)
+    for (name, p_reference), p_fused in zip(reference.named_parameters(), fused.parameters()):
+        assert not torch.equal(p_reference, initial[name])  # training moved every parameter
+        assert_close(p_fused, p_reference, rtol=1e-5, atol=1e-5)
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "shapes differ": ((torch.zeros(2, 3), torch.zeros(2, 4)), {}, ValueError, "x must have the shape"),
+    "integer x_hat": ((torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3)), {}, TypeError, "x_hat"),
+    "integer x": ((torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.uint8)), {}, TypeError, "x must"),
+    "bool x": ((torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool)), {}, TypeError, "x must"),
+    "complex x_hat": ((torch.zeros(2, 3, dtype=torch.complex64), torch.zeros(2, 3)), {}, TypeError, "x_hat"),
+    "not a tensor": (([[0.0]], torch.zeros(1, 1)), {}, TypeError, "x_hat"),
+    "0-d": ((torch.tensor(0.0), torch.tensor(0.0)), {}, ValueError, "x_hat"),
+    "unknown kind": ((torch.zeros(2, 3), torch.zeros(2, 3), "bernoulli"), {}, ValueError, "kind"),
+    "unknown reduction": ((torch.zeros(2, 3), torch.zeros(2, 3)), {"reduction": "batchmean"}, ValueError,
+                          "reduction"),
+    "gaussian without logvar": ((torch.zeros(2, 3), torch.zeros(2, 3), "gaussian"), {}, ValueError, "logvar"),
+    "logvar for mse": ((torch.zeros(2, 3), torch.zeros(2, 3)), {"logvar": torch.zeros(3)}, ValueError, "logvar"),
+    "logvar does not broadcast": ((torch.zeros(2, 3), torch.zeros(2, 3), "gaussian"), {"logvar": torch.zeros(2)},
+                                  ValueError, "logvar"),
+    "logvar of higher rank": ((torch.zeros(2, 3), torch.zeros(2, 3), "gaussian"), {"logvar": torch.zeros(1, 2, 3)},
+                              ValueError, "logvar"),
+    "integer logvar": ((torch.zeros(2, 3), torch.zeros(2, 3), "gaussian"),
+                       {"logvar": torch.zeros(3, dtype=torch.int32)}, TypeError, "logvar"),
+    "logvar not a tensor": ((torch.zeros(2, 3), torch.zeros(2, 3), "gaussian"), {"logvar": 0.0}, TypeError,
+                            "logvar"),
+    "devices differ": ((torch.zeros(2, 3), torch.zeros(2, 3, device="meta")), {}, ValueError, "x is on meta"),
+    "backend": ((torch.zeros(2, 3), torch.zeros(2, 3)), {"backend": "cuda"}, ValueError, "backend"),
+    "float64 on triton": ((torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3)), {"backend": "triton"},
+                          TypeError, "x_hat"),
+    "float64 logvar on triton": ((torch.zeros(2, 3), torch.zeros(2, 3), "gaussian"),
+                                 {"logvar": torch.zeros(3, dtype=torch.float64), "backend": "triton"},
+                                 TypeError, "logvar"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input(case):
+    args, kwargs, error, message = case
+    with pytest.raises(error, match=message):
+        reconstruction_loss(*args, **kwargs)
+
+
+def test_auto_backend_runs_the_reference_on_cpu_and_for_float64():
+    x_hat = torch.randn(3, 4, requires_grad=True)
+    loss = reconstruction_loss(x_hat, torch.rand(3, 4), "bce")
+    assert "fastvae" not in type(loss.grad_fn).__name__
+    x_hat = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    loss = reconstruction_loss(x_hat, torch.rand(3, 4, dtype=torch.float64), "mse", reduction="mean")
+    assert loss.dtype == torch.float64 and "fastvae" not in type(loss.grad_fn).__name__

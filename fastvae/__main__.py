@@ -1,4 +1,5 @@
 """``python -m fastvae ...`` (and ``torchrun ... -m fastvae train ...``): the ``fastvae`` command."""
+
 import sys
 
 from fastvae.cli import main

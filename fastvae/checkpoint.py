@@ -5,6 +5,7 @@ weights_only=True)`` reads it without running pickled code): its ``format``,
 the run's ``config``, ``image_shape``, ``step``, the ``model``, ``optimizer``
 and ``scaler`` states, and ``rng``: one RNG state per process of the run.
 """
+
 from __future__ import annotations
 
 import os

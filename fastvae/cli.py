@@ -9,6 +9,7 @@ run folder that exists, ...) ends with one line on stderr and exit status 2,
 without a traceback and without writing anything; a loss that turns NaN or
 infinite ends with status 1, an interrupt with 130.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,70 +85,130 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     # Options left out are left out of the namespace too (SUPPRESS): on --resume they come from the checkpoint.
+    parser.argument_default = argparse.SUPPRESS
     what = parser.add_argument_group("what to train")
-    what.add_argument("--data", default=argparse.SUPPRESS, metavar="NAME|FILE",
-                      help=f"dataset: {', '.join(DATASETS)}, or a .npy/.npz file of images (default: {d.data})")
-    what.add_argument("--num-images", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
-                      help="use the first N images (training and held-out together); for shapes, generate N "
-                           "(default: all; 20000 shapes)")
-    what.add_argument("--model", choices=MODELS, default=argparse.SUPPRESS,
-                      help=f"mlp: fully connected; conv: convolutional, for square images (default: {d.model})")
-    what.add_argument("--latent-dim", type=_positive_int, default=argparse.SUPPRESS, metavar="D",
-                      help=f"size of the latent z (default: {d.latent_dim})")
-    what.add_argument("--hidden", type=_positive_int, nargs="+", default=argparse.SUPPRESS, metavar="N",
-                      help="mlp: hidden layer sizes (default: 512 256); conv: channels of the stride-2 layers, "
-                           "one per halving of the image (default: from the image size)")
-    what.add_argument("--likelihood", choices=LIKELIHOODS, default=argparse.SUPPRESS,
-                      help="p(x|z): bce = Bernoulli on logits, gaussian = learned variance, mse = fixed variance, "
-                           f"l1 = Laplace (default: {d.likelihood})")
-    what.add_argument("--logvar-limit", type=_non_negative_float, default=argparse.SUPPRESS, metavar="L",
-                      help="soft-clamp the encoder's log-variance (log sigma^2) to (-L, L) so exp(logvar) stays "
-                           f"finite; 0 turns it off (default: {d.logvar_limit:g})")
+    what.add_argument(
+        "--data",
+        metavar="NAME|FILE",
+        help=f"dataset: {', '.join(DATASETS)}, or a .npy/.npz file of images (default: {d.data})",
+    )
+    what.add_argument(
+        "--num-images",
+        type=_positive_int,
+        metavar="N",
+        help="use the first N images (training and held-out together); for shapes, generate N "
+        "(default: all; 20000 shapes)",
+    )
+    what.add_argument(
+        "--model",
+        choices=MODELS,
+        help=f"mlp: fully connected; conv: convolutional, for square images (default: {d.model})",
+    )
+    what.add_argument(
+        "--latent-dim", type=_positive_int, metavar="D", help=f"size of the latent z (default: {d.latent_dim})"
+    )
+    what.add_argument(
+        "--hidden",
+        type=_positive_int,
+        nargs="+",
+        metavar="N",
+        help="mlp: hidden layer sizes (default: 512 256); conv: channels of the stride-2 layers, "
+        "one per halving of the image (default: from the image size)",
+    )
+    what.add_argument(
+        "--likelihood",
+        choices=LIKELIHOODS,
+        help="p(x|z): bce = Bernoulli on logits, gaussian = learned variance, mse = fixed variance, "
+        f"l1 = Laplace (default: {d.likelihood})",
+    )
+    what.add_argument(
+        "--logvar-limit",
+        type=_non_negative_float,
+        metavar="L",
+        help="soft-clamp the encoder's log-variance (log sigma^2) to (-L, L) so exp(logvar) stays "
+        f"finite; 0 turns it off (default: {d.logvar_limit:g})",
+    )
     how = parser.add_argument_group("how to train")
-    how.add_argument("--beta", type=_non_negative_float, default=argparse.SUPPRESS,
-                     help=f"weight of the KL term (beta-VAE) (default: {d.beta:g})")
-    how.add_argument("--kl-warmup", type=_non_negative_int, default=argparse.SUPPRESS, metavar="STEPS",
-                     help="raise the KL weight linearly from 0 to beta over this many steps "
-                          f"(default: {d.kl_warmup}, no warm-up)")
-    how.add_argument("--batch-size", type=_positive_int, default=argparse.SUPPRESS, metavar="B",
-                     help=f"global batch size, split evenly among torchrun processes (default: {d.batch_size})")
-    how.add_argument("--epochs", type=_positive_int, default=argparse.SUPPRESS,
-                     help=f"passes over the training images (default: {d.epochs})")
-    how.add_argument("--steps", type=_positive_int, default=argparse.SUPPRESS,
-                     help="optimizer steps in all; wins over --epochs")
-    how.add_argument("--lr", type=_positive_float, default=argparse.SUPPRESS,
-                     help=f"Adam learning rate (default: {d.lr:g})")
-    how.add_argument("--precision", choices=PRECISIONS, default=argparse.SUPPRESS,
-                     help="fp32, or autocast to bf16, or to fp16 with a gradient scaler "
-                          f"(default: {d.precision})")
-    how.add_argument("--seed", type=_non_negative_int, default=argparse.SUPPRESS,
-                     help=f"seed of the weights, data order and noise (default: {d.seed})")
-    how.add_argument("--noise", choices=NOISE_MODES, default=argparse.SUPPRESS,
-                     help="rank: each process draws its own noise inside the fused op; global: the global "
-                          "batch's noise from one generator, sliced per process, so results do not depend on "
-                          f"the number of processes (default: {d.noise})")
+    how.add_argument("--beta", type=_non_negative_float, help=f"weight of the KL term (beta-VAE) (default: {d.beta:g})")
+    how.add_argument(
+        "--kl-warmup",
+        type=_non_negative_int,
+        metavar="STEPS",
+        help="raise the KL weight linearly from 0 to beta over this many steps "
+        f"(default: {d.kl_warmup}, no warm-up)",
+    )
+    how.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="B",
+        help=f"global batch size, split evenly among torchrun processes (default: {d.batch_size})",
+    )
+    how.add_argument("--epochs", type=_positive_int, help=f"passes over the training images (default: {d.epochs})")
+    how.add_argument("--steps", type=_positive_int, help="optimizer steps in all; wins over --epochs")
+    how.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default: {d.lr:g})")
+    how.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32, or autocast to bf16, or to fp16 with a gradient scaler " f"(default: {d.precision})",
+    )
+    how.add_argument(
+        "--seed", type=_non_negative_int, help=f"seed of the weights, data order and noise (default: {d.seed})"
+    )
+    how.add_argument(
+        "--noise",
+        choices=NOISE_MODES,
+        help="rank: each process draws its own noise inside the fused op; global: the global "
+        "batch's noise from one generator, sliced per process, so results do not depend on "
+        f"the number of processes (default: {d.noise})",
+    )
     run = parser.add_argument_group("how to run")
-    run.add_argument("--out", default=argparse.SUPPRESS, metavar="DIR",
-                     help="run folder; must not exist unless --resume "
-                          "(default: runs/<data>-<model>-<YYYYmmdd-HHMMSS>)")
-    run.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
-                     help="continue the run in --out from its checkpoint, with its settings")
-    run.add_argument("--backend", choices=BACKENDS, default=argparse.SUPPRESS,
-                     help="fused Triton kernels, or the PyTorch reference path; auto: Triton on CUDA "
-                          f"(default: {d.backend})")
-    run.add_argument("--compile", action="store_true", default=argparse.SUPPRESS,
-                     help="torch.compile the model (the fused ops stay whole, without graph breaks)")
-    run.add_argument("--device", choices=DEVICES, default=argparse.SUPPRESS,
-                     help=f"auto: this process's GPU if there is one, else the CPU (default: {d.device})")
-    run.add_argument("--checkpoint-every", type=_positive_int, default=argparse.SUPPRESS, metavar="STEPS",
-                     help=f"write checkpoint.pt every this many steps, and at the end (default: {d.checkpoint_every})")
-    run.add_argument("--log-every", type=_positive_int, default=argparse.SUPPRESS, metavar="STEPS",
-                     help="fetch the metrics from the device every this many steps (every step is still "
-                          f"logged) (default: {d.log_every})")
-    run.add_argument("--eval-k", type=_positive_int, default=argparse.SUPPRESS, metavar="K",
-                     help=f"importance samples of the final held-out log-likelihood (default: {d.eval_k})")
-    run.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
-                     help="no progress bar or start line (the bar is off anyway when stderr is not a terminal)")
+    run.add_argument(
+        "--out",
+        metavar="DIR",
+        help="run folder; must not exist unless --resume " "(default: runs/<data>-<model>-<YYYYmmdd-HHMMSS>)",
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its checkpoint, with its settings"
+    )
+    run.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="fused Triton kernels, or the PyTorch reference path; auto: Triton on CUDA " f"(default: {d.backend})",
+    )
+    run.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (the fused ops stay whole, without graph breaks)",
+    )
+    run.add_argument(
+        "--device",
+        choices=DEVICES,
+        help=f"auto: this process's GPU if there is one, else the CPU (default: {d.device})",
+    )
+    run.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        metavar="STEPS",
+        help=f"write checkpoint.pt every this many steps, and at the end (default: {d.checkpoint_every})",
+    )
+    run.add_argument(
+        "--log-every",
+        type=_positive_int,
+        metavar="STEPS",
+        help="fetch the metrics from the device every this many steps (every step is still "
+        f"logged) (default: {d.log_every})",
+    )
+    run.add_argument(
+        "--eval-k",
+        type=_positive_int,
+        metavar="K",
+        help=f"importance samples of the final held-out log-likelihood (default: {d.eval_k})",
+    )
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar or start line (the bar is off anyway when stderr is not a terminal)",
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -169,21 +230,32 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.backend import BACKENDS
     from fastvae.distributed import DEVICES
 
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="a checkpoint.pt written by fastvae train, or its run folder")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="auto: the GPU if there is one, else the CPU (default: auto)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="fused Triton kernels or the PyTorch reference path (default: auto)")
+    parser.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt written by fastvae train, or its run folder"
+    )
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto: the GPU if there is one, else the CPU (default: auto)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="fused Triton kernels or the PyTorch reference path (default: auto)",
+    )
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the noise (default: 0)")
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint_arguments(parser)
-    parser.add_argument("--k", type=_positive_int, default=1000,
-                        help="importance samples per image for the log-likelihood (default: 1000)")
-    parser.add_argument("--batch-size", type=_positive_int, default=100, metavar="B",
-                        help="held-out images per batch (default: 100)")
+    parser.add_argument(
+        "--k",
+        type=_positive_int,
+        default=1000,
+        help="importance samples per image for the log-likelihood (default: 1000)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=100, metavar="B", help="held-out images per batch (default: 100)"
+    )
 
 
 def _open_checkpoint(args: argparse.Namespace):
@@ -217,9 +289,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint_arguments(parser)
     parser.add_argument("--n", type=_positive_int, default=64, help="how many samples (default: 64)")
-    parser.add_argument("--out", metavar="FILE",
-                        help="PNG file to write; must not exist (default: samples-<n>-seed<seed>.png in the "
-                             "checkpoint's folder)")
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help="PNG file to write; must not exist (default: samples-<n>-seed<seed>.png in the " "checkpoint's folder)",
+    )
 
 
 def _run_sample(args: argparse.Namespace) -> int:

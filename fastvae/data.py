@@ -19,6 +19,7 @@ values in [0, 1], which is what the models see. The held-out split is a fixed
 random subset (``test_fraction`` of the images, chosen with a seed of its own),
 so a checkpoint evaluated later sees the same held-out images as its run.
 """
+
 from __future__ import annotations
 
 import math
@@ -155,9 +156,7 @@ def _npz_images(path: str, archive) -> np.ndarray:
         keys = list(archive.keys())
         key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
         if key is None:
-            raise ConfigError(
-                f"{path} holds the arrays {keys}; store the images under one of {', '.join(NPZ_KEYS)}"
-            )
+            raise ConfigError(f"{path} holds the arrays {keys}; store the images under one of {', '.join(NPZ_KEYS)}")
         return archive[key]
 
 

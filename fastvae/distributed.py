@@ -6,6 +6,7 @@
 GPUs, Gloo between CPU processes). Without torchrun the job has one process
 and no process group, and every collective below is a no-op.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Evaluating a trained VAE on held-out images, and the image grids of a run's figures."""
+
 from __future__ import annotations
 
 import torch
@@ -15,19 +16,20 @@ def evaluate(
 
     The ELBO is ``-(recon + kl)`` with one sampled ``z`` per image and the
     analytic KL; the log-likelihood is the importance-sampled (IWAE) estimate
-    with ``k`` samples (:meth:`VAE.log_likelihood`). Runs in float32 with the
-    model in eval mode.
+    with ``k`` samples (:meth:`VAE.log_likelihood`). Runs in float32 (autocast
+    off) with the model in eval mode.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     elbo_sum = log_likelihood_sum = 0.0
-    for batch in images.split(batch_size):
-        x = to_unit_float(batch.to(device))
-        eps = torch.randn((len(x), model.latent_dim), generator=generator, device=device)
-        out = model(x, eps=eps, kl_weight=1.0)
-        elbo_sum -= (out.recon + out.kl).sum().item()
-        log_likelihood_sum += model.log_likelihood(x, k, generator=generator).sum().item()
+    with torch.autocast(device.type, enabled=False):
+        for batch in images.split(batch_size):
+            x = to_unit_float(batch.to(device))
+            eps = torch.randn((len(x), model.latent_dim), generator=generator, device=device)
+            out = model(x, eps=eps, kl_weight=1.0)
+            elbo_sum -= (out.recon + out.kl).sum().item()
+            log_likelihood_sum += model.log_likelihood(x, k, generator=generator).sum().item()
     model.train(was_training)
     return elbo_sum / len(images), log_likelihood_sum / len(images)
 

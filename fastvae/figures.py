@@ -1,4 +1,5 @@
 """PNG figures of a training run: image grids and the loss curve (matplotlib, no display needed)."""
+
 from __future__ import annotations
 
 import math

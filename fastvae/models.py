@@ -20,6 +20,7 @@ constants included, so that ``-(recon + kl)`` is the ELBO and
 * ``"l1"``: Laplace with unit scale: per element ``-log p = |x - x_hat| + log 2``; the decoder
   outputs the location.
 """
+
 from __future__ import annotations
 
 import math
@@ -120,9 +121,7 @@ class VAE(nn.Module):
         per_element = NLL_CONSTANT[self.likelihood.kind]
         return self.likelihood(x_hat, x) + per_element * x[0].numel()
 
-    def forward(
-        self, x: torch.Tensor, *, eps: torch.Tensor | None = None, kl_weight: float | None = None
-    ) -> VAEOutput:
+    def forward(self, x: torch.Tensor, *, eps: torch.Tensor | None = None, kl_weight: float | None = None) -> VAEOutput:
         """Encode ``x`` ``(B, ...)``, sample ``z`` (with ``eps`` ``(B, D)`` if given), decode, and score.
 
         ``kl_weight`` (default ``self.beta``) weights the KL in ``loss``; ``recon``

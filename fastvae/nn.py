@@ -13,6 +13,7 @@ see :mod:`fastvae.backend`) and passes it to the op it wraps.
 The posterior's spread is always a **log-variance**, ``logvar = log sigma**2``
 (not ``log sigma``): ``sigma = exp(logvar / 2)``.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

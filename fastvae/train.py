@@ -31,6 +31,7 @@ process per GPU (NCCL) or per CPU process (Gloo); ``batch_size`` is the global
 batch, split evenly; gradients are averaged by DistributedDataParallel, the
 logged metrics are averaged across ranks, and only rank 0 writes files.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -478,9 +479,7 @@ class _Run:
             self.trained = torch.compile(self.trained)
         self.local_batch = config.batch_size // ctx.world_size
         self.metrics = MetricsLog(self.paths["metrics"] if ctx.is_main else None, ctx, self.local_batch)
-        self.progress = ProgressBar(
-            self.total_steps, enabled=ctx.is_main and not config.quiet and sys.stderr.isatty()
-        )
+        self.progress = ProgressBar(self.total_steps, enabled=ctx.is_main and not config.quiet and sys.stderr.isatty())
         self.train_images = data.train.to(ctx.device)
         self.order = None
 
@@ -585,7 +584,9 @@ def _finish_run(model: VAE, data: ImageData, config: TrainConfig, paths: dict, s
 
     device = next(model.parameters()).device
     generator = eval_generator(config.seed, device)
-    elbo, log_likelihood = evaluate(model, data.test, k=config.eval_k, batch_size=config.batch_size, generator=generator)
+    elbo, log_likelihood = evaluate(
+        model, data.test, k=config.eval_k, batch_size=config.batch_size, generator=generator
+    )
     model.eval()
     held_out = to_unit_float(data.test[:16].to(device))
     ncols = min(8, len(held_out))
@@ -596,11 +597,15 @@ def _finish_run(model: VAE, data: ImageData, config: TrainConfig, paths: dict, s
         paths["interpolation"], interpolation_grid(model, held_out, interpolation_points), interpolation_points + 2
     )
     save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]))
-    results = {"step": step, "held_out_images": len(data.test), "k": config.eval_k, "elbo": elbo, "log_likelihood": log_likelihood}
+    results = {
+        "step": step,
+        "held_out_images": len(data.test),
+        "k": config.eval_k,
+        "elbo": elbo,
+        "log_likelihood": log_likelihood,
+    }
     with open(paths["eval"], "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     print(format_eval(elbo, log_likelihood, config.eval_k, len(data.test)))
     print(f"run folder: {os.path.dirname(paths['checkpoint'])}")
     return elbo, log_likelihood
-
-

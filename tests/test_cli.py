@@ -1,4 +1,5 @@
 """The fastvae command end to end, at a tiny size: files, metrics, resume, bad input."""
+
 import contextlib
 import dataclasses
 import io
@@ -54,7 +55,9 @@ def snapshot(folder) -> dict:
 def tiny_run(tmp_path_factory):
     """One tiny training run, shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    status, stdout, stderr = run("train", *TINY, "--steps", 60, "--log-every", 7, "--checkpoint-every", 25, "--out", out)
+    status, stdout, stderr = run(
+        "train", *TINY, "--steps", 60, "--log-every", 7, "--checkpoint-every", 25, "--out", out
+    )
     assert status == 0, stderr
     return out, stdout, stderr
 
@@ -144,7 +147,8 @@ def test_resume_after_an_interruption_ends_with_the_weights_of_an_uninterrupted_
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     assert metrics(tmp_path / "resumed") == [
-        {**r, "samples_per_s": m["samples_per_s"]} for r, m in zip(metrics(tmp_path / "straight"), metrics(tmp_path / "resumed"))
+        {**r, "samples_per_s": m["samples_per_s"]}
+        for r, m in zip(metrics(tmp_path / "straight"), metrics(tmp_path / "resumed"))
     ]
 
 
@@ -211,8 +215,27 @@ def assert_one_line_error(status, stderr, *fragments):
         (["--batch-size", "0"], ["--batch-size", "'0' is not a positive integer"]),
         (["--lr", "fast"], ["--lr", "'fast' is not a positive number"]),
         (["--resume"], ["resume needs out"]),
-        (["--model", "conv", "--data", "shapes", "--num-images", "20", "--batch-size", "4", "--hidden", "8", "8", "8", "8", "8", "8", "8"],
-         ["image_size 64 must be divisible by 2**len(widths) = 128"]),
+        (
+            [
+                "--model",
+                "conv",
+                "--data",
+                "shapes",
+                "--num-images",
+                "20",
+                "--batch-size",
+                "4",
+                "--hidden",
+                "8",
+                "8",
+                "8",
+                "8",
+                "8",
+                "8",
+                "8",
+            ],
+            ["image_size 64 must be divisible by 2**len(widths) = 128"],
+        ),
     ],
 )
 def test_bad_train_options_are_one_line_errors_that_write_nothing(tmp_path, monkeypatch, argv, fragments):
@@ -276,7 +299,9 @@ def test_every_train_option_is_documented():
 def test_subcommands_plug_into_the_registry(monkeypatch):
     monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
     seen = {}
-    cli.register("echo", "say hello", lambda p: p.add_argument("--name"), lambda args: seen.setdefault("name", args.name) and 0)
+    cli.register(
+        "echo", "say hello", lambda p: p.add_argument("--name"), lambda args: seen.setdefault("name", args.name) and 0
+    )
     assert run("echo", "--name", "vae")[0] == 0 and seen == {"name": "vae"}
     assert "echo" in run("--help")[1] and "train" in run("--help")[1]
 
@@ -285,6 +310,38 @@ def test_the_installed_command_and_python_m_fail_cleanly(tmp_path):
     """A real process: exit status 2 and one line on stderr, with no traceback."""
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     for command in (["fastvae"], [sys.executable, "-m", "fastvae"]):
-        done = subprocess.run([*command, "train", "--data", "cifar"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [*command, "train", "--data", "cifar"], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
         assert_one_line_error(done.returncode, done.stderr, "unknown dataset 'cifar'")
     assert os.listdir(tmp_path) == []
+
+
+def test_compiled_training_follows_the_eager_run(tmp_path):
+    """--compile (with a KL warm-up, whose changing weight must not force recompiles) trains like eager mode."""
+    import torch._dynamo
+
+    # The noise is given (--noise global): inductor draws its own random numbers for torch.randn on the CPU.
+    common = [
+        *TINY,
+        "--num-images",
+        100,
+        "--steps",
+        6,
+        "--kl-warmup",
+        4,
+        "--hidden",
+        32,
+        "--noise",
+        "global",
+        "--quiet",
+    ]
+    assert run("train", *common, "--out", tmp_path / "eager")[0] == 0
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    status, _, stderr = run("train", *common, "--compile", "--out", tmp_path / "compiled")
+    assert status == 0, stderr
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    eager, compiled = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)

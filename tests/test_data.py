@@ -1,4 +1,5 @@
 """fastvae.data: the bundled datasets, the generated shapes, image files and the held-out split."""
+
 import numpy as np
 import pytest
 import torch

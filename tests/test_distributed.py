@@ -1,4 +1,5 @@
 """``torchrun -m fastvae train`` with two Gloo processes on the CPU."""
+
 import json
 import os
 import subprocess
@@ -16,11 +17,19 @@ def train(out, *args, nproc: int) -> subprocess.CompletedProcess:
     """``fastvae train`` in ``nproc`` processes started by torchrun (one plain process for ``nproc=1``)."""
     launcher = [sys.executable, "-m", "fastvae"]
     if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                    "-m", "fastvae"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "fastvae",
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, "train", *TINY, *args, "--out", str(out)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [*launcher, "train", *TINY, *args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def load(out):
@@ -41,8 +50,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     # Metrics are averaged over ranks (equal shares), so they are the global batch's means; rank 0 alone writes.
     assert [r["step"] for r in double_metrics] == list(range(1, 13))
     for a, b in zip(single_metrics, double_metrics):
-        torch.testing.assert_close(torch.tensor([b["loss"], b["recon"], b["kl"]]),
-                                   torch.tensor([a["loss"], a["recon"], a["kl"]]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor([b["loss"], b["recon"], b["kl"]]),
+            torch.tensor([a["loss"], a["recon"], a["kl"]]),
+            rtol=1e-4,
+            atol=1e-4,
+        )
     assert len(double["rng"]) == 2
     assert "held-out ELBO" in two.stdout and two.stdout.count("held-out ELBO") == 1  # printed by rank 0 only
 

@@ -1,4 +1,5 @@
 """fastvae.models: the VAE's loss and evaluation against direct computations, the builders, the baseline."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """fastvae.nn layers against the reference path, and their own contracts."""
+
 import math
 
 import pytest
@@ -115,7 +116,9 @@ def test_reconstruction_loss_module_is_the_op(device, kind, reduction):
 
 @pytest.mark.parametrize("logvar_shape", [(), (2, 5), 5])
 def test_gaussian_reconstruction_loss_learns_its_logvar(device, logvar_shape):
-    module = ReconstructionLoss("gaussian", "sum", logvar_shape=logvar_shape, init_logvar=0.3, backend="triton").to(device)
+    module = ReconstructionLoss("gaussian", "sum", logvar_shape=logvar_shape, init_logvar=0.3, backend="triton").to(
+        device
+    )
     shape = (logvar_shape,) if isinstance(logvar_shape, int) else logvar_shape
     assert module.logvar.shape == shape and torch.all(module.logvar == 0.3)
     x_hat = torch.randn(4, 2, 5, device=device, requires_grad=True)

@@ -54,9 +54,6 @@ class ImageData:
         """``(C, H, W)`` of one image."""
         return tuple(self.train.shape[1:])
 
-    def to(self, device: torch.device) -> "ImageData":
-        return ImageData(self.name, self.train.to(device), self.test.to(device))
-
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     """``images`` as ``float32`` in [0, 1]: ``uint8`` is divided by 255, floats are returned as they are."""

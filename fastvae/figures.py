@@ -1,0 +1,60 @@
+"""PNG figures of a training run: image grids and the loss curve (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# Tiles smaller than this many pixels are enlarged (nearest neighbour) so that 8x8 digits stay visible.
+MIN_TILE_PIXELS = 32
+PAD = 2
+
+
+def image_grid(images: torch.Tensor, ncols: int) -> np.ndarray:
+    """Tile ``images`` ``(N, C, H, W)`` with values in [0, 1] into one ``(rows*H', ncols*W')`` image.
+
+    Returns an ``(H, W)`` array for one channel, ``(H, W, C)`` otherwise, float32
+    in [0, 1], with a grey border between tiles.
+    """
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, c, h, w = images.shape
+    scale = max(1, math.ceil(MIN_TILE_PIXELS / max(h, w)))
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        h, w = h * scale, w * scale
+    rows = math.ceil(n / ncols)
+    grid = torch.full((c, rows * (h + PAD) + PAD, ncols * (w + PAD) + PAD), 0.5)
+    for i, image in enumerate(images):
+        top, left = PAD + (i // ncols) * (h + PAD), PAD + (i % ncols) * (w + PAD)
+        grid[:, top : top + h, left : left + w] = image
+    return grid[0].numpy() if c == 1 else grid[:3].permute(1, 2, 0).numpy()
+
+
+def save_image_grid(path: str, images: torch.Tensor, ncols: int) -> None:
+    """Write :func:`image_grid` of ``images`` to the PNG file ``path``."""
+    from matplotlib import image as mpimg
+
+    mpimg.imsave(path, image_grid(images, ncols), cmap="gray", vmin=0.0, vmax=1.0, format="png")
+
+
+def save_loss_curve(path: str, records: Sequence[dict]) -> None:
+    """Plot the per-step ``loss``, ``recon`` and ``kl`` of ``records`` (``metrics.jsonl`` lines) to ``path``."""
+    from matplotlib.figure import Figure  # drawn without pyplot: no display or backend choice needed
+
+    steps = [r["step"] for r in records]
+    figure = Figure(figsize=(9, 3.5), layout="constrained")
+    ax_loss, ax_kl = figure.subplots(1, 2)
+    ax_loss.plot(steps, [r["loss"] for r in records], label="loss", linewidth=1)
+    ax_loss.plot(steps, [r["recon"] for r in records], label="recon (-log p(x|z))", linewidth=1)
+    # A log scale shows the late, slow progress; a Gaussian likelihood's loss can be negative, though.
+    positive = all(r["loss"] > 0 and r["recon"] > 0 for r in records)
+    ax_loss.set(xlabel="step", ylabel="nats per image", title="training loss", yscale="log" if positive else "linear")
+    ax_loss.legend()
+    ax_kl.plot(steps, [r["kl"] for r in records], color="C2", linewidth=1)
+    ax_kl.set(xlabel="step", ylabel="nats per image", title="KL(q(z|x) || p(z))")
+    for ax in (ax_loss, ax_kl):
+        ax.grid(alpha=0.3)
+    figure.savefig(path, dpi=100)

@@ -1,0 +1,389 @@
+"""VAE models over fastvae's layers: :class:`VAE`, the deterministic :class:`Autoencoder`, and builders.
+
+* :class:`VAE` wraps any encoder (``x -> features``) and decoder (``z -> x_hat``):
+  ``forward`` gives the loss and its parts as a :class:`VAEOutput`;
+  :meth:`VAE.sample`, :meth:`VAE.reconstruct` and :meth:`VAE.log_likelihood`
+  (the importance-sampled estimate of ``log p(x)``) serve evaluation.
+* :func:`mlp_vae` and :func:`conv_vae` build ready-made ones; :func:`mlp_encoder`,
+  :func:`mlp_decoder`, :func:`conv_encoder` and :func:`conv_decoder` are their parts.
+* :func:`kl_warmup_weight` is the linear KL warm-up schedule.
+
+Likelihoods (``likelihood=``), each a distribution ``p(x | z)`` whose parameter
+the decoder outputs; ``recon`` is always the full ``-log p(x | z)`` in nats,
+constants included, so that ``-(recon + kl)`` is the ELBO and
+``log_likelihood(x, k=1)`` estimates the same number:
+
+* ``"bce"``: Bernoulli (grey values in [0, 1] too); the decoder outputs logits.
+* ``"gaussian"``: Gaussian with a learned variance (one scalar by default); the decoder outputs the mean.
+* ``"mse"``: Gaussian with fixed variance 1/2: per element ``-log p = (x - x_hat)**2 + log(pi) / 2``;
+  the decoder outputs the mean.
+* ``"l1"``: Laplace with unit scale: per element ``-log p = |x - x_hat| + log 2``; the decoder
+  outputs the location.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fastvae.functional import reconstruction_loss
+from fastvae.nn import GaussianLatent, ReconstructionLoss
+
+# Per-element constant that turns each fused loss into the exact -log p(x | z).
+NLL_CONSTANT = {"bce": 0.0, "gaussian": 0.0, "mse": 0.5 * math.log(math.pi), "l1": math.log(2.0)}
+LIKELIHOODS = tuple(NLL_CONSTANT)
+# Rows (importance samples x images) decoded at once by log_likelihood when chunk_size is None.
+LOG_LIKELIHOOD_ROWS = 16384
+
+
+class VAEOutput(NamedTuple):
+    """What :meth:`VAE.forward` returns (``B`` images, latent size ``D``)."""
+
+    loss: torch.Tensor  # () float32: mean over the batch of recon + kl_weight * kl
+    recon: torch.Tensor  # (B,) float32: -log p(x | z), nats per image
+    kl: torch.Tensor  # (B,) float32: KL(q(z | x) || N(0, I)), nats per image
+    z: torch.Tensor  # (B, D) the sample decoded
+    mu: torch.Tensor  # (B, D) posterior mean
+    logvar: torch.Tensor  # (B, D) posterior log-variance, log sigma**2
+    x_hat: torch.Tensor  # (B, ...) decoder output: logits for "bce", the mean otherwise
+
+
+class VAE(nn.Module):
+    r"""A variational autoencoder with a diagonal Gaussian posterior and a ``N(0, I)`` prior.
+
+    ``encoder(x) -> h`` (``(B, features)``), a :class:`~fastvae.nn.GaussianLatent`
+    head ``h -> (mu, logvar) -> z`` with the fused sample + KL, ``decoder(z) -> x_hat``,
+    and the fused reconstruction loss. Training minimises
+    ``mean_B(recon + beta * kl)``, the negative ELBO for ``beta = 1``.
+
+    Args:
+        encoder: module mapping images ``(B, ...)`` to features ``(B, features)``.
+        decoder: module mapping ``(B, latent_dim)`` to ``x_hat`` of the images' shape.
+        latent_dim: size of ``z``.
+        likelihood: a name from the module docstring's table, or a
+            :class:`~fastvae.nn.ReconstructionLoss` with ``reduction="none"``
+            (for instance a per-pixel learned variance:
+            ``ReconstructionLoss("gaussian", logvar_shape=(1, 28, 28))``).
+        beta: weight of the KL term (beta-VAE); ``forward``'s ``kl_weight`` overrides it per call.
+        features: the encoder's output size; ``None`` infers it from the first batch.
+        logvar_limit: soft clamp of the posterior log-variance (see :class:`~fastvae.nn.GaussianLatent`).
+        backend: for the fused ops; see :mod:`fastvae.backend`.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        latent_dim: int,
+        likelihood: str | ReconstructionLoss = "bce",
+        beta: float = 1.0,
+        *,
+        features: int | None = None,
+        logvar_limit: float | None = None,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if isinstance(likelihood, str):
+            if likelihood not in LIKELIHOODS:
+                raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
+            likelihood = ReconstructionLoss(likelihood, "none", backend=backend)
+        elif not isinstance(likelihood, ReconstructionLoss):
+            raise TypeError(f"likelihood must be a name or a ReconstructionLoss, got {type(likelihood).__name__}")
+        elif likelihood.reduction != "none":
+            raise ValueError(f"likelihood must have reduction='none' (per image), got {likelihood.reduction!r}")
+        if beta < 0:
+            raise ValueError(f"beta must be non-negative, got {beta}")
+        self.encoder = encoder
+        self.latent = GaussianLatent(features, latent_dim, logvar_limit=logvar_limit, backend=backend)
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.latent_dim = latent_dim
+        self.beta = beta
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, logvar)`` of ``q(z | x)``, each ``(B, D)``."""
+        return self.latent.posterior(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's output for ``z`` ``(B, D)``: logits for ``"bce"``, the mean otherwise."""
+        return self.decoder(z)
+
+    def likelihood_mean(self, x_hat: torch.Tensor) -> torch.Tensor:
+        """The mean of ``p(x | z)`` given the decoder's output: ``sigmoid(x_hat)`` for ``"bce"``, else ``x_hat``."""
+        return torch.sigmoid(x_hat) if self.likelihood.kind == "bce" else x_hat
+
+    def recon_nll(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``-log p(x | z)`` per image, ``(B,)`` float32, constants included."""
+        per_element = NLL_CONSTANT[self.likelihood.kind]
+        return self.likelihood(x_hat, x) + per_element * x[0].numel()
+
+    def forward(self, x: torch.Tensor, *, eps: torch.Tensor | None = None, kl_weight: float | None = None) -> VAEOutput:
+        """Encode ``x`` ``(B, ...)``, sample ``z`` (with ``eps`` ``(B, D)`` if given), decode, and score.
+
+        ``kl_weight`` (default ``self.beta``) weights the KL in ``loss``; ``recon``
+        and ``kl`` are returned unweighted.
+        """
+        latent = self.latent(self.encoder(x), eps)
+        x_hat = self.decoder(latent.z)
+        recon = self.recon_nll(x_hat, x)
+        weight = self.beta if kl_weight is None else kl_weight
+        loss = (recon + weight * latent.kl).mean()
+        return VAEOutput(loss, recon, latent.kl, latent.z, latent.mu, latent.logvar, x_hat)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean decoded from the posterior mean ``z = mu``; ``x``'s shape."""
+        mu, _ = self.encode(x)
+        return self.likelihood_mean(self.decode(mu))
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws ``z ~ N(0, I)`` decoded to the likelihood's mean: ``(n, ...)``."""
+        device = next(self.parameters()).device
+        z = torch.randn((n, self.latent_dim), generator=generator, device=device)
+        return self.likelihood_mean(self.decode(z))
+
+    @torch.no_grad()
+    def log_likelihood(
+        self,
+        x: torch.Tensor,
+        k: int = 1000,
+        *,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        r"""Importance-sampled estimate of ``log p(x)`` per image (the IWAE bound), ``(B,)`` float32.
+
+        .. math::
+            \log p(x) \ge \log \frac1k \sum_{j=1}^k \frac{p(x \mid z_j)\, p(z_j)}{q(z_j \mid x)},
+            \qquad z_j \sim q(z \mid x)
+
+        ``k = 1`` gives a one-sample ELBO; the bound tightens as ``k`` grows.
+        The ``k`` samples are drawn and decoded ``chunk_size`` at a time (default:
+        about 16,384 decoded images per chunk), combined with a running
+        ``logsumexp``, so a large ``k`` fits in memory. Noise: for each chunk of
+        ``c`` samples, ``torch.randn((c, B, D), generator=generator)``.
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        batch = x.shape[0]
+        if chunk_size is None:
+            chunk_size = max(1, LOG_LIKELIHOOD_ROWS // max(batch, 1))
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        mu, logvar = (t.float() for t in self.encode(x))
+        std = torch.exp(0.5 * logvar)
+        total = None
+        for start in range(0, k, chunk_size):
+            c = min(chunk_size, k - start)
+            eps = torch.randn((c, *mu.shape), generator=generator, device=mu.device)
+            z = mu + std * eps
+            x_hat = self.decode(z.reshape(c * batch, -1))
+            log_p_x_given_z = -self.recon_nll(x_hat, x.expand(c, *x.shape).reshape(c * batch, *x.shape[1:]))
+            # log N(z; 0, I) - log N(z; mu, sigma^2): the log(2 pi) terms cancel.
+            log_prior_over_posterior = 0.5 * (eps.square() - z.square() + logvar).sum(dim=-1)
+            log_w = log_p_x_given_z.view(c, batch) + log_prior_over_posterior
+            chunk_total = torch.logsumexp(log_w, dim=0)
+            total = chunk_total if total is None else torch.logaddexp(total, chunk_total)
+        return total - math.log(k)
+
+
+class AutoencoderOutput(NamedTuple):
+    """What :meth:`Autoencoder.forward` returns."""
+
+    loss: torch.Tensor  # () float32: mean over the batch of recon
+    recon: torch.Tensor  # (B,) float32: ||x - x_hat||^2 per image
+    z: torch.Tensor  # (B, D) the code
+    x_hat: torch.Tensor  # (B, ...) the reconstruction
+
+
+class Autoencoder(nn.Module):
+    """The deterministic baseline: ``z = head(encoder(x))``, ``x_hat = decoder(z)``, loss ``||x - x_hat||^2``.
+
+    The same encoders and decoders as :class:`VAE` fit (for instance
+    ``Autoencoder(mlp_encoder((1, 28, 28)), mlp_decoder(16, (1, 28, 28)), 16, features=256)``);
+    the squared error comes from the fused ``reconstruction_loss(kind="mse")``.
+
+    Args:
+        encoder: images ``(B, ...)`` to features ``(B, features)``.
+        decoder: ``(B, latent_dim)`` to images.
+        latent_dim: size of the code ``z``.
+        features: the encoder's output size; ``None`` infers it from the first batch.
+        backend: for the fused loss; see :mod:`fastvae.backend`.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        latent_dim: int,
+        *,
+        features: int | None = None,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.LazyLinear(latent_dim) if features is None else nn.Linear(features, latent_dim)
+        self.decoder = decoder
+        self.backend = backend
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> AutoencoderOutput:
+        z = self.encode(x)
+        x_hat = self.decoder(z)
+        recon = reconstruction_loss(x_hat, x, "mse", backend=self.backend)
+        return AutoencoderOutput(recon.mean(), recon, z, x_hat)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encode(x))
+
+
+def kl_warmup_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:
+    """Linear KL warm-up: the KL weight at ``step`` (from 0), rising from 0 to ``beta`` over ``warmup_steps``.
+
+    ``warmup_steps = 0`` gives ``beta`` from the start.
+    """
+    if warmup_steps <= 0:
+        return beta
+    return beta * min(1.0, step / warmup_steps)
+
+
+def _mlp(sizes: Sequence[int]) -> list[nn.Module]:
+    """Linear layers between consecutive ``sizes``, with a ReLU after each."""
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return layers
+
+
+def mlp_encoder(input_shape: Sequence[int], hidden: Sequence[int] = (512, 256)) -> nn.Sequential:
+    """Flatten ``(B, *input_shape)`` and apply Linear + ReLU layers; outputs ``(B, hidden[-1])``."""
+    return nn.Sequential(nn.Flatten(), *_mlp([math.prod(input_shape), *hidden]))
+
+
+def mlp_decoder(latent_dim: int, output_shape: Sequence[int], hidden: Sequence[int] = (256, 512)) -> nn.Sequential:
+    """Linear + ReLU layers from ``(B, latent_dim)``, then a linear output reshaped to ``(B, *output_shape)``."""
+    sizes = [latent_dim, *hidden]
+    return nn.Sequential(
+        *_mlp(sizes), nn.Linear(sizes[-1], math.prod(output_shape)), nn.Unflatten(1, tuple(output_shape))
+    )
+
+
+def mlp_vae(
+    input_shape: Sequence[int],
+    *,
+    latent_dim: int = 16,
+    hidden: Sequence[int] = (512, 256),
+    likelihood: str = "bce",
+    beta: float = 1.0,
+    logvar_limit: float | None = 10.0,
+    backend: str | None = None,
+) -> VAE:
+    """An MLP VAE for images of shape ``input_shape`` (``(C, H, W)``, or any shape).
+
+    The encoder has hidden layers ``hidden``; the decoder mirrors them.
+    """
+    hidden = tuple(hidden)
+    if not hidden or min(hidden) < 1:
+        raise ValueError(f"hidden must list at least one positive layer size, got {hidden}")
+    return VAE(
+        mlp_encoder(input_shape, hidden),
+        mlp_decoder(latent_dim, input_shape, hidden[::-1]),
+        latent_dim,
+        likelihood,
+        beta,
+        features=hidden[-1],
+        logvar_limit=logvar_limit,
+        backend=backend,
+    )
+
+
+CONV_WIDTHS = (32, 64, 128, 256)
+CONV_MIN_SIZE = 4
+
+
+def default_conv_widths(image_size: int) -> tuple[int, ...]:
+    """One stride-2 layer per halving of ``image_size`` that stays even and at least 4 pixels (28 -> 14 -> 7)."""
+    n_layers, size = 0, image_size
+    while size % 2 == 0 and size // 2 >= CONV_MIN_SIZE and n_layers < len(CONV_WIDTHS):
+        size //= 2
+        n_layers += 1
+    return CONV_WIDTHS[: max(n_layers, 1)]
+
+
+def _conv_final_size(image_size: int, widths: Sequence[int]) -> int:
+    factor = 2 ** len(widths)
+    if image_size % factor:
+        raise ValueError(
+            f"image_size {image_size} must be divisible by 2**len(widths) = {factor}: each of the "
+            f"{len(widths)} conv layers halves it; pass fewer widths"
+        )
+    return image_size // factor
+
+
+def conv_encoder(channels: int, image_size: int, widths: Sequence[int]) -> nn.Sequential:
+    """Stride-2 4x4 convolutions with ReLU, halving the image per layer, then flatten.
+
+    Outputs ``(B, widths[-1] * s * s)`` with ``s = image_size / 2**len(widths)``.
+    """
+    _conv_final_size(image_size, widths)
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip([channels, *widths[:-1]], widths):
+        layers += [nn.Conv2d(n_in, n_out, 4, stride=2, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten())
+
+
+def conv_decoder(latent_dim: int, channels: int, image_size: int, widths: Sequence[int]) -> nn.Sequential:
+    """The mirror of :func:`conv_encoder`: a linear layer to ``(widths[-1], s, s)``, then stride-2 transposed convs."""
+    size = _conv_final_size(image_size, widths)
+    reversed_widths = list(widths[::-1])
+    layers: list[nn.Module] = [
+        nn.Linear(latent_dim, reversed_widths[0] * size * size),
+        nn.ReLU(),
+        nn.Unflatten(1, (reversed_widths[0], size, size)),
+    ]
+    for n_in, n_out in zip(reversed_widths[:-1], reversed_widths[1:]):
+        layers += [nn.ConvTranspose2d(n_in, n_out, 4, stride=2, padding=1), nn.ReLU()]
+    layers.append(nn.ConvTranspose2d(reversed_widths[-1], channels, 4, stride=2, padding=1))
+    return nn.Sequential(*layers)
+
+
+def conv_vae(
+    channels: int,
+    image_size: int,
+    *,
+    latent_dim: int = 32,
+    widths: Sequence[int] | None = None,
+    likelihood: str = "bce",
+    beta: float = 1.0,
+    logvar_limit: float | None = 10.0,
+    backend: str | None = None,
+) -> VAE:
+    """A convolutional VAE for square ``(channels, image_size, image_size)`` images.
+
+    ``widths``: channels of the encoder's stride-2 conv layers, one layer per
+    halving; ``image_size`` must be divisible by ``2**len(widths)``. The default
+    (:func:`default_conv_widths`) halves while the size stays even and at least
+    4: 28 -> ``(32, 64)``, 64 -> ``(32, 64, 128, 256)``, 8 -> ``(32,)``.
+    """
+    widths = default_conv_widths(image_size) if widths is None else tuple(widths)
+    if not widths or min(widths) < 1:
+        raise ValueError(f"widths must list at least one positive channel count, got {widths}")
+    size = _conv_final_size(image_size, widths)
+    return VAE(
+        conv_encoder(channels, image_size, widths),
+        conv_decoder(latent_dim, channels, image_size, widths),
+        latent_dim,
+        likelihood,
+        beta,
+        features=widths[-1] * size * size,
+        logvar_limit=logvar_limit,
+        backend=backend,
+    )

@@ -1,0 +1,142 @@
+"""fastvae.data: the bundled datasets, the generated shapes, image files and the held-out split."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastvae.data import load_image_file, load_images, make_shapes, to_unit_float
+from fastvae.errors import ConfigError
+
+
+def assert_unit_images(images: torch.Tensor, shape):
+    assert images.shape[1:] == shape
+    values = to_unit_float(images)
+    assert values.dtype == torch.float32
+    assert values.min() >= 0 and values.max() <= 1
+
+
+def test_mnist_is_the_bundled_5000_digits_split_into_train_and_held_out():
+    data = load_images("mnist")
+    assert (len(data.train), len(data.test)) == (4500, 500)
+    assert data.image_shape == (1, 28, 28)
+    assert data.train.dtype == torch.uint8
+    assert_unit_images(data.train, (1, 28, 28))
+    assert to_unit_float(data.train).max() == 1  # scaled from 0..255, not left as integers
+
+
+def test_the_held_out_split_is_fixed_and_disjoint():
+    first, again = load_images("digits"), load_images("digits")
+    assert torch.equal(first.test, again.test)
+    assert (len(first.train), len(first.test)) == (1617, 180)
+    train_rows = {tuple(row.tolist()) for row in first.train.flatten(1)}
+    overlap = sum(tuple(row.tolist()) in train_rows for row in first.test.flatten(1))
+    # Sklearn's digits hold a few exact duplicates, so allow those, but not a shared split.
+    assert overlap <= 3
+
+
+def test_digits_are_8x8_floats_in_unit_range():
+    data = load_images("digits")
+    assert data.train.dtype == torch.float32
+    assert_unit_images(data.train, (1, 8, 8))
+    assert to_unit_float(data.test).max() == 1
+
+
+def test_num_images_keeps_that_many_images_in_all():
+    data = load_images("mnist", num_images=40)
+    assert (len(data.train), len(data.test)) == (36, 4)
+
+
+def test_shapes_are_binary_64x64_with_factors_in_range():
+    images, factors = make_shapes(300, seed=3)
+    assert images.shape == (300, 1, 64, 64) and images.dtype == torch.uint8
+    assert set(images.unique().tolist()) == {0, 255}
+    shape, scale, angle, x, y = factors.unbind(1)
+    assert set(shape.tolist()) == {0.0, 1.0, 2.0}
+    assert scale.min() >= 0.5 and scale.max() <= 1.0
+    assert angle.min() >= 0 and angle.max() < 2 * torch.pi
+    assert x.min() >= 0 and y.max() <= 1
+    # Every image shows a shape, and a bigger scale covers more pixels on average.
+    area = (images > 0).flatten(1).sum(1).float()
+    assert area.min() > 0
+    assert area[scale == 1.0].mean() > 2 * area[scale == 0.5].mean()
+    again, _ = make_shapes(300, seed=3)
+    assert torch.equal(images, again)
+    assert not torch.equal(images, make_shapes(300, seed=4)[0])
+
+
+def test_shapes_dataset_of_any_size():
+    data = load_images("shapes", num_images=50)
+    assert (len(data.train), len(data.test)) == (45, 5)
+    assert data.image_shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "array, expected_shape",
+    [
+        (np.random.randint(0, 256, (6, 5, 7), dtype=np.uint8), (6, 1, 5, 7)),
+        (np.random.rand(6, 3, 9, 9).astype(np.float64), (6, 3, 9, 9)),
+        (np.random.randint(0, 256, (6, 10, 12, 3), dtype=np.uint8), (6, 3, 10, 12)),  # channels last
+        (np.random.rand(6, 4, 4) > 0.5, (6, 1, 4, 4)),
+    ],
+)
+def test_npy_files_of_each_layout_and_dtype(tmp_path, array, expected_shape):
+    path = tmp_path / "images.npy"
+    np.save(path, array)
+    images = load_image_file(str(path))
+    assert images.shape == expected_shape
+    values = to_unit_float(images)
+    assert values.min() >= 0 and values.max() <= 1
+    # The same pixel values, whatever the layout: 0..255 kept as uint8, bool as 0/255, floats as they were.
+    expected = torch.from_numpy(array.astype(np.uint8) * 255 if array.dtype == np.bool_ else array)
+    assert torch.equal(images.flatten().sort().values, expected.to(images.dtype).flatten().sort().values)
+    data = load_images(str(path))
+    assert data.name == "images" and len(data.train) + len(data.test) == 6
+
+
+def test_npz_files_by_key_or_single_array(tmp_path):
+    images = np.random.randint(0, 256, (5, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "keyed.npz", labels=np.arange(5), images=images)
+    np.savez(tmp_path / "single.npz", images)
+    for name in ("keyed.npz", "single.npz"):
+        loaded = load_image_file(str(tmp_path / name))
+        assert torch.equal(loaded, torch.from_numpy(images)[:, None])
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((4, 3), dtype=np.uint8), "expected images of shape"),
+        (np.zeros((4, 2, 3, 5, 5), dtype=np.uint8), "expected images of shape"),
+        (np.zeros((4, 8, 6, 6), dtype=np.uint8), "expected images of shape"),  # 8 channels first and 6 last
+        (np.zeros((4, 5, 5), dtype=np.int32), "dtype int32"),
+        (np.full((4, 5, 5), 2.0), "in \\[0, 1\\]"),
+        (np.full((4, 5, 5), np.nan), "in \\[0, 1\\]"),
+    ],
+)
+def test_bad_npy_files_are_clear_errors(tmp_path, array, message):
+    path = tmp_path / "bad.npy"
+    np.save(path, array)
+    with pytest.raises(ConfigError, match=message):
+        load_images(str(path))
+
+
+def test_unreadable_missing_and_ambiguous_files(tmp_path):
+    corrupt = tmp_path / "corrupt.npy"
+    corrupt.write_bytes(b"not a numpy file")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_images(str(corrupt))
+    with pytest.raises(ConfigError, match="no such data file"):
+        load_images(str(tmp_path / "missing.npz"))
+    np.savez(tmp_path / "two.npz", a=np.zeros((3, 4, 4)), b=np.zeros((3, 4, 4)))
+    with pytest.raises(ConfigError, match="store the images under one of"):
+        load_images(str(tmp_path / "two.npz"))
+    np.save(tmp_path / "one.npy", np.zeros((1, 4, 4), dtype=np.uint8))
+    with pytest.raises(ConfigError, match="at least 2"):
+        load_images(str(tmp_path / "one.npy"))
+
+
+def test_unknown_dataset_names_the_choices():
+    with pytest.raises(ConfigError, match="unknown dataset 'cifar'.*mnist, digits, shapes"):
+        load_images("cifar")
+    with pytest.raises(ConfigError, match="num_images"):
+        load_images("mnist", num_images=1)

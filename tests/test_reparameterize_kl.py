@@ -354,3 +354,31 @@ def test_philox_state_from_a_cuda_generator_reserves_disjoint_counters():
     assert first == 10 and gen.offset == 40 + 4 * 7  # counters 10..16 are ours
     _, second = philox_seed_offset(gen, torch.device("cuda"), n_rounds=3)
     assert second == 17  # the next call starts where this one ended
+
+
+def _kernel_job(kernel_name, dtype, int_type, constexprs):
+    from fastvae.kernels import reparameterize_kl as kernels
+
+    kernel = getattr(kernels, kernel_name)
+    signature = {}
+    for name in kernel.arg_names:
+        if name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in ("kl_ptr", "grad_kl_ptr") else f"*{dtype}"
+        elif not name.isupper():
+            signature[name] = int_type
+    constexprs = dict(constexprs, BLOCK_ROWS=8, BLOCK_GROUPS=128)
+    return kernels.__name__, kernel_name, signature, constexprs, 8
+
+
+def test_kernels_compile_for_a_cuda_target():
+    """The interpreter runs code that compiled Triton refuses: compile every variant as a GPU would."""
+    from tests.utils import compile_for_cuda
+
+    jobs = []
+    for dtype, int_type in (("fp32", "i32"), ("bf16", "i64"), ("fp16", "i32")):
+        for has_eps in (True, False):
+            jobs.append(_kernel_job("_reparameterize_kl_forward_kernel", dtype, int_type, dict(HAS_EPS=has_eps)))
+            for grad_z, grad_kl in ((True, True), (True, False), (False, True)):
+                flags = dict(HAS_GRAD_Z=grad_z, HAS_GRAD_KL=grad_kl, HAS_EPS=has_eps)
+                jobs.append(_kernel_job("_reparameterize_kl_backward_kernel", dtype, int_type, flags))
+    compile_for_cuda(jobs)

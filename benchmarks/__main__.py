@@ -2,7 +2,7 @@
 
 On a CUDA GPU it measures the copy bandwidth, then every op case (eager
 reference, ``torch.compile`` of it, fastvae), the in-kernel noise generators
-and the training steps, and writes ``results.json``, ``results.md`` and PNG
+and the training steps of the MLP and conv VAEs, and writes ``results.json``, ``results.md`` and PNG
 plots into ``benchmarks/results/<gpu-name>/``. Without a GPU it runs a small
 smoke grid of the reference paths only, to show the suite works.
 """
@@ -19,8 +19,11 @@ import torch
 from benchmarks.harness import copy_bandwidth, device_name, provenance
 from benchmarks.ops import measure_case, op_cases
 from benchmarks.report import derive, write_results
+from benchmarks.train_step import IMPLS as TRAIN_IMPLS
+from benchmarks.train_step import measure_train_case, train_cases
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PRECISIONS = {"float32": "fp32", "bfloat16": "bf16"}
 NO_GPU_NOTE = ("No CUDA GPU here: this is a smoke run of the reference paths (eager PyTorch) at tiny sizes, "
                "to check the benchmarks run. The fused Triton kernels need a GPU; these times mean nothing for them.")
 
@@ -73,6 +76,13 @@ def main(argv=None) -> int:
         from benchmarks.noise import measure_noise
 
         records += measure_noise(device)
+    if "train" not in skip:
+        precisions = [PRECISIONS[name] for name in args.dtypes.split(",")]
+        train_impls = tuple(i for i in TRAIN_IMPLS if not (args.no_compile and i.endswith("compile")))
+        cases = train_cases(grid, precisions)
+        for i, case in enumerate(cases, 1):
+            print(f"[train {i}/{len(cases)}] {case.model} VAE, batch {case.batch}, {case.precision}", flush=True)
+            records += measure_train_case(case, device, train_impls if on_gpu else ("eager",))
     derive(records, bandwidth)
     write_results(out_dir, provenance(device, command), bandwidth, records, notes)
     print(f"wrote {out_dir}/results.md, results.json and plots in {time.perf_counter() - start:.0f} s", flush=True)

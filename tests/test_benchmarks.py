@@ -80,3 +80,12 @@ def test_runner_smoke_mode_writes_results(tmp_path, monkeypatch):
     assert "smoke run" in payload["notes"][0]
     assert {r["op"] for r in payload["records"]} == {"reparameterize_kl", "l1"}
     assert (tmp_path / "results.md").exists() and (tmp_path / "reparameterize_kl.png").exists()
+
+
+def test_every_train_step_implementation_runs(device):
+    from benchmarks.train_step import IMPLS, TrainCase, measure_train_case
+
+    torch._dynamo.reset()
+    records = measure_train_case(TrainCase("mlp", 8, "fp32"), device, impls=IMPLS)
+    assert [r["impl"] for r in records] == list(IMPLS)
+    assert all(r["samples_per_s"] > 0 and math.isfinite(r["ms"]) for r in records)

@@ -78,7 +78,8 @@ def test_runner_smoke_mode_writes_results(tmp_path, monkeypatch):
     assert run_benchmarks(["--ops", "reparameterize_kl,l1", "--dtypes", "float32", "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "results.json").read_text())
     assert "smoke run" in payload["notes"][0]
-    assert {r["op"] for r in payload["records"]} == {"reparameterize_kl", "l1"}
+    assert {r["op"] for r in payload["records"] if r["suite"] == "op"} == {"reparameterize_kl", "l1"}
+    assert {r["op"] for r in payload["records"] if r["suite"] == "train"} == {"mlp", "conv"}
     assert (tmp_path / "results.md").exists() and (tmp_path / "reparameterize_kl.png").exists()
 
 

@@ -53,6 +53,14 @@ def check_generator(generator: object, device: torch.device) -> None:
         raise ValueError(f"generator is for {generator.device.type} but the tensors are on {device}")
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float32, or float64 when an input is float64 (as the kernels do)."""
+    acc = torch.float32
+    for dtype in dtypes:
+        acc = torch.promote_types(acc, dtype)
+    return acc
+
+
 def reduce_per_sample(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     """Apply ``reduction`` to a tensor of per-sample values.
 

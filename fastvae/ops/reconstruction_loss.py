@@ -23,6 +23,7 @@ from fastvae.ops.checks import (
     check_float_tensor,
     check_same_device,
     check_same_shape,
+    compute_dtype,
     reduce_per_sample,
 )
 
@@ -38,7 +39,7 @@ def reconstruction_loss_reference(
     logvar: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The specification of :func:`reconstruction_loss`, in plain PyTorch (float32 or float64 math)."""
-    acc = torch.promote_types(torch.promote_types(x_hat.dtype, x.dtype), torch.float32)
+    acc = compute_dtype(x_hat.dtype, x.dtype)
     x_hat_, x_ = x_hat.to(acc), x.to(acc)
     if kind == "mse":
         loss = (x_hat_ - x_) ** 2

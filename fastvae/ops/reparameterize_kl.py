@@ -18,6 +18,7 @@ from fastvae.ops.checks import (
     check_generator,
     check_same_device,
     check_same_shape,
+    compute_dtype,
     reduce_per_sample,
 )
 from fastvae.ops.rng import philox_seed_offset
@@ -30,7 +31,7 @@ def reparameterize_kl_reference(
 
     Computes in float32 (float64 when an input is float64), as the kernels do.
     """
-    acc = torch.promote_types(torch.promote_types(mu.dtype, logvar.dtype), torch.float32)
+    acc = compute_dtype(mu.dtype, logvar.dtype)
     mu_, logvar_ = mu.to(acc), logvar.to(acc)
     z = (mu_ + torch.exp(0.5 * logvar_) * eps.to(acc)).to(mu.dtype)
     kl = -0.5 * torch.sum(1 + logvar_ - mu_ * mu_ - torch.exp(logvar_), dim=-1)
@@ -174,7 +175,7 @@ def reparameterize_kl(
 
     if resolve_backend(backend, mu.device, dtypes) == "torch":
         if eps is None:
-            acc = torch.promote_types(torch.promote_types(mu.dtype, logvar.dtype), torch.float32)
+            acc = compute_dtype(mu.dtype, logvar.dtype)
             eps = torch.randn(mu.shape, generator=generator, dtype=acc, device=mu.device)
         return reparameterize_kl_reference(mu, logvar, eps, reduction)
 

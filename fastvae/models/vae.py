@@ -1,11 +1,9 @@
-"""VAE models over fastvae's layers: :class:`VAE`, the deterministic :class:`Autoencoder`, and builders.
+"""The variational autoencoder: :class:`VAE`, its output :class:`VAEOutput`, and the KL warm-up schedule.
 
 * :class:`VAE` wraps any encoder (``x -> features``) and decoder (``z -> x_hat``):
   ``forward`` gives the loss and its parts as a :class:`VAEOutput`;
   :meth:`VAE.sample`, :meth:`VAE.reconstruct` and :meth:`VAE.log_likelihood`
   (the importance-sampled estimate of ``log p(x)``) serve evaluation.
-* :func:`mlp_vae` and :func:`conv_vae` build ready-made ones; :func:`mlp_encoder`,
-  :func:`mlp_decoder`, :func:`conv_encoder` and :func:`conv_decoder` are their parts.
 * :func:`kl_warmup_weight` is the linear KL warm-up schedule.
 
 Likelihoods (``likelihood=``), each a distribution ``p(x | z)`` whose parameter
@@ -24,13 +22,11 @@ constants included, so that ``-(recon + kl)`` is the ELBO and
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from fastvae.functional import reconstruction_loss
 from fastvae.nn import GaussianLatent, ReconstructionLoss
 
 # Per-element constant that turns each fused loss into the exact -log p(x | z).
@@ -192,59 +188,6 @@ class VAE(nn.Module):
         return total - math.log(k)
 
 
-class AutoencoderOutput(NamedTuple):
-    """What :meth:`Autoencoder.forward` returns."""
-
-    loss: torch.Tensor  # () float32: mean over the batch of recon
-    recon: torch.Tensor  # (B,) float32: ||x - x_hat||^2 per image
-    z: torch.Tensor  # (B, D) the code
-    x_hat: torch.Tensor  # (B, ...) the reconstruction
-
-
-class Autoencoder(nn.Module):
-    """The deterministic baseline: ``z = head(encoder(x))``, ``x_hat = decoder(z)``, loss ``||x - x_hat||^2``.
-
-    The same encoders and decoders as :class:`VAE` fit (for instance
-    ``Autoencoder(mlp_encoder((1, 28, 28)), mlp_decoder(16, (1, 28, 28)), 16, features=256)``);
-    the squared error comes from the fused ``reconstruction_loss(kind="mse")``.
-
-    Args:
-        encoder: images ``(B, ...)`` to features ``(B, features)``.
-        decoder: ``(B, latent_dim)`` to images.
-        latent_dim: size of the code ``z``.
-        features: the encoder's output size; ``None`` infers it from the first batch.
-        backend: for the fused loss; see :mod:`fastvae.backend`.
-    """
-
-    def __init__(
-        self,
-        encoder: nn.Module,
-        decoder: nn.Module,
-        latent_dim: int,
-        *,
-        features: int | None = None,
-        backend: str | None = None,
-    ):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.LazyLinear(latent_dim) if features is None else nn.Linear(features, latent_dim)
-        self.decoder = decoder
-        self.backend = backend
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-    def forward(self, x: torch.Tensor) -> AutoencoderOutput:
-        z = self.encode(x)
-        x_hat = self.decoder(z)
-        recon = reconstruction_loss(x_hat, x, "mse", backend=self.backend)
-        return AutoencoderOutput(recon.mean(), recon, z, x_hat)
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encode(x))
-
-
 def kl_warmup_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:
     """Linear KL warm-up: the KL weight at ``step`` (from 0), rising from 0 to ``beta`` over ``warmup_steps``.
 
@@ -253,137 +196,3 @@ def kl_warmup_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:
     if warmup_steps <= 0:
         return beta
     return beta * min(1.0, step / warmup_steps)
-
-
-def _mlp(sizes: Sequence[int]) -> list[nn.Module]:
-    """Linear layers between consecutive ``sizes``, with a ReLU after each."""
-    layers: list[nn.Module] = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-    return layers
-
-
-def mlp_encoder(input_shape: Sequence[int], hidden: Sequence[int] = (512, 256)) -> nn.Sequential:
-    """Flatten ``(B, *input_shape)`` and apply Linear + ReLU layers; outputs ``(B, hidden[-1])``."""
-    return nn.Sequential(nn.Flatten(), *_mlp([math.prod(input_shape), *hidden]))
-
-
-def mlp_decoder(latent_dim: int, output_shape: Sequence[int], hidden: Sequence[int] = (256, 512)) -> nn.Sequential:
-    """Linear + ReLU layers from ``(B, latent_dim)``, then a linear output reshaped to ``(B, *output_shape)``."""
-    sizes = [latent_dim, *hidden]
-    return nn.Sequential(
-        *_mlp(sizes), nn.Linear(sizes[-1], math.prod(output_shape)), nn.Unflatten(1, tuple(output_shape))
-    )
-
-
-def mlp_vae(
-    input_shape: Sequence[int],
-    *,
-    latent_dim: int = 16,
-    hidden: Sequence[int] = (512, 256),
-    likelihood: str = "bce",
-    beta: float = 1.0,
-    logvar_limit: float | None = 10.0,
-    backend: str | None = None,
-) -> VAE:
-    """An MLP VAE for images of shape ``input_shape`` (``(C, H, W)``, or any shape).
-
-    The encoder has hidden layers ``hidden``; the decoder mirrors them.
-    """
-    hidden = tuple(hidden)
-    if not hidden or min(hidden) < 1:
-        raise ValueError(f"hidden must list at least one positive layer size, got {hidden}")
-    return VAE(
-        mlp_encoder(input_shape, hidden),
-        mlp_decoder(latent_dim, input_shape, hidden[::-1]),
-        latent_dim,
-        likelihood,
-        beta,
-        features=hidden[-1],
-        logvar_limit=logvar_limit,
-        backend=backend,
-    )
-
-
-CONV_WIDTHS = (32, 64, 128, 256)
-CONV_MIN_SIZE = 4
-
-
-def default_conv_widths(image_size: int) -> tuple[int, ...]:
-    """One stride-2 layer per halving of ``image_size`` that stays even and at least 4 pixels (28 -> 14 -> 7)."""
-    n_layers, size = 0, image_size
-    while size % 2 == 0 and size // 2 >= CONV_MIN_SIZE and n_layers < len(CONV_WIDTHS):
-        size //= 2
-        n_layers += 1
-    return CONV_WIDTHS[: max(n_layers, 1)]
-
-
-def _conv_final_size(image_size: int, widths: Sequence[int]) -> int:
-    factor = 2 ** len(widths)
-    if image_size % factor:
-        raise ValueError(
-            f"image_size {image_size} must be divisible by 2**len(widths) = {factor}: each of the "
-            f"{len(widths)} conv layers halves it; pass fewer widths"
-        )
-    return image_size // factor
-
-
-def conv_encoder(channels: int, image_size: int, widths: Sequence[int]) -> nn.Sequential:
-    """Stride-2 4x4 convolutions with ReLU, halving the image per layer, then flatten.
-
-    Outputs ``(B, widths[-1] * s * s)`` with ``s = image_size / 2**len(widths)``.
-    """
-    _conv_final_size(image_size, widths)
-    layers: list[nn.Module] = []
-    for n_in, n_out in zip([channels, *widths[:-1]], widths):
-        layers += [nn.Conv2d(n_in, n_out, 4, stride=2, padding=1), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Flatten())
-
-
-def conv_decoder(latent_dim: int, channels: int, image_size: int, widths: Sequence[int]) -> nn.Sequential:
-    """The mirror of :func:`conv_encoder`: a linear layer to ``(widths[-1], s, s)``, then stride-2 transposed convs."""
-    size = _conv_final_size(image_size, widths)
-    reversed_widths = list(widths[::-1])
-    layers: list[nn.Module] = [
-        nn.Linear(latent_dim, reversed_widths[0] * size * size),
-        nn.ReLU(),
-        nn.Unflatten(1, (reversed_widths[0], size, size)),
-    ]
-    for n_in, n_out in zip(reversed_widths[:-1], reversed_widths[1:]):
-        layers += [nn.ConvTranspose2d(n_in, n_out, 4, stride=2, padding=1), nn.ReLU()]
-    layers.append(nn.ConvTranspose2d(reversed_widths[-1], channels, 4, stride=2, padding=1))
-    return nn.Sequential(*layers)
-
-
-def conv_vae(
-    channels: int,
-    image_size: int,
-    *,
-    latent_dim: int = 32,
-    widths: Sequence[int] | None = None,
-    likelihood: str = "bce",
-    beta: float = 1.0,
-    logvar_limit: float | None = 10.0,
-    backend: str | None = None,
-) -> VAE:
-    """A convolutional VAE for square ``(channels, image_size, image_size)`` images.
-
-    ``widths``: channels of the encoder's stride-2 conv layers, one layer per
-    halving; ``image_size`` must be divisible by ``2**len(widths)``. The default
-    (:func:`default_conv_widths`) halves while the size stays even and at least
-    4: 28 -> ``(32, 64)``, 64 -> ``(32, 64, 128, 256)``, 8 -> ``(32,)``.
-    """
-    widths = default_conv_widths(image_size) if widths is None else tuple(widths)
-    if not widths or min(widths) < 1:
-        raise ValueError(f"widths must list at least one positive channel count, got {widths}")
-    size = _conv_final_size(image_size, widths)
-    return VAE(
-        conv_encoder(channels, image_size, widths),
-        conv_decoder(latent_dim, channels, image_size, widths),
-        latent_dim,
-        likelihood,
-        beta,
-        features=widths[-1] * size * size,
-        logvar_limit=logvar_limit,
-        backend=backend,
-    )

@@ -12,7 +12,10 @@ import os
 
 import torch
 
+from fastvae.models import VAE
 from fastvae.errors import ConfigError
+from fastvae.training.builders import build_model
+from fastvae.training.config import TrainConfig, checkpoint_config
 
 CHECKPOINT_FORMAT = "fastvae-train-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -73,3 +76,13 @@ def set_rng_state(state: dict, device: torch.device, noise_generator: torch.Gene
         torch.cuda.set_rng_state(state["cuda"], device)
     if noise_generator is not None and state["noise"] is not None:
         noise_generator.set_state(state["noise"])
+
+
+def model_from_checkpoint(
+    checkpoint: dict, path: str, device: torch.device, backend: str | None = None
+) -> tuple[VAE, TrainConfig]:
+    """Rebuild the VAE that ``checkpoint`` (read from ``path``) was trained as, with its weights, on ``device``."""
+    config = checkpoint_config(checkpoint)
+    model = build_model(config, tuple(checkpoint["image_shape"]), backend)
+    load_model_state(model, checkpoint["model"], path)
+    return model.to(device).eval(), config

@@ -1,4 +1,4 @@
-"""PNG figures of a training run: image grids and the loss curve (matplotlib, no display needed)."""
+"""PNG figures of a training run: image grids (reconstructions, interpolations) and the loss curve (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from fastvae.models import VAE
 
 # Tiles smaller than this many pixels are enlarged (nearest neighbour) so that 8x8 digits stay visible.
 MIN_TILE_PIXELS = 32
@@ -58,3 +60,29 @@ def save_loss_curve(path: str, records: Sequence[dict]) -> None:
     for ax in (ax_loss, ax_kl):
         ax.grid(alpha=0.3)
     figure.savefig(path, dpi=100)
+
+
+@torch.no_grad()
+def reconstruction_grid(model: VAE, images: torch.Tensor, ncols: int) -> torch.Tensor:
+    """``images`` and their reconstructions in alternate rows of ``ncols``: ready for a grid of ``ncols`` columns."""
+    reconstructions = model.reconstruct(images).to(images.dtype)
+    rows = []
+    for start in range(0, len(images), ncols):
+        rows += [images[start : start + ncols], reconstructions[start : start + ncols]]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def interpolation_grid(model: VAE, images: torch.Tensor, points: int = 10) -> torch.Tensor:
+    """Rows of ``[a, decode(mu_a + t (mu_b - mu_a)) for t in linspace(0, 1, points), b]``.
+
+    ``images`` pairs up as ``(a, b) = (images[2i], images[2i + 1])``; returns
+    ``(rows * (points + 2), C, H, W)``, ready for a grid of ``points + 2`` columns.
+    """
+    n_pairs = len(images) // 2
+    a, b = images[0 : 2 * n_pairs : 2], images[1 : 2 * n_pairs : 2]
+    mu_a, mu_b = model.encode(a)[0], model.encode(b)[0]
+    t = torch.linspace(0, 1, points, device=images.device).view(1, points, 1)
+    z = mu_a[:, None] + t * (mu_b - mu_a)[:, None]  # (pairs, points, D)
+    decoded = model.likelihood_mean(model.decode(z.flatten(0, 1))).view(n_pairs, points, *images.shape[1:])
+    return torch.cat([a[:, None], decoded.to(images.dtype), b[:, None]], dim=1).flatten(0, 1)

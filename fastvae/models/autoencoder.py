@@ -1,0 +1,63 @@
+"""The deterministic baseline: :class:`Autoencoder`, ``z = f(x)``, ``x_hat = g(z)``, trained on ``||x - x_hat||^2``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fastvae.functional import reconstruction_loss
+
+
+class AutoencoderOutput(NamedTuple):
+    """What :meth:`Autoencoder.forward` returns."""
+
+    loss: torch.Tensor  # () float32: mean over the batch of recon
+    recon: torch.Tensor  # (B,) float32: ||x - x_hat||^2 per image
+    z: torch.Tensor  # (B, D) the code
+    x_hat: torch.Tensor  # (B, ...) the reconstruction
+
+
+class Autoencoder(nn.Module):
+    """The deterministic baseline: ``z = head(encoder(x))``, ``x_hat = decoder(z)``, loss ``||x - x_hat||^2``.
+
+    The same encoders and decoders as :class:`VAE` fit (for instance
+    ``Autoencoder(mlp_encoder((1, 28, 28)), mlp_decoder(16, (1, 28, 28)), 16, features=256)``);
+    the squared error comes from the fused ``reconstruction_loss(kind="mse")``.
+
+    Args:
+        encoder: images ``(B, ...)`` to features ``(B, features)``.
+        decoder: ``(B, latent_dim)`` to images.
+        latent_dim: size of the code ``z``.
+        features: the encoder's output size; ``None`` infers it from the first batch.
+        backend: for the fused loss; see :mod:`fastvae.backend`.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        latent_dim: int,
+        *,
+        features: int | None = None,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.LazyLinear(latent_dim) if features is None else nn.Linear(features, latent_dim)
+        self.decoder = decoder
+        self.backend = backend
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> AutoencoderOutput:
+        z = self.encode(x)
+        x_hat = self.decoder(z)
+        recon = reconstruction_loss(x_hat, x, "mse", backend=self.backend)
+        return AutoencoderOutput(recon.mean(), recon, z, x_hat)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encode(x))

@@ -17,6 +17,7 @@ from fastvae.models import (
     mlp_encoder,
     mlp_vae,
 )
+from fastvae.likelihoods import GaussianLikelihood
 from fastvae.nn import ReconstructionLoss
 from tests.utils import assert_close
 
@@ -43,7 +44,7 @@ def test_forward_returns_the_named_parts_of_the_loss():
 
 def exact_log_p_x_given_z(model: VAE, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """log p(x | z) per image from torch.distributions: the spec of each likelihood."""
-    kind = model.likelihood.kind
+    kind = model.likelihood.name
     if kind == "bce":
         dist = Bernoulli(logits=x_hat)
     elif kind == "gaussian":
@@ -139,7 +140,7 @@ def test_sample_and_reconstruct_give_means_of_the_image_shape():
     assert not recon.requires_grad
     mse = small_vae("mse")  # the other likelihoods' means are the decoder's output, not squashed
     z = torch.randn(2, 3)
-    assert_close(mse.likelihood_mean(mse.decode(z)), mse.decode(z))
+    assert_close(mse.likelihood.mean(mse.decode(z)), mse.decode(z))
 
 
 @pytest.mark.parametrize(
@@ -161,14 +162,14 @@ def test_builders_reject_shapes_they_cannot_build():
         mlp_vae(SHAPE, hidden=())
     with pytest.raises(ValueError, match="likelihood must be one of"):
         small_vae("poisson")
-    with pytest.raises(ValueError, match="reduction='none'"):
-        VAE(mlp_encoder(SHAPE, (8,)), mlp_decoder(2, SHAPE, (8,)), 2, ReconstructionLoss("mse", "mean"), features=8)
+    with pytest.raises(TypeError, match="likelihood must be a name or a Likelihood, got ReconstructionLoss"):
+        VAE(mlp_encoder(SHAPE, (8,)), mlp_decoder(2, SHAPE, (8,)), 2, ReconstructionLoss("mse"), features=8)
     with pytest.raises(ValueError, match="beta"):
         small_vae(beta=-1.0)
 
 
 def test_vae_takes_a_likelihood_module_with_per_feature_variance():
-    likelihood = ReconstructionLoss("gaussian", logvar_shape=SHAPE)
+    likelihood = GaussianLikelihood(logvar_shape=SHAPE)
     model = VAE(mlp_encoder(SHAPE, (8,)), mlp_decoder(2, SHAPE, (8,)), 2, likelihood)  # features inferred
     out = model(torch.rand(3, *SHAPE))
     out.loss.backward()
@@ -214,3 +215,19 @@ def test_vae_trains_under_autocast_with_bce(dtype):
         losses.append(out.loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
+
+
+def test_decoders_output_the_likelihoods_parameter_channels(monkeypatch):
+    from fastvae.likelihoods import BernoulliLikelihood
+
+    monkeypatch.setattr(BernoulliLikelihood, "params_channels", lambda self, c: 3 * c)
+    assert mlp_vae((2, 4, 4), hidden=(8,)).decode(torch.zeros(1, 16)).shape == (1, 6, 4, 4)
+    assert conv_vae(2, 8, widths=(4,)).decode(torch.zeros(1, 32)).shape == (1, 6, 8, 8)
+
+
+def test_autoencoder_with_another_likelihood_minimises_its_loss():
+    model = Autoencoder(mlp_encoder(SHAPE, (8,)), mlp_decoder(3, SHAPE, (8,)), 3, likelihood="bce", features=8)
+    x = torch.rand(4, *SHAPE)
+    out = model(x)
+    assert_close(out.recon, reconstruction_loss(out.x_hat, x, "bce"))
+    assert_close(model.reconstruct(x), torch.sigmoid(out.x_hat.detach()))

@@ -6,9 +6,11 @@
 * :mod:`fastvae.models.networks`: ready-made encoders and decoders, and the
   :func:`mlp_vae` and :func:`conv_vae` builders.
 
-Everything public is importable from ``fastvae.models`` directly.
+Their likelihoods ``p(x | z)`` are in :mod:`fastvae.likelihoods` (:data:`LIKELIHOODS`
+is re-exported here). Everything public is importable from ``fastvae.models`` directly.
 """
 
+from fastvae.likelihoods import LIKELIHOODS
 from fastvae.models.autoencoder import Autoencoder, AutoencoderOutput
 from fastvae.models.networks import (
     CONV_WIDTHS,
@@ -20,7 +22,7 @@ from fastvae.models.networks import (
     mlp_encoder,
     mlp_vae,
 )
-from fastvae.models.vae import LIKELIHOODS, LOG_LIKELIHOOD_ROWS, NLL_CONSTANT, VAE, VAEOutput, kl_warmup_weight
+from fastvae.models.vae import LOG_LIKELIHOOD_ROWS, VAE, VAEOutput, kl_warmup_weight
 
 __all__ = [
     "Autoencoder",
@@ -28,7 +30,6 @@ __all__ = [
     "CONV_WIDTHS",
     "LIKELIHOODS",
     "LOG_LIKELIHOOD_ROWS",
-    "NLL_CONSTANT",
     "VAE",
     "VAEOutput",
     "conv_decoder",

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from fastvae.likelihoods import Likelihood, make_likelihood
 from fastvae.models.vae import VAE
 
 
@@ -41,21 +42,25 @@ def mlp_vae(
     *,
     latent_dim: int = 16,
     hidden: Sequence[int] = (512, 256),
-    likelihood: str = "bce",
+    likelihood: str | Likelihood = "bce",
     beta: float = 1.0,
     logvar_limit: float | None = 10.0,
     backend: str | None = None,
 ) -> VAE:
     """An MLP VAE for images of shape ``input_shape`` (``(C, H, W)``, or any shape).
 
-    The encoder has hidden layers ``hidden``; the decoder mirrors them.
+    The encoder has hidden layers ``hidden``; the decoder mirrors them and
+    outputs the likelihood's parameters: ``likelihood.params_channels(C)``
+    channels for ``input_shape = (C, ...)``.
     """
     hidden = tuple(hidden)
     if not hidden or min(hidden) < 1:
         raise ValueError(f"hidden must list at least one positive layer size, got {hidden}")
+    likelihood = make_likelihood(likelihood, backend=backend)
+    params_shape = (likelihood.params_channels(input_shape[0]), *input_shape[1:])
     return VAE(
         mlp_encoder(input_shape, hidden),
-        mlp_decoder(latent_dim, input_shape, hidden[::-1]),
+        mlp_decoder(latent_dim, params_shape, hidden[::-1]),
         latent_dim,
         likelihood,
         beta,
@@ -121,7 +126,7 @@ def conv_vae(
     *,
     latent_dim: int = 32,
     widths: Sequence[int] | None = None,
-    likelihood: str = "bce",
+    likelihood: str | Likelihood = "bce",
     beta: float = 1.0,
     logvar_limit: float | None = 10.0,
     backend: str | None = None,
@@ -131,15 +136,17 @@ def conv_vae(
     ``widths``: channels of the encoder's stride-2 conv layers, one layer per
     halving; ``image_size`` must be divisible by ``2**len(widths)``. The default
     (:func:`default_conv_widths`) halves while the size stays even and at least
-    4: 28 -> ``(32, 64)``, 64 -> ``(32, 64, 128, 256)``, 8 -> ``(32,)``.
+    4: 28 -> ``(32, 64)``, 64 -> ``(32, 64, 128, 256)``, 8 -> ``(32,)``. The
+    decoder outputs the likelihood's parameters: ``likelihood.params_channels(channels)`` channels.
     """
     widths = default_conv_widths(image_size) if widths is None else tuple(widths)
     if not widths or min(widths) < 1:
         raise ValueError(f"widths must list at least one positive channel count, got {widths}")
     size = _conv_final_size(image_size, widths)
+    likelihood = make_likelihood(likelihood, backend=backend)
     return VAE(
         conv_encoder(channels, image_size, widths),
-        conv_decoder(latent_dim, channels, image_size, widths),
+        conv_decoder(latent_dim, likelihood.params_channels(channels), image_size, widths),
         latent_dim,
         likelihood,
         beta,

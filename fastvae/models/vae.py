@@ -6,17 +6,10 @@
   (the importance-sampled estimate of ``log p(x)``) serve evaluation.
 * :func:`kl_warmup_weight` is the linear KL warm-up schedule.
 
-Likelihoods (``likelihood=``), each a distribution ``p(x | z)`` whose parameter
-the decoder outputs; ``recon`` is always the full ``-log p(x | z)`` in nats,
-constants included, so that ``-(recon + kl)`` is the ELBO and
-``log_likelihood(x, k=1)`` estimates the same number:
-
-* ``"bce"``: Bernoulli (grey values in [0, 1] too); the decoder outputs logits.
-* ``"gaussian"``: Gaussian with a learned variance (one scalar by default); the decoder outputs the mean.
-* ``"mse"``: Gaussian with fixed variance 1/2: per element ``-log p = (x - x_hat)**2 + log(pi) / 2``;
-  the decoder outputs the mean.
-* ``"l1"``: Laplace with unit scale: per element ``-log p = |x - x_hat| + log 2``; the decoder
-  outputs the location.
+The likelihood ``p(x | z)`` (``likelihood=``) is one of :mod:`fastvae.likelihoods`;
+``recon`` is always its full ``-log p(x | z)`` in nats, constants included, so
+that ``-(recon + kl)`` is the ELBO and ``log_likelihood(x, k=1)`` estimates the
+same number.
 """
 
 from __future__ import annotations
@@ -27,11 +20,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastvae.nn import GaussianLatent, ReconstructionLoss
+from fastvae.likelihoods import Likelihood, make_likelihood
+from fastvae.nn import GaussianLatent
 
-# Per-element constant that turns each fused loss into the exact -log p(x | z).
-NLL_CONSTANT = {"bce": 0.0, "gaussian": 0.0, "mse": 0.5 * math.log(math.pi), "l1": math.log(2.0)}
-LIKELIHOODS = tuple(NLL_CONSTANT)
 # Rows (importance samples x images) decoded at once by log_likelihood when chunk_size is None.
 LOG_LIKELIHOOD_ROWS = 16384
 
@@ -45,7 +36,7 @@ class VAEOutput(NamedTuple):
     z: torch.Tensor  # (B, D) the sample decoded
     mu: torch.Tensor  # (B, D) posterior mean
     logvar: torch.Tensor  # (B, D) posterior log-variance, log sigma**2
-    x_hat: torch.Tensor  # (B, ...) decoder output: logits for "bce", the mean otherwise
+    x_hat: torch.Tensor  # (B, ...) decoder output: the likelihood's parameters
 
 
 class VAE(nn.Module):
@@ -53,17 +44,17 @@ class VAE(nn.Module):
 
     ``encoder(x) -> h`` (``(B, features)``), a :class:`~fastvae.nn.GaussianLatent`
     head ``h -> (mu, logvar) -> z`` with the fused sample + KL, ``decoder(z) -> x_hat``,
-    and the fused reconstruction loss. Training minimises
+    and the likelihood's fused loss. Training minimises
     ``mean_B(recon + beta * kl)``, the negative ELBO for ``beta = 1``.
 
     Args:
         encoder: module mapping images ``(B, ...)`` to features ``(B, features)``.
-        decoder: module mapping ``(B, latent_dim)`` to ``x_hat`` of the images' shape.
+        decoder: module mapping ``(B, latent_dim)`` to ``x_hat``, the likelihood's parameters
+            (``likelihood.params_channels(C)`` channels for images of ``C``).
         latent_dim: size of ``z``.
-        likelihood: a name from the module docstring's table, or a
-            :class:`~fastvae.nn.ReconstructionLoss` with ``reduction="none"``
-            (for instance a per-pixel learned variance:
-            ``ReconstructionLoss("gaussian", logvar_shape=(1, 28, 28))``).
+        likelihood: a name from :data:`fastvae.likelihoods.LIKELIHOODS`, or a
+            :class:`~fastvae.likelihoods.Likelihood` (for instance a per-pixel
+            learned variance: ``GaussianLikelihood(logvar_shape=(1, 28, 28))``).
         beta: weight of the KL term (beta-VAE); ``forward``'s ``kl_weight`` overrides it per call.
         features: the encoder's output size; ``None`` infers it from the first batch.
         logvar_limit: soft clamp of the posterior log-variance (see :class:`~fastvae.nn.GaussianLatent`).
@@ -75,7 +66,7 @@ class VAE(nn.Module):
         encoder: nn.Module,
         decoder: nn.Module,
         latent_dim: int,
-        likelihood: str | ReconstructionLoss = "bce",
+        likelihood: str | Likelihood = "bce",
         beta: float = 1.0,
         *,
         features: int | None = None,
@@ -83,14 +74,7 @@ class VAE(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        if isinstance(likelihood, str):
-            if likelihood not in LIKELIHOODS:
-                raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
-            likelihood = ReconstructionLoss(likelihood, "none", backend=backend)
-        elif not isinstance(likelihood, ReconstructionLoss):
-            raise TypeError(f"likelihood must be a name or a ReconstructionLoss, got {type(likelihood).__name__}")
-        elif likelihood.reduction != "none":
-            raise ValueError(f"likelihood must have reduction='none' (per image), got {likelihood.reduction!r}")
+        likelihood = make_likelihood(likelihood, backend=backend)
         if beta < 0:
             raise ValueError(f"beta must be non-negative, got {beta}")
         self.encoder = encoder
@@ -105,17 +89,8 @@ class VAE(nn.Module):
         return self.latent.posterior(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """The decoder's output for ``z`` ``(B, D)``: logits for ``"bce"``, the mean otherwise."""
+        """The decoder's output for ``z`` ``(B, D)``: the parameters of ``p(x | z)`` (logits for ``"bce"``)."""
         return self.decoder(z)
-
-    def likelihood_mean(self, x_hat: torch.Tensor) -> torch.Tensor:
-        """The mean of ``p(x | z)`` given the decoder's output: ``sigmoid(x_hat)`` for ``"bce"``, else ``x_hat``."""
-        return torch.sigmoid(x_hat) if self.likelihood.kind == "bce" else x_hat
-
-    def recon_nll(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``-log p(x | z)`` per image, ``(B,)`` float32, constants included."""
-        per_element = NLL_CONSTANT[self.likelihood.kind]
-        return self.likelihood(x_hat, x) + per_element * x[0].numel()
 
     def forward(self, x: torch.Tensor, *, eps: torch.Tensor | None = None, kl_weight: float | None = None) -> VAEOutput:
         """Encode ``x`` ``(B, ...)``, sample ``z`` (with ``eps`` ``(B, D)`` if given), decode, and score.
@@ -125,7 +100,7 @@ class VAE(nn.Module):
         """
         latent = self.latent(self.encoder(x), eps)
         x_hat = self.decoder(latent.z)
-        recon = self.recon_nll(x_hat, x)
+        recon = self.likelihood(x_hat, x)
         weight = self.beta if kl_weight is None else kl_weight
         loss = (recon + weight * latent.kl).mean()
         return VAEOutput(loss, recon, latent.kl, latent.z, latent.mu, latent.logvar, x_hat)
@@ -134,14 +109,14 @@ class VAE(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The likelihood's mean decoded from the posterior mean ``z = mu``; ``x``'s shape."""
         mu, _ = self.encode(x)
-        return self.likelihood_mean(self.decode(mu))
+        return self.likelihood.mean(self.decode(mu))
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` draws ``z ~ N(0, I)`` decoded to the likelihood's mean: ``(n, ...)``."""
         device = next(self.parameters()).device
         z = torch.randn((n, self.latent_dim), generator=generator, device=device)
-        return self.likelihood_mean(self.decode(z))
+        return self.likelihood.mean(self.decode(z))
 
     @torch.no_grad()
     def log_likelihood(
@@ -179,7 +154,7 @@ class VAE(nn.Module):
             eps = torch.randn((c, *mu.shape), generator=generator, device=mu.device)
             z = mu + std * eps
             x_hat = self.decode(z.reshape(c * batch, -1))
-            log_p_x_given_z = -self.recon_nll(x_hat, x.expand(c, *x.shape).reshape(c * batch, *x.shape[1:]))
+            log_p_x_given_z = -self.likelihood(x_hat, x.expand(c, *x.shape).reshape(c * batch, *x.shape[1:]))
             # log N(z; 0, I) - log N(z; mu, sigma^2): the log(2 pi) terms cancel.
             log_prior_over_posterior = 0.5 * (eps.square() - z.square() + logvar).sum(dim=-1)
             log_w = log_p_x_given_z.view(c, batch) + log_prior_over_posterior

@@ -84,5 +84,5 @@ def interpolation_grid(model: VAE, images: torch.Tensor, points: int = 10) -> to
     mu_a, mu_b = model.encode(a)[0], model.encode(b)[0]
     t = torch.linspace(0, 1, points, device=images.device).view(1, points, 1)
     z = mu_a[:, None] + t * (mu_b - mu_a)[:, None]  # (pairs, points, D)
-    decoded = model.likelihood_mean(model.decode(z.flatten(0, 1))).view(n_pairs, points, *images.shape[1:])
+    decoded = model.likelihood.mean(model.decode(z.flatten(0, 1))).view(n_pairs, points, *images.shape[1:])
     return torch.cat([a[:, None], decoded.to(images.dtype), b[:, None]], dim=1).flatten(0, 1)

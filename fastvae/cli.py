@@ -277,7 +277,8 @@ def _open_checkpoint(args: argparse.Namespace):
 
 def _run_eval(args: argparse.Namespace) -> int:
     from fastvae.data import load_images
-    from fastvae.training.evaluate import evaluate, format_eval
+    from fastvae.training.builders import describe_model
+    from fastvae.training.evaluate import evaluate
     from fastvae.training.seeds import eval_generator
 
     model, config, checkpoint, path = _open_checkpoint(args)
@@ -285,11 +286,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     seed = config.seed if args.seed is None else args.seed
     batch_size = args.batch_size or config.batch_size
-    elbo, log_likelihood = evaluate(
-        model, data.test, k=args.k, batch_size=batch_size, generator=eval_generator(seed, device)
-    )
-    print(f"{path}: step {checkpoint['step']}, {config.model} VAE on {data.name}")
-    print(format_eval(elbo, log_likelihood, args.k, len(data.test)))
+    options = {"k": args.k}
+    results = evaluate(model, data.test, batch_size=batch_size, generator=eval_generator(seed, device), **options)
+    print(f"{path}: step {checkpoint['step']}, {describe_model(config, model)} on {data.name}")
+    print(model.format_evaluation(results, n_images=len(data.test), **options))
     return 0
 
 

@@ -143,7 +143,11 @@ def test_resume_after_an_interruption_ends_with_the_weights_of_an_uninterrupted_
     monkeypatch.setattr(loop._Run, "_train_step", interrupted_step)
     status, _, stderr = run("train", *common, "--out", tmp_path / "resumed")
     assert status == 130
-    assert "interrupted at step 18" in stderr and "(step 14, written while the loss was finite), is intact" in stderr and "--resume" in stderr
+    assert (
+        "interrupted at step 18" in stderr
+        and "(step 14, written while the loss was finite), is intact" in stderr
+        and "--resume" in stderr
+    )
     assert max(r["step"] for r in metrics(tmp_path / "resumed")) == 15
     monkeypatch.setattr(loop._Run, "_train_step", original_step)
 

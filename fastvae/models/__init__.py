@@ -1,5 +1,6 @@
 """VAE models over fastvae's layers.
 
+* :mod:`fastvae.models.base`: :class:`TrainableModel`, the interface the training engine speaks;
 * :mod:`fastvae.models.vae`: :class:`VAE` (loss, sampling, reconstruction, the
   importance-sampled log-likelihood) and the KL warm-up schedule :func:`kl_warmup_weight`;
 * :mod:`fastvae.models.autoencoder`: the deterministic baseline :class:`Autoencoder`;
@@ -12,6 +13,7 @@ is re-exported here). Everything public is importable from ``fastvae.models`` di
 
 from fastvae.likelihoods import LIKELIHOODS
 from fastvae.models.autoencoder import Autoencoder, AutoencoderOutput
+from fastvae.models.base import StepInputs, TrainableModel
 from fastvae.models.networks import (
     CONV_WIDTHS,
     conv_decoder,
@@ -30,6 +32,8 @@ __all__ = [
     "CONV_WIDTHS",
     "LIKELIHOODS",
     "LOG_LIKELIHOOD_ROWS",
+    "StepInputs",
+    "TrainableModel",
     "VAE",
     "VAEOutput",
     "conv_decoder",

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastvae.likelihoods import Likelihood, make_likelihood
+from fastvae.models.base import TrainableModel
 
 
 class AutoencoderOutput(NamedTuple):
@@ -22,8 +23,13 @@ class AutoencoderOutput(NamedTuple):
     z: torch.Tensor  # (B, D) the code
     x_hat: torch.Tensor  # (B, ...) the decoder's output (the reconstruction for "mse")
 
+    @property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """The per-image values the training engine logs: ``recon``, ``(B,)``."""
+        return {"recon": self.recon}
 
-class Autoencoder(nn.Module):
+
+class Autoencoder(TrainableModel):
     """The deterministic baseline: ``z = head(encoder(x))``, ``x_hat = decoder(z)``, loss ``||x - x_hat||^2``.
 
     The same encoders and decoders as :class:`VAE` fit (for instance

@@ -44,6 +44,7 @@ def mlp_vae(
     hidden: Sequence[int] = (512, 256),
     likelihood: str | Likelihood = "bce",
     beta: float = 1.0,
+    kl_warmup: int = 0,
     logvar_limit: float | None = 10.0,
     backend: str | None = None,
 ) -> VAE:
@@ -64,6 +65,7 @@ def mlp_vae(
         latent_dim,
         likelihood,
         beta,
+        kl_warmup=kl_warmup,
         features=hidden[-1],
         logvar_limit=logvar_limit,
         backend=backend,
@@ -128,6 +130,7 @@ def conv_vae(
     widths: Sequence[int] | None = None,
     likelihood: str | Likelihood = "bce",
     beta: float = 1.0,
+    kl_warmup: int = 0,
     logvar_limit: float | None = 10.0,
     backend: str | None = None,
 ) -> VAE:
@@ -150,6 +153,7 @@ def conv_vae(
         latent_dim,
         likelihood,
         beta,
+        kl_warmup=kl_warmup,
         features=widths[-1] * size * size,
         logvar_limit=logvar_limit,
         backend=backend,

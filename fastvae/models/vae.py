@@ -4,6 +4,8 @@
   ``forward`` gives the loss and its parts as a :class:`VAEOutput`;
   :meth:`VAE.sample`, :meth:`VAE.reconstruct` and :meth:`VAE.log_likelihood`
   (the importance-sampled estimate of ``log p(x)``) serve evaluation.
+  It is a :class:`~fastvae.models.base.TrainableModel`: its KL warm-up, its noise
+  and its held-out evaluation (ELBO and log-likelihood) are its own.
 * :func:`kl_warmup_weight` is the linear KL warm-up schedule.
 
 The likelihood ``p(x | z)`` (``likelihood=``) is one of :mod:`fastvae.likelihoods`;
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from fastvae.likelihoods import Likelihood, make_likelihood
+from fastvae.models.base import StepInputs, TrainableModel
 from fastvae.nn import GaussianLatent
 
 # Rows (importance samples x images) decoded at once by log_likelihood when chunk_size is None.
@@ -38,14 +41,20 @@ class VAEOutput(NamedTuple):
     logvar: torch.Tensor  # (B, D) posterior log-variance, log sigma**2
     x_hat: torch.Tensor  # (B, ...) decoder output: the likelihood's parameters
 
+    @property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """The per-image values the training engine logs: ``recon`` and ``kl``, ``(B,)`` each."""
+        return {"recon": self.recon, "kl": self.kl}
 
-class VAE(nn.Module):
+
+class VAE(TrainableModel):
     r"""A variational autoencoder with a diagonal Gaussian posterior and a ``N(0, I)`` prior.
 
     ``encoder(x) -> h`` (``(B, features)``), a :class:`~fastvae.nn.GaussianLatent`
     head ``h -> (mu, logvar) -> z`` with the fused sample + KL, ``decoder(z) -> x_hat``,
     and the likelihood's fused loss. Training minimises
-    ``mean_B(recon + beta * kl)``, the negative ELBO for ``beta = 1``.
+    ``mean_B(recon + beta * kl)``, the negative ELBO for ``beta = 1``, with the
+    KL weight rising from 0 to ``beta`` over the first ``kl_warmup`` steps.
 
     Args:
         encoder: module mapping images ``(B, ...)`` to features ``(B, features)``.
@@ -56,6 +65,7 @@ class VAE(nn.Module):
             :class:`~fastvae.likelihoods.Likelihood` (for instance a per-pixel
             learned variance: ``GaussianLikelihood(logvar_shape=(1, 28, 28))``).
         beta: weight of the KL term (beta-VAE); ``forward``'s ``kl_weight`` overrides it per call.
+        kl_warmup: training steps over which :meth:`step_inputs` raises the KL weight from 0 to ``beta``.
         features: the encoder's output size; ``None`` infers it from the first batch.
         logvar_limit: soft clamp of the posterior log-variance (see :class:`~fastvae.nn.GaussianLatent`).
         backend: for the fused ops; see :mod:`fastvae.backend`.
@@ -69,6 +79,7 @@ class VAE(nn.Module):
         likelihood: str | Likelihood = "bce",
         beta: float = 1.0,
         *,
+        kl_warmup: int = 0,
         features: int | None = None,
         logvar_limit: float | None = None,
         backend: str | None = None,
@@ -77,12 +88,15 @@ class VAE(nn.Module):
         likelihood = make_likelihood(likelihood, backend=backend)
         if beta < 0:
             raise ValueError(f"beta must be non-negative, got {beta}")
+        if kl_warmup < 0:
+            raise ValueError(f"kl_warmup must be non-negative, got {kl_warmup}")
         self.encoder = encoder
         self.latent = GaussianLatent(features, latent_dim, logvar_limit=logvar_limit, backend=backend)
         self.decoder = decoder
         self.likelihood = likelihood
         self.latent_dim = latent_dim
         self.beta = beta
+        self.kl_warmup = kl_warmup
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu, logvar)`` of ``q(z | x)``, each ``(B, D)``."""
@@ -117,6 +131,17 @@ class VAE(nn.Module):
         device = next(self.parameters()).device
         z = torch.randn((n, self.latent_dim), generator=generator, device=device)
         return self.likelihood.mean(self.decode(z))
+
+    @torch.no_grad()
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, points: int = 10) -> torch.Tensor:
+        """The likelihood's mean decoded at ``mu_a + t (mu_b - mu_a)``, ``t`` in ``linspace(0, 1, points)``.
+
+        ``a``, ``b``: ``(P, ...)`` images; returns ``(P, points, ...)``.
+        """
+        mu_a, mu_b = self.encode(a)[0], self.encode(b)[0]
+        t = torch.linspace(0, 1, points, device=a.device).view(1, points, 1)
+        z = mu_a[:, None] + t * (mu_b - mu_a)[:, None]  # (P, points, D)
+        return self.likelihood.mean(self.decode(z.flatten(0, 1))).view(len(a), points, *a.shape[1:])
 
     @torch.no_grad()
     def log_likelihood(
@@ -161,6 +186,33 @@ class VAE(nn.Module):
             chunk_total = torch.logsumexp(log_w, dim=0)
             total = chunk_total if total is None else torch.logaddexp(total, chunk_total)
         return total - math.log(k)
+
+    # --- the training engine's interface (see fastvae.models.base) ---
+
+    def step_inputs(self, step: int) -> StepInputs:
+        """The KL weight of ``step`` (:func:`kl_warmup_weight`), for ``forward`` and for the log."""
+        weight = kl_warmup_weight(step, self.kl_warmup, self.beta)
+        return StepInputs({"kl_weight": torch.tensor(weight)}, {"kl_weight": weight})
+
+    def noise_inputs(
+        self, batch_size: int, *, generator: torch.Generator, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """``eps`` ``(batch_size, D)``: standard normal noise for ``forward``, drawn from ``generator``."""
+        return {"eps": torch.randn((batch_size, self.latent_dim), generator=generator, device=device)}
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, *, generator: torch.Generator, k: int = 1000) -> dict[str, torch.Tensor]:
+        """Per image of ``x``: ``elbo``, ``-(recon + kl)`` with one sampled ``z`` and the analytic KL, and
+        ``log_likelihood``, the importance-sampled estimate with ``k`` samples (:meth:`log_likelihood`)."""
+        eps = torch.randn((len(x), self.latent_dim), generator=generator, device=x.device)
+        out = self(x, eps=eps, kl_weight=1.0)
+        return {"elbo": -(out.recon + out.kl), "log_likelihood": self.log_likelihood(x, k, generator=generator)}
+
+    def format_evaluation(self, results: dict[str, float], *, n_images: int, k: int = 1000) -> str:
+        return (
+            f"held-out ELBO: {results['elbo']:.2f} nats/image ({n_images} images)\n"
+            f"held-out log-likelihood (importance-sampled, k={k}): {results['log_likelihood']:.2f} nats/image"
+        )
 
 
 def kl_warmup_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:

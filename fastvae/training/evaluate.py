@@ -1,41 +1,40 @@
-"""Evaluating a trained VAE on held-out images."""
+"""Evaluating a trained model on held-out images: the means of its per-image metrics, and ``eval.json``."""
 
 from __future__ import annotations
+
+import json
+from collections import defaultdict
 
 import torch
 
 from fastvae.data import to_unit_float
-from fastvae.models import VAE
+from fastvae.models import TrainableModel
 
 
 @torch.no_grad()
 def evaluate(
-    model: VAE, images: torch.Tensor, *, k: int, batch_size: int, generator: torch.Generator
-) -> tuple[float, float]:
-    """Held-out ``(elbo, log_likelihood)`` in nats per image, averaged over ``images``.
+    model: TrainableModel, images: torch.Tensor, *, batch_size: int, generator: torch.Generator, **options
+) -> dict[str, float]:
+    """The means over ``images`` of :meth:`TrainableModel.evaluate`'s per-image metrics, batch by batch.
 
-    The ELBO is ``-(recon + kl)`` with one sampled ``z`` per image and the
-    analytic KL; the log-likelihood is the importance-sampled (IWAE) estimate
-    with ``k`` samples (:meth:`VAE.log_likelihood`). Runs in float32 (autocast
-    off) with the model in eval mode.
+    For a VAE (``options``: ``k``): ``elbo`` and ``log_likelihood``, nats per
+    image. Runs in float32 (autocast off) with the model in eval mode;
+    ``generator`` draws the noise.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    elbo_sum = log_likelihood_sum = 0.0
+    sums: dict[str, float] = defaultdict(float)
     with torch.autocast(device.type, enabled=False):
         for batch in images.split(batch_size):
             x = to_unit_float(batch.to(device))
-            eps = torch.randn((len(x), model.latent_dim), generator=generator, device=device)
-            out = model(x, eps=eps, kl_weight=1.0)
-            elbo_sum -= (out.recon + out.kl).sum().item()
-            log_likelihood_sum += model.log_likelihood(x, k, generator=generator).sum().item()
+            for name, values in model.evaluate(x, generator=generator, **options).items():
+                sums[name] += values.sum().item()
     model.train(was_training)
-    return elbo_sum / len(images), log_likelihood_sum / len(images)
+    return {name: total / len(images) for name, total in sums.items()}
 
 
-def format_eval(elbo: float, log_likelihood: float, k: int, n_images: int) -> str:
-    return (
-        f"held-out ELBO: {elbo:.2f} nats/image ({n_images} images)\n"
-        f"held-out log-likelihood (importance-sampled, k={k}): {log_likelihood:.2f} nats/image"
-    )
+def write_evaluation(path: str, results: dict[str, float], *, step: int, n_images: int, options: dict) -> None:
+    """Write ``eval.json``: the step, the number of held-out images, the evaluation's settings and ``results``."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"step": step, "held_out_images": n_images, **options, **results}, f, indent=1)

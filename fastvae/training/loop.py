@@ -1,7 +1,9 @@
 """The training run: :func:`train` runs one job from a :class:`~fastvae.training.config.TrainConfig`.
 
-It writes the run folder described in :mod:`fastvae.training.rundir`, with the
-random streams of :mod:`fastvae.training.seeds`.
+It builds the model through :mod:`fastvae.training.builders` and speaks to it
+only through :class:`~fastvae.models.base.TrainableModel`; it writes the run
+folder described in :mod:`fastvae.training.rundir`, with the random streams of
+:mod:`fastvae.training.seeds`.
 
 Multi-process (``torchrun --nproc-per-node N -m fastvae train ...``): one
 process per GPU (NCCL) or per CPU process (Gloo); ``batch_size`` is the global
@@ -12,7 +14,6 @@ logged metrics are averaged across ranks, and only rank 0 writes files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import warnings
@@ -23,8 +24,8 @@ import torch
 
 from fastvae.data import ImageData, load_images, to_unit_float
 from fastvae.errors import ConfigError, NonFiniteLossError
-from fastvae.models import VAE, kl_warmup_weight
-from fastvae.training.builders import build_model
+from fastvae.models import TrainableModel
+from fastvae.training.builders import build_model, describe_model, evaluation_options
 from fastvae.training.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -35,24 +36,23 @@ from fastvae.training.checkpoint import (
 )
 from fastvae.training.config import TrainConfig, check_backend, checkpoint_config, resumed_config, validate_config
 from fastvae.training.distributed import Distributed, start_distributed, stop_distributed
-from fastvae.training.evaluate import evaluate, format_eval
-from fastvae.training.figures import interpolation_grid, reconstruction_grid, save_image_grid, save_loss_curve
+from fastvae.training.evaluate import evaluate, write_evaluation
+from fastvae.training.figures import save_loss_curve, save_model_figures
 from fastvae.training.metrics import MetricsLog, ProgressBar, read_metrics, truncate_metrics
 from fastvae.training.rundir import FILES, new_run_dir
-from fastvae.training.seeds import _STREAM_GLOBAL_NOISE, _STREAM_NOISE, derived_seed, epoch_order, eval_generator
+from fastvae.training.seeds import epoch_order, eval_generator, global_noise_generator, seed_rank_noise
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns (on every rank; ``elbo`` and ``log_likelihood`` on rank 0 only)."""
+    """What :func:`train` returns (on every rank; ``evaluation`` on rank 0 only)."""
 
     out_dir: str
     step: int
-    model: VAE
-    elbo: float | None
-    log_likelihood: float | None
+    model: TrainableModel
+    evaluation: dict[str, float] | None  # the held-out means of the model's metrics, as in eval.json
 
 
 def _log(config: TrainConfig, ctx: Distributed, message: str) -> None:
@@ -61,7 +61,7 @@ def _log(config: TrainConfig, ctx: Distributed, message: str) -> None:
 
 
 def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> TrainResult:
-    """Train the VAE ``config`` describes; see the module docstring for what is written where.
+    """Train the model ``config`` describes; see :mod:`fastvae.training.rundir` for what is written where.
 
     Args:
         config: the run's settings.
@@ -100,11 +100,11 @@ def _train(config: TrainConfig, explicit: set[str], ctx: Distributed) -> TrainRe
             f"interrupted at step {run.step + 1}; {run.last_good()}; "
             f"continue with: fastvae train --out {run.out_dir} --resume"
         ) from None
-    elbo = log_likelihood = None
+    evaluation = None
     if ctx.is_main:
-        elbo, log_likelihood = _finish_run(run.model, data, config, run.paths, run.total_steps)
+        evaluation = _finish_run(run.model, data, config, run.paths, run.total_steps)
     ctx.barrier()
-    return TrainResult(run.out_dir, run.total_steps, run.model, elbo, log_likelihood)
+    return TrainResult(run.out_dir, run.total_steps, run.model, evaluation)
 
 
 class _Run:
@@ -142,9 +142,8 @@ class _Run:
         )
         self.noise_generator = None
         if config.noise == "global":
-            self.noise_generator = torch.Generator(device=ctx.device)
-            self.noise_generator.manual_seed(derived_seed(config.seed, _STREAM_GLOBAL_NOISE))
-        torch.manual_seed(derived_seed(config.seed, _STREAM_NOISE, ctx.rank))  # each rank its own noise
+            self.noise_generator = global_noise_generator(config.seed, ctx.device)
+        seed_rank_noise(config.seed, ctx.rank)
         if checkpoint:
             self._restore(checkpoint)
 
@@ -158,7 +157,7 @@ class _Run:
         _log(
             config,
             ctx,
-            f"training the {config.model} VAE on {data.name} ({n_train} images, {len(data.test)} held out) "
+            f"training the {describe_model(config, self.model)} on {data.name} ({n_train} images, {len(data.test)} held out) "
             f"for steps {self.step + 1}..{self.total_steps} on {ctx.device} x{ctx.world_size} "
             f"({config.precision}, backend {backend}); writing {self.out_dir}",
         )
@@ -203,8 +202,9 @@ class _Run:
         self.save()
         self.progress.close()
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's share of the current step's global batch: images, and the noise if drawn globally."""
+    def _batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's share of the current step's global batch: images, and forward's noise arguments if the
+        noise is drawn for the global batch (none otherwise)."""
         epoch, position = divmod(self.step, self.steps_per_epoch)
         if self.order is None or position == 0:
             self.order = epoch_order(self.config.seed, epoch, len(self.train_images), self.ctx.device)
@@ -212,27 +212,26 @@ class _Run:
         global_batch = self.order[position * self.config.batch_size : (position + 1) * self.config.batch_size]
         x = to_unit_float(self.train_images[global_batch[mine]])
         if self.noise_generator is None:
-            return x, None
-        shape = (self.config.batch_size, self.config.latent_dim)
-        return x, torch.randn(shape, generator=self.noise_generator, device=self.ctx.device)[mine]
+            return x, {}
+        noise = self.model.noise_inputs(self.config.batch_size, generator=self.noise_generator, device=self.ctx.device)
+        return x, {name: value[mine] for name, value in (noise or {}).items()}
 
     def _train_step(self) -> None:
-        x, eps = self._batch()
-        kl_weight = kl_warmup_weight(self.step, self.config.kl_warmup, self.config.beta)
+        x, noise = self._batch()
+        inputs = self.model.step_inputs(self.step)
         with self.autocast:
-            # A tensor, not a float: torch.compile would recompile for every new warm-up weight.
-            out = self.trained(x, eps=eps, kl_weight=torch.tensor(kl_weight))
+            out = self.trained(x, **noise, **inputs.forward)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         epoch = self.step // self.steps_per_epoch
-        info = {"step": self.step + 1, "epoch": epoch, "kl_weight": kl_weight, "lr": self.config.lr}
-        self.metrics.add(info, out.loss, out.recon, out.kl)
+        info = {"step": self.step + 1, "epoch": epoch, **inputs.log, "lr": self.config.lr}
+        self.metrics.add(info, out.loss, out.metrics)
 
     def _flush_metrics(self) -> None:
         for record in self.metrics.flush(self.last_good()):
-            self.progress.update(record)
+            self.progress.update(record, self.metrics.names)
 
     def last_good(self) -> str:
         if self.saved_step == 0:
@@ -265,35 +264,16 @@ class _Run:
         self.saved_step = self.step
 
 
-# --- evaluation and figures --------------------------------------------------------------------
-
-
-def _finish_run(model: VAE, data: ImageData, config: TrainConfig, paths: dict, step: int) -> tuple[float, float]:
+def _finish_run(
+    model: TrainableModel, data: ImageData, config: TrainConfig, paths: dict, step: int
+) -> dict[str, float]:
     """Evaluate on the held-out images, write the figures and eval.json, and print the results."""
-    device = next(model.parameters()).device
-    generator = eval_generator(config.seed, device)
-    elbo, log_likelihood = evaluate(
-        model, data.test, k=config.eval_k, batch_size=config.batch_size, generator=generator
-    )
-    model.eval()
-    held_out = to_unit_float(data.test[:16].to(device))
-    ncols = min(8, len(held_out))
-    save_image_grid(paths["reconstructions"], reconstruction_grid(model, held_out, ncols), ncols)
-    save_image_grid(paths["samples"], model.sample(64, generator=generator), 8)
-    interpolation_points = 10
-    save_image_grid(
-        paths["interpolation"], interpolation_grid(model, held_out, interpolation_points), interpolation_points + 2
-    )
+    generator = eval_generator(config.seed, next(model.parameters()).device)
+    options = evaluation_options(config)
+    results = evaluate(model, data.test, batch_size=config.batch_size, generator=generator, **options)
+    save_model_figures(paths, model, data.test, generator)
     save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]))
-    results = {
-        "step": step,
-        "held_out_images": len(data.test),
-        "k": config.eval_k,
-        "elbo": elbo,
-        "log_likelihood": log_likelihood,
-    }
-    with open(paths["eval"], "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    print(format_eval(elbo, log_likelihood, config.eval_k, len(data.test)))
+    write_evaluation(paths["eval"], results, step=step, n_images=len(data.test), options=options)
+    print(model.format_evaluation(results, n_images=len(data.test), **options))
     print(f"run folder: {os.path.dirname(paths['checkpoint'])}")
-    return elbo, log_likelihood
+    return results

@@ -1,4 +1,9 @@
-"""The metrics of a run: :class:`MetricsLog` (``metrics.jsonl``), reading it back, and the :class:`ProgressBar`."""
+"""The metrics of a run: :class:`MetricsLog` (``metrics.jsonl``), reading it back, and the :class:`ProgressBar`.
+
+A record (one line of ``metrics.jsonl``) is ``{"step", "epoch", ...the values the
+model logs with the step (``kl_weight``), "lr", "loss", ...the batch means of the
+model's per-image metrics (``recon``, ``kl``), "samples_per_s"}``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -15,6 +21,7 @@ from fastvae.training.distributed import Distributed
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The records of the ``metrics.jsonl`` file ``path`` (none if it does not exist)."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -31,7 +38,7 @@ def truncate_metrics(path: str, last_step: int) -> None:
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr: step, loss and samples/s. Silent when disabled."""
+    """A one-line progress bar on stderr: step, loss, the model's metrics and samples/s. Silent when disabled."""
 
     WIDTH = 24
 
@@ -39,14 +46,16 @@ class ProgressBar:
         self.total = total
         self.enabled = enabled
 
-    def update(self, record: dict) -> None:
+    def update(self, record: dict, metrics: Sequence[str]) -> None:
+        """Show ``record``, with the values of its keys ``metrics`` beside the loss."""
         if not self.enabled:
             return
         done = record["step"] / self.total
         bar = "#" * int(done * self.WIDTH)
+        parts = ", ".join(f"{name} {record[name]:.2f}" for name in metrics)
         sys.stderr.write(
             f"\r[{bar:<{self.WIDTH}}] step {record['step']}/{self.total} loss {record['loss']:.2f} "
-            f"(recon {record['recon']:.2f}, kl {record['kl']:.2f}) {record['samples_per_s']:,.0f} samples/s "
+            f"({parts}) {record['samples_per_s']:,.0f} samples/s "
         )
         sys.stderr.flush()
 
@@ -59,18 +68,23 @@ class MetricsLog:
     """Per-step metrics held on the device and written every few steps, so the GPU is not synced each step.
 
     :meth:`flush` averages them over ranks, checks that the loss is finite,
-    appends them to ``metrics.jsonl`` (rank 0) and returns them.
+    appends them to ``metrics.jsonl`` (rank 0) and returns them. ``names`` are
+    the model's metrics in the records (``recon``, ``kl``, ...).
     """
 
     def __init__(self, path: str | None, ctx: Distributed, local_batch: int):
         self.path = path
         self.ctx = ctx
         self.local_batch = local_batch
+        self.names: tuple[str, ...] = ()
         self.pending: list[tuple[dict, torch.Tensor]] = []
         self.window_start = time.perf_counter()
 
-    def add(self, info: dict, loss: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor) -> None:
-        self.pending.append((info, torch.stack([loss.detach(), recon.detach().mean(), kl.detach().mean()])))
+    def add(self, info: dict, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        """Hold one step's ``info`` (plain values), ``loss`` ``()`` and the batch means of ``metrics`` (``(B,)`` each)."""
+        self.names = tuple(metrics)
+        means = [value.detach().mean() for value in metrics.values()]
+        self.pending.append((info, torch.stack([loss.detach(), *means])))
 
     def flush(self, last_good: str) -> list[dict]:
         if not self.pending:
@@ -80,14 +94,16 @@ class MetricsLog:
         rate = len(self.pending) * self.local_batch * self.ctx.world_size / max(now - self.window_start, 1e-9)
         self.window_start = now
         records = []
-        for (info, _), (loss, recon, kl) in zip(self.pending, values):
+        for (info, _), (loss, *means) in zip(self.pending, values):
+            metrics = dict(zip(self.names, means))
             if not math.isfinite(loss):
                 self._write(records)
+                parts = ", ".join(f"{name} {value}" for name, value in metrics.items())
                 raise NonFiniteLossError(
-                    f"the loss became {loss} at step {info['step']} (recon {recon}, kl {kl}); training stopped "
+                    f"the loss became {loss} at step {info['step']} ({parts}); training stopped "
                     f"and {last_good}. Try a lower --lr, --precision fp32 or a smaller --logvar-limit"
                 )
-            records.append({**info, "loss": loss, "recon": recon, "kl": kl, "samples_per_s": rate})
+            records.append({**info, "loss": loss, **metrics, "samples_per_s": rate})
         self.pending.clear()
         self._write(records)
         return records

@@ -1,9 +1,10 @@
 """The run folder that :func:`fastvae.training.train` writes (default ``runs/<data>-<model>-<YYYYmmdd-HHMMSS>``):
 
 * ``metrics.jsonl``: one JSON line per optimizer step: ``step``, ``epoch``,
-  ``loss``, ``recon``, ``kl`` (means over the global batch, nats per image),
-  ``kl_weight``, ``lr`` and ``samples_per_s`` (global, averaged over the
-  ``log_every`` steps it was measured on);
+  ``loss`` and the model's metrics (for a VAE ``recon`` and ``kl``; means over
+  the global batch, nats per image), the values the model logs with the step
+  (a VAE's ``kl_weight``), ``lr`` and ``samples_per_s`` (global, averaged over
+  the ``log_every`` steps it was measured on);
 * ``checkpoint.pt``: model, optimizer, grad scaler, step, config and every
   rank's RNG state, written atomically (a temporary file, then a rename)
   every ``checkpoint_every`` steps and at the end;
@@ -11,7 +12,8 @@
   reconstructions), ``samples.png`` (decoded draws from the prior),
   ``interpolation.png`` (decodes along a line between two encoded held-out
   images, each row framed by the two originals), ``loss.png`` and ``eval.json``
-  (held-out ELBO and importance-sampled log-likelihood, also printed).
+  (the model's held-out evaluation, also printed: for a VAE the ELBO and the
+  importance-sampled log-likelihood).
 """
 
 from __future__ import annotations

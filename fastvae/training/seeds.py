@@ -6,7 +6,7 @@ noise of rank ``r`` comes from torch's default generators seeded from
 ``(seed, r)``, so ranks draw different noise. ``noise="global"`` instead draws
 the noise of the whole global batch from one generator seeded alike on every
 rank, each rank taking its slice: results then do not depend on the number of
-processes (at the cost of materialising ``eps``). ``resume=True`` restores the
+processes (at the cost of materialising the noise). ``resume=True`` restores the
 model, optimizer, scaler and RNG states and the position in the data, so an
 interrupted run resumed ends with the weights of one never interrupted.
 """
@@ -34,3 +34,13 @@ def epoch_order(seed: int, epoch: int, n: int, device: torch.device) -> torch.Te
 def eval_generator(seed: int, device: torch.device) -> torch.Generator:
     """The generator of the noise used to evaluate and draw figures: independent of training's."""
     return torch.Generator(device=device).manual_seed(derived_seed(seed, _STREAM_EVAL))
+
+
+def seed_rank_noise(seed: int, rank: int) -> None:
+    """Seed torch's default generators, which draw rank ``rank``'s noise: each rank its own."""
+    torch.manual_seed(derived_seed(seed, _STREAM_NOISE, rank))
+
+
+def global_noise_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator of the global batch's noise (``noise="global"``): seeded alike on every rank."""
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, _STREAM_GLOBAL_NOISE))

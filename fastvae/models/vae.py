@@ -209,6 +209,7 @@ class VAE(TrainableModel):
         return {"elbo": -(out.recon + out.kl), "log_likelihood": self.log_likelihood(x, k, generator=generator)}
 
     def format_evaluation(self, results: dict[str, float], *, n_images: int, k: int = 1000) -> str:
+        """Two lines: the held-out ELBO and log-likelihood (means of :meth:`evaluate`'s), nats per image."""
         return (
             f"held-out ELBO: {results['elbo']:.2f} nats/image ({n_images} images)\n"
             f"held-out log-likelihood (importance-sampled, k={k}): {results['log_likelihood']:.2f} nats/image"

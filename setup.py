@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastvae", "fastvae.ops", "fastvae.kernels"],
+    packages=["fastvae", "fastvae.models", "fastvae.ops", "fastvae.kernels", "fastvae.training"],
     package_dir={"fastvae.kernels": "kernels"},
     install_requires=[
         # torch.library.custom_op with tags (torch 2.8) keeps torch.compile free of graph breaks.

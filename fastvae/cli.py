@@ -80,8 +80,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.backend import BACKENDS
     from fastvae.data import DATASETS
     from fastvae.models import LIKELIHOODS
-    from fastvae.distributed import DEVICES
-    from fastvae.train import MODELS, NOISE_MODES, PRECISIONS, TrainConfig
+    from fastvae.training.builders import MODELS
+    from fastvae.training.config import NOISE_MODES, PRECISIONS, TrainConfig
+    from fastvae.training.distributed import DEVICES
 
     d = TrainConfig()
     # Options left out are left out of the namespace too (SUPPRESS): on --resume they come from the checkpoint.
@@ -212,7 +213,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from fastvae.train import TrainConfig, train
+    from fastvae.training import TrainConfig, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {name: value for name, value in vars(args).items() if name in fields}
@@ -226,7 +227,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that eval and sample share: which checkpoint, and where to run it."""
     from fastvae.backend import BACKENDS
-    from fastvae.distributed import DEVICES
+    from fastvae.training.distributed import DEVICES
 
     parser.add_argument(
         "checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt written by fastvae train, or its run folder"
@@ -263,9 +264,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_checkpoint(args: argparse.Namespace):
-    from fastvae.checkpoint import load_checkpoint
-    from fastvae.distributed import pick_device
-    from fastvae.train import check_backend, model_from_checkpoint
+    from fastvae.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from fastvae.training.config import check_backend
+    from fastvae.training.distributed import pick_device
 
     checkpoint, path = load_checkpoint(args.checkpoint)
     device = pick_device(args.device)
@@ -276,19 +277,19 @@ def _open_checkpoint(args: argparse.Namespace):
 
 def _run_eval(args: argparse.Namespace) -> int:
     from fastvae.data import load_images
-    from fastvae.evaluate import evaluate, format_eval
-    from fastvae.train import eval_generator
+    from fastvae.training.builders import describe_model
+    from fastvae.training.evaluate import evaluate
+    from fastvae.training.seeds import eval_generator
 
     model, config, checkpoint, path = _open_checkpoint(args)
     data = load_images(config.data, num_images=config.num_images)
     device = next(model.parameters()).device
     seed = config.seed if args.seed is None else args.seed
     batch_size = args.batch_size or config.batch_size
-    elbo, log_likelihood = evaluate(
-        model, data.test, k=args.k, batch_size=batch_size, generator=eval_generator(seed, device)
-    )
-    print(f"{path}: step {checkpoint['step']}, {config.model} VAE on {data.name}")
-    print(format_eval(elbo, log_likelihood, args.k, len(data.test)))
+    options = {"k": args.k}
+    results = evaluate(model, data.test, batch_size=batch_size, generator=eval_generator(seed, device), **options)
+    print(f"{path}: step {checkpoint['step']}, {describe_model(config, model)} on {data.name}")
+    print(model.format_evaluation(results, n_images=len(data.test), **options))
     return 0
 
 
@@ -306,7 +307,7 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastvae.figures import save_image_grid
+    from fastvae.training.figures import save_image_grid
 
     model, _, _, path = _open_checkpoint(args)
     out = args.out or os.path.join(os.path.dirname(path), f"samples-{args.n}-seed{args.seed}.png")

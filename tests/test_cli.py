@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastvae import cli, train as train_module
+from fastvae import cli
 from fastvae.cli import main
-from fastvae.train import FILES, TrainConfig, new_run_dir
+from fastvae.training import TrainConfig, loop, rundir
+from fastvae.training.rundir import FILES, new_run_dir
 
 TINY = ["--data", "digits", "--num-images", "300", "--batch-size", "16", "--eval-k", "4"]
 
@@ -132,19 +133,23 @@ def test_resume_after_an_interruption_ends_with_the_weights_of_an_uninterrupted_
     common = [*TINY, "--steps", 24, "--log-every", 5, "--checkpoint-every", 7, "--kl-warmup", 10, "--quiet"]
     assert run("train", *common, "--out", tmp_path / "straight")[0] == 0
 
-    original_step = train_module._Run._train_step
+    original_step = loop._Run._train_step
 
     def interrupted_step(self):
         if self.step == 17:  # after the checkpoint at 14 and the metrics logged up to 15
             raise KeyboardInterrupt
         original_step(self)
 
-    monkeypatch.setattr(train_module._Run, "_train_step", interrupted_step)
+    monkeypatch.setattr(loop._Run, "_train_step", interrupted_step)
     status, _, stderr = run("train", *common, "--out", tmp_path / "resumed")
     assert status == 130
-    assert "interrupted at step 18" in stderr and "(step 14, written while the loss was finite), is intact" in stderr and "--resume" in stderr
+    assert (
+        "interrupted at step 18" in stderr
+        and "(step 14, written while the loss was finite), is intact" in stderr
+        and "--resume" in stderr
+    )
     assert max(r["step"] for r in metrics(tmp_path / "resumed")) == 15
-    monkeypatch.setattr(train_module._Run, "_train_step", original_step)
+    monkeypatch.setattr(loop._Run, "_train_step", original_step)
 
     status, _, stderr = run("train", "--out", tmp_path / "resumed", "--resume", "--quiet")
     assert status == 0, stderr
@@ -193,7 +198,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
 
 def test_default_run_folder_names_do_not_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_module.time, "strftime", lambda fmt: "20250101-120000")
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20250101-120000")
     config = TrainConfig(model="conv")
     assert new_run_dir(config, "shapes") == os.path.join("runs", "shapes-conv-20250101-120000")
     assert new_run_dir(config, "shapes") == os.path.join("runs", "shapes-conv-20250101-120000-2")

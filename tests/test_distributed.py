@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastvae.train import FILES
+from fastvae.training.rundir import FILES
 
 TINY = ["--data", "digits", "--num-images", "300", "--batch-size", "16", "--eval-k", "4", "--quiet", "--device", "cpu"]
 

@@ -17,6 +17,7 @@ from fastvae.models import (
     mlp_encoder,
     mlp_vae,
 )
+from fastvae.likelihoods import GaussianLikelihood
 from fastvae.nn import ReconstructionLoss
 from tests.utils import assert_close
 
@@ -43,7 +44,7 @@ def test_forward_returns_the_named_parts_of_the_loss():
 
 def exact_log_p_x_given_z(model: VAE, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """log p(x | z) per image from torch.distributions: the spec of each likelihood."""
-    kind = model.likelihood.kind
+    kind = model.likelihood.name
     if kind == "bce":
         dist = Bernoulli(logits=x_hat)
     elif kind == "gaussian":
@@ -139,7 +140,7 @@ def test_sample_and_reconstruct_give_means_of_the_image_shape():
     assert not recon.requires_grad
     mse = small_vae("mse")  # the other likelihoods' means are the decoder's output, not squashed
     z = torch.randn(2, 3)
-    assert_close(mse.likelihood_mean(mse.decode(z)), mse.decode(z))
+    assert_close(mse.likelihood.mean(mse.decode(z)), mse.decode(z))
 
 
 @pytest.mark.parametrize(
@@ -161,14 +162,14 @@ def test_builders_reject_shapes_they_cannot_build():
         mlp_vae(SHAPE, hidden=())
     with pytest.raises(ValueError, match="likelihood must be one of"):
         small_vae("poisson")
-    with pytest.raises(ValueError, match="reduction='none'"):
-        VAE(mlp_encoder(SHAPE, (8,)), mlp_decoder(2, SHAPE, (8,)), 2, ReconstructionLoss("mse", "mean"), features=8)
+    with pytest.raises(TypeError, match="likelihood must be a name or a Likelihood, got ReconstructionLoss"):
+        VAE(mlp_encoder(SHAPE, (8,)), mlp_decoder(2, SHAPE, (8,)), 2, ReconstructionLoss("mse"), features=8)
     with pytest.raises(ValueError, match="beta"):
         small_vae(beta=-1.0)
 
 
 def test_vae_takes_a_likelihood_module_with_per_feature_variance():
-    likelihood = ReconstructionLoss("gaussian", logvar_shape=SHAPE)
+    likelihood = GaussianLikelihood(logvar_shape=SHAPE)
     model = VAE(mlp_encoder(SHAPE, (8,)), mlp_decoder(2, SHAPE, (8,)), 2, likelihood)  # features inferred
     out = model(torch.rand(3, *SHAPE))
     out.loss.backward()
@@ -214,3 +215,74 @@ def test_vae_trains_under_autocast_with_bce(dtype):
         losses.append(out.loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
+
+
+def test_vae_speaks_the_training_interface():
+    """What the training engine asks of a VAE: metrics, the KL warm-up, the global noise, evaluation, figures."""
+    model = small_vae(beta=2.0, kl_warmup=10)
+    x = torch.rand(4, *SHAPE)
+    out = model(x)
+    assert list(out.metrics) == ["recon", "kl"]
+    assert out.metrics["recon"] is out.recon and out.metrics["kl"] is out.kl
+    # The KL weight rises linearly from 0 at step 0 to beta at step kl_warmup, as a tensor for forward.
+    for step, weight in [(0, 0.0), (1, 0.2), (3, 0.6), (10, 2.0), (25, 2.0)]:
+        inputs = model.step_inputs(step)
+        assert inputs.log == {"kl_weight": weight}
+        assert list(inputs.forward) == ["kl_weight"] and inputs.forward["kl_weight"].item() == pytest.approx(weight)
+    eps = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
+    noise = model.noise_inputs(4, generator=torch.Generator().manual_seed(3), device=torch.device("cpu"))
+    assert list(noise) == ["eps"] and torch.equal(noise["eps"], eps)
+    out = model(x, **noise, kl_weight=torch.tensor(0.5))
+    assert_close(out.loss, (out.recon + 0.5 * out.kl).mean())
+
+
+def test_vae_evaluation_is_the_elbo_and_the_log_likelihood_per_image():
+    model = small_vae().eval()
+    x = torch.rand(5, *SHAPE).round()
+    results = model.evaluate(x, generator=torch.Generator().manual_seed(4), k=3)
+    generator = torch.Generator().manual_seed(4)  # the same noise: eps for the ELBO, then the k samples
+    out = model(x, eps=torch.randn(5, 3, generator=generator))
+    expected_log_likelihood = model.log_likelihood(x, 3, generator=generator)
+    assert list(results) == ["elbo", "log_likelihood"]
+    assert torch.equal(results["elbo"], -(out.recon + out.kl).detach())
+    assert torch.equal(results["log_likelihood"], expected_log_likelihood)
+    text = model.format_evaluation({"elbo": -100.123, "log_likelihood": -98.765}, n_images=5, k=3)
+    assert text == (
+        "held-out ELBO: -100.12 nats/image (5 images)\n"
+        "held-out log-likelihood (importance-sampled, k=3): -98.77 nats/image"
+    )
+
+
+def test_interpolation_runs_between_the_posterior_means():
+    model = small_vae().eval()
+    a, b = torch.rand(2, *SHAPE), torch.rand(2, *SHAPE)
+    path = model.interpolate(a, b, 5)
+    assert path.shape == (2, 5, *SHAPE)
+    assert_close(path[:, 0], model.reconstruct(a))
+    assert_close(path[:, -1], model.reconstruct(b))
+    mid = torch.sigmoid(model.decode((model.encode(a)[0] + model.encode(b)[0]) / 2))
+    assert_close(path[:, 2], mid)
+
+
+def test_decoders_output_the_likelihoods_parameter_channels(monkeypatch):
+    from fastvae.likelihoods import BernoulliLikelihood
+
+    monkeypatch.setattr(BernoulliLikelihood, "params_channels", lambda self, c: 3 * c)
+    assert mlp_vae((2, 4, 4), hidden=(8,)).decode(torch.zeros(1, 16)).shape == (1, 6, 4, 4)
+    assert conv_vae(2, 8, widths=(4,)).decode(torch.zeros(1, 32)).shape == (1, 6, 8, 8)
+
+
+def test_autoencoder_speaks_the_training_interface_without_noise_or_schedule():
+    model = Autoencoder(mlp_encoder(SHAPE, (8,)), mlp_decoder(3, SHAPE, (8,)), 3, features=8)
+    out = model(torch.rand(2, *SHAPE))
+    assert list(out.metrics) == ["recon"] and out.metrics["recon"] is out.recon
+    assert model.step_inputs(7) == ({}, {})
+    assert model.noise_inputs(2, generator=torch.Generator(), device=torch.device("cpu")) is None
+
+
+def test_autoencoder_with_another_likelihood_minimises_its_loss():
+    model = Autoencoder(mlp_encoder(SHAPE, (8,)), mlp_decoder(3, SHAPE, (8,)), 3, likelihood="bce", features=8)
+    x = torch.rand(4, *SHAPE)
+    out = model(x)
+    assert_close(out.recon, reconstruction_loss(out.x_hat, x, "bce"))
+    assert_close(model.reconstruct(x), torch.sigmoid(out.x_hat.detach()))

@@ -1,4 +1,4 @@
-"""Training checkpoints: written atomically, read back safely, and the RNG state they carry.
+"""Training checkpoints: written atomically, read back safely, the RNG state they carry, and the model in one.
 
 A checkpoint is a dict of tensors and plain values (``torch.load(...,
 weights_only=True)`` reads it without running pickled code): its ``format``,
@@ -12,7 +12,10 @@ import os
 
 import torch
 
+from fastvae.models import TrainableModel
 from fastvae.errors import ConfigError
+from fastvae.training.builders import build_model
+from fastvae.training.config import TrainConfig, checkpoint_config
 
 CHECKPOINT_FORMAT = "fastvae-train-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -73,3 +76,16 @@ def set_rng_state(state: dict, device: torch.device, noise_generator: torch.Gene
         torch.cuda.set_rng_state(state["cuda"], device)
     if noise_generator is not None and state["noise"] is not None:
         noise_generator.set_state(state["noise"])
+
+
+def model_from_checkpoint(
+    checkpoint: dict, path: str, device: torch.device, backend: str | None = None
+) -> tuple[TrainableModel, TrainConfig]:
+    """Rebuild the model that ``checkpoint`` (read from ``path``) was trained as, with its weights, on ``device``.
+
+    The model comes from :func:`~fastvae.training.builders.build_model` and the checkpoint's config.
+    """
+    config = checkpoint_config(checkpoint)
+    model = build_model(config, tuple(checkpoint["image_shape"]), backend)
+    load_model_state(model, checkpoint["model"], path)
+    return model.to(device).eval(), config

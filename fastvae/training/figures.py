@@ -1,4 +1,10 @@
-"""PNG figures of a training run: image grids and the loss curve (matplotlib, no display needed)."""
+"""PNG figures of a training run (matplotlib, no display needed).
+
+:func:`save_model_figures` writes ``reconstructions.png``, ``samples.png`` and
+``interpolation.png`` from the model's ``reconstruct``, ``sample`` and
+``interpolate`` (:class:`~fastvae.models.base.TrainableModel`);
+:func:`save_loss_curve` writes ``loss.png`` from ``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from fastvae.data import to_unit_float
+from fastvae.models import TrainableModel
 
 # Tiles smaller than this many pixels are enlarged (nearest neighbour) so that 8x8 digits stay visible.
 MIN_TILE_PIXELS = 32
@@ -58,3 +67,43 @@ def save_loss_curve(path: str, records: Sequence[dict]) -> None:
     for ax in (ax_loss, ax_kl):
         ax.grid(alpha=0.3)
     figure.savefig(path, dpi=100)
+
+
+@torch.no_grad()
+def reconstruction_grid(model: TrainableModel, images: torch.Tensor, ncols: int) -> torch.Tensor:
+    """``images`` and their reconstructions in alternate rows of ``ncols``: ready for a grid of ``ncols`` columns."""
+    reconstructions = model.reconstruct(images).to(images.dtype)
+    rows = []
+    for start in range(0, len(images), ncols):
+        rows += [images[start : start + ncols], reconstructions[start : start + ncols]]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def interpolation_grid(model: TrainableModel, images: torch.Tensor, points: int = 10) -> torch.Tensor:
+    """Rows of ``[a, model.interpolate(a, b, points)..., b]`` (for a VAE: decodes between the posterior means).
+
+    ``images`` pairs up as ``(a, b) = (images[2i], images[2i + 1])``; returns
+    ``(rows * (points + 2), C, H, W)``, ready for a grid of ``points + 2`` columns.
+    """
+    n_pairs = len(images) // 2
+    a, b = images[0 : 2 * n_pairs : 2], images[1 : 2 * n_pairs : 2]
+    decoded = model.interpolate(a, b, points)
+    return torch.cat([a[:, None], decoded.to(images.dtype), b[:, None]], dim=1).flatten(0, 1)
+
+
+@torch.no_grad()
+def save_model_figures(
+    paths: dict[str, str], model: TrainableModel, held_out: torch.Tensor, generator: torch.Generator
+) -> None:
+    """Write the reconstructions of the first 16 ``held_out`` images, 64 samples drawn with ``generator``, and
+    the interpolations between pairs of those images, to ``paths["reconstructions"]``, ``["samples"]`` and
+    ``["interpolation"]``. The model is put in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    images = to_unit_float(held_out[:16].to(device))
+    ncols = min(8, len(images))
+    save_image_grid(paths["reconstructions"], reconstruction_grid(model, images, ncols), ncols)
+    save_image_grid(paths["samples"], model.sample(64, generator=generator), 8)
+    points = 10
+    save_image_grid(paths["interpolation"], interpolation_grid(model, images, points), points + 2)

@@ -1,0 +1,47 @@
+"""VAE models over fastvae's layers.
+
+* :mod:`fastvae.models.base`: :class:`TrainableModel`, the interface the training engine speaks;
+* :mod:`fastvae.models.vae`: :class:`VAE` (loss, sampling, reconstruction, the
+  importance-sampled log-likelihood) and the KL warm-up schedule :func:`kl_warmup_weight`;
+* :mod:`fastvae.models.autoencoder`: the deterministic baseline :class:`Autoencoder`;
+* :mod:`fastvae.models.networks`: ready-made encoders and decoders, and the
+  :func:`mlp_vae` and :func:`conv_vae` builders.
+
+Their likelihoods ``p(x | z)`` are in :mod:`fastvae.likelihoods` (:data:`LIKELIHOODS`
+is re-exported here). Everything public is importable from ``fastvae.models`` directly.
+"""
+
+from fastvae.likelihoods import LIKELIHOODS
+from fastvae.models.autoencoder import Autoencoder, AutoencoderOutput
+from fastvae.models.base import StepInputs, TrainableModel
+from fastvae.models.networks import (
+    CONV_WIDTHS,
+    conv_decoder,
+    conv_encoder,
+    conv_vae,
+    default_conv_widths,
+    mlp_decoder,
+    mlp_encoder,
+    mlp_vae,
+)
+from fastvae.models.vae import LOG_LIKELIHOOD_ROWS, VAE, VAEOutput, kl_warmup_weight
+
+__all__ = [
+    "Autoencoder",
+    "AutoencoderOutput",
+    "CONV_WIDTHS",
+    "LIKELIHOODS",
+    "LOG_LIKELIHOOD_ROWS",
+    "StepInputs",
+    "TrainableModel",
+    "VAE",
+    "VAEOutput",
+    "conv_decoder",
+    "conv_encoder",
+    "conv_vae",
+    "default_conv_widths",
+    "kl_warmup_weight",
+    "mlp_decoder",
+    "mlp_encoder",
+    "mlp_vae",
+]

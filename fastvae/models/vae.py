@@ -1,0 +1,226 @@
+"""The variational autoencoder: :class:`VAE`, its output :class:`VAEOutput`, and the KL warm-up schedule.
+
+* :class:`VAE` wraps any encoder (``x -> features``) and decoder (``z -> x_hat``):
+  ``forward`` gives the loss and its parts as a :class:`VAEOutput`;
+  :meth:`VAE.sample`, :meth:`VAE.reconstruct` and :meth:`VAE.log_likelihood`
+  (the importance-sampled estimate of ``log p(x)``) serve evaluation.
+  It is a :class:`~fastvae.models.base.TrainableModel`: its KL warm-up, its noise
+  and its held-out evaluation (ELBO and log-likelihood) are its own.
+* :func:`kl_warmup_weight` is the linear KL warm-up schedule.
+
+The likelihood ``p(x | z)`` (``likelihood=``) is one of :mod:`fastvae.likelihoods`;
+``recon`` is always its full ``-log p(x | z)`` in nats, constants included, so
+that ``-(recon + kl)`` is the ELBO and ``log_likelihood(x, k=1)`` estimates the
+same number.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fastvae.likelihoods import Likelihood, make_likelihood
+from fastvae.models.base import StepInputs, TrainableModel
+from fastvae.nn import GaussianLatent
+
+# Rows (importance samples x images) decoded at once by log_likelihood when chunk_size is None.
+LOG_LIKELIHOOD_ROWS = 16384
+
+
+class VAEOutput(NamedTuple):
+    """What :meth:`VAE.forward` returns (``B`` images, latent size ``D``)."""
+
+    loss: torch.Tensor  # () float32: mean over the batch of recon + kl_weight * kl
+    recon: torch.Tensor  # (B,) float32: -log p(x | z), nats per image
+    kl: torch.Tensor  # (B,) float32: KL(q(z | x) || N(0, I)), nats per image
+    z: torch.Tensor  # (B, D) the sample decoded
+    mu: torch.Tensor  # (B, D) posterior mean
+    logvar: torch.Tensor  # (B, D) posterior log-variance, log sigma**2
+    x_hat: torch.Tensor  # (B, ...) decoder output: the likelihood's parameters
+
+    @property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """The per-image values the training engine logs: ``recon`` and ``kl``, ``(B,)`` each."""
+        return {"recon": self.recon, "kl": self.kl}
+
+
+class VAE(TrainableModel):
+    r"""A variational autoencoder with a diagonal Gaussian posterior and a ``N(0, I)`` prior.
+
+    ``encoder(x) -> h`` (``(B, features)``), a :class:`~fastvae.nn.GaussianLatent`
+    head ``h -> (mu, logvar) -> z`` with the fused sample + KL, ``decoder(z) -> x_hat``,
+    and the likelihood's fused loss. Training minimises
+    ``mean_B(recon + beta * kl)``, the negative ELBO for ``beta = 1``, with the
+    KL weight rising from 0 to ``beta`` over the first ``kl_warmup`` steps.
+
+    Args:
+        encoder: module mapping images ``(B, ...)`` to features ``(B, features)``.
+        decoder: module mapping ``(B, latent_dim)`` to ``x_hat``, the likelihood's parameters
+            (``likelihood.params_channels(C)`` channels for images of ``C``).
+        latent_dim: size of ``z``.
+        likelihood: a name from :data:`fastvae.likelihoods.LIKELIHOODS`, or a
+            :class:`~fastvae.likelihoods.Likelihood` (for instance a per-pixel
+            learned variance: ``GaussianLikelihood(logvar_shape=(1, 28, 28))``).
+        beta: weight of the KL term (beta-VAE); ``forward``'s ``kl_weight`` overrides it per call.
+        kl_warmup: training steps over which :meth:`step_inputs` raises the KL weight from 0 to ``beta``.
+        features: the encoder's output size; ``None`` infers it from the first batch.
+        logvar_limit: soft clamp of the posterior log-variance (see :class:`~fastvae.nn.GaussianLatent`).
+        backend: for the fused ops; see :mod:`fastvae.backend`.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        latent_dim: int,
+        likelihood: str | Likelihood = "bce",
+        beta: float = 1.0,
+        *,
+        kl_warmup: int = 0,
+        features: int | None = None,
+        logvar_limit: float | None = None,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        likelihood = make_likelihood(likelihood, backend=backend)
+        if beta < 0:
+            raise ValueError(f"beta must be non-negative, got {beta}")
+        if kl_warmup < 0:
+            raise ValueError(f"kl_warmup must be non-negative, got {kl_warmup}")
+        self.encoder = encoder
+        self.latent = GaussianLatent(features, latent_dim, logvar_limit=logvar_limit, backend=backend)
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.latent_dim = latent_dim
+        self.beta = beta
+        self.kl_warmup = kl_warmup
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, logvar)`` of ``q(z | x)``, each ``(B, D)``."""
+        return self.latent.posterior(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's output for ``z`` ``(B, D)``: the parameters of ``p(x | z)`` (logits for ``"bce"``)."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, *, eps: torch.Tensor | None = None, kl_weight: float | None = None) -> VAEOutput:
+        """Encode ``x`` ``(B, ...)``, sample ``z`` (with ``eps`` ``(B, D)`` if given), decode, and score.
+
+        ``kl_weight`` (default ``self.beta``) weights the KL in ``loss``; ``recon``
+        and ``kl`` are returned unweighted.
+        """
+        latent = self.latent(self.encoder(x), eps)
+        x_hat = self.decoder(latent.z)
+        recon = self.likelihood(x_hat, x)
+        weight = self.beta if kl_weight is None else kl_weight
+        loss = (recon + weight * latent.kl).mean()
+        return VAEOutput(loss, recon, latent.kl, latent.z, latent.mu, latent.logvar, x_hat)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean decoded from the posterior mean ``z = mu``; ``x``'s shape."""
+        mu, _ = self.encode(x)
+        return self.likelihood.mean(self.decode(mu))
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws ``z ~ N(0, I)`` decoded to the likelihood's mean: ``(n, ...)``."""
+        device = next(self.parameters()).device
+        z = torch.randn((n, self.latent_dim), generator=generator, device=device)
+        return self.likelihood.mean(self.decode(z))
+
+    @torch.no_grad()
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, points: int = 10) -> torch.Tensor:
+        """The likelihood's mean decoded at ``mu_a + t (mu_b - mu_a)``, ``t`` in ``linspace(0, 1, points)``.
+
+        ``a``, ``b``: ``(P, ...)`` images; returns ``(P, points, ...)``.
+        """
+        mu_a, mu_b = self.encode(a)[0], self.encode(b)[0]
+        t = torch.linspace(0, 1, points, device=a.device).view(1, points, 1)
+        z = mu_a[:, None] + t * (mu_b - mu_a)[:, None]  # (P, points, D)
+        return self.likelihood.mean(self.decode(z.flatten(0, 1))).view(len(a), points, *a.shape[1:])
+
+    @torch.no_grad()
+    def log_likelihood(
+        self,
+        x: torch.Tensor,
+        k: int = 1000,
+        *,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        r"""Importance-sampled estimate of ``log p(x)`` per image (the IWAE bound), ``(B,)`` float32.
+
+        .. math::
+            \log p(x) \ge \log \frac1k \sum_{j=1}^k \frac{p(x \mid z_j)\, p(z_j)}{q(z_j \mid x)},
+            \qquad z_j \sim q(z \mid x)
+
+        ``k = 1`` gives a one-sample ELBO; the bound tightens as ``k`` grows.
+        The ``k`` samples are drawn and decoded ``chunk_size`` at a time (default:
+        about 16,384 decoded images per chunk), combined with a running
+        ``logsumexp``, so a large ``k`` fits in memory. Noise: for each chunk of
+        ``c`` samples, ``torch.randn((c, B, D), generator=generator)``.
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        batch = x.shape[0]
+        if chunk_size is None:
+            chunk_size = max(1, LOG_LIKELIHOOD_ROWS // max(batch, 1))
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        mu, logvar = (t.float() for t in self.encode(x))
+        std = torch.exp(0.5 * logvar)
+        total = None
+        for start in range(0, k, chunk_size):
+            c = min(chunk_size, k - start)
+            eps = torch.randn((c, *mu.shape), generator=generator, device=mu.device)
+            z = mu + std * eps
+            x_hat = self.decode(z.reshape(c * batch, -1))
+            log_p_x_given_z = -self.likelihood(x_hat, x.expand(c, *x.shape).reshape(c * batch, *x.shape[1:]))
+            # log N(z; 0, I) - log N(z; mu, sigma^2): the log(2 pi) terms cancel.
+            log_prior_over_posterior = 0.5 * (eps.square() - z.square() + logvar).sum(dim=-1)
+            log_w = log_p_x_given_z.view(c, batch) + log_prior_over_posterior
+            chunk_total = torch.logsumexp(log_w, dim=0)
+            total = chunk_total if total is None else torch.logaddexp(total, chunk_total)
+        return total - math.log(k)
+
+    # --- the training engine's interface (see fastvae.models.base) ---
+
+    def step_inputs(self, step: int) -> StepInputs:
+        """The KL weight of ``step`` (:func:`kl_warmup_weight`), for ``forward`` and for the log."""
+        weight = kl_warmup_weight(step, self.kl_warmup, self.beta)
+        return StepInputs({"kl_weight": torch.tensor(weight)}, {"kl_weight": weight})
+
+    def noise_inputs(
+        self, batch_size: int, *, generator: torch.Generator, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """``eps`` ``(batch_size, D)``: standard normal noise for ``forward``, drawn from ``generator``."""
+        return {"eps": torch.randn((batch_size, self.latent_dim), generator=generator, device=device)}
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, *, generator: torch.Generator, k: int = 1000) -> dict[str, torch.Tensor]:
+        """Per image of ``x``: ``elbo``, ``-(recon + kl)`` with one sampled ``z`` and the analytic KL, and
+        ``log_likelihood``, the importance-sampled estimate with ``k`` samples (:meth:`log_likelihood`)."""
+        eps = torch.randn((len(x), self.latent_dim), generator=generator, device=x.device)
+        out = self(x, eps=eps, kl_weight=1.0)
+        return {"elbo": -(out.recon + out.kl), "log_likelihood": self.log_likelihood(x, k, generator=generator)}
+
+    def format_evaluation(self, results: dict[str, float], *, n_images: int, k: int = 1000) -> str:
+        """Two lines: the held-out ELBO and log-likelihood (means of :meth:`evaluate`'s), nats per image."""
+        return (
+            f"held-out ELBO: {results['elbo']:.2f} nats/image ({n_images} images)\n"
+            f"held-out log-likelihood (importance-sampled, k={k}): {results['log_likelihood']:.2f} nats/image"
+        )
+
+
+def kl_warmup_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:
+    """Linear KL warm-up: the KL weight at ``step`` (from 0), rising from 0 to ``beta`` over ``warmup_steps``.
+
+    ``warmup_steps = 0`` gives ``beta`` from the start.
+    """
+    if warmup_steps <= 0:
+        return beta
+    return beta * min(1.0, step / warmup_steps)

@@ -1,0 +1,40 @@
+"""Evaluating a trained model on held-out images: the means of its per-image metrics, and ``eval.json``."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import torch
+
+from fastvae.data import to_unit_float
+from fastvae.models import TrainableModel
+
+
+@torch.no_grad()
+def evaluate(
+    model: TrainableModel, images: torch.Tensor, *, batch_size: int, generator: torch.Generator, **options
+) -> dict[str, float]:
+    """The means over ``images`` of :meth:`TrainableModel.evaluate`'s per-image metrics, batch by batch.
+
+    For a VAE (``options``: ``k``): ``elbo`` and ``log_likelihood``, nats per
+    image. Runs in float32 (autocast off) with the model in eval mode;
+    ``generator`` draws the noise.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums: dict[str, float] = defaultdict(float)
+    with torch.autocast(device.type, enabled=False):
+        for batch in images.split(batch_size):
+            x = to_unit_float(batch.to(device))
+            for name, values in model.evaluate(x, generator=generator, **options).items():
+                sums[name] += values.sum().item()
+    model.train(was_training)
+    return {name: total / len(images) for name, total in sums.items()}
+
+
+def write_evaluation(path: str, results: dict[str, float], *, step: int, n_images: int, options: dict) -> None:
+    """Write ``eval.json``: the step, the number of held-out images, the evaluation's settings and ``results``."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"step": step, "held_out_images": n_images, **options, **results}, f, indent=1)

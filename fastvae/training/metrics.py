@@ -1,0 +1,114 @@
+"""The metrics of a run: :class:`MetricsLog` (``metrics.jsonl``), reading it back, and the :class:`ProgressBar`.
+
+A record (one line of ``metrics.jsonl``) is ``{"step", "epoch", ...the values the
+model logs with the step (``kl_weight``), "lr", "loss", ...the batch means of the
+model's per-image metrics (``recon``, ``kl``), "samples_per_s"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from fastvae.errors import NonFiniteLossError
+from fastvae.training.distributed import Distributed
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of the ``metrics.jsonl`` file ``path`` (none if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drop the lines logged after ``last_step`` (after the checkpoint a resumed run starts from)."""
+    kept = [r for r in read_metrics(path) if r["step"] <= last_step]
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(temporary, path)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr: step, loss, the model's metrics and samples/s. Silent when disabled."""
+
+    WIDTH = 24
+
+    def __init__(self, total: int, enabled: bool):
+        self.total = total
+        self.enabled = enabled
+
+    def update(self, record: dict, metrics: Sequence[str]) -> None:
+        """Show ``record``, with the values of its keys ``metrics`` beside the loss."""
+        if not self.enabled:
+            return
+        done = record["step"] / self.total
+        bar = "#" * int(done * self.WIDTH)
+        parts = ", ".join(f"{name} {record[name]:.2f}" for name in metrics)
+        sys.stderr.write(
+            f"\r[{bar:<{self.WIDTH}}] step {record['step']}/{self.total} loss {record['loss']:.2f} "
+            f"({parts}) {record['samples_per_s']:,.0f} samples/s "
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+class MetricsLog:
+    """Per-step metrics held on the device and written every few steps, so the GPU is not synced each step.
+
+    :meth:`flush` averages them over ranks, checks that the loss is finite,
+    appends them to ``metrics.jsonl`` (rank 0) and returns them. ``names`` are
+    the model's metrics in the records (``recon``, ``kl``, ...).
+    """
+
+    def __init__(self, path: str | None, ctx: Distributed, local_batch: int):
+        self.path = path
+        self.ctx = ctx
+        self.local_batch = local_batch
+        self.names: tuple[str, ...] = ()
+        self.pending: list[tuple[dict, torch.Tensor]] = []
+        self.window_start = time.perf_counter()
+
+    def add(self, info: dict, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        """Hold one step's ``info`` (plain values), ``loss`` ``()`` and the batch means of ``metrics`` (``(B,)`` each)."""
+        self.names = tuple(metrics)
+        means = [value.detach().mean() for value in metrics.values()]
+        self.pending.append((info, torch.stack([loss.detach(), *means])))
+
+    def flush(self, last_good: str) -> list[dict]:
+        if not self.pending:
+            return []
+        values = self.ctx.mean(torch.stack([v for _, v in self.pending]).float()).tolist()
+        now = time.perf_counter()
+        rate = len(self.pending) * self.local_batch * self.ctx.world_size / max(now - self.window_start, 1e-9)
+        self.window_start = now
+        records = []
+        for (info, _), (loss, *means) in zip(self.pending, values):
+            metrics = dict(zip(self.names, means))
+            if not math.isfinite(loss):
+                self._write(records)
+                parts = ", ".join(f"{name} {value}" for name, value in metrics.items())
+                raise NonFiniteLossError(
+                    f"the loss became {loss} at step {info['step']} ({parts}); training stopped "
+                    f"and {last_good}. Try a lower --lr, --precision fp32 or a smaller --logvar-limit"
+                )
+            records.append({**info, "loss": loss, **metrics, "samples_per_s": rate})
+        self.pending.clear()
+        self._write(records)
+        return records
+
+    def _write(self, records: list[dict]) -> None:
+        if self.path is not None and records:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)

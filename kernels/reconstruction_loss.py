@@ -101,10 +101,14 @@ def _loss_and_grads(x_hat, x, logvar, KIND: tl.constexpr):
     d = x_hat - x
     grad_logvar = tl.zeros_like(d)
     if KIND == "bce":
-        e = tl.exp(-tl.abs(x_hat))  # in (0, 1]: never overflows, for any logit
-        loss = tl.maximum(x_hat, 0.0) - x_hat * x + _log1p(e)
+        e = tl.exp(-tl.abs(x_hat))  # in [0, 1]: never overflows, for any logit
+        # max(x_hat, 0) - x_hat x is |x_hat| times (1 - x) for a logit >= 0 and times x for one < 0. Where that
+        # factor is 0, so is the term, for an infinite logit too (its limit, where inf * 0 would give NaN).
+        factor = tl.where(x_hat >= 0, 1.0 - x, x)
+        loss = tl.where(factor == 0.0, 0.0, factor * tl.abs(x_hat)) + _log1p(e)
         grad_x_hat = tl.where(x_hat >= 0, 1.0, e) / (1.0 + e) - x  # sigmoid(x_hat) - x
-        grad_x = -x_hat
+        # -x_hat, except 0 where that limit took the term to 0 (as the reference's autograd gives).
+        grad_x = tl.where((factor == 0.0) & (tl.abs(x_hat) == float("inf")), 0.0, -x_hat)
     elif KIND == "mse":
         loss = d * d
         grad_x_hat = 2.0 * d
@@ -139,7 +143,9 @@ def _reconstruction_loss_forward_kernel(
     col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
     loss_sum = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
     logvar_grad_sum = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for col_start in range(split * cols_per_split, col_end, BLOCK_COLS):
+    col_start = split * cols_per_split
+    # A while loop, not range(): Triton 3.6's interpreter cannot take a tensor as a range() bound.
+    while col_start < col_end:
         cols = col_start + tl.arange(0, BLOCK_COLS)[None, :]
         mask = (rows < n_rows) & (cols < col_end)
         x_hat = load_f32(x_hat_ptr, rows, cols, stride_x_hat_row, stride_x_hat_col, mask)
@@ -165,28 +171,12 @@ def _reconstruction_loss_forward_kernel(
             column_sum = tl.sum(tl.where(mask, grad_logvar, 0.0), axis=0) * grad_scale
             col = col_start + tl.arange(0, BLOCK_COLS)
             tl.store(grad_logvar_ptr + tile * n_cols + col, column_sum, mask=col < col_end)
+        col_start += BLOCK_COLS
     row = row_offsets(tile, BLOCK_ROWS)
     tl.store(loss_ptr + row * n_splits + split, tl.sum(loss_sum, axis=1), mask=row < n_rows)
     if LOGVAR_GRAD == "rows":
         grad = tl.sum(logvar_grad_sum, axis=1) * grad_scale
         tl.store(grad_logvar_ptr + row * n_splits + split, grad, mask=row < n_rows)
-
-
-@triton.jit
-def _scale_rows_kernel(
-    src_ptr, weight_ptr, out_ptr, n_rows, n_cols, stride_weight, cols_per_split,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-):
-    split = tl.program_id(1).to(tl.int64)
-    rows = row_offsets(tl.program_id(0), BLOCK_ROWS)[:, None]
-    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
-    weight = tl.load(weight_ptr + rows * stride_weight, mask=rows < n_rows, other=0.0).to(tl.float32)
-    for col_start in range(split * cols_per_split, col_end, BLOCK_COLS):
-        cols = col_start + tl.arange(0, BLOCK_COLS)[None, :]
-        mask = (rows < n_rows) & (cols < col_end)
-        out = rows * n_cols + cols
-        src = tl.load(src_ptr + out, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + out, (src * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _sum_splits(partial: torch.Tensor) -> torch.Tensor:
@@ -250,20 +240,3 @@ def reconstruction_loss_forward(
     elif logvar_grad == "columns":
         grad_logvar_out = grad_logvar_out.sum(dim=0)
     return _sum_splits(partial_loss), grad_x_hat_out, grad_x_out, grad_logvar_out
-
-
-def scale_rows(src: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A new tensor: row ``i`` of the contiguous ``(n_rows, n_cols)`` matrix ``src`` times ``weight[i]``.
-
-    ``weight`` is ``(n_rows,)`` with any stride (0 for a broadcast scalar),
-    float32; the product is taken in float32 and rounded once, to ``src``'s dtype.
-    """
-    n_rows, n_cols = src.shape
-    out = torch.empty_like(src)
-    tiling = plan_rows(n_rows, n_cols, src.device)
-    with device_guard(src):
-        _scale_rows_kernel[tiling.grid](
-            src, weight, out, n_rows, n_cols, weight.stride(0), tiling.cols_per_split,
-            BLOCK_ROWS=tiling.block_rows, BLOCK_COLS=tiling.block_cols, num_warps=tiling.num_warps,
-        )
-    return out

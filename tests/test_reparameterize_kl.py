@@ -381,6 +381,7 @@ def test_kernels_compile_for_a_cuda_target():
             for grad_z, grad_kl in ((True, True), (True, False), (False, True)):
                 flags = dict(HAS_GRAD_Z=grad_z, HAS_GRAD_KL=grad_kl, HAS_EPS=has_eps)
                 jobs.append(_kernel_job("_reparameterize_kl_backward_kernel", dtype, int_type, flags))
+    jobs += [_kernel_job("_standard_normal_kernel", "fp32", int_type, {}) for int_type in ("i32", "i64")]
     compile_for_cuda(jobs)
 
 

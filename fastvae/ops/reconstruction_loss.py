@@ -5,8 +5,14 @@ its specification in plain PyTorch. The Triton path is the custom op
 ``fastvae::reconstruction_loss``, whose forward returns the loss together with
 the gradients of its inputs (written in the same pass, see
 :mod:`fastvae.kernels.reconstruction_loss`), joined by ``register_autograd`` to
-a backward that only applies the upstream gradient (``fastvae::scale_per_sample``),
-so ``torch.compile(fullgraph=True)`` sees opaque ops and no graph break.
+a backward that only applies the upstream gradient, as
+:mod:`fastvae.ops.grad_in_forward` says: in place when it owns the saved
+gradient, out of place for a retained or traced graph
+(``fastvae::scale_per_sample``, so ``torch.compile(fullgraph=True)`` sees
+opaque ops and no graph break), in torch ops under ``create_graph=True``. The
+saved gradients are differentiable outputs of the op: a double backward reaches
+this backward with their gradients, and adds the Hessian-vector products
+(:func:`_hessian_vector_products`), so every order is exact.
 """
 from __future__ import annotations
 
@@ -407,7 +413,9 @@ def reconstruction_loss(
 
     * ``"mse"``: :math:`(\hat x - x)^2`
     * ``"bce"``: Bernoulli with ``x_hat`` as **logits**:
-      :math:`\max(\hat x, 0) - \hat x x + \log(1 + e^{-|\hat x|})`, stable for any logit; ``x`` in [0, 1]
+      :math:`\max(\hat x, 0) - \hat x x + \log(1 + e^{-|\hat x|})`, stable for any finite logit, and its
+      limit at an infinite one (0 where ``x`` agrees with it: ``x = 1`` for ``+inf``, ``x = 0`` for
+      ``-inf``; ``+inf`` otherwise), with a finite gradient ``sigmoid(x_hat) - x``; ``x`` in [0, 1]
       (not checked, which would cost a sync: other values go through the same formula).
     * ``"gaussian"``: :math:`\tfrac12 \left((x - \hat x)^2 e^{-\log\sigma^2} + \log\sigma^2 + \log 2\pi\right)`
       with a learned ``logvar`` that broadcasts to ``x``: a scalar tensor, one
@@ -436,13 +444,20 @@ def reconstruction_loss(
 
     On the Triton path the forward writes the gradients of the inputs that
     require grad in the same pass as the loss, so the backward only multiplies
-    them by the upstream gradient, and hands them on untouched when that is
-    exactly 1 (``loss.backward()`` of a ``"sum"`` or ``"mean"`` loss, outside
-    ``torch.compile``). The gradients are kept from the forward to the
-    backward: a buffer the size of each input that requires grad (a shared
-    ``logvar`` under ``reduction="none"`` keeps a float32 one the size of
-    ``x``, for the per-sample weights that come with the backward). Under
-    ``torch.no_grad()``, or when no input requires grad, the forward writes none.
+    them by the upstream gradient, without reading it on the host. A plain
+    ``backward()`` takes the saved buffer over and scales it in place, leaving
+    alone the samples whose upstream gradient is exactly 1 (for
+    ``loss.backward()`` of a ``"sum"`` or ``"mean"`` loss: no pass at all); a
+    retained graph (``retain_graph=True``) or a traced one (``torch.compile``)
+    writes a new gradient each time, so no two gradients share memory. Under
+    ``create_graph=True`` every order of gradient is exact. The gradients are
+    kept from the forward to the backward: a buffer the size of each input
+    that requires grad (a shared ``logvar`` under ``reduction="none"`` keeps a
+    float32 one the size of ``x``, for the per-sample weights that come with
+    the backward), plus references to ``x`` and ``logvar`` where the second
+    derivatives need them (and to ``x_hat`` for a Gaussian whose ``logvar``
+    alone requires grad). Under ``torch.no_grad()``, or when no input requires
+    grad, the forward writes none.
     """
     check_float_tensor("x_hat", x_hat)
     check_float_tensor("x", x)

@@ -57,6 +57,17 @@ def _tile_columns(group_start, BLOCK_GROUPS: tl.constexpr):
 
 
 @triton.jit
+def _program_span(n_cols, cols_per_split, BLOCK_ROWS: tl.constexpr):
+    """This program's row tile and column split (int64), its rows ``[BLOCK_ROWS, 1, 1]``, its end column, and
+    its first and past-the-last column groups."""
+    tile = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
+    rows = row_offsets(tile, BLOCK_ROWS)[:, None, None]
+    return tile, split, rows, col_end, split * (cols_per_split // 4), tl.cdiv(col_end, 4)
+
+
+@triton.jit
 def standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row):
     """eps of a tile: lane k of group g in row r is normal k of Philox round first_counter + r * groups_per_row + g."""
     n0, n1, n2, n3 = tl.randn4x(seed, first_counter + rows * groups_per_row + groups)
@@ -71,14 +82,10 @@ def _reparameterize_kl_forward_kernel(
     seed, first_counter, cols_per_split,
     HAS_EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    tile = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    rows = row_offsets(tile, BLOCK_ROWS)[:, None, None]
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
     n_splits = tl.num_programs(1)
     groups_per_row = tl.cdiv(n_cols, 4)
-    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
     kl = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
-    group_start, group_end = split * (cols_per_split // 4), tl.cdiv(col_end, 4)
     # A while loop, not range(): Triton 3.6's interpreter cannot take a tensor as a range() bound.
     while group_start < group_end:
         groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
@@ -109,14 +116,10 @@ def _reparameterize_kl_backward_kernel(
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_EPS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    tile = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    rows = row_offsets(tile, BLOCK_ROWS)[:, None, None]
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
     groups_per_row = tl.cdiv(n_cols, 4)
-    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
     if HAS_GRAD_KL:
         grad_kl = tl.load(grad_kl_ptr + rows * stride_grad_kl, mask=rows < n_rows, other=0.0).to(tl.float32)
-    group_start, group_end = split * (cols_per_split // 4), tl.cdiv(col_end, 4)
     while group_start < group_end:
         groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
         cols = groups * 4 + lanes
@@ -148,12 +151,8 @@ def _standard_normal_kernel(
     eps_ptr, n_rows, n_cols, seed, first_counter, cols_per_split,
     BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    tile = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    rows = row_offsets(tile, BLOCK_ROWS)[:, None, None]
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
     groups_per_row = tl.cdiv(n_cols, 4)
-    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
-    group_start, group_end = split * (cols_per_split // 4), tl.cdiv(col_end, 4)
     while group_start < group_end:
         groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
         cols = groups * 4 + lanes

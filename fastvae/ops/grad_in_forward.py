@@ -7,16 +7,15 @@ user never sees. Their backward then only has to multiply ``G`` by the upstream
 gradient ``w`` (``(B,)`` per sample, or a scalar), which this module does
 without reading ``w`` on the host, in one of four ways (:func:`backward_mode`):
 
-=================  ==================================================  =========================================
-mode               when                                                ``w * G``
-=================  ==================================================  =========================================
-``OWN``            eager ``backward()``/``grad()``, graph not kept,    in place in ``G``, skipping rows whose
-                   no ``create_graph``                                 weight is exactly 1 (free for ``w = 1``)
-``COPY``           eager, ``retain_graph=True``                        a new tensor: ``G`` stays for the next backward
-``TRACED``         torch.compile, AOTAutograd, make_fx                 a new tensor, by the custom op
-                                                                       ``fastvae::scale_per_sample``
-``DIFFERENTIABLE`` ``create_graph=True``, or a double backward         plain torch ops, which autograd records
-=================  ==================================================  =========================================
+==================  ================================================  ===============================================
+mode                when                                              ``w * G``
+==================  ================================================  ===============================================
+``OWN``             eager ``backward()``/``grad()``, graph not kept,  in place in ``G``, skipping rows whose weight
+                    no ``create_graph``                               is exactly 1 (free for ``w = 1``)
+``COPY``            eager, ``retain_graph=True``                      a new tensor: ``G`` stays for the next backward
+``TRACED``          torch.compile, AOTAutograd, make_fx               a new tensor, by ``fastvae::scale_per_sample``
+``DIFFERENTIABLE``  ``create_graph=True``, or a double backward       plain torch ops, which autograd records
+==================  ================================================  ===============================================
 
 ``OWN`` is safe because no one can run this backward again: the graph is
 freed as it goes, and ``G`` is referenced by nothing but this node, so the
@@ -89,7 +88,7 @@ def _kernels():
 
 
 def _as_rows(grad: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grad`` (contiguous ``(B, ...)``) as a ``(rows, n)`` matrix and ``weight`` as ``(rows,)``: one row per weight."""
+    """``grad`` (contiguous ``(B, ...)``) as a ``(rows, n)`` matrix, ``weight`` as ``(rows,)``: a row per weight."""
     rows = weight.shape[0] if weight.dim() == 1 else 1
     return grad.view(rows, -1), weight.reshape(rows)
 

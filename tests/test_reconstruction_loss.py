@@ -268,6 +268,24 @@ def test_backward_hands_over_the_forward_gradient(device, reduction, kernel_call
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_memory_kept_for_the_backward(device, kind):
+    """Higher orders cost no memory: besides the gradient buffers the forward keeps only references to inputs."""
+    x_hat, x, logvar = make_inputs(kind, (4, pick(device, 10, 999)), device)
+    inputs = [t for t in (x_hat, x, logvar) if t is not None]
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        reconstruction_loss(x_hat, x, kind, reduction="mean", logvar=logvar, backend="triton")
+    storages = {t.untyped_storage().data_ptr() for t in inputs}
+    new_bytes = sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in storages)
+    assert new_bytes == sum(t.numel() * t.element_size() for t in (x_hat, logvar) if t is not None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_scaled_scalar_loss(device, kind, kernel_calls):
     x_hat, x, logvar = make_inputs(kind, (pick(device, 4, 64), pick(device, 10, 999)), device)
     inputs = [t for t in (x_hat, logvar) if t is not None]

@@ -9,15 +9,19 @@ matrices, one row per sample, with ``d = x_hat - x``, each element gives::
     gaussian   (d**2 e^-logvar + logvar + log 2 pi) / 2      d e^-logvar           -d e^-logvar  (1 - d**2 e^-logvar) / 2
     l1         |d|                                           sign(d)               -sign(d)
 
-and the loss of a row is the sum over its columns (float32 throughout).
+and the loss of a row is the sum over its columns (float32 throughout). BCE
+takes its limit at an infinite logit: ``|x_hat|`` times ``1 - x`` (``+inf``)
+or ``x`` (``-inf``), which is 0 where that factor is 0 (there ``d/dx`` is 0
+too) and ``+inf`` elsewhere; ``d/dx_hat`` stays finite.
 
 Gradient in the forward. When an input needs a gradient, the forward kernel
 writes d(row loss)/d(input), times ``grad_scale`` (``1 / n_rows`` for a mean
 over samples), into a new buffer in the same pass that sums the losses, as
 fused cross-entropy kernels do. The backward then only has to apply the
-upstream gradient (see :func:`scale_rows`), or nothing at all when that is 1.
-A ``logvar`` shared by several elements gets its gradient summed in the
-forward as well, as the caller asks (``LOGVAR_GRAD``):
+upstream gradient, row by row (:mod:`fastvae.kernels.scale_rows`; which way,
+in place or not, :mod:`fastvae.ops.grad_in_forward` decides). A ``logvar``
+shared by several elements gets its gradient summed in the forward as well, as
+the caller asks (``LOGVAR_GRAD``):
 
 * ``"elements"``: one value per element (a ``logvar`` that varies along both
   the samples and the features; or one shared by all samples, when per-sample
@@ -31,26 +35,30 @@ forward as well, as the caller asks (``LOGVAR_GRAD``):
 Memory traffic, in units of n elements of the inputs' size (values per sample,
 and a ``logvar`` shared by all samples, left out):
 
-=====================  ===================================================  ============
-pass                   reads -> writes                                      units
-=====================  ===================================================  ============
-forward, no gradient   x_hat, x                                             2
-forward with gradient  x_hat, x -> grad_x_hat                               3
-backward, upstream 1   nothing: the saved gradient is handed on             0
-backward, scaled       grad_x_hat -> grad_x_hat * upstream                  2
-forward + backward                                                          3, scaled 5
-=====================  ===================================================  ============
+=======================  ====================================================  ============
+pass                     reads -> writes                                       units
+=======================  ====================================================  ============
+forward, no gradient     x_hat, x                                              2
+forward with gradient    x_hat, x -> grad_x_hat                                3
+backward, upstream 1     nothing: the saved gradient is handed over, and the   0
+                         in-place scaling skips rows whose weight is 1
+backward, scaled         grad_x_hat -> grad_x_hat * upstream                   2
+forward + backward                                                             3, scaled 5
+=======================  ====================================================  ============
 
-"Scaled" is a backward whose upstream gradient is not exactly 1: always under
-``torch.compile`` (a traced graph cannot test a value), and with
-``reduction="none"`` followed by per-sample weights or by ``.mean()`` (use
-``reduction="mean"``, which folds ``1 / B`` into the forward). A per-element
-``logvar`` adds a read to the forward and, with its gradient, a write there and
-a read and a write to a scaled backward: 5, scaled 9. A target ``x`` that
-requires grad costs what ``x_hat`` does. A ``logvar`` shared by all samples
-under ``reduction="none"`` keeps a float32 gradient per element for the
-backward's weighted column sums (its other reductions need at most
-``n / COLUMN_BLOCK_ROWS`` floats of partial sums).
+"Scaled" is a backward that has to move the gradient: one whose upstream
+gradient is not exactly 1 (``reduction="none"`` followed by per-sample weights
+or by ``.mean()``: use ``reduction="mean"``, which folds ``1 / B`` into the
+forward; only the rows whose weight is not 1 are moved), and every backward
+that must leave the saved gradient intact, so writes a new one: a retained
+graph (``retain_graph=True``, ``create_graph=True``) or a traced one
+(``torch.compile``). The upstream gradient is read on the device, never on the
+host. A per-element ``logvar`` adds a read to the forward and, with its
+gradient, a write there and a read and a write to a scaled backward: 5, scaled
+9. A target ``x`` that requires grad costs what ``x_hat`` does. A ``logvar``
+shared by all samples under ``reduction="none"`` keeps a float32 gradient per
+element for the backward's weighted column sums (its other reductions need at
+most ``n / COLUMN_BLOCK_ROWS`` floats of partial sums).
 
 Forward + backward of the other implementations, with the gradients of
 ``x_hat`` and ``logvar`` and an upstream gradient of 1:
@@ -60,14 +68,16 @@ kind                           fused  eager (fwd + bwd)       torch.compile (fwd
 =============================  =====  ======================  ============================
 mse                            3      6 + 6 = 12              5 + 2 = 7
 l1                             3      6 + 4 = 10              5 + 2 = 7
-bce                            3      20 + 26.5 = 46.5        2 + 3 = 5
+bce                            3      30.75 + 29 = 59.75      2 + 3 = 5
 gaussian, logvar per feature   3      14 + 17 = 31            4 + 3 = 7
 gaussian, logvar per element   5      20 + 24 = 44            5 + 4 = 9
 =============================  =====  ======================  ============================
 
 Eager is ``reconstruction_loss_reference`` counted per ATen call (each call's
-tensors read or written once, views free; the comparison ops of BCE's backward
-write bytes of booleans, hence the half unit). torch.compile is read off the
+tensors read or written once, views and broadcast per-sample values free; the
+comparison ops of BCE write bytes of booleans, hence the fractions; BCE's
+reference pays some 13 units for its exact gradient at 0 and its limits at
+infinite logits). torch.compile is read off the
 code Inductor (torch 2.13) generates for the same reference on the CPU: its
 forward keeps ``x_hat - x`` or the gradient for the backward, or (BCE) the
 backward reads the inputs again. Its GPU code was not inspected here.
@@ -101,10 +111,14 @@ def _loss_and_grads(x_hat, x, logvar, KIND: tl.constexpr):
     d = x_hat - x
     grad_logvar = tl.zeros_like(d)
     if KIND == "bce":
-        e = tl.exp(-tl.abs(x_hat))  # in (0, 1]: never overflows, for any logit
-        loss = tl.maximum(x_hat, 0.0) - x_hat * x + _log1p(e)
+        e = tl.exp(-tl.abs(x_hat))  # in [0, 1]: never overflows, for any logit
+        # max(x_hat, 0) - x_hat x is |x_hat| times (1 - x) for a logit >= 0 and times x for one < 0. Where that
+        # factor is 0, so is the term, for an infinite logit too (its limit, where inf * 0 would give NaN).
+        factor = tl.where(x_hat >= 0, 1.0 - x, x)
+        loss = tl.where(factor == 0.0, 0.0, factor * tl.abs(x_hat)) + _log1p(e)
         grad_x_hat = tl.where(x_hat >= 0, 1.0, e) / (1.0 + e) - x  # sigmoid(x_hat) - x
-        grad_x = -x_hat
+        # -x_hat, except 0 where that limit took the term to 0 (as the reference's autograd gives).
+        grad_x = tl.where((factor == 0.0) & (tl.abs(x_hat) == float("inf")), 0.0, -x_hat)
     elif KIND == "mse":
         loss = d * d
         grad_x_hat = 2.0 * d
@@ -139,7 +153,9 @@ def _reconstruction_loss_forward_kernel(
     col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
     loss_sum = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
     logvar_grad_sum = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for col_start in range(split * cols_per_split, col_end, BLOCK_COLS):
+    col_start = split * cols_per_split
+    # A while loop, not range(): Triton 3.6's interpreter cannot take a tensor as a range() bound.
+    while col_start < col_end:
         cols = col_start + tl.arange(0, BLOCK_COLS)[None, :]
         mask = (rows < n_rows) & (cols < col_end)
         x_hat = load_f32(x_hat_ptr, rows, cols, stride_x_hat_row, stride_x_hat_col, mask)
@@ -165,28 +181,12 @@ def _reconstruction_loss_forward_kernel(
             column_sum = tl.sum(tl.where(mask, grad_logvar, 0.0), axis=0) * grad_scale
             col = col_start + tl.arange(0, BLOCK_COLS)
             tl.store(grad_logvar_ptr + tile * n_cols + col, column_sum, mask=col < col_end)
+        col_start += BLOCK_COLS
     row = row_offsets(tile, BLOCK_ROWS)
     tl.store(loss_ptr + row * n_splits + split, tl.sum(loss_sum, axis=1), mask=row < n_rows)
     if LOGVAR_GRAD == "rows":
         grad = tl.sum(logvar_grad_sum, axis=1) * grad_scale
         tl.store(grad_logvar_ptr + row * n_splits + split, grad, mask=row < n_rows)
-
-
-@triton.jit
-def _scale_rows_kernel(
-    src_ptr, weight_ptr, out_ptr, n_rows, n_cols, stride_weight, cols_per_split,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-):
-    split = tl.program_id(1).to(tl.int64)
-    rows = row_offsets(tl.program_id(0), BLOCK_ROWS)[:, None]
-    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
-    weight = tl.load(weight_ptr + rows * stride_weight, mask=rows < n_rows, other=0.0).to(tl.float32)
-    for col_start in range(split * cols_per_split, col_end, BLOCK_COLS):
-        cols = col_start + tl.arange(0, BLOCK_COLS)[None, :]
-        mask = (rows < n_rows) & (cols < col_end)
-        out = rows * n_cols + cols
-        src = tl.load(src_ptr + out, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + out, (src * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _sum_splits(partial: torch.Tensor) -> torch.Tensor:
@@ -250,20 +250,3 @@ def reconstruction_loss_forward(
     elif logvar_grad == "columns":
         grad_logvar_out = grad_logvar_out.sum(dim=0)
     return _sum_splits(partial_loss), grad_x_hat_out, grad_x_out, grad_logvar_out
-
-
-def scale_rows(src: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A new tensor: row ``i`` of the contiguous ``(n_rows, n_cols)`` matrix ``src`` times ``weight[i]``.
-
-    ``weight`` is ``(n_rows,)`` with any stride (0 for a broadcast scalar),
-    float32; the product is taken in float32 and rounded once, to ``src``'s dtype.
-    """
-    n_rows, n_cols = src.shape
-    out = torch.empty_like(src)
-    tiling = plan_rows(n_rows, n_cols, src.device)
-    with device_guard(src):
-        _scale_rows_kernel[tiling.grid](
-            src, weight, out, n_rows, n_cols, weight.stride(0), tiling.cols_per_split,
-            BLOCK_ROWS=tiling.block_rows, BLOCK_COLS=tiling.block_cols, num_warps=tiling.num_warps,
-        )
-    return out

@@ -13,6 +13,8 @@ takes output ``col % 4`` of the Philox round with counter
 per round). The counter depends on the element's indices alone, not on block
 sizes or the grid, so the backward regenerates exactly the forward's noise,
 and the noise is never stored. A call consumes ``n_rows * ceil(D / 4)`` rounds.
+Only a backward that autograd must differentiate again (``create_graph=True``)
+needs the noise as a tensor: :func:`draw_noise` writes it out, bit for bit.
 
 Memory traffic, in units of the element count n times the element size
 (the per-row KL and its gradient are n / D values, left out):
@@ -55,6 +57,17 @@ def _tile_columns(group_start, BLOCK_GROUPS: tl.constexpr):
 
 
 @triton.jit
+def _program_span(n_cols, cols_per_split, BLOCK_ROWS: tl.constexpr):
+    """This program's row tile and column split (int64), its rows ``[BLOCK_ROWS, 1, 1]``, its end column, and
+    its first and past-the-last column groups."""
+    tile = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
+    rows = row_offsets(tile, BLOCK_ROWS)[:, None, None]
+    return tile, split, rows, col_end, split * (cols_per_split // 4), tl.cdiv(col_end, 4)
+
+
+@triton.jit
 def standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row):
     """eps of a tile: lane k of group g in row r is normal k of Philox round first_counter + r * groups_per_row + g."""
     n0, n1, n2, n3 = tl.randn4x(seed, first_counter + rows * groups_per_row + groups)
@@ -69,13 +82,12 @@ def _reparameterize_kl_forward_kernel(
     seed, first_counter, cols_per_split,
     HAS_EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    split = tl.program_id(1).to(tl.int64)
-    rows = row_offsets(tl.program_id(0), BLOCK_ROWS)[:, None, None]
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
     n_splits = tl.num_programs(1)
     groups_per_row = tl.cdiv(n_cols, 4)
-    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
     kl = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
-    for group_start in range(split * (cols_per_split // 4), tl.cdiv(col_end, 4), BLOCK_GROUPS):
+    # A while loop, not range(): Triton 3.6's interpreter cannot take a tensor as a range() bound.
+    while group_start < group_end:
         groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
         cols = groups * 4 + lanes
         mask = (rows < n_rows) & (cols < col_end)
@@ -89,7 +101,8 @@ def _reparameterize_kl_forward_kernel(
         tl.store(z_ptr + rows * n_cols + cols, (mu + std * eps).to(z_ptr.dtype.element_ty), mask=mask)
         # Masked lanes load mu = logvar = 0, whose KL term is exactly 0.
         kl += std * std + mu * mu - 1.0 - logvar
-    row = row_offsets(tl.program_id(0), BLOCK_ROWS)
+        group_start += BLOCK_GROUPS
+    row = row_offsets(tile, BLOCK_ROWS)
     tl.store(kl_ptr + row * n_splits + split, 0.5 * tl.sum(tl.sum(kl, axis=2), axis=1), mask=row < n_rows)
 
 
@@ -103,13 +116,11 @@ def _reparameterize_kl_backward_kernel(
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_EPS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    split = tl.program_id(1).to(tl.int64)
-    rows = row_offsets(tl.program_id(0), BLOCK_ROWS)[:, None, None]
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
     groups_per_row = tl.cdiv(n_cols, 4)
-    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
     if HAS_GRAD_KL:
         grad_kl = tl.load(grad_kl_ptr + rows * stride_grad_kl, mask=rows < n_rows, other=0.0).to(tl.float32)
-    for group_start in range(split * (cols_per_split // 4), tl.cdiv(col_end, 4), BLOCK_GROUPS):
+    while group_start < group_end:
         groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
         cols = groups * 4 + lanes
         mask = (rows < n_rows) & (cols < col_end)
@@ -132,6 +143,43 @@ def _reparameterize_kl_backward_kernel(
         out = rows * n_cols + cols
         tl.store(grad_mu_ptr + out, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_logvar_ptr + out, grad_logvar.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
+        group_start += BLOCK_GROUPS
+
+
+@triton.jit
+def _standard_normal_kernel(
+    eps_ptr, n_rows, n_cols, seed, first_counter, cols_per_split,
+    BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+):
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
+    groups_per_row = tl.cdiv(n_cols, 4)
+    while group_start < group_end:
+        groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
+        cols = groups * 4 + lanes
+        eps = standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row)
+        tl.store(eps_ptr + rows * n_cols + cols, eps, mask=(rows < n_rows) & (cols < col_end))
+        group_start += BLOCK_GROUPS
+
+
+def draw_noise(shape: torch.Size, device: torch.device, seed: int, first_counter: int) -> torch.Tensor:
+    """The noise the kernels draw for a call on ``shape`` ``(..., D)`` with this Philox state, as a float32 tensor.
+
+    Bit-identical to the ``eps`` the forward and backward kernels compute in
+    registers (the same counters, the same float32 math). Only the
+    differentiable backward (``create_graph=True``) needs it as a tensor.
+    """
+    eps = torch.empty(shape, dtype=torch.float32, device=device)
+    if eps.numel() == 0:
+        return eps
+    n_cols = shape[-1]
+    n_rows = eps.numel() // n_cols
+    tiling = plan_rows(n_rows, n_cols, device, min_block_cols=GROUP)
+    with device_guard(eps):
+        _standard_normal_kernel[tiling.grid](
+            eps, n_rows, n_cols, seed, first_counter, tiling.cols_per_split,
+            BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
+        )
+    return eps
 
 
 def _strides(tensor: torch.Tensor | None) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fastvae.functional import reconstruction_loss, reparameterize_kl
 from fastvae.ops.reconstruction_loss import reconstruction_loss_reference
-from tests.utils import TOLERANCES, assert_close, compile_for_cuda, pick
+from tests.utils import TOLERANCES, assert_close, compile_for_cuda, gradients_up_to_third, pick
 
 KINDS = ["mse", "bce", "gaussian", "l1"]
 REDUCTIONS = ["none", "sum", "mean"]
@@ -25,6 +25,13 @@ def make_inputs(kind, shape, device, dtype=torch.float32, logvar_shape=None, x_d
         logvar_shape = shape[1:] if logvar_shape is None else logvar_shape
         logvar = (0.5 * torch.randn(logvar_shape, device=device)).to(dtype).requires_grad_()
     return x_hat, x, logvar
+
+
+def upstream(reduction, batch, device):
+    """Upstream weights that are exactly 1 for some samples and not for others, or a scalar other than 1."""
+    if reduction == "none":
+        return torch.tensor([1.0, 2.0, 0.5, 1.0, -1.5][:batch], device=device)
+    return torch.tensor(2.5, device=device)
 
 
 def check_against_reference(x_hat, x, kind, reduction="none", logvar=None, grad_loss=None):
@@ -186,22 +193,31 @@ def test_target_that_requires_grad_gets_its_gradient(device, kind):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Records the keyword arguments of every forward launch and the shapes of every scaling launch."""
-    from fastvae.kernels import reconstruction_loss as kernels
+    """Records every forward launch (its keyword arguments, its outputs) and every scaling launch of the backward.
 
-    calls = {"forward": [], "scale": []}
-    forward, scale = kernels.reconstruction_loss_forward, kernels.scale_rows
+    A scaling launch is recorded as ``("in place" or "new", shape, the weights)``.
+    """
+    from fastvae.kernels import reconstruction_loss as kernels
+    from fastvae.kernels import scale_rows as scaling
+
+    calls = {"forward": [], "scale": [], "outputs": []}
+    forward, scale, scale_ = kernels.reconstruction_loss_forward, scaling.scale_rows, scaling.scale_rows_
 
     def spy_forward(*args, **kwargs):
         calls["forward"].append(kwargs)
-        return forward(*args, **kwargs)
+        calls["outputs"].append(forward(*args, **kwargs))
+        return calls["outputs"][-1]
 
-    def spy_scale(src, weight):
-        calls["scale"].append(tuple(src.shape))
-        return scale(src, weight)
+    def spy(how, function):
+        def launch(src, weight):
+            calls["scale"].append((how, tuple(src.shape), weight.clone()))
+            return function(src, weight)
+
+        return launch
 
     monkeypatch.setattr(kernels, "reconstruction_loss_forward", spy_forward)
-    monkeypatch.setattr(kernels, "scale_rows", spy_scale)
+    monkeypatch.setattr(scaling, "scale_rows", spy("new", scale))
+    monkeypatch.setattr(scaling, "scale_rows_", spy("in place", scale_))
     return calls
 
 
@@ -231,7 +247,8 @@ def test_no_gradient_written_without_autograd(device, kind, kernel_calls):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none then sum"])
-def test_upstream_gradient_of_one_hands_on_the_saved_gradient(device, reduction, kernel_calls):
+def test_backward_hands_over_the_forward_gradient(device, reduction, kernel_calls):
+    """``loss.backward()``: the gradient is the forward's own buffer, scaled in place by weights of exactly 1."""
     x_hat, x, logvar = make_inputs("gaussian", (pick(device, 5, 64), pick(device, 13, 1000)), device)
     if reduction == "none then sum":
         loss = reconstruction_loss(x_hat, x, "gaussian", reduction="none", logvar=logvar, backend="triton").sum()
@@ -239,11 +256,33 @@ def test_upstream_gradient_of_one_hands_on_the_saved_gradient(device, reduction,
     else:
         loss = reconstruction_loss(x_hat, x, "gaussian", reduction=reduction, logvar=logvar, backend="triton")
         want = reconstruction_loss_reference(x_hat, x, "gaussian", reduction, logvar)
-    loss.backward()
-    assert kernel_calls["scale"] == []  # no pass over the gradient in the backward
+    grad_x_hat, grad_logvar = torch.autograd.grad(loss, (x_hat, logvar))
+    _, forward_x_hat, _, _ = kernel_calls["outputs"][0]
+    assert grad_x_hat.data_ptr() == forward_x_hat.data_ptr()  # handed over, no copy
+    # x_hat's (and, under "sum"/"mean", logvar's) gradient: weights of 1 are skipped in place, with no traffic.
+    assert [how for how, *_ in kernel_calls["scale"]] == ["in place"] * (1 if reduction == "none then sum" else 2)
+    assert all(bool((weight == 1).all()) for *_, weight in kernel_calls["scale"])
     expected = torch.autograd.grad(want, (x_hat, logvar))
-    assert_close(x_hat.grad, expected[0])
-    assert_close(logvar.grad, expected[1])
+    assert_close(grad_x_hat, expected[0])
+    assert_close(grad_logvar, expected[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memory_kept_for_the_backward(device, kind):
+    """Higher orders cost no memory: besides the gradient buffers the forward keeps only references to inputs."""
+    x_hat, x, logvar = make_inputs(kind, (4, pick(device, 10, 999)), device)
+    inputs = [t for t in (x_hat, x, logvar) if t is not None]
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        reconstruction_loss(x_hat, x, kind, reduction="mean", logvar=logvar, backend="triton")
+    storages = {t.untyped_storage().data_ptr() for t in inputs}
+    new_bytes = sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in storages)
+    assert new_bytes == sum(t.numel() * t.element_size() for t in (x_hat, logvar) if t is not None)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -253,36 +292,53 @@ def test_scaled_scalar_loss(device, kind, kernel_calls):
     loss = reconstruction_loss(x_hat, x, kind, reduction="sum", logvar=logvar, backend="triton")
     got = torch.autograd.grad(-2.5 * loss, inputs)
     expected = torch.autograd.grad(-2.5 * reconstruction_loss_reference(x_hat, x, kind, "sum", logvar), inputs)
-    assert len(kernel_calls["scale"]) == len(inputs)
+    assert [how for how, *_ in kernel_calls["scale"]] == ["in place"] * len(inputs)
     for g, w in zip(got, expected):
         assert_close(g, w)
 
 
-@pytest.mark.parametrize("upstream", ["one", "weights"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_inputs_unchanged_and_backward_twice(device, kind, upstream):
+def test_upstream_weights_exactly_one_for_some_samples(device, kind, reduction):
+    """Per-sample weights [1, 2, 0.5, 1, -1.5]: the samples of weight 1 skip the scaling, the others must not."""
+    x_hat, x, logvar = make_inputs(kind, (5, 2, pick(device, 3, 300)), device)
+    x.requires_grad_()
+    grad_loss = upstream(reduction, 5, device)
+    check_against_reference(x_hat, x, kind, reduction, logvar, grad_loss=grad_loss)  # the buffers' owner: in place
+    # A retained graph scales out of place, and so does the backward after it.
+    loss = reconstruction_loss(x_hat, x, kind, reduction=reduction, logvar=logvar, backend="triton")
+    inputs = [t for t in (x_hat, x, logvar) if t is not None]
+    want = torch.autograd.grad(reconstruction_loss_reference(x_hat, x, kind, reduction, logvar), inputs, grad_loss)
+    for retain in (True, False):
+        got = torch.autograd.grad(loss, inputs, grad_loss, retain_graph=retain)
+        for g, w in zip(got, want):
+            assert_close(g, w)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_never_share_memory(device, kind, reduction, kernel_calls):
+    """Issue 8: two backwards of a retained graph returned the same buffer; the next backward then failed."""
     x_hat, x, logvar = make_inputs(kind, (pick(device, 4, 64), pick(device, 10, 999)), device)
     x_hat_before, x_before = x_hat.detach().clone(), x.clone()
     inputs = [t for t in (x_hat, logvar) if t is not None]
-    reduction = "sum" if upstream == "one" else "none"
     loss = reconstruction_loss(x_hat, x, kind, reduction=reduction, logvar=logvar, backend="triton")
-    grad_loss = torch.ones_like(loss) if upstream == "one" else torch.rand_like(loss)
+    grad_loss = torch.ones_like(loss)
     first = torch.autograd.grad(loss, inputs, grad_loss, retain_graph=True)
     second = torch.autograd.grad(loss, inputs, grad_loss, retain_graph=True)
+    assert {how for how, *_ in kernel_calls["scale"]} <= {"new"}  # the graph is kept: out of place
+    expected = [g.clone() for g in first]
     for a, b in zip(first, second):
-        assert torch.equal(a, b)
-    # Accumulating into .grad twice gives twice the gradient: the saved gradient was not modified in place.
+        assert a.data_ptr() != b.data_ptr()
+        b.mul_(10)
+    for a, e in zip(first, expected):
+        assert torch.equal(a, e)
+    # The saved gradients are intact: the last backward (which owns them) and accumulation into .grad are right.
     loss.backward(grad_loss, retain_graph=True)
     loss.backward(grad_loss)
-    for t, g in zip(inputs, first):
-        assert_close(t.grad, 2 * g)
+    for t, e in zip(inputs, expected):
+        assert_close(t.grad, 2 * e)
     assert torch.equal(x_hat.detach(), x_hat_before) and torch.equal(x, x_before)
-
-
-def test_upstream_weights_of_one_per_sample(device, kernel_calls):
-    x_hat, x, logvar = make_inputs("gaussian", (4, 3, 5), device, logvar_shape=(4, 3, 5))
-    check_against_reference(x_hat, x, "gaussian", "none", logvar, grad_loss=torch.ones(4, device=device))
-    assert kernel_calls["scale"] == []
 
 
 def test_autocast_decoder_output(device):
@@ -313,7 +369,9 @@ def test_nan_inf_and_ties_as_in_reference(device, kind):
 
 
 def test_bce_stable_for_extreme_logits(device):
-    logits = torch.tensor([[-1e4, -100.0, -30.0, -1e-6, 0.0, 1e-6, 30.0, 100.0, 1e4]], device=device)
+    # Around 16.6 is where 1 + e^-|logit| rounds to 1 in float32: the switch inside the kernel's log1p.
+    logits = torch.tensor([[-1e4, -100.0, -30.0, -17.0, -16.6, -16.0, -1e-6, 0.0, 1e-6, 16.0, 16.6, 17.0, 30.0, 100.0,
+                            1e4]], device=device)
     for target in (0.0, 0.3, 1.0):
         x = torch.full_like(logits, target)
         x_hat = logits.clone().requires_grad_()
@@ -323,6 +381,54 @@ def test_bce_stable_for_extreme_logits(device):
         assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
         loss.backward()
         assert_close(x_hat.grad, torch.sigmoid(logits.double()).sub(x.double()).float())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bce_gradient_at_a_logit_of_exactly_zero(device, backend):
+    """sigmoid(0) - x = 0.5 - x, exactly: the reference's clamp_min(0) gave 1 - x there (issue 8)."""
+    x = torch.tensor([[0.0, 0.25, 0.5, 1.0], [0.3, 0.7, 0.1, 0.9]], device=device)
+    for zero in (0.0, -0.0):  # a zero-initialised output layer starts exactly here
+        x_hat = torch.full_like(x, zero).requires_grad_()
+        target = x.clone().requires_grad_()
+        loss = reconstruction_loss(x_hat, target, "bce", backend=backend)
+        assert_close(loss, torch.full((2,), 4 * math.log(2), device=device))
+        grad_x_hat, grad_x = torch.autograd.grad(loss.sum(), (x_hat, target), create_graph=backend == "torch")
+        assert torch.equal(grad_x_hat, 0.5 - x)
+        assert torch.equal(grad_x, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bce_infinite_logits(device, backend):
+    """The limits: 0 where the target agrees with the infinite logit, +inf where it does not; finite gradients."""
+    inf = float("inf")
+    logits = torch.tensor([inf, inf, inf, -inf, -inf, -inf, 3.0, -3.0], device=device)
+    x = torch.tensor([1.0, 0.25, 0.0, 0.0, 0.75, 1.0, 1.0, 0.0], device=device)
+    x_hat, target = logits[:, None].clone().requires_grad_(), x[:, None].clone().requires_grad_()
+    loss = reconstruction_loss(x_hat, target, "bce", backend=backend)  # one element per sample: the terms
+    softplus3 = math.log1p(math.exp(-3.0))
+    want = torch.tensor([0.0, inf, inf, 0.0, inf, inf, softplus3, softplus3], device=device)
+    assert_close(loss, want, rtol=1e-6, atol=0)  # exact 0 and inf
+    grad_x_hat, grad_x = torch.autograd.grad(loss.sum(), (x_hat, target), create_graph=True)
+    sigmoid3 = 1 / (1 + math.exp(-3.0))
+    want_x_hat = torch.tensor([0.0, 0.75, 1.0, 0.0, -0.75, -1.0, sigmoid3 - 1, 1 - sigmoid3], device=device)
+    assert_close(grad_x_hat.view(-1), want_x_hat, rtol=1e-6, atol=1e-7)
+    # d/dx = -x_hat (infinite, the limit), and 0 where the term's limit is 0, as the reference's autograd gives.
+    assert torch.equal(grad_x.view(-1), torch.tensor([0.0, -inf, -inf, 0.0, inf, inf, -3.0, 3.0], device=device))
+    # sigmoid'(+-inf) = 0: the second derivative in x_hat is 0 at the infinite logits.
+    (second,) = torch.autograd.grad(grad_x_hat.sum(), x_hat)
+    assert torch.equal(second.view(-1)[:6], torch.zeros(6, device=device))
+    assert_close(second.view(-1)[6:], torch.full((2,), sigmoid3 * (1 - sigmoid3), device=device))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_l1_at_ties_and_either_side(device, backend):
+    """sign(d) for d < 0, d = 0 (a tie: gradient 0) and d > 0."""
+    x = torch.tensor([[0.5, 0.5, 0.5, 0.0, 1.0]], device=device)
+    x_hat = torch.tensor([[0.5 - 2**-20, 0.5, 0.5 + 2**-20, 0.0, 1.0]], device=device, requires_grad=True)
+    loss = reconstruction_loss(x_hat, x, "l1", backend=backend)
+    assert_close(loss, torch.tensor([2.0**-19], device=device), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(loss.sum(), x_hat)
+    assert torch.equal(grad, torch.tensor([[-1.0, 0.0, 1.0, 0.0, 0.0]], device=device))
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0), (2, 0, 4)])
@@ -415,8 +521,9 @@ def test_kernels_compile_for_a_cuda_target():
     jobs += [_forward_kernel_job("gaussian", mode, "fp16") for mode in ("none", "elements", "rows", "columns")]
     scale_signature = {"src_ptr": "*bf16", "weight_ptr": "*fp32", "out_ptr": "*bf16", "n_rows": "i64",
                        "n_cols": "i64", "stride_weight": "i64", "cols_per_split": "i64"}
-    jobs.append(("fastvae.kernels.reconstruction_loss", "_scale_rows_kernel", scale_signature,
-                 dict(BLOCK_ROWS=1, BLOCK_COLS=4096), 8))
+    for skip_unit_rows, block_rows in ((False, 1), (True, 1), (True, 16)):
+        jobs.append(("fastvae.kernels.scale_rows", "_scale_rows_kernel", scale_signature,
+                     dict(SKIP_UNIT_ROWS=skip_unit_rows, BLOCK_ROWS=block_rows, BLOCK_COLS=256), 8))
     compile_for_cuda(jobs)
 
 
@@ -517,3 +624,77 @@ def test_auto_backend_runs_the_reference_on_cpu_and_for_float64():
     x_hat = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     loss = reconstruction_loss(x_hat, torch.rand(3, 4, dtype=torch.float64), "mse", reduction="mean")
     assert loss.dtype == torch.float64 and "fastvae" not in type(loss.grad_fn).__name__
+
+
+# ---- higher orders --------------------------------------------------------------------------------------
+
+REQUIRES_GRAD = {  # which of (x_hat, x, logvar) require grad
+    "x_hat": (True, False, False),
+    "x": (False, True, False),
+    "x_hat, x": (True, True, False),
+    "logvar": (False, False, True),
+    "x_hat, logvar": (True, False, True),
+    "x, logvar": (False, True, True),
+    "all": (True, True, True),
+}
+
+
+def check_higher_orders(kind, reduction, shape, device, dtype, requires_grad, logvar_shape=None):
+    """First, second and third derivatives of the fused op against the reference's, through the same inputs."""
+    x_hat, x, logvar = make_inputs(kind, shape, device, dtype, logvar_shape=logvar_shape)
+    tensors = [t.detach().requires_grad_(wanted) if t is not None else None
+               for t, wanted in zip((x_hat, x, logvar), requires_grad)]
+    inputs = [t for t in tensors if t is not None and t.requires_grad]
+    if not inputs:
+        return
+    grad_loss = upstream(reduction, shape[0], device)
+    directions = [torch.randn(t.shape, device=device) for t in inputs]
+    loss = reconstruction_loss(*tensors[:2], kind, reduction=reduction, logvar=tensors[2], backend="triton")
+    assert "fastvae" in type(loss.grad_fn).__name__
+    got = gradients_up_to_third(loss, inputs, grad_loss, directions)
+    want = gradients_up_to_third(reconstruction_loss_reference(*tensors[:2], kind, reduction, tensors[2]), inputs,
+                                 grad_loss, directions)
+    for order, (got_order, want_order) in enumerate(zip(got, want), start=1):
+        for t, g, w in zip(inputs, got_order, want_order):
+            assert g.shape == t.shape and g.dtype == t.dtype, f"order {order}"
+            summed = x_hat.numel() // max(t.numel(), 1)
+            atol = max(TOLERANCES[g.dtype]["atol"], 1e-6 * summed)
+            if dtype != torch.float32:
+                # Later orders start from the saved gradient, rounded to bfloat16, and add terms that cancel: an
+                # error relative to the largest value, not to each one; a broadcast logvar's gradient adds up
+                # `summed` such terms (each of order 1 here), whose sum may cancel to near 0.
+                rtol = TOLERANCES[dtype]["rtol"]
+                atol = max(atol, rtol * w.abs().max().item(), rtol * summed if order > 1 else 0.0)
+            assert_close(g, w, atol=atol, msg=lambda m: f"order {order}, {t.shape}: {m}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["mse", "bce", "l1"])
+def test_higher_orders(device, kind, reduction):
+    """Gradient penalties and meta-gradients through the loss: every order matches the reference."""
+    for requires_grad in [REQUIRES_GRAD[name] for name in ("x_hat", "x", "x_hat, x")]:
+        for dtype in (torch.float32, torch.bfloat16):
+            check_higher_orders(kind, reduction, (3, 2, pick(device, 5, 300)), device, dtype, requires_grad)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("logvar_shape", LOGVAR_SHAPES.values(), ids=LOGVAR_SHAPES.keys())
+def test_higher_orders_gaussian(device, logvar_shape, reduction):
+    shape = (3, 2, 2, pick(device, 3, 100))
+    for requires_grad in REQUIRES_GRAD.values():
+        for dtype in (torch.float32, torch.bfloat16):
+            check_higher_orders("gaussian", reduction, shape, device, dtype, requires_grad, logvar_shape(*shape))
+
+
+def test_gradient_penalty_through_the_loss(device):
+    """The repro of issue 8: a penalty on the gradient must change the gradient (it was silently dropped)."""
+    inp, x = torch.randn(6, 4, device=device), torch.rand(6, 10, device=device)
+    w = torch.randn(4, 10, device=device, requires_grad=True)
+    got, want = [], []
+    for backend, out in (("triton", got), ("torch", want)):
+        loss = reconstruction_loss(inp @ w, x, "mse", reduction="mean", backend=backend)
+        (g,) = torch.autograd.grad(loss, w, create_graph=True)
+        out.append(torch.autograd.grad(loss + (g**2).sum(), w)[0])
+    plain = torch.autograd.grad(reconstruction_loss_reference(inp @ w, x, "mse", "mean"), w)[0]
+    assert not torch.allclose(want[0], plain)  # the penalty matters here
+    assert_close(got[0], want[0])

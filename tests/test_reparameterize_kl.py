@@ -381,4 +381,71 @@ def test_kernels_compile_for_a_cuda_target():
             for grad_z, grad_kl in ((True, True), (True, False), (False, True)):
                 flags = dict(HAS_GRAD_Z=grad_z, HAS_GRAD_KL=grad_kl, HAS_EPS=has_eps)
                 jobs.append(_kernel_job("_reparameterize_kl_backward_kernel", dtype, int_type, flags))
+    jobs += [_kernel_job("_standard_normal_kernel", "fp32", int_type, {}) for int_type in ("i32", "i64")]
     compile_for_cuda(jobs)
+
+
+# ---- higher orders ----------------------------------------------------------------------------------
+
+
+def test_drawn_noise_written_out_is_the_forwards(device):
+    """draw_noise (for the differentiable backward) gives the kernels' noise bit for bit."""
+    from fastvae.kernels.reparameterize_kl import draw_noise, philox_rounds
+    from fastvae.ops.rng import philox_seed_offset
+
+    shape = (pick(device, 3, 300), 2, pick(device, 9, 257))
+    zeros = torch.zeros(shape, device=device)
+    torch.manual_seed(11)
+    z, _ = reparameterize_kl(zeros, zeros, backend="triton")  # z = 0 + e^0 * eps = eps, exactly
+    torch.manual_seed(11)
+    seed, first_counter = philox_seed_offset(None, device, philox_rounds(torch.Size(shape)))
+    assert torch.equal(draw_noise(torch.Size(shape), device, seed, first_counter), z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("noise", ["given", "drawn", "given, requires grad"])
+@pytest.mark.parametrize("used", ["both", "z only", "kl only"])
+def test_higher_orders(device, used, noise, dtype):
+    """Second and third derivatives against the reference on the same noise (issue 8: no autograd formula)."""
+    from tests.utils import TOLERANCES, gradients_up_to_third
+
+    shape = (3, 2, pick(device, 5, 300))
+    mu, logvar, eps = make_inputs(shape, device, dtype)
+    if noise == "drawn":
+        torch.manual_seed(5)
+        eps = reparameterize_kl(torch.zeros(shape, device=device), torch.zeros(shape, device=device),
+                                backend="triton")[0]  # the noise the next call draws
+        torch.manual_seed(5)
+        z, kl = reparameterize_kl(mu, logvar, reduction="mean", backend="triton")
+    else:
+        if noise == "given, requires grad":
+            eps.requires_grad_()
+        z, kl = reparameterize_kl(mu, logvar, eps, reduction="mean", backend="triton")
+    z_ref, kl_ref = reparameterize_kl_reference(mu, logvar, eps, "mean")
+    inputs = [mu, logvar] + ([eps] if eps.requires_grad else [])
+    grad_z = torch.randn_like(z) if used != "kl only" else None
+    grad_kl = torch.tensor(1.5, device=device) if used != "z only" else None
+    directions = [torch.randn(t.shape, device=device) for t in inputs]
+
+    def total(z, kl):
+        return sum((out.float() * g).sum() for out, g in ((z, grad_z), (kl, grad_kl)) if g is not None)
+
+    got = gradients_up_to_third(total(z, kl), inputs, None, directions)
+    want = gradients_up_to_third(total(z_ref, kl_ref), inputs, None, directions)
+    for order, (got_order, want_order) in enumerate(zip(got, want), start=1):
+        for t, g, w in zip(inputs, got_order, want_order):
+            assert g.shape == t.shape and g.dtype == t.dtype
+            atol = TOLERANCES[dtype]["atol"] * (1 if dtype == torch.float32 else max(1.0, w.abs().max().item()))
+            assert_close(g, w, atol=atol, msg=lambda m: f"order {order}: {m}")
+
+
+def test_double_backward_directly(device):
+    """The gradient of the gradient, as a gradient penalty takes it (it raised "no autograd formula")."""
+    mu, logvar, eps = make_inputs((4, 6), device)
+    results = {}
+    for backend in ("triton", "torch"):
+        z, kl = reparameterize_kl(mu, logvar, eps, backend=backend)
+        grad_mu, grad_logvar = torch.autograd.grad((z**2).sum() + kl.sum(), (mu, logvar), create_graph=True)
+        results[backend] = torch.autograd.grad((grad_mu**2).sum() + (grad_logvar**2).sum(), (mu, logvar))
+    for g, w in zip(results["triton"], results["torch"]):
+        assert_close(g, w)

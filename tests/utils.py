@@ -1,4 +1,6 @@
-"""Helpers shared by the tests: shapes per device, tolerances per dtype, compiling kernels for a GPU."""
+"""Helpers shared by the tests: shapes per device, tolerances per dtype, compiling kernels for a GPU, host syncs."""
+import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -55,3 +57,85 @@ def compile_for_cuda(jobs: list[tuple[str, str, dict, dict, int]]) -> None:
         [sys.executable, "-c", _COMPILE_FOR_CUDA, json.dumps(jobs)], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+# Tensor methods that read values on the host: on a GPU each waits for the device (a sync).
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+# fastvae's one host read that no device ever pays for: a key drawn from a CPU generator (fastvae.ops.rng).
+HOST_ONLY = {("fastvae.ops.rng", "cpu_philox_key")}
+
+
+class HostSyncError(AssertionError):
+    """fastvae's code read a tensor's value on the host."""
+
+
+def _first_caller_outside_torch(frame):
+    """The innermost frame that is not torch's own code: who asked for the host read."""
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "torch":
+        frame = frame.f_back
+    return frame
+
+
+@contextlib.contextmanager
+def no_host_sync(packages=("fastvae",)):
+    """Make every host read of a tensor (``.item()``, ``.tolist()``, ``bool()``, ``int()``, ``float()``,
+    ``nonzero()``, ``.cpu()``, ``.numpy()``, ``.to("cpu")``) called from the code of ``packages`` raise
+    :class:`HostSyncError`.
+
+    The methods are patched on ``torch.Tensor`` itself (a ``TorchFunctionMode``
+    does not see calls made inside custom ops or the autograd engine). Triton's
+    interpreter, which copies tensors to the host to run a kernel, and torch's
+    internals are not fastvae's code and go on as usual. Under the interpreter
+    every tensor is a CPU tensor, so this catches in a CPU test the calls that
+    would wait for the device on a GPU.
+    """
+
+    def guarded(name, method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            if name != "to" or _to_host(args, kwargs):
+                caller = _first_caller_outside_torch(sys._getframe(1))
+                module = caller.f_globals.get("__name__", "") if caller is not None else ""
+                if module.split(".")[0] in packages and (module, caller.f_code.co_name) not in HOST_ONLY:
+                    raise HostSyncError(f"Tensor.{name} called from {module}.{caller.f_code.co_name}")
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    originals = {name: getattr(torch.Tensor, name) for name in (*HOST_READS, "to")}
+    try:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, guarded(name, method))
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+
+
+def _to_host(args, kwargs) -> bool:
+    """Whether ``Tensor.to(*args, **kwargs)`` names the CPU as its device."""
+    for value in (*args[1:], kwargs.get("device")):
+        if isinstance(value, (str, torch.device)) and torch.device(value).type == "cpu":
+            return True
+    return False
+
+
+def gradients_up_to_third(loss, inputs, grad_loss, directions):
+    """First, second and third derivatives of ``sum(loss * grad_loss)`` in ``inputs``, through autograd.
+
+    The first is the gradient; each next one is the gradient of the previous
+    one's inner product with fixed ``directions`` (one float32 tensor per
+    input): Hessian- and third-derivative-vector products, zeros where nothing
+    depends on the input.
+    """
+    grads, found = [], torch.autograd.grad(loss, inputs, grad_loss, create_graph=True, allow_unused=True,
+                                           materialize_grads=True)
+    for _ in range(2):
+        grads.append(found)
+        total = sum((g.float() * d).sum() for g, d in zip(found, directions))
+        if not total.requires_grad:  # the last derivative was constant
+            found = tuple(torch.zeros_like(t) for t in inputs)
+            continue
+        found = torch.autograd.grad(total, inputs, create_graph=True, allow_unused=True, materialize_grads=True)
+    grads.append(found)
+    return grads

@@ -5,8 +5,14 @@ its specification in plain PyTorch. The Triton path is the custom op
 ``fastvae::reconstruction_loss``, whose forward returns the loss together with
 the gradients of its inputs (written in the same pass, see
 :mod:`fastvae.kernels.reconstruction_loss`), joined by ``register_autograd`` to
-a backward that only applies the upstream gradient (``fastvae::scale_per_sample``),
-so ``torch.compile(fullgraph=True)`` sees opaque ops and no graph break.
+a backward that only applies the upstream gradient, as
+:mod:`fastvae.ops.grad_in_forward` says: in place when it owns the saved
+gradient, out of place for a retained or traced graph
+(``fastvae::scale_per_sample``, so ``torch.compile(fullgraph=True)`` sees
+opaque ops and no graph break), in torch ops under ``create_graph=True``. The
+saved gradients are differentiable outputs of the op: a double backward reaches
+this backward with their gradients, and adds the Hessian-vector products
+(:func:`_hessian_vector_products`), so every order is exact.
 """
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+import torch.nn.functional as F
 
 from fastvae.backend import resolve_backend
+from fastvae.ops.grad_in_forward import add_grads, apply_upstream, backward_mode
 from fastvae.ops.checks import (
     REDUCTIONS,
     check_choice,
@@ -29,6 +36,30 @@ from fastvae.ops.checks import (
 
 KINDS = ("mse", "bce", "gaussian", "l1")
 LOG_2PI = math.log(2 * math.pi)
+
+
+# softplus(l) is l above this (e^-40 is below half an ulp of 40 in float64 as in float32), and e^l does not overflow.
+SOFTPLUS_LINEAR_ABOVE = 40.0
+
+
+def _bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``softplus(logits) - logits * x`` per element, and its limit where a logit is infinite.
+
+    The smooth form gives autograd the exact gradient ``sigmoid(logits) - x``
+    everywhere, 0 included, and every higher derivative (the usual
+    ``max(l, 0) + log1p(e^-|l|)`` has kinks at 0, where autograd takes one
+    side's gradient: ``1 - x`` instead of ``0.5 - x``). At ``l = +-inf`` it
+    would be ``inf - inf``; the limit is ``|l|`` times ``1 - x`` (``l = +inf``)
+    or ``x`` (``-inf``): ``+inf``, or 0 where that factor is 0 (``x`` gets a
+    gradient of 0 there, as ``torch.xlogy`` gives).
+    """
+    infinite = logits.isinf()
+    # The finite stand-in keeps the unused branch's gradient finite (where() passes it a zero, and 0 * inf is NaN).
+    finite = torch.where(infinite, 0.0, logits)
+    smooth = F.softplus(finite, threshold=SOFTPLUS_LINEAR_ABOVE) - finite * x
+    factor = torch.where(logits > 0, 1 - x, x)
+    limit = factor * torch.where(factor == 0, 0.0, logits.abs())
+    return torch.where(infinite, limit, smooth)
 
 
 def reconstruction_loss_reference(
@@ -46,7 +77,7 @@ def reconstruction_loss_reference(
     elif kind == "l1":
         loss = (x_hat_ - x_).abs()
     elif kind == "bce":
-        loss = x_hat_.clamp_min(0) - x_hat_ * x_ + torch.log1p(torch.exp(-x_hat_.abs()))
+        loss = _bernoulli_nll(x_hat_, x_)
     else:
         logvar_ = logvar.to(acc)
         loss = 0.5 * ((x_ - x_hat_) ** 2 * torch.exp(-logvar_) + logvar_ + LOG_2PI)
@@ -127,7 +158,24 @@ class _LogvarBroadcast:
             "columns": (1, *self.x_shape[1:]),
             "elements": self.x_shape,
         }[mode]
-        return grad.reshape(view).sum_to_size(self.padded).reshape(self.shape)
+        return self.sum_to_shape(grad.reshape(view))
+
+    def sum_to_shape(self, grad: torch.Tensor) -> torch.Tensor:
+        """A per-element gradient (``x``'s shape) summed over the broadcast dims, to ``logvar``'s shape."""
+        return grad.sum_to_size(self.padded).reshape(self.shape)
+
+    def per_element(self, grad: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The adjoint of how the forward gathers ``logvar``'s gradient: ``grad`` spread back to ``x``'s shape.
+
+        ``grad`` has the layout of :meth:`grad_spec` (``logvar``'s shape, one
+        value per sample, or one per element); each value came from a sum over
+        the elements it stands for, so each of them gets it back.
+        """
+        if self.final_grad_in_forward(reduction):
+            return grad.reshape(self.padded).expand(self.x_shape)
+        if self.grad_mode(reduction) == "rows":
+            return grad.reshape((self.x_shape[0],) + (1,) * (len(self.x_shape) - 1)).expand(self.x_shape)
+        return grad.reshape(self.x_shape)
 
     def final_grad_in_forward(self, reduction: str) -> bool:
         """Whether the forward can give the gradient itself, only to be scaled per sample in the backward."""
@@ -148,6 +196,11 @@ def _kernels():
     from fastvae.kernels import reconstruction_loss
 
     return reconstruction_loss
+
+
+def _grad_scale(reduction: str, batch: int) -> float:
+    """The factor folded into the gradients the forward writes: the mean over samples comes for free there."""
+    return 1.0 / max(batch, 1) if reduction == "mean" else 1.0
 
 
 @torch.library.custom_op("fastvae::reconstruction_loss", mutates_args=())
@@ -182,8 +235,7 @@ def _fused_forward(
             x_hat, x, broadcast.rows(logvar) if broadcast is not None else None, kind,
             grad_x_hat=grad_x_hat, grad_x=grad_x, logvar_grad=mode,
             logvar_grad_dtype=logvar.dtype if broadcast is not None and broadcast.full else torch.float32,
-            # The mean over samples is folded into the gradients here, for free.
-            grad_scale=1.0 / batch if reduction == "mean" else 1.0,
+            grad_scale=_grad_scale(reduction, batch),
         )
     if mode == "none":
         grad_logvar_out = x_hat.new_empty(0)
@@ -212,75 +264,135 @@ def _(x_hat, x, logvar, kind, reduction, grad_x_hat, grad_x, grad_logvar):
     )
 
 
-@torch.library.custom_op("fastvae::scale_per_sample", mutates_args=())
-def _scale_per_sample(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A new ``grad * weight``: ``grad`` contiguous ``(B, ...)`` with ``weight`` ``(B,)`` float32, or a scalar."""
-    if grad.numel() == 0:
-        return torch.empty_like(grad)
-    rows = weight.shape[0] if weight.dim() == 1 else 1
-    return _kernels().scale_rows(grad.view(rows, -1), weight.reshape(rows)).view(grad.shape)
-
-
-@_scale_per_sample.register_fake
-def _(grad, weight):
-    return torch.empty_like(grad)
-
-
-def _is_one(grad_loss: torch.Tensor) -> bool:
-    """Whether the upstream gradient is exactly 1 (``loss.backward()`` on a scalar loss, or on ``loss.sum()``).
-
-    The saved gradients then are the answer and are handed on as they are,
-    without a pass over them. Telling needs the value on the host: one sync
-    (the host waits for the device to reach this point before it launches the
-    rest of the backward) against a read and a write of every gradient, the
-    trade Liger-Kernel's fused cross-entropy makes too; this op is for inputs
-    large enough that the pass is the dearer. A traced backward (torch.compile,
-    AOTAutograd, make_fx: a tracing dispatch mode or tensor subclass) has no
-    values to test, and its graph must serve any upstream gradient: there the
-    gradients are always scaled.
-    """
-    tracing = torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-    if tracing or type(grad_loss) is not torch.Tensor:
-        return False
-    return bool((grad_loss == 1).all())
-
-
 def _setup_context(ctx, inputs, output):
-    _, x, logvar, _, reduction, *_ = inputs
-    _, grad_x_hat, grad_x, grad_logvar = output
-    ctx.save_for_backward(grad_x_hat, grad_x, grad_logvar)
-    ctx.mark_non_differentiable(grad_x_hat, grad_x, grad_logvar)
-    # The gradient outputs are never used: no zero-filled gradients for them.
+    x_hat, x, logvar, kind, reduction, *asked = inputs
+    saved_grads = output[1:]
+    # The gradients asked for stay differentiable outputs, which is what carries higher orders (see _backward);
+    # the others are empty placeholders.
+    ctx.mark_non_differentiable(*(g for g, wanted in zip(saved_grads, asked) if not wanted))
+    # An output that no gradient reaches gets None, not a buffer of zeros.
     ctx.set_materialize_grads(False)
-    ctx.reduction = reduction
+    # What the second derivatives need beyond the saved gradients: references to inputs, no copies. Only a
+    # Gaussian whose logvar alone requires grad has no saved gradient to recover d e^-logvar from: it keeps x_hat.
+    residual_from_inputs = kind == "gaussian" and not (asked[0] or asked[1])
+    keep_x = (kind == "bce" and asked[0]) or residual_from_inputs
+    ctx.save_for_backward(
+        *saved_grads,
+        x if keep_x else None,
+        logvar if kind == "gaussian" else None,
+        x_hat if residual_from_inputs else None,
+    )
+    ctx.kind, ctx.reduction, ctx.asked = kind, reduction, tuple(asked)
+    ctx.grad_scale = _grad_scale(reduction, x_hat.shape[0])
     ctx.broadcast = _LogvarBroadcast(logvar.shape, x.shape) if logvar is not None else None
-    ctx.logvar_dtype = logvar.dtype if logvar is not None else None
+    ctx.dtypes = (x_hat.dtype, x.dtype, logvar.dtype if logvar is not None else None)
 
 
-def _backward(ctx, grad_loss, *_unused):
-    saved_x_hat, saved_x, saved_logvar = ctx.saved_tensors
-    unit = _is_one(grad_loss)
-
-    def scaled(saved: torch.Tensor) -> torch.Tensor:
-        # Never in place: a second backward (retain_graph=True) must see the saved gradient unchanged.
-        return saved if unit else _scale_per_sample(saved, grad_loss)
-
-    grad_x_hat = scaled(saved_x_hat) if ctx.needs_input_grad[0] else None
-    grad_x = scaled(saved_x) if ctx.needs_input_grad[1] else None
+def _first_order(ctx, grad_loss, saved_x_hat, saved_x, saved_logvar, mode):
+    """The upstream gradient applied to the gradients the forward wrote (see :mod:`fastvae.ops.grad_in_forward`)."""
+    grad_x_hat = apply_upstream(saved_x_hat, grad_loss, mode) if ctx.needs_input_grad[0] else None
+    grad_x = apply_upstream(saved_x, grad_loss, mode) if ctx.needs_input_grad[1] else None
     grad_logvar = None
     if ctx.needs_input_grad[2]:
-        broadcast = ctx.broadcast
-        if broadcast.final_grad_in_forward(ctx.reduction):
-            grad_logvar = scaled(saved_logvar)
-        elif broadcast.grad_mode(ctx.reduction) == "rows":
-            grad_logvar = broadcast.sum_back(saved_logvar * grad_loss, "rows").to(ctx.logvar_dtype)
+        broadcast, reduction = ctx.broadcast, ctx.reduction
+        if broadcast.final_grad_in_forward(reduction):
+            grad_logvar = apply_upstream(saved_logvar, grad_loss, mode)
+        elif broadcast.grad_mode(reduction) == "rows":
+            grad_logvar = broadcast.sum_back(saved_logvar * grad_loss, "rows")
         elif not broadcast.varies_over_batch:
             # Shared by all samples: each feature's gradient is a weighted column sum, one matrix-vector product.
-            grad_logvar = broadcast.sum_back(grad_loss @ saved_logvar, "columns").to(ctx.logvar_dtype)
+            grad_logvar = broadcast.sum_back(grad_loss @ saved_logvar, "columns")
         else:
-            weighted = saved_logvar * grad_loss[:, None]
-            grad_logvar = broadcast.sum_back(weighted, "elements").to(ctx.logvar_dtype)
-    return grad_x_hat, grad_x, grad_logvar, None, None, None, None, None
+            grad_logvar = broadcast.sum_back(saved_logvar * grad_loss[:, None], "elements")
+    return grad_x_hat, grad_x, grad_logvar
+
+
+def _hessian_vector_products(ctx, vectors, saved_x_hat, saved_x, x, logvar, x_hat):
+    r"""The second-order part of a double backward: ``H v`` for the gradients ``v`` of the saved-gradient outputs.
+
+    The saved gradients are ``s`` times the derivatives of the per-element
+    loss in ``(x_hat, x, logvar)`` (``s`` = ``1 / B`` for ``"mean"``, else 1),
+    so their derivatives are ``s`` times its Hessian, which is per element and
+    tiny. With ``r = d e^{-logvar}`` and ``q = r^2 e^{logvar}`` for the Gaussian
+    and ``\sigma = \mathrm{sigmoid}(x_hat)`` for BCE:
+
+    ========  ==========================================================
+    kind      Hessian in (x_hat, x, logvar), per element
+    ========  ==========================================================
+    mse       ``[[2, -2, 0], [-2, 2, 0], [0, 0, 0]]``
+    l1        0
+    bce       ``[[sigma (1 - sigma), -1, 0], [-1, 0, 0], [0, 0, 0]]``
+    gaussian  ``[[e^-lv, -e^-lv, -r], [-e^-lv, e^-lv, r], [-r, r, q / 2]]``
+    ========  ==========================================================
+
+    Everything is written in differentiable torch ops of the saved gradients
+    (outputs of the op itself: ``sigma = G_x_hat / s + x``, ``r = G_x_hat / s``
+    or ``-G_x / s``) and the saved inputs, so autograd takes third and higher
+    orders through the op again. Float32 results, ``None`` for zero terms.
+    """
+    kind, s, (asked_x_hat, asked_x, _) = ctx.kind, ctx.grad_scale, ctx.asked
+    v_x_hat, v_x, v_logvar = (v.float() if v is not None else None for v in vectors)
+    if v_logvar is not None:
+        v_logvar = ctx.broadcast.per_element(v_logvar, ctx.reduction)
+    if kind == "l1":
+        return None, None, None
+    if kind == "mse":
+        t = 2.0 * s * _combine(v_x_hat, v_x, 1.0, -1.0)
+        return t, -t, None
+    if kind == "bce":
+        grad_x_hat = grad_x = None
+        if v_x_hat is not None:
+            sigma = saved_x_hat.float() / s + x.float()
+            grad_x_hat, grad_x = s * sigma * (1.0 - sigma) * v_x_hat, -s * v_x_hat
+        if v_x is not None:
+            grad_x_hat = _combine(grad_x_hat, v_x, 1.0, -s)
+        return grad_x_hat, grad_x, None
+    logvar = logvar.float()
+    inv_var = torch.exp(-logvar)
+    if asked_x_hat:
+        r = saved_x_hat.float() / s
+    elif asked_x:
+        r = -saved_x.float() / s
+    else:
+        r = (x_hat.float() - x.float()) * inv_var
+    # t: the x_hat row of H v (the x row is -t); u: the logvar row, per element.
+    dv = _combine(v_x_hat, v_x, 1.0, -1.0)
+    t = _combine(_times(dv, inv_var), _times(v_logvar, r), 1.0, -1.0)
+    u = _combine(_times(dv, r), _times(v_logvar, r * r * torch.exp(logvar)), -1.0, 0.5)
+    grad_logvar = ctx.broadcast.sum_to_shape(s * u.expand(ctx.broadcast.x_shape))
+    return s * t, -s * t, grad_logvar
+
+
+def _times(a, b):
+    """``a * b``, or ``None`` for a zero term ``a``."""
+    return None if a is None else a * b
+
+
+def _combine(a, b, alpha, beta):
+    """``alpha a + beta b`` where either may be ``None`` (a zero term); ``None`` if both are."""
+    if a is None:
+        return None if b is None else beta * b
+    return alpha * a if b is None else alpha * a + beta * b
+
+
+def _backward(ctx, grad_loss, *vectors):
+    saved_x_hat, saved_x, saved_logvar, x, logvar, x_hat = ctx.saved_tensors
+    double_backward = any(v is not None for v in vectors)
+    if grad_loss is None and not double_backward:
+        return (None,) * 8
+    received = grad_loss if grad_loss is not None else next(v for v in vectors if v is not None)
+    mode = backward_mode(received, higher_order=double_backward)
+    second = (None, None, None)
+    if double_backward:
+        second = _hessian_vector_products(ctx, vectors, saved_x_hat, saved_x, x, logvar, x_hat)
+    first = (None, None, None)
+    if grad_loss is not None:
+        first = _first_order(ctx, grad_loss, saved_x_hat, saved_x, saved_logvar, mode)
+    grads = [
+        add_grads(f, h, dtype=dtype) if needed else None
+        for f, h, dtype, needed in zip(first, second, ctx.dtypes, ctx.needs_input_grad)
+    ]
+    return (*grads, None, None, None, None, None)
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -301,7 +413,9 @@ def reconstruction_loss(
 
     * ``"mse"``: :math:`(\hat x - x)^2`
     * ``"bce"``: Bernoulli with ``x_hat`` as **logits**:
-      :math:`\max(\hat x, 0) - \hat x x + \log(1 + e^{-|\hat x|})`, stable for any logit; ``x`` in [0, 1]
+      :math:`\max(\hat x, 0) - \hat x x + \log(1 + e^{-|\hat x|})`, stable for any finite logit, and its
+      limit at an infinite one (0 where ``x`` agrees with it: ``x = 1`` for ``+inf``, ``x = 0`` for
+      ``-inf``; ``+inf`` otherwise), with a finite gradient ``sigmoid(x_hat) - x``; ``x`` in [0, 1]
       (not checked, which would cost a sync: other values go through the same formula).
     * ``"gaussian"``: :math:`\tfrac12 \left((x - \hat x)^2 e^{-\log\sigma^2} + \log\sigma^2 + \log 2\pi\right)`
       with a learned ``logvar`` that broadcasts to ``x``: a scalar tensor, one
@@ -330,13 +444,20 @@ def reconstruction_loss(
 
     On the Triton path the forward writes the gradients of the inputs that
     require grad in the same pass as the loss, so the backward only multiplies
-    them by the upstream gradient, and hands them on untouched when that is
-    exactly 1 (``loss.backward()`` of a ``"sum"`` or ``"mean"`` loss, outside
-    ``torch.compile``). The gradients are kept from the forward to the
-    backward: a buffer the size of each input that requires grad (a shared
-    ``logvar`` under ``reduction="none"`` keeps a float32 one the size of
-    ``x``, for the per-sample weights that come with the backward). Under
-    ``torch.no_grad()``, or when no input requires grad, the forward writes none.
+    them by the upstream gradient, without reading it on the host. A plain
+    ``backward()`` takes the saved buffer over and scales it in place, leaving
+    alone the samples whose upstream gradient is exactly 1 (for
+    ``loss.backward()`` of a ``"sum"`` or ``"mean"`` loss: no pass at all); a
+    retained graph (``retain_graph=True``) or a traced one (``torch.compile``)
+    writes a new gradient each time, so no two gradients share memory. Under
+    ``create_graph=True`` every order of gradient is exact. The gradients are
+    kept from the forward to the backward: a buffer the size of each input
+    that requires grad (a shared ``logvar`` under ``reduction="none"`` keeps a
+    float32 one the size of ``x``, for the per-sample weights that come with
+    the backward), plus references to ``x`` and ``logvar`` where the second
+    derivatives need them (and to ``x_hat`` for a Gaussian whose ``logvar``
+    alone requires grad). Under ``torch.no_grad()``, or when no input requires
+    grad, the forward writes none.
     """
     check_float_tensor("x_hat", x_hat)
     check_float_tensor("x", x)

@@ -5,6 +5,14 @@ specification in plain PyTorch. The Triton path is a pair of custom ops
 (``fastvae::reparameterize_kl`` and its backward) joined by
 ``register_autograd``, so ``torch.compile(fullgraph=True)`` sees one opaque op
 and no graph break.
+
+The backward reads nothing on the host: in eager mode the Philox seed and
+counter of drawn noise are Python ints from the start (reserved before the op
+runs); only a traced graph, which cannot know them at trace time, passes them
+from the forward to the backward as a small CPU tensor. Under
+``create_graph=True`` the backward is computed in torch ops from ``mu``,
+``logvar`` and the noise (regenerated bit for bit into a tensor, only then), so
+gradients of every order are exact.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from fastvae.ops.checks import (
     compute_dtype,
     reduce_per_sample,
 )
+from fastvae.ops.grad_in_forward import Mode, add_grads, backward_mode, is_tracing
 from fastvae.ops.rng import philox_seed_offset
 
 
@@ -59,9 +68,10 @@ def _fused_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``z``, the per-sample KL, and the Philox ``(seed, first_counter)`` as a CPU int64 tensor.
 
-    Without ``eps`` and ``philox`` the noise comes from the device's default
-    generator, read here, inside the op, so that torch.compile traces no
-    generator state (the tag keeps compiled graphs from merging two calls).
+    ``philox`` is the reserved state of drawn noise (eager calls). Without
+    ``eps`` and ``philox`` (a traced call) the noise comes from the device's
+    default generator, read here, inside the op, so that torch.compile traces
+    no generator state (the tag keeps compiled graphs from merging two calls).
     """
     seed, first_counter = 0, 0
     if eps is None:
@@ -81,6 +91,14 @@ def _(mu, logvar, eps, philox):
     return z, kl, torch.empty(2, dtype=torch.int64, device="cpu")
 
 
+def _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed: int, first_counter: int):
+    if mu.numel() == 0:
+        return torch.zeros_like(mu, memory_format=torch.contiguous_format), torch.zeros_like(
+            logvar, memory_format=torch.contiguous_format
+        )
+    return _kernels().reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed, first_counter)
+
+
 @torch.library.custom_op("fastvae::reparameterize_kl_backward", mutates_args=())
 def _fused_backward(
     grad_z: torch.Tensor | None,
@@ -90,12 +108,9 @@ def _fused_backward(
     eps: torch.Tensor | None,
     philox_state: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if mu.numel() == 0:
-        return torch.zeros_like(mu, memory_format=torch.contiguous_format), torch.zeros_like(
-            logvar, memory_format=torch.contiguous_format
-        )
-    seed, first_counter = philox_state.tolist()
-    return _kernels().reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed, first_counter)
+    """The backward kernel for a traced graph, which knows the Philox state only as the forward's CPU tensor."""
+    seed, first_counter = philox_state.tolist()  # a CPU tensor: no device sync
+    return _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed, first_counter)
 
 
 @_fused_backward.register_fake
@@ -104,17 +119,48 @@ def _(grad_z, grad_kl, mu, logvar, eps, philox_state):
 
 
 def _setup_context(ctx, inputs, output):
-    mu, logvar, eps, _ = inputs
+    mu, logvar, eps, philox = inputs
+    # Eager calls reserve the Philox state outside the op (see reparameterize_kl), so the backward has it as
+    # Python ints; a traced one draws it inside, and its backward reads the CPU tensor the op returned.
+    ctx.philox = (0, 0) if eps is not None else (tuple(philox) if philox is not None else None)
     ctx.save_for_backward(mu, logvar, eps, output[2])
     # An unused output gets no gradient tensor at all, rather than a buffer of zeros.
     ctx.set_materialize_grads(False)
+
+
+def _differentiable_backward(grad_z, grad_kl, mu, logvar, eps):
+    """``(grad_mu, grad_logvar, grad_eps)`` in float32 torch ops, which autograd records under ``create_graph``."""
+    logvar = logvar.float()
+    std = torch.exp(0.5 * logvar)
+    grad_mu = grad_logvar = grad_eps = None
+    if grad_z is not None:
+        grad_z = grad_z.float()
+        grad_mu, grad_logvar, grad_eps = grad_z, 0.5 * grad_z * eps.float() * std, grad_z * std
+    if grad_kl is not None:
+        grad_kl = grad_kl.float().unsqueeze(-1)
+        grad_mu = add_grads(grad_mu, grad_kl * mu.float(), dtype=torch.float32)
+        grad_logvar = add_grads(grad_logvar, 0.5 * grad_kl * (std * std - 1.0), dtype=torch.float32)
+    return grad_mu, grad_logvar, grad_eps
 
 
 def _backward(ctx, grad_z, grad_kl, _grad_philox):
     mu, logvar, eps, philox_state = ctx.saved_tensors
     if grad_z is None and grad_kl is None:
         return None, None, None, None
-    grad_mu, grad_logvar = _fused_backward(grad_z, grad_kl, mu, logvar, eps, philox_state)
+    mode = backward_mode(mu)
+    if mode is Mode.DIFFERENTIABLE:
+        # create_graph=True: plain torch ops, so that autograd can differentiate the backward again.
+        noise = eps
+        if eps is None and grad_z is not None:
+            seed, first_counter = ctx.philox if ctx.philox is not None else philox_state.tolist()
+            noise = _kernels().draw_noise(mu.shape, mu.device, seed, first_counter)
+        grad_mu, grad_logvar, grad_eps = _differentiable_backward(grad_z, grad_kl, mu, logvar, noise)
+        grad_eps = grad_eps.to(eps.dtype) if grad_eps is not None and ctx.needs_input_grad[2] else None
+        return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype), grad_eps, None
+    if mode is Mode.TRACED or ctx.philox is None:
+        grad_mu, grad_logvar = _fused_backward(grad_z, grad_kl, mu, logvar, eps, philox_state)
+    else:
+        grad_mu, grad_logvar = _launch_backward(grad_z, grad_kl, mu, logvar, eps, *ctx.philox)
     grad_eps = None
     if eps is not None and ctx.needs_input_grad[2] and grad_z is not None:
         grad_eps = (grad_z * torch.exp(0.5 * logvar.float())).to(eps.dtype)
@@ -179,7 +225,11 @@ def reparameterize_kl(
             eps = torch.randn(mu.shape, generator=generator, dtype=acc, device=mu.device)
         return reparameterize_kl_reference(mu, logvar, eps, reduction)
 
-    # An explicit generator cannot enter the op's schema: its Philox state is read here.
-    philox = _reserve_philox(generator, mu) if eps is None and generator is not None else None
+    # The op's schema takes no generator, so an explicit one's Philox state is read here. So is the default
+    # generator's in eager mode, which gives the backward the state as Python ints; a traced call must read it
+    # inside the op (at run time, not once at trace time).
+    philox = None
+    if eps is None and (generator is not None or not is_tracing(mu)):
+        philox = _reserve_philox(generator, mu)
     z, kl, _ = _fused_forward(mu, logvar, eps, philox)
     return z, reduce_per_sample(kl, reduction)

@@ -30,6 +30,15 @@ def default_generator(device: torch.device) -> torch.Generator:
     raise ValueError(f"no Philox generator for {device.type} tensors")
 
 
+def cpu_philox_key(generator: torch.Generator) -> int:
+    """A fresh 63-bit Philox key drawn from a CPU generator.
+
+    The one place where fastvae reads a tensor's value on the host: a CPU
+    tensor, drawn for the CPU interpreter, with no device to wait for.
+    """
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator))
+
+
 def philox_seed_offset(generator: torch.Generator | None, device: torch.device, n_rounds: int) -> tuple[int, int]:
     """Reserve ``n_rounds`` Philox rounds: return ``(seed, first_counter)`` and advance the generator.
 
@@ -39,8 +48,7 @@ def philox_seed_offset(generator: torch.Generator | None, device: torch.device, 
     """
     generator = default_generator(device) if generator is None else generator
     if generator.device.type == "cpu":
-        seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
-        return seed, 0
+        return cpu_philox_key(generator), 0
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "fastvae draws its noise from the generator's state when a kernel is launched, which a CUDA graph "

@@ -11,9 +11,9 @@ half-width ``h = 1 / K``), from the observed level ``k_c`` of each channel at
     log p     = logsumexp_m(log_softmax(l)_m + sum_c L_cm)        nll of a sample = -sum of log p
 
 Every term of ``L`` is a log of a number in (0, 1], so they add without
-cancelling: the value keeps float32's relative accuracy for any mean and any
-scale down to ``e^-7`` (masses of 1e-30 and far below), with no density
-approximation. ``log(1 - e^u)`` is taken as ``log(2h) - s + log r`` with
+cancelling: the value carries no error beyond the float32 rounding of ``a``
+and ``b`` themselves, for any mean and any scale from ``e^-7`` up (masses of
+1e-30 and far below), with no density approximation and a finite gradient. ``log(1 - e^u)`` is taken as ``log(2h) - s + log r`` with
 ``r = (1 - e^u) / -u`` for ``u > -log 2`` and as ``log1p(-e^u)`` below: two
 exact forms of one function, equal to rounding where they meet.
 
@@ -38,7 +38,10 @@ thread needs do not grow with ``M``. The channel loop is unrolled (``C`` is a
 constexpr): channel ``c``'s derivatives and tanh terms wait in registers for
 the responsibilities, which need every channel. ``params`` and ``x`` are read
 with their own strides (int64 offsets); partial sums per sample and column
-split are added by the launcher.
+split are added by the launcher. Compiled for sm_90 on contiguous ``params``,
+Triton gives each thread consecutive pixels (vector loads) and spreads the
+components over threads and warps, so the reductions over components pass
+through 1 KiB of shared memory.
 
 Memory traffic per pass, in units of ``params``' size (``B P N`` elements of its
 dtype, ``P = M (C + 1)(C + 2) / 2``: 100 per pixel for RGB at M = 10); ``x``
@@ -53,6 +56,8 @@ forward with gradient     params, x -> gradient (params' dtype)      2
 backward                  gradient -> gradient * upstream (new)      2
 forward + backward                                                   4
 ========================  =========================================  =====
+
+A backward under ``create_graph=True`` runs the eager reference instead.
 
 Kept from the forward for the backward: the gradient (1 unit, a new buffer)
 and references to ``params`` and ``x`` (no copies; they cost memory only where

@@ -58,6 +58,11 @@ forward + backward                                                   4
 ========================  =========================================  =====
 
 A backward under ``create_graph=True`` runs the eager reference instead.
+The eager reference, counted per ATen call on the CPU (each call's tensor
+inputs read and its outputs written once, views free) for ``(4, 100, 8, 8)``
+RGB parameters at M = 10 with ``reduction="mean"``, moves 21.3 units in its
+forward (51 calls) and 37.2 in its backward (65): 58.5 against the fused 4. For
+bfloat16 ``params``, which it computes in float32, 45.5 + 77.4 = 122.9.
 
 Kept from the forward for the backward: the gradient (1 unit, a new buffer)
 and references to ``params`` and ``x`` (no copies; they cost memory only where

@@ -582,6 +582,40 @@ def test_memory_kept_for_the_backward(device, dtype):
     assert (units(eager), units(eager, new_only=True)) == pytest.approx(expected_eager, abs=0.005)
 
 
+class BytesMoved(TorchDispatchMode):
+    """Bytes each ATen call reads and writes: its tensor inputs and outputs once each; views and scalars free."""
+
+    VIEWS = {"view", "_unsafe_view", "split_with_sizes", "slice", "select", "expand", "unsqueeze", "squeeze",
+             "permute", "transpose", "t", "alias", "detach", "as_strided", "unbind", "_reshape_alias"}
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ not in self.VIEWS:
+            tensors = [t for t in torch.utils._pytree.tree_flatten((args, kwargs, out))[0]
+                       if isinstance(t, torch.Tensor) and t.numel() > 1]
+            self.total += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bytes_the_eager_reference_moves(dtype):
+    """The eager counts in the byte table of fastvae.kernels.discretized_logistic_mixture."""
+    params = make_params(4, 3, 10, (8, 8), "cpu", dtype)
+    x = make_images(4, 3, (8, 8), 8, "cpu")
+    unit = params.numel() * params.element_size()
+    forward, backward = BytesMoved(), BytesMoved()
+    with forward:
+        loss = discretized_logistic_mixture_nll_reference(params, x, 10, 8, "mean")
+    with backward:
+        loss.backward()
+    expected = {torch.float32: (21.27, 37.18), torch.bfloat16: (45.54, 77.36)}[dtype]
+    assert (forward.total / unit, backward.total / unit) == pytest.approx(expected, abs=0.01)
+
+
 # ---- bad input --------------------------------------------------------------------------------------------
 
 P3 = n_params(3, 2)
@@ -658,7 +692,8 @@ def test_sampler_component_frequencies_follow_the_softmax():
     means = torch.tensor([-0.9, -0.3, 0.3, 0.9], dtype=torch.float64)
     n = 40000
     params = torch.cat([logits, means, torch.full((4,), -7.0, dtype=torch.float64)])[None, :, None].expand(1, -1, n)
-    x = sample_discretized_logistic_mixture(params, num_mixtures=4, num_bits=8)
+    x = sample_discretized_logistic_mixture(params, num_mixtures=4, num_bits=8,
+                                            generator=torch.Generator().manual_seed(2))  # no flaky 4-sigma miss
     component = ((2 * x - 1)[0, 0, :, None] - means).abs().argmin(dim=1)  # tiny scales: each draw is at its mean
     freq = torch.bincount(component, minlength=4).double() / n
     prob = torch.softmax(logits, 0)
@@ -668,11 +703,13 @@ def test_sampler_component_frequencies_follow_the_softmax():
 def test_sampler_draws_the_distribution_the_nll_scores():
     """Two channels, the second conditioned on the first, three bits: the histogram of draws against exp(-nll)."""
     bits, max_level, m = 3, 7, 2
-    torch.manual_seed(1)
-    column = torch.tensor([0.3, -0.2, -0.4, 0.5, 0.1, -0.3, -1.0, -0.5, 1.5, -0.8, 0.0, 0.0], dtype=torch.float64)
+    # logits | means of channel 0, of channel 1 | log-scales of channel 0, of channel 1 | coefficients (1, 0).
+    # Channel 1 narrow: its level follows from channel 0's level (not from a value inside channel 0's bin).
+    column = torch.tensor([0.3, -0.2, -0.4, 0.5, 0.1, -0.3, -1.0, -0.5, -4.0, -3.5, 1.5, -0.8], dtype=torch.float64)
     n = 60000
     params = column[None, :, None].expand(1, -1, n)
-    x = sample_discretized_logistic_mixture(params, num_mixtures=m, num_bits=bits)
+    x = sample_discretized_logistic_mixture(params, num_mixtures=m, num_bits=bits,
+                                            generator=torch.Generator().manual_seed(1))
     cells = (x[0, 0] * max_level).round().long() * 8 + (x[0, 1] * max_level).round().long()
     freq = torch.bincount(cells, minlength=64).double() / n
     grid = torch.stack(torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")).reshape(2, 64).T

@@ -237,7 +237,10 @@ class DiscretizedLogisticMixture(nn.Module):
         )
 
     def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images ``(B, C, ...)`` in [0, 1] drawn from the mixture (see :func:`~fastvae.functional.sample_discretized_logistic_mixture`)."""
+        """Images ``(B, C, ...)`` in [0, 1] drawn from the mixture.
+
+        See :func:`~fastvae.functional.sample_discretized_logistic_mixture`.
+        """
         return sample_discretized_logistic_mixture(
             params, num_mixtures=self.num_mixtures, num_bits=self.num_bits, generator=generator
         )

@@ -13,9 +13,10 @@ half-width ``h = 1 / K``), from the observed level ``k_c`` of each channel at
 Every term of ``L`` is a log of a number in (0, 1], so they add without
 cancelling: the value carries no error beyond the float32 rounding of ``a``
 and ``b`` themselves, for any mean and any scale from ``e^-7`` up (masses of
-1e-30 and far below), with no density approximation and a finite gradient. ``log(1 - e^u)`` is taken as ``log(2h) - s + log r`` with
-``r = (1 - e^u) / -u`` for ``u > -log 2`` and as ``log1p(-e^u)`` below: two
-exact forms of one function, equal to rounding where they meet.
+1e-30 and far below), with no density approximation and a finite gradient.
+``log(1 - e^u)`` is taken as ``log(2h) - s + log r`` with ``r = (1 - e^u) / -u``
+for ``u > -log 2`` and as ``log1p(-e^u)`` below: two exact forms of one
+function, equal to rounding where they meet.
 
 Gradient in the forward. With ``R_m`` the posterior responsibility of
 component ``m`` (the softmax of the summed log terms), the kernel writes, in

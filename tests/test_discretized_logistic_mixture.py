@@ -1,4 +1,4 @@
-"""The fused discretized mixture of logistics against its reference, the reference against an exact port, and sampling."""
+"""The fused discretized mixture of logistics against its reference, the reference against an exact port; sampling."""
 import math
 
 import pytest
@@ -22,7 +22,7 @@ def n_params(channels, num_mixtures):
 
 
 def make_params(batch, channels, num_mixtures, spatial, device, dtype=torch.float32, log_scale_low=-4.0):
-    """Parameters of moderate size: logits ~ N(0, 1), means ~ N(0, 0.5), log-scales in (low, 0), coefficients ~ N(0, 1)."""
+    """Moderate parameters: logits ~ N(0, 1), means ~ N(0, 0.5), log-scales in (low, 0), coefficients ~ N(0, 1)."""
     m = num_mixtures
     logits = torch.randn(batch, m, *spatial, device=device)
     means = 0.5 * torch.randn(batch, channels * m, *spatial, device=device)
@@ -677,7 +677,8 @@ def test_sampler_one_component_gives_its_mean():
     bits, max_level = 8, 255
     mean = 2 * 77 / max_level - 1  # on a level, so the discretized logistic is symmetric about it
     params = one_component(mean, -3.0, pixels=20000)
-    x = sample_discretized_logistic_mixture(params, num_mixtures=1, num_bits=bits, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    x = sample_discretized_logistic_mixture(params, num_mixtures=1, num_bits=bits, generator=gen)
     assert x.shape == (1, 1, 20000) and x.dtype == torch.float64
     levels = x * max_level
     assert torch.equal(levels, levels.round())  # on the level grid
@@ -736,8 +737,10 @@ def test_sampler_conditions_later_channels_on_earlier_draws():
 
 def test_sampler_reproducible_with_a_generator_and_on_the_device(device):
     params = make_params(2, 3, 3, (4, 5), device).detach()
-    draws = [sample_discretized_logistic_mixture(params, num_mixtures=3, generator=torch.Generator(device).manual_seed(3))
-             for _ in range(2)]
+    draws = [
+        sample_discretized_logistic_mixture(params, num_mixtures=3, generator=torch.Generator(device).manual_seed(3))
+        for _ in range(2)
+    ]
     assert torch.equal(*draws) and draws[0].shape == (2, 3, 4, 5) and draws[0].dtype == torch.float32
     assert ((draws[0] >= 0) & (draws[0] <= 1)).all()
 

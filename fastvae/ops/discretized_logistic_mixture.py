@@ -112,9 +112,8 @@ def _split(params: torch.Tensor, num_mixtures: int, channels: int):
     m = num_mixtures
     pairs = channels * (channels - 1) // 2
     logits, means, log_scales, coefs = params.split([m, channels * m, channels * m, pairs * m], dim=1)
-    return logits, means.unflatten(1, (channels, m)), log_scales.unflatten(1, (channels, m)), coefs.unflatten(
-        1, (pairs, m)
-    )
+    means, log_scales = means.unflatten(1, (channels, m)), log_scales.unflatten(1, (channels, m))
+    return logits, means, log_scales, coefs.unflatten(1, (pairs, m))
 
 
 def _conditional_mean(means: torch.Tensor, tanh_coefs: torch.Tensor, y: list[torch.Tensor], c: int) -> torch.Tensor:

@@ -113,3 +113,47 @@ def load_f32(ptr, rows, cols, stride_row, stride_col, mask):
 def row_offsets(pid, BLOCK_ROWS: tl.constexpr):
     """int64 row indices of tile ``pid``: offsets into tensors of more than 2**31 elements must not wrap."""
     return pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+
+
+def plan_row_tiles(
+    n_rows: int, n_cols: int, device: torch.device, *, block_elements: int, num_warps: int
+) -> RowTiling:
+    """:func:`plan_rows` for kernels whose columns cost many elements each: tiles of ``block_elements`` columns.
+
+    ``block_elements`` (a power of two) bounds ``block_rows * block_cols``, for
+    kernels that hold several values per column in registers (the components
+    of a mixture at each pixel), and that choose their warps themselves.
+    """
+    block_cols = min(triton.next_power_of_2(n_cols), block_elements)
+    block_rows = max(min(triton.next_power_of_2(n_rows), block_elements // block_cols), 1)
+    row_tiles = triton.cdiv(n_rows, block_rows)
+    col_blocks = triton.cdiv(n_cols, block_cols)
+    n_splits = min(col_blocks, max(triton.cdiv(target_programs(device), row_tiles), 1), MAX_GRID_Y)
+    cols_per_split = triton.cdiv(col_blocks, n_splits) * block_cols
+    n_splits = triton.cdiv(n_cols, cols_per_split)
+    return RowTiling(block_rows, block_cols, row_tiles, n_splits, cols_per_split, num_warps)
+
+
+def sum_splits(partial: torch.Tensor) -> torch.Tensor:
+    """Per-row values from a kernel's ``(n_rows, n_splits)`` partial sums (a view when there is one split)."""
+    return partial.sum(dim=1) if partial.shape[1] > 1 else partial.view(-1)
+
+
+# ---- float32 math that stays accurate where the plain formula cancels ----------------------------------
+
+
+@triton.jit
+def log1p(u):
+    """log(1 + u), accurate for small u (Kahan: the rounding of 1 + u cancels out)."""
+    w = 1.0 + u
+    exact = w == 1.0
+    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+
+
+@triton.jit
+def expm1(u):
+    """e^u - 1, accurate for small u (Kahan's (e - 1) u / log(e) where e = e^u rounds near 1)."""
+    e = tl.exp(u)
+    kahan = (e != 1.0) & (tl.abs(u) < 0.5)
+    ratio = u / tl.log(tl.where(kahan, e, 2.0))
+    return tl.where(kahan, (e - 1.0) * ratio, tl.where(e == 1.0, u, e - 1.0))

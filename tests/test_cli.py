@@ -526,6 +526,7 @@ def test_a_cut_off_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_pat
     assert run("train", *TINY, "--steps", 4, "--out", out, "--quiet")[0] == 0
     with open(out / FILES["metrics"], "a") as f:
         f.write('{"step": 5, "epoch": 0, "lo')  # what a crash while appending leaves
+    (out / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")  # and one killed while checkpointing
     status, _, stderr = run("train", "--out", out, "--resume", "--steps", 6, "--quiet")
     assert status == 0, stderr
     assert (
@@ -533,6 +534,7 @@ def test_a_cut_off_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_pat
         == f"fastvae train: warning: {out / FILES['metrics']}: dropped its last line, which was cut off (as a crash leaves it)\n"
     )
     assert [r["step"] for r in metrics(out)] == list(range(1, 7))
+    assert not (out / "checkpoint.pt.tmp").exists()
 
 
 class FullDisk:

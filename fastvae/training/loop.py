@@ -47,7 +47,7 @@ from fastvae.training.evaluate import evaluate, write_evaluation
 from fastvae.training.files import describe_os_error, interrupts_deferred
 from fastvae.training.figures import save_loss_curve, save_model_figures
 from fastvae.training.metrics import MetricsLog, ProgressBar, read_metrics, truncate_metrics
-from fastvae.training.rundir import FILES, checkpoint_to_resume, missing_final_files, new_run_dir
+from fastvae.training.rundir import FILES, checkpoint_to_resume, missing_final_files, new_run_dir, remove_temporaries
 from fastvae.training.seeds import epoch_order, eval_generator, global_noise_generator, seed_rank_noise
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -189,10 +189,11 @@ class _Run:
         took_over = False
         if config.resume:
             self.out_dir = config.out
-            ctx.decide_on_main(lambda: truncate_metrics(os.path.join(self.out_dir, FILES["metrics"]), self.step))
         else:
             self.out_dir, took_over = ctx.decide_on_main(lambda: new_run_dir(config, data.name))
         self.paths = {key: os.path.join(self.out_dir, name) for key, name in FILES.items()}
+        if config.resume:
+            ctx.decide_on_main(self._tidy_run_dir)
         if self.step == self.total_steps:
             _log(
                 config,
@@ -222,6 +223,11 @@ class _Run:
         self.progress = ProgressBar(self.total_steps, enabled=ctx.is_main and not config.quiet and sys.stderr.isatty())
         self.train_images = data.train.to(ctx.device)
         self.order = None
+
+    def _tidy_run_dir(self) -> None:
+        """Before resuming: drop what a stopped run left behind (temporary files, metrics past its checkpoint)."""
+        remove_temporaries(self.out_dir)
+        truncate_metrics(self.paths["metrics"], self.step)
 
     def _restore(self, checkpoint: dict) -> None:
         """Load a checkpoint's model, optimizer, scaler and this rank's RNG state."""

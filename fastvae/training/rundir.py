@@ -117,6 +117,13 @@ def checkpoint_to_resume(out: str) -> tuple[dict, str]:
     return load_checkpoint(out)
 
 
+def remove_temporaries(out: str) -> None:
+    """Remove the temporary files that a run killed while writing (SIGKILL, a power cut) left in ``out``."""
+    for name in FILES.values():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, f"{name}.tmp"))
+
+
 def missing_final_files(out: str) -> list[str]:
     """The files of :data:`FINAL_FILES` that the run folder ``out`` lacks."""
     return [FILES[key] for key in FINAL_FILES if not os.path.exists(os.path.join(out, FILES[key]))]

@@ -21,14 +21,15 @@ CHECKPOINT_FORMAT = "fastvae-train-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``.
+def save_atomic(obj, path: str, save=torch.save) -> None:
+    """``save(obj, file)`` (``torch.save``) to a temporary file beside ``path``, flushed to disk, then renamed over
+    ``path``.
 
     A crash leaves either the old file or the new one, never half of one.
     """
     temporary = f"{path}.tmp"
     with open(temporary, "wb") as f:
-        torch.save(obj, f)
+        save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
@@ -61,21 +62,34 @@ def load_model_state(model: torch.nn.Module, state: dict, path: str) -> None:
         raise ConfigError(f"the checkpoint {path} does not fit this model ({detail})") from None
 
 
-def rng_state(device: torch.device, noise_generator: torch.Generator | None) -> dict:
-    """This process's random state: torch's CPU generator, its GPU's, and the global-noise generator."""
+def rng_state(
+    device: torch.device,
+    noise_generator: torch.Generator | None,
+    corruption_generator: torch.Generator | None = None,
+) -> dict:
+    """This process's random state: torch's CPU generator, its GPU's, the global-noise generator and the
+    corruption's (a denoising run's)."""
     return {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "noise": noise_generator.get_state() if noise_generator is not None else None,
+        "corruption": corruption_generator.get_state() if corruption_generator is not None else None,
     }
 
 
-def set_rng_state(state: dict, device: torch.device, noise_generator: torch.Generator | None) -> None:
+def set_rng_state(
+    state: dict,
+    device: torch.device,
+    noise_generator: torch.Generator | None,
+    corruption_generator: torch.Generator | None = None,
+) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
     if noise_generator is not None and state["noise"] is not None:
         noise_generator.set_state(state["noise"])
+    if corruption_generator is not None and state.get("corruption") is not None:
+        corruption_generator.set_state(state["corruption"])
 
 
 def model_from_checkpoint(

@@ -9,6 +9,11 @@ Multi-process (``torchrun --nproc-per-node N -m fastvae train ...``): one
 process per GPU (NCCL) or per CPU process (Gloo); ``batch_size`` is the global
 batch, split evenly; gradients are averaged by DistributedDataParallel, the
 logged metrics are averaged across ranks, and only rank 0 writes files.
+
+Denoising (``config.denoise``): each training batch is corrupted with fresh
+noise (:mod:`fastvae.corruption`, drawn as :mod:`fastvae.training.seeds`
+describes) and the model is called as ``model(corrupted, target=clean, ...)``;
+the model needs no other knowledge of it.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fastvae.corruption import parse_corruption
 from fastvae.data import ImageData, load_images, to_unit_float
 from fastvae.errors import ConfigError, NonFiniteLossError
 from fastvae.models import TrainableModel
-from fastvae.training.builders import build_model, describe_model, evaluation_options
+from fastvae.training.builders import build_model, check_options_apply, describe_model, evaluation_options
 from fastvae.training.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -36,11 +42,17 @@ from fastvae.training.checkpoint import (
 )
 from fastvae.training.config import TrainConfig, check_backend, checkpoint_config, resumed_config, validate_config
 from fastvae.training.distributed import Distributed, start_distributed, stop_distributed
-from fastvae.training.evaluate import evaluate, write_evaluation
+from fastvae.training.evaluate import evaluate_held_out, format_held_out, write_evaluation
 from fastvae.training.figures import save_loss_curve, save_model_figures
 from fastvae.training.metrics import MetricsLog, ProgressBar, read_metrics, truncate_metrics
-from fastvae.training.rundir import FILES, new_run_dir
-from fastvae.training.seeds import epoch_order, eval_generator, global_noise_generator, seed_rank_noise
+from fastvae.training.rundir import FILES, OPTIONAL_FILES, new_run_dir
+from fastvae.training.seeds import (
+    corruption_generator,
+    epoch_order,
+    eval_generator,
+    global_noise_generator,
+    seed_rank_noise,
+)
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,7 +64,9 @@ class TrainResult:
     out_dir: str
     step: int
     model: TrainableModel
-    evaluation: dict[str, float] | None  # the held-out means of the model's metrics, as in eval.json
+    # The held-out means of the model's metrics, as in eval.json (a denoising run's corrupted-input ones in a dict
+    # under "corrupted_inputs").
+    evaluation: dict | None
 
 
 def _log(config: TrainConfig, ctx: Distributed, message: str) -> None:
@@ -90,6 +104,7 @@ def _train(config: TrainConfig, explicit: set[str], ctx: Distributed) -> TrainRe
     if config.resume:
         checkpoint, _ = ctx.decide_on_main(lambda: load_checkpoint(config.out))
         config = resumed_config(config, checkpoint_config(checkpoint), explicit)
+    check_options_apply(config, explicit)
     data = load_images(config.data, num_images=config.num_images)
     run = _Run(config, ctx, data, checkpoint)
     try:
@@ -102,7 +117,7 @@ def _train(config: TrainConfig, explicit: set[str], ctx: Distributed) -> TrainRe
         ) from None
     evaluation = None
     if ctx.is_main:
-        evaluation = _finish_run(run.model, data, config, run.paths, run.total_steps)
+        evaluation = _finish_run(run.model, data, config, run.paths, run.total_steps, run.metrics.names)
     ctx.barrier()
     return TrainResult(run.out_dir, run.total_steps, run.model, evaluation)
 
@@ -144,6 +159,11 @@ class _Run:
         if config.noise == "global":
             self.noise_generator = global_noise_generator(config.seed, ctx.device)
         seed_rank_noise(config.seed, ctx.rank)
+        self.corruption = parse_corruption(config.denoise)
+        self.corruption_generator = None
+        if self.corruption is not None:
+            rank = None if config.noise == "global" else ctx.rank
+            self.corruption_generator = corruption_generator(config.seed, rank, ctx.device)
         if checkpoint:
             self._restore(checkpoint)
 
@@ -153,13 +173,15 @@ class _Run:
                 truncate_metrics(os.path.join(self.out_dir, FILES["metrics"]), self.step)
         else:
             self.out_dir = ctx.decide_on_main(lambda: new_run_dir(config, data.name))
-        self.paths = {key: os.path.join(self.out_dir, name) for key, name in FILES.items()}
+        self.paths = {key: os.path.join(self.out_dir, name) for key, name in {**FILES, **OPTIONAL_FILES}.items()}
         _log(
             config,
             ctx,
             f"training the {describe_model(config, self.model)} on {data.name} ({n_train} images, {len(data.test)} held out) "
             f"for steps {self.step + 1}..{self.total_steps} on {ctx.device} x{ctx.world_size} "
-            f"({config.precision}, backend {backend}); writing {self.out_dir}",
+            f"({config.precision}, backend {backend}"
+            + (f", inputs corrupted by {self.corruption}" if self.corruption else "")
+            + f"); writing {self.out_dir}",
         )
 
         self.trained = self.model
@@ -181,7 +203,7 @@ class _Run:
         self.scaler.load_state_dict(checkpoint["scaler"])
         states = checkpoint["rng"]
         if len(states) == self.ctx.world_size:
-            set_rng_state(states[self.ctx.rank], self.ctx.device, self.noise_generator)
+            set_rng_state(states[self.ctx.rank], self.ctx.device, self.noise_generator, self.corruption_generator)
         elif self.ctx.is_main:
             warnings.warn(
                 f"the checkpoint was written by {len(states)} processes and this run has {self.ctx.world_size}: "
@@ -199,28 +221,55 @@ class _Run:
                 self.save()
             elif self.step % self.config.log_every == 0:
                 self._flush_metrics()
+        self._after_training()
         self.save()
         self.progress.close()
 
+    @torch.no_grad()
+    def _after_training(self) -> None:
+        """Show the model its training images once more (:meth:`TrainableModel.after_training`), in float32."""
+        self.model.eval()
+        batches = (to_unit_float(batch) for batch in self.train_images.split(self.config.batch_size))
+        with torch.autocast(self.ctx.device.type, enabled=False):
+            self.model.after_training(batches)
+        self.model.train()
+
     def _batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This rank's share of the current step's global batch: images, and forward's noise arguments if the
-        noise is drawn for the global batch (none otherwise)."""
+        """This rank's share of the current step's global batch: the model's input images, and forward's
+        keyword arguments: ``target``, the clean images, when the inputs are corrupted; the noise if it is drawn
+        for the global batch."""
         epoch, position = divmod(self.step, self.steps_per_epoch)
         if self.order is None or position == 0:
             self.order = epoch_order(self.config.seed, epoch, len(self.train_images), self.ctx.device)
         mine = slice(self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch)
         global_batch = self.order[position * self.config.batch_size : (position + 1) * self.config.batch_size]
         x = to_unit_float(self.train_images[global_batch[mine]])
-        if self.noise_generator is None:
-            return x, {}
-        noise = self.model.noise_inputs(self.config.batch_size, generator=self.noise_generator, device=self.ctx.device)
-        return x, {name: value[mine] for name, value in (noise or {}).items()}
+        arguments = {}
+        if self.corruption is not None:
+            x, arguments["target"] = self._corrupt(x, mine), x
+        if self.noise_generator is not None:
+            noise = self.model.noise_inputs(
+                self.config.batch_size, generator=self.noise_generator, device=self.ctx.device
+            )
+            arguments.update({name: value[mine] for name, value in (noise or {}).items()})
+        return x, arguments
+
+    def _corrupt(self, x: torch.Tensor, mine: slice) -> torch.Tensor:
+        """``x`` corrupted with fresh noise: this rank's own, or its slice of the global batch's (``noise="global"``)."""
+        whole = self.config.noise == "global"
+        noise = self.corruption.noise(
+            self.config.batch_size if whole else len(x),
+            tuple(x.shape[1:]),
+            generator=self.corruption_generator,
+            device=x.device,
+        )
+        return self.corruption.apply(x, noise[mine] if whole else noise)
 
     def _train_step(self) -> None:
-        x, noise = self._batch()
+        x, arguments = self._batch()
         inputs = self.model.step_inputs(self.step)
         with self.autocast:
-            out = self.trained(x, **noise, **inputs.forward)
+            out = self.trained(x, **arguments, **inputs.forward)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         self.scaler.step(self.optimizer)
@@ -248,7 +297,7 @@ class _Run:
             raise NonFiniteLossError(
                 f"the weights became NaN or infinite by step {self.step}; training stopped and {self.last_good()}"
             )
-        states = self.ctx.gather(rng_state(self.ctx.device, self.noise_generator))
+        states = self.ctx.gather(rng_state(self.ctx.device, self.noise_generator, self.corruption_generator))
         if self.ctx.is_main:
             checkpoint = {
                 "format": CHECKPOINT_FORMAT,
@@ -265,15 +314,20 @@ class _Run:
 
 
 def _finish_run(
-    model: TrainableModel, data: ImageData, config: TrainConfig, paths: dict, step: int
-) -> dict[str, float]:
+    model: TrainableModel, data: ImageData, config: TrainConfig, paths: dict, step: int, metric_names: tuple[str, ...]
+) -> dict:
     """Evaluate on the held-out images, write the figures and eval.json, and print the results."""
     generator = eval_generator(config.seed, next(model.parameters()).device)
     options = evaluation_options(config)
-    results = evaluate(model, data.test, batch_size=config.batch_size, generator=generator, **options)
-    save_model_figures(paths, model, data.test, generator)
-    save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]))
-    write_evaluation(paths["eval"], results, step=step, n_images=len(data.test), options=options)
-    print(model.format_evaluation(results, n_images=len(data.test), **options))
+    corruption = parse_corruption(config.denoise)
+    n_images = len(data.test)
+    results = evaluate_held_out(
+        model, data.test, batch_size=config.batch_size, generator=generator, corruption=corruption, options=options
+    )
+    labels = data.subset("test").labels
+    save_model_figures(paths, model, data.test, generator, corruption=corruption, labels=labels)
+    save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]), metric_names, model.units)
+    write_evaluation(paths["eval"], results, step=step, n_images=n_images, options=options, corruption=corruption)
+    print(format_held_out(model, results, n_images=n_images, corruption=corruption, options=options))
     print(f"run folder: {os.path.dirname(paths['checkpoint'])}")
     return results

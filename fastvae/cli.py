@@ -465,9 +465,7 @@ register(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="fastvae", description="Fast variational autoencoders: train, evaluate, sample and encode."
-    )
+    parser = _Parser(prog="fastvae", description="Fast variational autoencoders: train, evaluate, sample and encode.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, sub in SUBCOMMANDS.items():
         sub_parser = commands.add_parser(name, help=sub.help, description=sub.help[0].upper() + sub.help[1:] + ".")

@@ -157,7 +157,9 @@ def test_autoencoder_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_pa
 def identity_autoencoder(config, image_shape, **common):
     """An autoencoder whose output is its input: code = flattened image, through an identity head."""
     size = math.prod(image_shape)
-    model = Autoencoder(nn.Flatten(), nn.Unflatten(1, image_shape), size, likelihood=common["likelihood"], features=size)
+    model = Autoencoder(
+        nn.Flatten(), nn.Unflatten(1, image_shape), size, likelihood=common["likelihood"], features=size
+    )
     with torch.no_grad():
         model.head.weight.copy_(torch.eye(size))
         model.head.bias.zero_()
@@ -167,7 +169,8 @@ def identity_autoencoder(config, image_shape, **common):
 @pytest.mark.parametrize("denoise, noise", [("gaussian:0.3", "rank"), ("mask:0.5", "global")])
 def test_denoising_scores_the_clean_images(tmp_path, monkeypatch, denoise, noise):
     """An identity autoencoder outputs the corrupted image, so its loss is ||corrupt(x) - x||^2, which is
-    recomputed here from the run's seed: the corruption's stream (per rank, or the global batch's) and the data order."""
+    recomputed here from the run's seed: the corruption's stream (per rank, or the global batch's) and the data order.
+    """
     monkeypatch.setitem(builders.MODELS, "identity", identity_autoencoder)
     out = tmp_path / "identity"
     argv = [*AE, "--model", "identity", "--denoise", denoise, "--noise", noise, "--steps", 5, "--lr", 1e-12]
@@ -245,7 +248,9 @@ def test_nonsense_on_an_autoencoders_checkpoint_is_an_error_that_changes_nothing
 
 def test_vae_options_still_apply_to_a_vae(tmp_path):
     """The VAE-only options, and --noise global with --denoise for an autoencoder, are accepted."""
-    status, _, stderr = run("train", *TINY, "--steps", 2, "--beta", 0.5, "--kl-warmup", 3, "--quiet", "--out", tmp_path / "v")
+    status, _, stderr = run(
+        "train", *TINY, "--steps", 2, "--beta", 0.5, "--kl-warmup", 3, "--quiet", "--out", tmp_path / "v"
+    )
     assert status == 0, stderr
     argv = [*AE, "--steps", 2, "--noise", "global", "--denoise", "mask:0.1", "--quiet", "--out", tmp_path / "a"]
     assert run("train", *argv)[0] == 0

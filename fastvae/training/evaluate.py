@@ -96,7 +96,9 @@ def format_held_out(
     clean = {name: value for name, value in results.items() if name != CORRUPTED}
     text = model.format_evaluation(clean, n_images=n_images, **options)
     if corruption is not None:
-        corrupted = model.format_evaluation(results[CORRUPTED], n_images=n_images, corruption=str(corruption), **options)
+        corrupted = model.format_evaluation(
+            results[CORRUPTED], n_images=n_images, corruption=str(corruption), **options
+        )
         text = f"{text}\n{corrupted}"
     return text
 

@@ -104,8 +104,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-images",
         type=_positive_int,
         metavar="N",
-        help="use the first N images (training and held-out together); for shapes, generate N "
-        "(default: all; 20000 shapes)",
+        help="use the first N images (training and held-out together; for mnist, sorted by label, a fixed random "
+        "N of them); for shapes, generate N (default: all; 20000 shapes)",
     )
     what.add_argument(
         "--objective",

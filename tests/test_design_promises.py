@@ -5,6 +5,7 @@ CPU tensors, the launch planner sized for an H100) and the compiled sm_90
 cubins of every variant the ops launch (the session fixture ``sm90_variants``).
 Where a promise does not hold today the test says so with a strict xfail.
 """
+
 import pytest
 import torch
 
@@ -18,8 +19,10 @@ from fastvae.functional import reconstruction_loss, reparameterize_kl
 pytestmark = pytest.mark.skipif(not kernels_interpreted(), reason="counts the Triton path on CPU tensors")
 
 DTYPES = [torch.float32, torch.bfloat16]
-IS_ONE = ("the loss backward decides whether the upstream gradient is 1 on the host (_is_one): an eq and an all "
-          "kernel and a device-to-host sync before the scaling kernel; the ops helper is replacing it")
+IS_ONE = (
+    "the loss backward decides whether the upstream gradient is 1 on the host (_is_one): an eq and an all "
+    "kernel and a device-to-host sync before the scaling kernel; the ops helper is replacing it"
+)
 # ATen calls beside a fused kernel that the docs name: partial sums over column splits or row tiles, a shared
 # logvar's gradient summed (and converted to logvar's dtype), and the reduction over samples (its sum or mean,
 # and the mean's backward).
@@ -38,8 +41,11 @@ def test_reparameterize_kl_keeps_no_tensor_the_size_of_the_noise(dtype, reductio
         events_of(lambda: reparameterize_kl(mu, logvar, reduction=reduction, backend="triton"))
     kept = saved.bytes(exclude=[mu, logvar])
     assert kept == model.PHILOX_STATE_BYTES  # the seed and the first counter, nothing per element
-    assert all(s["bytes"] < mu.numel() * 2 for key, s in saved.storages.items()
-               if key not in {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in (mu, logvar)})
+    assert all(
+        s["bytes"] < mu.numel() * 2
+        for key, s in saved.storages.items()
+        if key not in {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in (mu, logvar)}
+    )
 
 
 def test_the_reference_keeps_the_noise_so_the_count_can_see_it():
@@ -97,22 +103,39 @@ def _calls():
         name = str(dtype).replace("torch.", "")
         for eps_given in (False, True):
             for reduction in ("none", "sum", "mean"):
-                calls.append(pytest.param(_reparam_call(eps_given, reduction, dtype),
-                                          id=f"reparameterize_kl-eps_given={eps_given}-{reduction}-{name}"))
-        for kind, logvar_shape in (("mse", None), ("bce", None), ("l1", None), ("gaussian", ()),
-                                   ("gaussian", (784,)), ("gaussian", (32, 784))):
+                calls.append(
+                    pytest.param(
+                        _reparam_call(eps_given, reduction, dtype),
+                        id=f"reparameterize_kl-eps_given={eps_given}-{reduction}-{name}",
+                    )
+                )
+        for kind, logvar_shape in (
+            ("mse", None),
+            ("bce", None),
+            ("l1", None),
+            ("gaussian", ()),
+            ("gaussian", (784,)),
+            ("gaussian", (32, 784)),
+        ):
             for reduction, weighted in (("sum", False), ("mean", False), ("none", True)):
                 label = f"{kind}-logvar{list(logvar_shape)}" if logvar_shape is not None else kind
-                calls.append(pytest.param(_loss_call(kind, reduction, logvar_shape, weighted, dtype),
-                                          id=f"{label}-{reduction}{'-weighted' if weighted else ''}-{name}"))
+                calls.append(
+                    pytest.param(
+                        _loss_call(kind, reduction, logvar_shape, weighted, dtype),
+                        id=f"{label}-{reduction}{'-weighted' if weighted else ''}-{name}",
+                    )
+                )
     return calls
 
 
 def _split(events, unit_bytes):
     """(fused kernels, small documented ATen calls, other ATen calls) of a pass."""
     fused = [e for e in events if e.kind == "triton"]
-    small = [e for e in events if e.kind == "aten" and e.name in DOCUMENTED_SMALL
-             and e.read_bytes <= unit_bytes * model.SMALL_FRACTION]
+    small = [
+        e
+        for e in events
+        if e.kind == "aten" and e.name in DOCUMENTED_SMALL and e.read_bytes <= unit_bytes * model.SMALL_FRACTION
+    ]
     other = [e for e in events if e.kind == "aten" and e not in small]
     return fused, small, other
 
@@ -148,14 +171,21 @@ def test_the_kernel_count_sees_an_extra_pass():
 
 def test_the_audit_compiled_every_kernel_in_both_dtypes(sm90_variants):
     kernels = {(r["kernel"], r["dtype"]) for r in sm90_variants}
-    for name in ("_reparameterize_kl_forward_kernel", "_reparameterize_kl_backward_kernel",
-                 "_reconstruction_loss_forward_kernel", "_scale_rows_kernel"):
+    for name in (
+        "_reparameterize_kl_forward_kernel",
+        "_reparameterize_kl_backward_kernel",
+        "_reconstruction_loss_forward_kernel",
+        "_scale_rows_kernel",
+    ):
         assert {(name, "fp32"), (name, "bf16")} <= kernels
 
 
 def test_no_kernel_spills_registers(sm90_variants):
-    spilling = [(r["kernel"], r["dtype"], r["constexprs"], r["local_bytes"], r["spill_instructions"])
-                for r in sm90_variants if r["local_bytes"] or r["spill_instructions"]]
+    spilling = [
+        (r["kernel"], r["dtype"], r["constexprs"], r["local_bytes"], r["spill_instructions"])
+        for r in sm90_variants
+        if r["local_bytes"] or r["spill_instructions"]
+    ]
     assert not spilling
 
 
@@ -217,8 +247,9 @@ def test_vae_step_keeps_fewer_bytes_by_what_the_model_predicts(vae_step_counts, 
     assert eager["saved_bytes"] - fused["saved_bytes"] == predicted["kept_bytes"]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=IS_ONE))
-                                  for n in ("mlp", "conv")])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=IS_ONE)) for n in ("mlp", "conv")]
+)
 def test_vae_step_launches_fewer_kernels_by_what_the_model_predicts(vae_step_counts, name):
     eager, fused = vae_step_counts[name]["eager"], vae_step_counts[name]["fastvae"]
     predicted = _predicted(name)
@@ -245,8 +276,14 @@ def _model_cases():
 
 @pytest.mark.parametrize("case", _model_cases())
 def test_op_moves_and_keeps_what_the_byte_model_says(case):
-    record = {"op": case.op, "variant": case.variant, "shape": list(case.shape), "elements": case.elements,
-              "dtype": str(case.dtype).replace("torch.", ""), "unit_bytes": case.elements * case.dtype.itemsize,
-              "impls": {impl: count_op(case, impl) for impl in ("eager", "fastvae")}}
+    record = {
+        "op": case.op,
+        "variant": case.variant,
+        "shape": list(case.shape),
+        "elements": case.elements,
+        "dtype": str(case.dtype).replace("torch.", ""),
+        "unit_bytes": case.elements * case.dtype.itemsize,
+        "impls": {impl: count_op(case, impl) for impl in ("eager", "fastvae")},
+    }
     checks = [c for c in model.check_op(record) if "kernels, backward" not in c["check"] or "eager" in c["check"]]
     assert checks and all(c["agree"] for c in checks), [c for c in checks if not c["agree"]]

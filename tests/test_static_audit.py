@@ -1,4 +1,5 @@
 """The static audit's own machinery: the SASS walk, the H100 model, the kernels' access table, the counts."""
+
 import json
 
 import numpy as np
@@ -25,58 +26,64 @@ def sass(*lines: str) -> str:
 
 
 def test_walk_skips_a_trig_slow_path_and_runs_a_do_while_loop_once():
-    code = parse_sass(sass(
-        "S2R R0, SR_CTAID.X",          # 0x00
-        "FFMA R1, R0, R0, R0",         # 0x10  loop body start
-        "BSSY B0, 0x70",               # 0x20
-        "@!P0 BRA 0x60",               # 0x30  skips the slow path
-        "LDG.E.CONSTANT R2, desc[UR4][R4.64]",  # 0x40  libdevice's table
-        "FMUL R1, R2, R1",             # 0x50
-        "BSYNC B0",                    # 0x60
-        "@P1 BRA 0x10",                # 0x70  back edge: one trip
-        "STG.E.128 desc[UR4][R6.64], R8",  # 0x80
-        "EXIT",                        # 0x90
-        "BRA 0xa0",                    # 0xa0  padding
-    ))
+    code = parse_sass(
+        sass(
+            "S2R R0, SR_CTAID.X",  # 0x00
+            "FFMA R1, R0, R0, R0",  # 0x10  loop body start
+            "BSSY B0, 0x70",  # 0x20
+            "@!P0 BRA 0x60",  # 0x30  skips the slow path
+            "LDG.E.CONSTANT R2, desc[UR4][R4.64]",  # 0x40  libdevice's table
+            "FMUL R1, R2, R1",  # 0x50
+            "BSYNC B0",  # 0x60
+            "@P1 BRA 0x10",  # 0x70  back edge: one trip
+            "STG.E.128 desc[UR4][R6.64], R8",  # 0x80
+            "EXIT",  # 0x90
+            "BRA 0xa0",  # 0xa0  padding
+        )
+    )
     path = executed_path(code)
     assert [i.addr for i in path.executed] == [0x00, 0x10, 0x20, 0x30, 0x60, 0x70, 0x80, 0x90]
     assert path.loops == 1 and path.loop_body == 5
 
 
 def test_walk_takes_a_bottom_tested_loop_once():
-    code = parse_sass(sass(
-        "S2R R0, SR_CTAID.X",   # 0x00
-        "@P0 EXIT",             # 0x10  nothing to do: not taken
-        "LDG.E.128 R4, desc[UR4][R2.64]",  # 0x20  loop
-        "FADD R4, R4, R4",      # 0x30
-        "@P1 EXIT",             # 0x40  the loop's exit test, right before its back edge
-        "BRA 0x20",             # 0x50
-    ))
+    code = parse_sass(
+        sass(
+            "S2R R0, SR_CTAID.X",  # 0x00
+            "@P0 EXIT",  # 0x10  nothing to do: not taken
+            "LDG.E.128 R4, desc[UR4][R2.64]",  # 0x20  loop
+            "FADD R4, R4, R4",  # 0x30
+            "@P1 EXIT",  # 0x40  the loop's exit test, right before its back edge
+            "BRA 0x20",  # 0x50
+        )
+    )
     assert [i.addr for i in executed_path(code).executed] == [0x00, 0x10, 0x20, 0x30, 0x40]
 
 
 def test_walk_leaves_a_top_tested_loop_after_one_trip():
-    code = parse_sass(sass(
-        "MOV R0, RZ",           # 0x00
-        "@P0 BRA 0x50",         # 0x10  loop test at the top: enter the first time, leave the second
-        "FADD R1, R1, R1",      # 0x20
-        "IADD3 R0, R0, 0x1, RZ",  # 0x30
-        "BRA 0x10",             # 0x40
-        "EXIT",                 # 0x50
-    ))
+    code = parse_sass(
+        sass(
+            "MOV R0, RZ",  # 0x00
+            "@P0 BRA 0x50",  # 0x10  loop test at the top: enter the first time, leave the second
+            "FADD R1, R1, R1",  # 0x20
+            "IADD3 R0, R0, 0x1, RZ",  # 0x30
+            "BRA 0x10",  # 0x40
+            "EXIT",  # 0x50
+        )
+    )
     assert [i.addr for i in executed_path(code).executed] == [0x00, 0x10, 0x20, 0x30, 0x40, 0x10, 0x50]
 
 
 def test_walk_skips_a_division_subroutine():
     listing = sass(
-        "MUFU.RCP R1, R0",       # 0x00
-        "BSSY B1, 0x50",         # 0x10
-        "@!P0 BRA 0x40",         # 0x20  FCHK passed: the fast division stands
-        "CALL.REL.NOINC 0x80",   # 0x30
-        "BSYNC B1",              # 0x40
+        "MUFU.RCP R1, R0",  # 0x00
+        "BSSY B1, 0x50",  # 0x10
+        "@!P0 BRA 0x40",  # 0x20  FCHK passed: the fast division stands
+        "CALL.REL.NOINC 0x80",  # 0x30
+        "BSYNC B1",  # 0x40
         "STG.E desc[UR4][R2.64], R1",  # 0x50
-        "EXIT",                  # 0x60
-        "BRA 0x70",              # 0x70  padding
+        "EXIT",  # 0x60
+        "BRA 0x70",  # 0x70  padding
         "RET.REL.NODEC R20 0x0",  # 0x80  the subroutine
     )
     assert [i.addr for i in executed_path(parse_sass(listing)).executed] == [0x00, 0x10, 0x20, 0x40, 0x50, 0x60]
@@ -86,9 +93,16 @@ def test_walk_skips_a_division_subroutine():
 
 
 def test_memory_widths_and_resources_are_read():
-    result = analyse(sass("LDG.E.128 R4, desc[UR4][R2.64]", "LDG.E.U16 R8, desc[UR4][R2.64]",
-                          "STG.E.64 desc[UR4][R2.64], R4", "STL [R1], R3", "EXIT"),
-                     "Function k:\n REG:40 STACK:8 SHARED:0 LOCAL:16 CONSTANT[0]:600")
+    result = analyse(
+        sass(
+            "LDG.E.128 R4, desc[UR4][R2.64]",
+            "LDG.E.U16 R8, desc[UR4][R2.64]",
+            "STG.E.64 desc[UR4][R2.64], R4",
+            "STL [R1], R3",
+            "EXIT",
+        ),
+        "Function k:\n REG:40 STACK:8 SHARED:0 LOCAL:16 CONSTANT[0]:600",
+    )
     assert result["global_loads"] == {128: 1, 16: 1} and result["global_stores"] == {64: 1}
     assert result["resources"] == {"reg": 40, "stack": 8, "shared": 0, "local": 16}
     assert result["spill_instructions"] == 1
@@ -99,8 +113,12 @@ def test_memory_widths_and_resources_are_read():
 
 def test_occupancy_from_registers_and_shared_memory():
     # 156 registers: 4992 per warp, allocated as 5120; 65536 / 5120 = 12 warps: one block of 8.
-    assert hardware.occupancy(156, 128, 8) == {"blocks_per_sm": 1, "warps_per_sm": 8, "occupancy": 0.125,
-                                               "limited_by": "registers"}
+    assert hardware.occupancy(156, 128, 8) == {
+        "blocks_per_sm": 1,
+        "warps_per_sm": 8,
+        "occupancy": 0.125,
+        "limited_by": "registers",
+    }
     assert hardware.occupancy(32, 0, 8)["warps_per_sm"] == 64
     assert hardware.occupancy(32, 100 * 1024, 4)["limited_by"] == "shared memory"
 
@@ -124,8 +142,12 @@ def test_footprint_counts_a_broadcast_dim_once():
 
 def test_views_are_free_and_copies_count():
     x = torch.randn(8, 16)
-    names = [e.name for e in events_of(lambda: (x.view(16, 8), x.t(), x[:, :4], x.to(torch.float32),
-                                                x.to(torch.bfloat16), x.t().contiguous()))]
+    names = [
+        e.name
+        for e in events_of(
+            lambda: (x.view(16, 8), x.t(), x[:, :4], x.to(torch.float32), x.to(torch.bfloat16), x.t().contiguous())
+        )
+    ]
     assert names == ["_to_copy", "clone"]  # the float32 .to() returns x itself; views launch nothing
 
 
@@ -187,11 +209,16 @@ def _calls_covering_every_kernel_flag():
         wrt = [t for t in (x_hat, x, logvar) if t is not None and t.requires_grad]
         torch.autograd.grad(out, wrt, torch.rand_like(out) if weighted else torch.ones_like(out))
 
-    calls = [lambda e=e, z=z, k=k: reparam(e, z, k) for e in (False, True) for z, k in
-             ((True, True), (True, False), (False, True))]
+    calls = [
+        lambda e=e, z=z, k=k: reparam(e, z, k)
+        for e in (False, True)
+        for z, k in ((True, True), (True, False), (False, True))
+    ]
     calls += [lambda k=k: loss(k, None, "sum", False, True) for k in ("mse", "bce", "l1")]
-    calls += [lambda s=s, r=r: loss("gaussian", s, r, r == "none", False)
-              for s, r in (((), "none"), ((7,), "mean"), ((20, 7), "sum"), ((7,), "none"))]
+    calls += [
+        lambda s=s, r=r: loss("gaussian", s, r, r == "none", False)
+        for s, r in (((), "none"), ((7,), "mean"), ((20, 7), "sum"), ((7,), "none"))
+    ]
     return calls
 
 
@@ -243,8 +270,16 @@ def test_recorded_counts_equal_counts_of_kernels_that_ran():
 def test_static_run_writes_its_results(tmp_path, sm90_variants):
     from benchmarks.static.audit import run_static
 
-    payload = run_static(tmp_path, "test", dtypes=(torch.float32,), train_batches={"*": 4}, log=lambda *_: None,
-                         max_elements=1 << 14, op_impls=("eager", "fastvae"), train_impls=("eager", "fastvae"))
+    payload = run_static(
+        tmp_path,
+        "test",
+        dtypes=(torch.float32,),
+        train_batches={"*": 4},
+        log=lambda *_: None,
+        max_elements=1 << 14,
+        op_impls=("eager", "fastvae"),
+        train_impls=("eager", "fastvae"),
+    )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["audit"] and saved["ops"] and {r["model"] for r in saved["train"]} == {"mlp", "conv"}
     text = (tmp_path / "results.md").read_text()

@@ -12,6 +12,7 @@
    bounds it on an H100 (:mod:`benchmarks.static.hardware`).
 4. The counts checked against the byte model (:mod:`benchmarks.static.model`).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -117,8 +118,11 @@ def small_cases(dtypes) -> list:
 
     cases = []
     for dtype in dtypes:
-        cases += [reparameterize_case(64, 256, dtype, eps_given=False), reparameterize_case(64, 256, dtype, True),
-                  reparameterize_case(256, 32, dtype, eps_given=False)]
+        cases += [
+            reparameterize_case(64, 256, dtype, eps_given=False),
+            reparameterize_case(64, 256, dtype, True),
+            reparameterize_case(256, 32, dtype, eps_given=False),
+        ]
         for kind in ("mse", "bce", "gaussian", "l1"):
             cases += [loss_case(kind, 32, (784,), dtype), loss_case(kind, 2, (3, 64, 64), dtype)]
     return cases
@@ -166,8 +170,9 @@ def audit_variants(launches: dict[str, list[Launch]], workers: int | None = None
     out = []
     for row in rows.values():
         row["used_by"] = sorted(row["used_by"])
-        row["bound"] = hardware.bound(row["instructions_per_element"], row["pipes_per_element"],
-                                      row["bytes_per_element"])
+        row["bound"] = hardware.bound(
+            row["instructions_per_element"], row["pipes_per_element"], row["bytes_per_element"]
+        )
         out.append(row)
     return sorted(out, key=lambda r: (r["kernel"], r["dtype"], json.dumps(r["constexprs"], sort_keys=True)))
 
@@ -234,9 +239,17 @@ def provenance(command: str) -> dict:
     }
 
 
-def run_static(out_dir: Path, command: str, dtypes=DTYPES, train_batches=TRAIN_BATCHES, log=print,
-               workers: int | None = None, max_elements: int = HEADLINE_ELEMENTS, op_impls=IMPLS,
-               train_impls=TRAIN_IMPLS) -> dict:
+def run_static(
+    out_dir: Path,
+    command: str,
+    dtypes=DTYPES,
+    train_batches=TRAIN_BATCHES,
+    log=print,
+    workers: int | None = None,
+    max_elements: int = HEADLINE_ELEMENTS,
+    op_impls=IMPLS,
+    train_impls=TRAIN_IMPLS,
+) -> dict:
     """Count, compile, audit, check, and write ``results.json`` and ``results.md`` into ``out_dir``.
 
     The defaults are what ``python -m benchmarks --static`` runs (a few minutes on a 2-core CPU); the tests
@@ -257,9 +270,15 @@ def run_static(out_dir: Path, command: str, dtypes=DTYPES, train_batches=TRAIN_B
     log(f"compiling the variants of {n} launches for sm_90 ...")
     variants = audit_variants(launches, workers)
     checks = model.check_all(ops, train)
-    payload = {"provenance": provenance(command), "seconds": round(time.perf_counter() - start, 1),
-               "audit": variants, "ops": ops, "train": train, "checks": checks,
-               "notes": NOTES}
+    payload = {
+        "provenance": provenance(command),
+        "seconds": round(time.perf_counter() - start, 1),
+        "audit": variants,
+        "ops": ops,
+        "train": train,
+        "checks": checks,
+        "notes": NOTES,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=str))
     (out_dir / "results.md").write_text(markdown(payload))

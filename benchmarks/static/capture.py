@@ -17,6 +17,7 @@ entry in :data:`benchmarks.static.kernels.KERNELS` names. A tensor's bytes are
 its footprint: the elements of its view, counting a broadcast (stride-0) dim
 once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,17 +31,69 @@ from torch.utils._pytree import tree_flatten
 
 # ATen ops that launch nothing on a GPU: allocation without a fill, metadata, host-side reads.
 NO_KERNEL_OPS = {
-    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "detach_", "lift_fresh",
-    "set_", "resize_", "as_strided_", "_unsafe_view", "alias", "_local_scalar_dense", "item", "sym_size",
-    "sym_stride", "sym_numel", "is_same_size", "record_stream", "squeeze_", "unsqueeze_", "t_", "transpose_",
-    "_has_compatible_shallow_copy_type", "is_nonzero", "equal", "size", "stride", "dim", "numel",
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "detach_",
+    "lift_fresh",
+    "set_",
+    "resize_",
+    "as_strided_",
+    "_unsafe_view",
+    "alias",
+    "_local_scalar_dense",
+    "item",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "is_same_size",
+    "record_stream",
+    "squeeze_",
+    "unsqueeze_",
+    "t_",
+    "transpose_",
+    "_has_compatible_shallow_copy_type",
+    "is_nonzero",
+    "equal",
+    "size",
+    "stride",
+    "dim",
+    "numel",
 }
 # Ops that write their first argument without reading it.
-WRITE_ONLY_OPS = {"fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_", "copy_",
-                  "_foreach_zero_", "_foreach_copy_"}
+WRITE_ONLY_OPS = {
+    "fill_",
+    "zero_",
+    "normal_",
+    "uniform_",
+    "random_",
+    "bernoulli_",
+    "exponential_",
+    "copy_",
+    "_foreach_zero_",
+    "_foreach_copy_",
+}
 # Ops that take only the shape (and dtype) of their tensor arguments.
-SHAPE_ONLY_OPS = {"zeros_like", "ones_like", "full_like", "randn_like", "rand_like", "randint_like", "new_zeros",
-                  "new_ones", "new_full", "scalar_tensor", "zeros", "ones", "full", "randn", "rand"}
+SHAPE_ONLY_OPS = {
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "randn_like",
+    "rand_like",
+    "randint_like",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "scalar_tensor",
+    "zeros",
+    "ones",
+    "full",
+    "randn",
+    "rand",
+}
 
 
 def footprint_bytes(t: torch.Tensor) -> int:
@@ -126,8 +179,14 @@ class KernelCounter(TorchDispatchMode):
             read = []
         elif name in WRITE_ONLY_OPS:
             read = [t for t in inputs if not any(t is w for w in written[:1])]
-        self.events.append(Event("aten", str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket")
-                                 else name, _unique_bytes(read), _unique_bytes(written + outputs)))
+        self.events.append(
+            Event(
+                "aten",
+                str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else name,
+                _unique_bytes(read),
+                _unique_bytes(written + outputs),
+            )
+        )
         return out
 
     def _open_custom_op(self, func, args, kwargs):
@@ -158,9 +217,12 @@ class Launch:
 
     def job(self) -> dict:
         """A description the sm_90 compiler (another process) can rebuild the launcher's specialisation from."""
-        return {"module": self.module, "kernel": self.kernel,
-                "args": [_describe(v) for v in self.args.values()],
-                "kwargs": {**self.constexprs, **self.options}}
+        return {
+            "module": self.module,
+            "kernel": self.kernel,
+            "args": [_describe(v) for v in self.args.values()],
+            "kwargs": {**self.constexprs, **self.options},
+        }
 
 
 def _describe(value) -> dict:
@@ -180,8 +242,7 @@ def _describe(value) -> dict:
 class LaunchRecorder:
     """Within ``with LaunchRecorder(events, launches):`` every Triton launch is recorded; ``execute`` runs it too."""
 
-    def __init__(self, events: list[Event] | None = None, launches: list[Launch] | None = None,
-                 execute: bool = True):
+    def __init__(self, events: list[Event] | None = None, launches: list[Launch] | None = None, execute: bool = True):
         self.events = events if events is not None else []
         self.launches = launches if launches is not None else []
         self.execute = execute
@@ -223,14 +284,27 @@ class LaunchRecorder:
         options = {k: v for k, v in kwargs.items() if k not in params}
         spec = kernel_spec(fn.__module__, fn.__name__)
         reads, writes = spec.accessed(constexprs, values)
-        launch = Launch(fn.__module__, fn.__name__, tuple(grid), values, constexprs, options,
-                        _unique_bytes([values[a] for a in reads]), _unique_bytes([values[a] for a in writes]),
-                        spec.count_elements(values))
+        launch = Launch(
+            fn.__module__,
+            fn.__name__,
+            tuple(grid),
+            values,
+            constexprs,
+            options,
+            _unique_bytes([values[a] for a in reads]),
+            _unique_bytes([values[a] for a in writes]),
+            spec.count_elements(values),
+        )
         self.launches.append(launch)
-        self.events.append(Event(
-            "triton", launch.kernel, launch.read_bytes, launch.write_bytes,
-            {"grid": list(launch.grid), "constexprs": dict(constexprs), "num_warps": options.get("num_warps")},
-        ))
+        self.events.append(
+            Event(
+                "triton",
+                launch.kernel,
+                launch.read_bytes,
+                launch.write_bytes,
+                {"grid": list(launch.grid), "constexprs": dict(constexprs), "num_warps": options.get("num_warps")},
+            )
+        )
         return launch
 
 
@@ -284,8 +358,9 @@ def summarise(events: list[Event]) -> dict:
 
 
 @contextlib.contextmanager
-def counting(events: list[Event], launches: list[Launch] | None = None, *, execute: bool = False,
-             host: set[int] | None = None):
+def counting(
+    events: list[Event], launches: list[Launch] | None = None, *, execute: bool = False, host: set[int] | None = None
+):
     """Record ATen kernels and Triton launches into ``events`` (and ``launches``)."""
     with LaunchRecorder(events, launches, execute=execute), KernelCounter(events, host):
         yield
@@ -322,8 +397,9 @@ def cuda_like_philox():
         counter[0] += n_rounds
         return 0x5EED_0F_FA57_FAE, first
 
-    modules = [m for name, m in list(sys.modules.items())
-               if name.startswith("fastvae.") and hasattr(m, "philox_seed_offset")]
+    modules = [
+        m for name, m in list(sys.modules.items()) if name.startswith("fastvae.") and hasattr(m, "philox_seed_offset")
+    ]
     with contextlib.ExitStack() as stack:
         for module in modules:
             stack.enter_context(_patched(module, "philox_seed_offset", philox_seed_offset))

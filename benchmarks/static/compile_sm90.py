@@ -19,6 +19,7 @@ source hash (``JITFunction.cache_key``, which covers the functions it calls),
 the specialisation and the analysis code (``sass.py``), so repeated runs and test sessions compile only what
 changed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -94,7 +95,11 @@ def specialise(job: dict) -> dict:
     names = [p.name for p in kernel.params]
     divisible = [names[path[0]] for path, values in attrs.items() if ["tt.divisibility", 16] in values]
     return {
-        "kernel": kernel, "signature": signature, "constexprs": constexprs, "attrs": attrs, "options": options,
+        "kernel": kernel,
+        "signature": signature,
+        "constexprs": constexprs,
+        "attrs": attrs,
+        "options": options,
         "summary": {
             "types": {k: v for k, v in signature.items() if v != "constexpr"},
             "constexprs": {names[path[0]]: _jsonable(v) for path, v in constexprs.items()},
@@ -119,8 +124,19 @@ def variant_key(job: dict) -> tuple[str, dict]:
     spec = specialise(job)
     kernel = spec["kernel"]
     analysis = hashlib.sha256(Path(sass.__file__).read_bytes()).hexdigest()  # a new analysis reads cubins anew
-    text = json.dumps([triton.__version__, kernel.cache_key, job["module"], job["kernel"], spec["summary"],
-                       sorted(map(str, spec["attrs"].items())), analysis], sort_keys=True, default=str)
+    text = json.dumps(
+        [
+            triton.__version__,
+            kernel.cache_key,
+            job["module"],
+            job["kernel"],
+            spec["summary"],
+            sorted(map(str, spec["attrs"].items())),
+            analysis,
+        ],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:24], spec["summary"]
 
 
@@ -140,8 +156,13 @@ def compile_and_read(job: dict) -> dict:
     compiled = triton.compile(source, target=_target(), options=spec["options"].__dict__)
     with tempfile.TemporaryDirectory() as tmp:
         sass, resources = cuobjdump(compiled.asm["cubin"], Path(tmp))
-    result = {"key": key, "triton": triton.__version__, "specialisation": summary,
-              "shared_dynamic": compiled.metadata.shared, **analyse(sass, resources)}
+    result = {
+        "key": key,
+        "triton": triton.__version__,
+        "specialisation": summary,
+        "shared_dynamic": compiled.metadata.shared,
+        **analyse(sass, resources),
+    }
     cached.write_text(json.dumps(result))
     return result
 

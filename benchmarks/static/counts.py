@@ -18,6 +18,7 @@ kernel, reading each input once and writing each output once (the forward's
 outputs include what it keeps for the backward; the backward reads those, the
 upstream gradients, and writes the input gradients).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,8 +95,11 @@ def _hidden_counting_mode():
         mode = _get_current_dispatch_mode()
         return None if isinstance(mode, KernelCounter) else mode
 
-    modules = [m for name, m in list(sys.modules.items())
-               if name.startswith("fastvae") and getattr(m, "_get_current_dispatch_mode", None) is not None]
+    modules = [
+        m
+        for name, m in list(sys.modules.items())
+        if name.startswith("fastvae") and getattr(m, "_get_current_dispatch_mode", None) is not None
+    ]
     originals = [(m, m._get_current_dispatch_mode) for m in modules]
     for m in modules:
         m._get_current_dispatch_mode = current_mode
@@ -154,20 +158,29 @@ def case_name(case: OpCase) -> str:
     return f"{case.op}{variant} {'x'.join(map(str, case.shape))} {str(case.dtype).replace('torch.', '')}"
 
 
-def count_ops(cases: list[OpCase], impls=IMPLS, launches: dict[str, list[Launch]] | None = None,
-              log=print) -> list[dict]:
+def count_ops(
+    cases: list[OpCase], impls=IMPLS, launches: dict[str, list[Launch]] | None = None, log=print
+) -> list[dict]:
     """One record per case, with the counts of each implementation; ``launches[case name]`` gets fastvae's."""
     records = []
     for case in cases:
-        record = {"op": case.op, "variant": case.variant, "shape": list(case.shape),
-                  "dtype": str(case.dtype).replace("torch.", ""), "elements": case.elements,
-                  "unit_bytes": _unit_bytes(case), "impls": {}}
+        record = {
+            "op": case.op,
+            "variant": case.variant,
+            "shape": list(case.shape),
+            "dtype": str(case.dtype).replace("torch.", ""),
+            "elements": case.elements,
+            "unit_bytes": _unit_bytes(case),
+            "impls": {},
+        }
         for impl in impls:
             start = time.perf_counter()
             recorded = launches.setdefault(case_name(case), []) if launches is not None else None
             record["impls"][impl] = count_op(case, impl, recorded)
-            log(f"  counted {case.op} {case.variant} {tuple(case.shape)} {record['dtype']} {impl} "
-                f"in {time.perf_counter() - start:.1f} s")
+            log(
+                f"  counted {case.op} {case.variant} {tuple(case.shape)} {record['dtype']} {impl} "
+                f"in {time.perf_counter() - start:.1f} s"
+            )
         records.append(record)
     return records
 
@@ -175,8 +188,9 @@ def count_ops(cases: list[OpCase], impls=IMPLS, launches: dict[str, list[Launch]
 # ---- training steps ---------------------------------------------------------------------------------------------
 
 
-def count_train_step(model_name: str, batch: int, impl: str, launches: list[Launch] | None = None,
-                     execute: bool = False) -> dict:
+def count_train_step(
+    model_name: str, batch: int, impl: str, launches: list[Launch] | None = None, execute: bool = False
+) -> dict:
     """Counts of one steady-state fp32 training step (forward, backward, Adam) of a model of :data:`MODELS`.
 
     Adam runs with ``foreach=True``, its default on CUDA (one launch per
@@ -198,14 +212,18 @@ def count_train_step(model_name: str, batch: int, impl: str, launches: list[Laun
             for phase in ("forward", "backward", "optimizer"):
                 phases[phase] = []
             record = events is not None
-            with SavedTensors() as saved, (counting(phases["forward"], launches, execute=execute)
-                                           if record else contextlib.nullcontext()):
+            with SavedTensors() as saved, (
+                counting(phases["forward"], launches, execute=execute) if record else contextlib.nullcontext()
+            ):
                 loss = forward_fn(x).loss
             with counting(phases["backward"], launches, execute=execute) if record else contextlib.nullcontext():
                 loss.backward()
             host = {id(s["step"]) for s in optimizer.state.values() if "step" in s}
-            with counting(phases["optimizer"], launches, execute=execute, host=host) if record \
-                    else contextlib.nullcontext():
+            with (
+                counting(phases["optimizer"], launches, execute=execute, host=host)
+                if record
+                else contextlib.nullcontext()
+            ):
                 optimizer.step()
             return phases, saved
 
@@ -224,14 +242,20 @@ def count_train_step(model_name: str, batch: int, impl: str, launches: list[Laun
     return result
 
 
-def count_train_steps(batches: dict[str, int], impls=TRAIN_IMPLS, launches: dict[str, list[Launch]] | None = None,
-                      log=print) -> list[dict]:
+def count_train_steps(
+    batches: dict[str, int], impls=TRAIN_IMPLS, launches: dict[str, list[Launch]] | None = None, log=print
+) -> list[dict]:
     """One record per model of :data:`MODELS` (batch ``batches[model]`` or ``batches["*"]``)."""
     records = []
     for model_name in MODELS:
         batch = batches.get(model_name, batches["*"])
-        record = {"model": model_name, "batch": batch, "precision": "fp32", "image_shape": list(IMAGE_SHAPE),
-                  "impls": {}}
+        record = {
+            "model": model_name,
+            "batch": batch,
+            "precision": "fp32",
+            "image_shape": list(IMAGE_SHAPE),
+            "impls": {},
+        }
         for impl in impls:
             start = time.perf_counter()
             name = f"{model_name} VAE training step, batch {batch}, fp32"

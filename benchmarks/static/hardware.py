@@ -3,6 +3,7 @@
 These are estimates from datasheet figures and static instruction counts, not
 measurements: the GPU run (``bash benchmarks/gpu_check.sh``) settles them.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,31 @@ BANDWIDTH_BYTES_PER_S = 3.0e12
 PIPE_THROUGHPUT = {"fp32": 128, "alu": 64, "mufu": 16, "conversion": 16}
 _PIPES = {
     "fp32": ("FFMA", "FADD", "FMUL", "HFMA2", "HADD2", "HMUL2"),
-    "alu": ("IMAD", "IADD3", "IADD", "ISETP", "LOP3", "LOP", "SHF", "SHL", "SHR", "LEA", "IMNMX", "SEL",
-            "IABS", "FSETP", "FSEL", "FMNMX", "FSET", "MOV", "PRMT", "P2R", "R2P", "PLOP3", "VIMNMX"),
+    "alu": (
+        "IMAD",
+        "IADD3",
+        "IADD",
+        "ISETP",
+        "LOP3",
+        "LOP",
+        "SHF",
+        "SHL",
+        "SHR",
+        "LEA",
+        "IMNMX",
+        "SEL",
+        "IABS",
+        "FSETP",
+        "FSEL",
+        "FMNMX",
+        "FSET",
+        "MOV",
+        "PRMT",
+        "P2R",
+        "R2P",
+        "PLOP3",
+        "VIMNMX",
+    ),
     "mufu": ("MUFU",),
     "conversion": ("F2F", "F2I", "I2F", "I2FP", "F2FP", "FRND", "F2IP"),
 }
@@ -49,8 +73,12 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int) -> dict:
     }
     blocks = min(limits.values())
     limiter = min(limits, key=limits.get)
-    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * num_warps,
-            "occupancy": blocks * num_warps / MAX_WARPS_PER_SM, "limited_by": limiter}
+    return {
+        "blocks_per_sm": blocks,
+        "warps_per_sm": blocks * num_warps,
+        "occupancy": blocks * num_warps / MAX_WARPS_PER_SM,
+        "limited_by": limiter,
+    }
 
 
 def bound(instructions_per_element: float, pipe_per_element: dict[str, float], bytes_per_element: float) -> dict:
@@ -77,9 +105,12 @@ def bound(instructions_per_element: float, pipe_per_element: dict[str, float], b
 def describe() -> str:
     """The figures used, for the results' header."""
     per_byte = thread_instructions_per_second() / BANDWIDTH_BYTES_PER_S
-    return (f"H100 SXM model: {SMS} SMs x {SUBPARTITIONS} schedulers x {WARP} lanes at {CLOCK_HZ / 1e9:.2f} GHz "
-            f"= {thread_instructions_per_second() / 1e12:.1f} T thread-instructions/s against "
-            f"{BANDWIDTH_BYTES_PER_S / 1e12:.1f} TB/s: {per_byte:.1f} thread-instructions per byte moved; pipes per "
-            f"SM per clock: " + ", ".join(f"{p} {n}" for p, n in PIPE_THROUGHPUT.items()) +
-            f"; {REGISTERS_PER_SM} registers, {SHARED_PER_SM // 1024} KiB shared memory, {MAX_WARPS_PER_SM} warps "
-            f"and {MAX_BLOCKS_PER_SM} blocks per SM")
+    return (
+        f"H100 SXM model: {SMS} SMs x {SUBPARTITIONS} schedulers x {WARP} lanes at {CLOCK_HZ / 1e9:.2f} GHz "
+        f"= {thread_instructions_per_second() / 1e12:.1f} T thread-instructions/s against "
+        f"{BANDWIDTH_BYTES_PER_S / 1e12:.1f} TB/s: {per_byte:.1f} thread-instructions per byte moved; pipes per "
+        f"SM per clock: "
+        + ", ".join(f"{p} {n}" for p, n in PIPE_THROUGHPUT.items())
+        + f"; {REGISTERS_PER_SM} registers, {SHARED_PER_SM // 1024} KiB shared memory, {MAX_WARPS_PER_SM} warps "
+        f"and {MAX_BLOCKS_PER_SM} blocks per SM"
+    )

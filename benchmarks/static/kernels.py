@@ -10,6 +10,7 @@ checks every entry against the loads and stores the interpreter sees.
 
 To add a kernel: one :class:`KernelSpec` below.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,35 +48,51 @@ _LOSS = "fastvae.kernels.reconstruction_loss"
 
 KERNELS = [
     KernelSpec(
-        _REPARAM, "_reparameterize_kl_forward_kernel",
+        _REPARAM,
+        "_reparameterize_kl_forward_kernel",
         reads={"mu_ptr": ALWAYS, "logvar_ptr": ALWAYS, "eps_ptr": "HAS_EPS"},
         writes={"z_ptr": ALWAYS, "kl_ptr": ALWAYS},
-        elements="n_rows * n_cols", tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
+        elements="n_rows * n_cols",
+        tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
     ),
     KernelSpec(
-        _REPARAM, "_reparameterize_kl_backward_kernel",
-        reads={"grad_z_ptr": "HAS_GRAD_Z", "grad_kl_ptr": "HAS_GRAD_KL", "mu_ptr": ALWAYS, "logvar_ptr": ALWAYS,
-               "eps_ptr": "HAS_GRAD_Z and HAS_EPS"},
+        _REPARAM,
+        "_reparameterize_kl_backward_kernel",
+        reads={
+            "grad_z_ptr": "HAS_GRAD_Z",
+            "grad_kl_ptr": "HAS_GRAD_KL",
+            "mu_ptr": ALWAYS,
+            "logvar_ptr": ALWAYS,
+            "eps_ptr": "HAS_GRAD_Z and HAS_EPS",
+        },
         writes={"grad_mu_ptr": ALWAYS, "grad_logvar_ptr": ALWAYS},
-        elements="n_rows * n_cols", tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
+        elements="n_rows * n_cols",
+        tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
     ),
     KernelSpec(
-        _LOSS, "_reconstruction_loss_forward_kernel",
+        _LOSS,
+        "_reconstruction_loss_forward_kernel",
         reads={"x_hat_ptr": ALWAYS, "x_ptr": ALWAYS, "logvar_ptr": "KIND == 'gaussian'"},
-        writes={"loss_ptr": ALWAYS, "grad_x_hat_ptr": "GRAD_X_HAT", "grad_x_ptr": "GRAD_X",
-                "grad_logvar_ptr": "LOGVAR_GRAD != 'none'"},
-        elements="n_rows * n_cols", tile="BLOCK_ROWS * BLOCK_COLS",
+        writes={
+            "loss_ptr": ALWAYS,
+            "grad_x_hat_ptr": "GRAD_X_HAT",
+            "grad_x_ptr": "GRAD_X",
+            "grad_logvar_ptr": "LOGVAR_GRAD != 'none'",
+        },
+        elements="n_rows * n_cols",
+        tile="BLOCK_ROWS * BLOCK_COLS",
     ),
     KernelSpec(
-        _LOSS, "_scale_rows_kernel",
+        _LOSS,
+        "_scale_rows_kernel",
         reads={"src_ptr": ALWAYS, "weight_ptr": ALWAYS},
         writes={"out_ptr": ALWAYS},
-        elements="n_rows * n_cols", tile="BLOCK_ROWS * BLOCK_COLS",
+        elements="n_rows * n_cols",
+        tile="BLOCK_ROWS * BLOCK_COLS",
     ),
     # The in-kernel noise benchmark (benchmarks/noise.py): tl.randn against tl.randn4x.
     KernelSpec("benchmarks.noise", "_randn_kernel", reads={}, writes={"out_ptr": ALWAYS}, elements="n", tile="BLOCK"),
-    KernelSpec("benchmarks.noise", "_randn4x_kernel", reads={}, writes={"out_ptr": ALWAYS}, elements="n",
-               tile="BLOCK"),
+    KernelSpec("benchmarks.noise", "_randn4x_kernel", reads={}, writes={"out_ptr": ALWAYS}, elements="n", tile="BLOCK"),
 ]
 _BY_NAME = {(k.module, k.name): k for k in KERNELS}
 
@@ -87,4 +104,3 @@ def kernel_spec(module: str, name: str) -> KernelSpec:
         raise KeyError(
             f"{module}.{name} has no entry in benchmarks/static/kernels.py: add what it reads and writes there"
         ) from None
-

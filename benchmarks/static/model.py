@@ -14,6 +14,7 @@ writes its outputs once, views are free.
 To model a new op: a function returning ``{"eager": Cost, "fastvae": Cost}``
 and one entry in :data:`OP_MODELS`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,8 +77,9 @@ _EAGER_LOSS = {
 }
 
 
-def reconstruction_loss(kind: str, logvar: str | None = None, upstream_one: bool = True,
-                        itemsize: int = 4) -> dict[str, Cost]:
+def reconstruction_loss(
+    kind: str, logvar: str | None = None, upstream_one: bool = True, itemsize: int = 4
+) -> dict[str, Cost]:
     """``reconstruction_loss(x_hat, x, kind)`` with the gradient of ``x_hat`` (and ``logvar``).
 
     ``logvar``: ``"per feature"``, ``"per element"`` or ``"scalar"`` for the
@@ -116,8 +118,9 @@ OP_MODELS = {
     ("mse", ""): lambda itemsize: reconstruction_loss("mse", itemsize=itemsize),
     ("l1", ""): lambda itemsize: reconstruction_loss("l1", itemsize=itemsize),
     ("bce", ""): lambda itemsize: reconstruction_loss("bce", itemsize=itemsize),
-    ("gaussian", "logvar per feature"): lambda itemsize: reconstruction_loss("gaussian", "per feature",
-                                                                             itemsize=itemsize),
+    ("gaussian", "logvar per feature"): lambda itemsize: reconstruction_loss(
+        "gaussian", "per feature", itemsize=itemsize
+    ),
 }
 
 
@@ -136,10 +139,11 @@ def vae_step_savings(batch: int, latent_dim: int, image_elements: int, likelihoo
     by both (the reference's mu * mu, the fused backward).
     """
     n_z, n_x = batch * latent_dim, batch * image_elements
-    parts = {"reparameterize_kl": (reparameterize_kl(eps_given=False), n_z,
-                                   {"mu": n_z, "logvar": n_z}),
-             "reconstruction_loss": (reconstruction_loss(likelihood, upstream_one=False), n_x,
-                                     {"x_hat": n_x})}
+    logvar = "scalar" if likelihood == "gaussian" else None  # the VAE's default learned variance
+    parts = {
+        "reparameterize_kl": (reparameterize_kl(eps_given=False), n_z, {"mu": n_z, "logvar": n_z}),
+        "reconstruction_loss": (reconstruction_loss(likelihood, logvar, upstream_one=False), n_x, {"x_hat": n_x}),
+    }
     kernels = kept = 0
     for costs, n, input_elements in parts.values():
         eager, fused = costs["eager"], costs["fastvae"]
@@ -164,8 +168,9 @@ def check_op(record: dict) -> list[dict]:
     try:
         costs = model_of(record["op"], record["variant"], unit // record["elements"])
     except KeyError as missing:
-        return [{"check": f"{_name(record)}: model", "model": None, "counted": None, "agree": False,
-                 "note": str(missing)}]
+        return [
+            {"check": f"{_name(record)}: model", "model": None, "counted": None, "agree": False, "note": str(missing)}
+        ]
     shape = record["shape"]
     features = shape[-1] if record["op"] == "reparameterize_kl" else record["elements"] // shape[0]
     rows = record["elements"] // features
@@ -177,27 +182,44 @@ def check_op(record: dict) -> list[dict]:
     fused, counted = costs["fastvae"], record["impls"].get("fastvae")
     if counted:
         out += [
-            _check(f"{name}: fastvae Triton kernels, forward", fused.forward_kernels,
-                   counted["forward"]["triton_kernels"]),
+            _check(
+                f"{name}: fastvae Triton kernels, forward", fused.forward_kernels, counted["forward"]["triton_kernels"]
+            ),
             _check(f"{name}: fastvae kernels, backward", fused.backward_kernels, counted["backward"]["kernels"]),
-            _check(f"{name}: fastvae units moved, forward", fused.forward_units,
-                   counted["forward"]["bytes"] / unit, slack),
-            _check(f"{name}: fastvae units moved, backward", fused.backward_units,
-                   counted["backward"]["bytes"] / unit, slack),
-            _check(f"{name}: fastvae units kept beyond inputs", fused.kept_units,
-                   counted["saved_beyond_inputs"] / unit, slack),
+            _check(
+                f"{name}: fastvae units moved, forward", fused.forward_units, counted["forward"]["bytes"] / unit, slack
+            ),
+            _check(
+                f"{name}: fastvae units moved, backward",
+                fused.backward_units,
+                counted["backward"]["bytes"] / unit,
+                slack,
+            ),
+            _check(
+                f"{name}: fastvae units kept beyond inputs",
+                fused.kept_units,
+                counted["saved_beyond_inputs"] / unit,
+                slack,
+            ),
         ]
     eager, counted = costs["eager"], record["impls"].get("eager")
     if counted and record["dtype"] == "float32":
         reduction = 1  # the runner's cases reduce with "sum": one more small kernel in the reference's forward
         out += [
-            _check(f"{name}: eager kernels, forward", eager.forward_kernels + reduction,
-                   counted["forward"]["kernels"]),
+            _check(f"{name}: eager kernels, forward", eager.forward_kernels + reduction, counted["forward"]["kernels"]),
             _check(f"{name}: eager kernels, backward", eager.backward_kernels, counted["backward"]["kernels"]),
-            _check(f"{name}: eager units moved, forward + backward", eager.units,
-                   (counted["forward"]["bytes"] + counted["backward"]["bytes"]) / unit, 2 * slack),
-            _check(f"{name}: eager units kept beyond inputs", eager.kept_units,
-                   counted["saved_beyond_inputs"] / unit, slack),
+            _check(
+                f"{name}: eager units moved, forward + backward",
+                eager.units,
+                (counted["forward"]["bytes"] + counted["backward"]["bytes"]) / unit,
+                2 * slack,
+            ),
+            _check(
+                f"{name}: eager units kept beyond inputs",
+                eager.kept_units,
+                counted["saved_beyond_inputs"] / unit,
+                slack,
+            ),
         ]
     return out
 

@@ -1,4 +1,5 @@
 """``results.md`` of the static audit and the counts."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -38,7 +39,8 @@ def audit_table(rows: list[dict]) -> list[str]:
             f"| {r['shared_bytes']} | {occ['warps_per_sm']} ({occ['limited_by']}) | {_widths(r['global_loads'])} "
             f"| {_widths(r['global_stores'])} | {r['executed_instructions']} ({r['cold_instructions']}) "
             f"| {r['elements_per_thread']:g} | {r['instructions_per_element']:.1f} | {r['bytes_per_element']:.1f} "
-            f"| {bound['compute_over_memory']:.2f} ({bound['compute_limiter']}) | {bound['label']} |")
+            f"| {bound['compute_over_memory']:.2f} ({bound['compute_limiter']}) | {bound['label']} |"
+        )
     return lines
 
 
@@ -72,7 +74,8 @@ def ops_table(ops: list[dict]) -> list[str]:
         variant = f" ({r['variant']})" if r["variant"] else ""
         lines.append(
             f"| {r['op']}{variant} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {kernels(e)} / {kernels(f)} "
-            f"| {moved(e)} / {moved(f)} | {floor(e)} / {floor(c)} / {floor(f)} | {kept(e)} / {kept(c)} / {kept(f)} |")
+            f"| {moved(e)} / {moved(f)} | {floor(e)} / {floor(c)} / {floor(f)} | {kept(e)} / {kept(c)} / {kept(f)} |"
+        )
     return lines
 
 
@@ -85,14 +88,18 @@ def train_table(train: list[dict]) -> list[str]:
     for r in train:
         for impl, x in r["impls"].items():
             if "step" in x:
-                k = f"{x['forward']['kernels']} / {x['backward']['kernels']} / {x['optimizer']['kernels']} / " \
+                k = (
+                    f"{x['forward']['kernels']} / {x['backward']['kernels']} / {x['optimizer']['kernels']} / "
                     f"{x['step']['kernels']}"
+                )
                 moved = f"{x['step']['bytes'] / 1e6:.2f}"
                 launches = ", ".join(x["forward"]["launches"])
             else:
                 k, moved, launches = "— (not counted: see above)", "—", "—"
-            lines.append(f"| {r['model']} | {r['batch']} | {impl} | {k} | {moved} | {x['saved_bytes'] / 1e6:.3f} "
-                         f"({x['saved_beyond_inputs'] / 1e6:.3f}) | {launches} |")
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {impl} | {k} | {moved} | {x['saved_bytes'] / 1e6:.3f} "
+                f"({x['saved_beyond_inputs'] / 1e6:.3f}) | {launches} |"
+            )
     return lines
 
 
@@ -103,21 +110,31 @@ def noise_lines(rows: list[dict]) -> list[str]:
     out = []
     for name in ("randn", "randn4x"):
         for r in by_kernel.get(name, []):
-            out.append(f"- `tl.{name}`: {r['instructions_per_element']:.1f} instructions per normal "
-                       f"({r['executed_instructions']} per thread for {r['elements_per_thread']:g} normals), "
-                       f"{r['registers']} registers, {r['bound']['label']} "
-                       f"(compute/memory {r['bound']['compute_over_memory']:.2f}).")
-    drawn = [r for r in by_kernel.get("reparameterize_kl_forward", [])
-             if r["constexprs"].get("HAS_EPS") is False and r["dtype"] == "fp32"]
-    given = [r for r in by_kernel.get("reparameterize_kl_forward", [])
-             if r["constexprs"].get("HAS_EPS") is True and r["dtype"] == "fp32"]
+            out.append(
+                f"- `tl.{name}`: {r['instructions_per_element']:.1f} instructions per normal "
+                f"({r['executed_instructions']} per thread for {r['elements_per_thread']:g} normals), "
+                f"{r['registers']} registers, {r['bound']['label']} "
+                f"(compute/memory {r['bound']['compute_over_memory']:.2f})."
+            )
+    drawn = [
+        r
+        for r in by_kernel.get("reparameterize_kl_forward", [])
+        if r["constexprs"].get("HAS_EPS") is False and r["dtype"] == "fp32"
+    ]
+    given = [
+        r
+        for r in by_kernel.get("reparameterize_kl_forward", [])
+        if r["constexprs"].get("HAS_EPS") is True and r["dtype"] == "fp32"
+    ]
     if drawn and given:
         d = max(drawn, key=lambda r: r["elements_of_launch"])
         g = max(given, key=lambda r: r["elements_of_launch"])
-        out.append(f"- reparameterize_kl forward, fp32, at the largest shape: {d['instructions_per_element']:.1f} "
-                   f"instructions per element drawing the noise against {g['instructions_per_element']:.1f} "
-                   f"reading it: the noise costs {d['instructions_per_element'] - g['instructions_per_element']:.1f}"
-                   f" per element and saves a read of 4 bytes per element.")
+        out.append(
+            f"- reparameterize_kl forward, fp32, at the largest shape: {d['instructions_per_element']:.1f} "
+            f"instructions per element drawing the noise against {g['instructions_per_element']:.1f} "
+            f"reading it: the noise costs {d['instructions_per_element'] - g['instructions_per_element']:.1f}"
+            f" per element and saves a read of 4 bytes per element."
+        )
     return out
 
 
@@ -127,38 +144,54 @@ def markdown(payload: dict) -> str:
     lines += [f"- **{k}**: {v}" for k, v in p.items()]
     lines += [f"- **took**: {payload['seconds']:.0f} s", ""]
     lines += [f"> {n}" for n in payload["notes"]] + [""]
-    lines += ["## Kernel variants compiled for sm_90", "",
-              "Every variant the ops launched in the counted cases, training steps and extra scenarios, specialised "
-              "as Triton's launcher specialises it (pointers and integers divisible by 16, a unit stride as the "
-              "constexpr 1). *instr. executed*: SASS instructions one thread executes for a program that makes one "
-              "trip through its loop, slow paths left out (the number in brackets: instructions of the cubin off "
-              "that path, mostly libdevice's sin/cos range reduction for large arguments and IEEE division's "
-              "subroutine). *instr./elem.*: executed instructions per element a thread handles. *B/elem.*: the "
-              "launch's modelled traffic per element. *compute/memory*: issue (or pipe) time over memory time "
-              "per element on the H100 model above; *estimate* says which should bound the kernel.", ""]
+    lines += [
+        "## Kernel variants compiled for sm_90",
+        "",
+        "Every variant the ops launched in the counted cases, training steps and extra scenarios, specialised "
+        "as Triton's launcher specialises it (pointers and integers divisible by 16, a unit stride as the "
+        "constexpr 1). *instr. executed*: SASS instructions one thread executes for a program that makes one "
+        "trip through its loop, slow paths left out (the number in brackets: instructions of the cubin off "
+        "that path, mostly libdevice's sin/cos range reduction for large arguments and IEEE division's "
+        "subroutine). *instr./elem.*: executed instructions per element a thread handles. *B/elem.*: the "
+        "launch's modelled traffic per element. *compute/memory*: issue (or pipe) time over memory time "
+        "per element on the H100 model above; *estimate* says which should bound the kernel.",
+        "",
+    ]
     lines += audit_table(payload["audit"]) + [""]
     lines += ["Where each variant is used:", ""]
     for r in payload["audit"]:
-        lines.append(f"- {_kernel(r['kernel'])} {r['dtype']} {_flags(r['constexprs'])} {_block(r['constexprs'])}: "
-                     + "; ".join(r["used_by"]))
+        lines.append(
+            f"- {_kernel(r['kernel'])} {r['dtype']} {_flags(r['constexprs'])} {_block(r['constexprs'])}: "
+            + "; ".join(r["used_by"])
+        )
     lines += ["", "## In-kernel noise: `tl.randn` against `tl.randn4x`", ""] + noise_lines(payload["audit"]) + [""]
-    lines += ["## Counts per op", "",
-              "At the runner's headline size (2^24 elements, or the largest case below it), forward with autograd "
-              "on, then the backward from the runner's upstream gradients (1 for a summed loss; a random `grad_z`). "
-              "Units: bytes over elements x element size. *Kernels* and *units moved*: per ATen call or Triton "
-              "launch (torch.compile's are not counted, see the notes in `benchmarks/static/counts.py`). "
-              "*Graph floor*: what each pass would move as one kernel (inputs read, outputs and kept tensors "
-              "written once). *Kept*: storages kept for the backward beyond the op's inputs.", ""]
+    lines += [
+        "## Counts per op",
+        "",
+        "At the runner's headline size (2^24 elements, or the largest case below it), forward with autograd "
+        "on, then the backward from the runner's upstream gradients (1 for a summed loss; a random `grad_z`). "
+        "Units: bytes over elements x element size. *Kernels* and *units moved*: per ATen call or Triton "
+        "launch (torch.compile's are not counted, see the notes in `benchmarks/static/counts.py`). "
+        "*Graph floor*: what each pass would move as one kernel (inputs read, outputs and kept tensors "
+        "written once). *Kept*: storages kept for the backward beyond the op's inputs.",
+        "",
+    ]
     lines += ops_table(payload["ops"]) + [""]
-    lines += ["## Counts per training step", "",
-              "One steady-state fp32 step (forward, backward, Adam with `foreach=True`, its CUDA default). "
-              "torch.compile: only what it keeps is counted.", ""]
+    lines += [
+        "## Counts per training step",
+        "",
+        "One steady-state fp32 step (forward, backward, Adam with `foreach=True`, its CUDA default). "
+        "torch.compile: only what it keeps is counted.",
+        "",
+    ]
     lines += train_table(payload["train"]) + [""]
     lines += ["## The byte model against the counts", ""]
     checks = payload["checks"]
     bad = [c for c in checks if not c["agree"]]
-    lines.append(f"{len(checks) - len(bad)} of {len(checks)} checks agree with `benchmarks/static/model.py` "
-                 "(the docstrings' byte tables as code).")
+    lines.append(
+        f"{len(checks) - len(bad)} of {len(checks)} checks agree with `benchmarks/static/model.py` "
+        "(the docstrings' byte tables as code)."
+    )
     if bad:
         lines += ["", "| check | model | counted |", "|---|---|---|"]
         lines += [f"| {c['check']} | {c['model']} | {_num(c['counted'])} |" for c in bad]

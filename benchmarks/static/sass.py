@@ -11,6 +11,7 @@ fall through, loops run once, and a branch that skips a slow path (a
 ``BSSY``/``BSYNC`` region holding such code) is taken. What it leaves out is
 reported as ``cold``.
 """
+
 from __future__ import annotations
 
 import re
@@ -53,14 +54,15 @@ def parse_sass(text: str) -> list[Instruction]:
     """The instructions of a one-function SASS listing, in address order."""
     out = []
     for m in _INSTRUCTION.finditer(text):
-        out.append(Instruction(int(m.group("addr"), 16), m.group("pred") is not None, m.group("op"),
-                               m.group("rest").strip()))
+        out.append(
+            Instruction(int(m.group("addr"), 16), m.group("pred") is not None, m.group("op"), m.group("rest").strip())
+        )
     return out
 
 
 def parse_resource_usage(text: str) -> dict[str, int]:
     """``REG``, ``STACK``, ``SHARED``, ``LOCAL`` of the (one) function in ``cuobjdump -res-usage`` output."""
-    function = text[text.index("Function"):] if "Function" in text else text
+    function = text[text.index("Function") :] if "Function" in text else text
     return {key.lower(): int(value) for key, value in _RESOURCES.findall(function)}
 
 
@@ -80,7 +82,7 @@ def slow_path_joins(code: list[Instruction]) -> set[int]:
         if ins.base != "BSSY" or ins.target is None:
             continue
         end = by_addr.get(ins.target, len(code))
-        region = code[i + 1:end]
+        region = code[i + 1 : end]
         if region and region[-1].base == "BSYNC" and any(is_slow_path_code(r) for r in region):
             joins.add(region[-1].addr)
     return joins
@@ -105,8 +107,9 @@ def executed_path(code: list[Instruction], max_steps: int = 200_000) -> Executed
     """
     by_addr = {ins.addr: i for i, ins in enumerate(code)}
     joins = slow_path_joins(code)
-    loops = [(ins.target, ins.addr) for ins in code
-             if ins.base == "BRA" and ins.target is not None and ins.target < ins.addr]
+    loops = [
+        (ins.target, ins.addr) for ins in code if ins.base == "BRA" and ins.target is not None and ins.target < ins.addr
+    ]
     executed: list[Instruction] = []
     second_trip: set[tuple[int, int]] = set()
     pc = 0
@@ -116,8 +119,14 @@ def executed_path(code: list[Instruction], max_steps: int = 200_000) -> Executed
         ins = code[pc]
         executed.append(ins)
         nxt = code[pc + 1] if pc + 1 < len(code) else None
-        bottom_test = (ins.predicated and nxt is not None and nxt.base == "BRA" and not nxt.predicated
-                       and nxt.target is not None and nxt.target < nxt.addr)
+        bottom_test = (
+            ins.predicated
+            and nxt is not None
+            and nxt.base == "BRA"
+            and not nxt.predicated
+            and nxt.target is not None
+            and nxt.target < nxt.addr
+        )
         if ins.base == "EXIT":
             if not ins.predicated or bottom_test or _leaves(ins, None, second_trip):
                 break

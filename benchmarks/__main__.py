@@ -16,6 +16,7 @@ import argparse
 import functools
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,12 +77,20 @@ def main_static(args: argparse.Namespace, argv) -> int:
 
     # The counts run fastvae's Triton path on CPU tensors: the kernels must be defined for the interpreter.
     os.environ["TRITON_INTERPRET"] = "1"
+    import torch._functorch.config
+    import torch._inductor.config
+
+    # torch.compile times are measured (they plan the GPU run's budget): no cached graphs or kernels.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     if "fastvae.kernels.launch" in sys.modules and not sys.modules["fastvae.kernels.launch"].is_interpreted():
         raise SystemExit("--static must run in a fresh process: fastvae's kernels were already compiled for a GPU")
     from benchmarks.static.audit import run_static
 
     out_dir = args.out or Path(__file__).parent / "results" / "static"
-    run_static(out_dir, "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    with tempfile.TemporaryDirectory(prefix="fastvae-static-inductor-") as inductor_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
+        run_static(out_dir, "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:]))
     return 0
 
 
@@ -102,12 +111,13 @@ def build_plan(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> 
             first_shape.setdefault((case.op, case.variant), tuple(case.shape[1:]))
         rank = {key: i for i, key in enumerate(first_shape)}
         # Within a tier: op by op, each dtype beside the other.
-        cases.sort(key=lambda c: (rank[(c.op, c.variant)], c.elements, str(c.dtype)))
+        cases.sort(key=lambda c: (rank[(c.op, c.variant)], c.elements, dtypes.index(c.dtype)))
         for case in cases:
             name = f"{case.op}{' (' + case.variant + ')' if case.variant else ''} " \
                    f"{'x'.join(map(str, case.shape))} {str(case.dtype).replace('torch.', '')}"
             items.append(Item(op_tier(case, first_shape), name, op_estimate(case, impls, compile_times),
-                              functools.partial(measure_case, case, device, impls, count_kernels=on_gpu)))
+                              functools.partial(measure_case, case, device, impls, count_kernels=on_gpu),
+                              compiles="compile" in impls))
     if on_gpu and "noise" not in skip:
         def noise():
             from benchmarks.noise import measure_noise
@@ -123,7 +133,8 @@ def build_plan(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> 
             tier = "train target" if case.batch == TARGET_BATCH else "train"
             items.append(Item(tier, f"{case.model} VAE step, batch {case.batch}, {case.precision}",
                               train_estimate(case, train_impls, compile_times),
-                              functools.partial(measure_train_case, case, device, train_impls)))
+                              functools.partial(measure_train_case, case, device, train_impls),
+                              compiles=any(i.endswith("compile") for i in train_impls)))
     return order(items)
 
 

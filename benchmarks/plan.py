@@ -34,10 +34,11 @@ from pathlib import Path
 
 HEADLINE = 1 << 24
 BANDWIDTH_FOR_ESTIMATES = 3.0e12  # bytes/s: an H100's measured copy bandwidth (.library/device/KINDS.md)
-SECONDS_PER_PASS = 1.0  # do_bench's warm-up and repetitions, the kernel count and the first call, per pass
+SECONDS_PER_PASS = 0.6  # do_bench's warm-up (25 ms) and repetitions (100 ms), the kernel count, per pass
 RUNS_PER_PASS = 60  # timed runs per pass (warm-up + repetitions) at several times the floor
 SLOWDOWN = 5.0  # how far above the bandwidth floor the slowest implementation may run
 DEFAULT_COMPILE_S = 15.0  # a case with no measured compile time
+COMPILE_WARMUP_S = 30.0  # the first torch.compile of a process (the static run's first case took ~40 s)
 TRAIN_STEP_S = 2.0  # timing one training step implementation, beyond compiling
 TARGET_BATCH = 16384
 TIERS = ("headline", "train target", "headline, more shapes", "train", "noise", "sweep")
@@ -52,6 +53,7 @@ class Item:
     name: str
     estimate_s: float
     run: Callable[[], list[dict]]
+    compiles: bool = False  # runs torch.compile
     status: str = "planned"
     seconds: float | None = None
     detail: str = ""
@@ -69,10 +71,10 @@ class Item:
 
 @dataclass
 class CompileTimes:
-    """torch.compile times measured on the CPU by the static run, by op case and by training model."""
+    """torch.compile times measured on the CPU by the static run, per op and per training model and impl."""
 
-    ops: dict = field(default_factory=dict)  # (op, variant, sample shape, dtype) -> seconds
-    train: dict = field(default_factory=dict)  # model -> seconds
+    ops: dict = field(default_factory=dict)  # op -> [seconds of each of its cases]
+    train: dict = field(default_factory=dict)  # (model, impl) -> seconds
 
     @classmethod
     def load(cls, path: Path = STATIC_RESULTS) -> "CompileTimes":
@@ -83,19 +85,17 @@ class CompileTimes:
         for r in payload.get("ops", []):
             seconds = r["impls"].get("compile", {}).get("compile_s")
             if seconds is not None:
-                times.ops[(r["op"], r["variant"], tuple(r["shape"][1:]), r["dtype"])] = seconds
+                times.ops.setdefault(r["op"], []).append(seconds)
         for r in payload.get("train", []):
-            seconds = r["impls"].get("compile", {}).get("compile_s")
-            if seconds is not None:
-                times.train[r["model"]] = seconds
+            for impl, counts in r["impls"].items():
+                if counts.get("compile_s") is not None:
+                    times.train[(r["model"], impl)] = counts["compile_s"]
         return times
 
     def op(self, case) -> float:
-        key = (case.op, case.variant.split(",")[0], tuple(case.shape[1:]), str(case.dtype).replace("torch.", ""))
-        if key in self.ops:
-            return self.ops[key]
-        same_op = [s for k, s in self.ops.items() if k[0] == case.op]
-        return max(same_op) if same_op else DEFAULT_COMPILE_S
+        """The median over the op's measured cases: the first compile of a process also pays a warm-up."""
+        seconds = sorted(self.ops.get(case.op, []))
+        return seconds[len(seconds) // 2] if seconds else DEFAULT_COMPILE_S
 
 
 def op_estimate(case, impls, compile_times: CompileTimes) -> float:
@@ -108,8 +108,8 @@ def op_estimate(case, impls, compile_times: CompileTimes) -> float:
 
 
 def train_estimate(case, impls, compile_times: CompileTimes) -> float:
-    compiled = sum(impl.endswith("compile") for impl in impls)
-    return compiled * compile_times.train.get(case.model, DEFAULT_COMPILE_S) + len(impls) * TRAIN_STEP_S
+    compile_s = sum(compile_times.train.get((case.model, i), DEFAULT_COMPILE_S) for i in impls if i.endswith("compile"))
+    return compile_s + len(impls) * TRAIN_STEP_S
 
 
 def op_tier(case, first_shape: dict) -> str:
@@ -121,8 +121,12 @@ def op_tier(case, first_shape: dict) -> str:
 
 
 def order(items: list[Item]) -> list[Item]:
-    """Tier by tier, keeping each tier's own order."""
-    return sorted(items, key=lambda item: TIERS.index(item.tier))
+    """Tier by tier, keeping each tier's own order; the first item that compiles also pays the warm-up."""
+    items = sorted(items, key=lambda item: TIERS.index(item.tier))
+    first = next((item for item in items if item.compiles), None)
+    if first is not None:
+        first.estimate_s += COMPILE_WARMUP_S
+    return items
 
 
 def run_within(
@@ -157,29 +161,24 @@ def run_within(
 
 
 def describe(items: list[Item], budget_s: float | None) -> str:
-    """The plan as a table: order, tier, case, estimate, cumulative estimate, and whether it fits."""
-    lines = [f"{'#':>3}  {'tier':<22} {'estimate':>8} {'cumul.':>7}  case"]
-    total = 0.0
+    """The plan as a table: order, tier, case, estimate, and (after :func:`simulate`) what a run would do."""
+    lines = [f"{'#':>3}  {'tier':<22} {'estimate':>8} {'start':>6}  case"]
+    used = 0.0
     for i, item in enumerate(items, 1):
-        total += item.estimate_s
-        fits = budget_s is None or total <= budget_s
-        mark = "" if fits else "  (beyond the budget)"
-        lines.append(f"{i:>3}  {item.tier:<22} {item.estimate_s:>7.0f}s {total:>6.0f}s  {item.name}{mark}")
-    fitting = sum(1 for _ in _fitting(items, budget_s))
+        skipped = item.status == "skipped"
+        start = "—" if skipped else f"{used:.0f}s"
+        lines.append(
+            f"{i:>3}  {item.tier:<22} {item.estimate_s:>7.0f}s {start:>6}  {item.name}"
+            + ("  (skipped: budget)" if skipped else "")
+        )
+        used += 0 if skipped else item.estimate_s
+    runs = sum(item.status != "skipped" for item in items)
+    total = sum(item.estimate_s for item in items)
+    limit = "no limit" if budget_s is None else f"{budget_s:.0f} s"
     lines.append(
-        f"{fitting} of {len(items)} cases fit a budget of "
-        f"{'no limit' if budget_s is None else f'{budget_s:.0f} s'} by their estimates "
-        f"(all: {total:.0f} s)"
+        f"{runs} of {len(items)} cases fit a budget of {limit} by their estimates ({used:.0f} s of {total:.0f} s for all)"
     )
     return "\n".join(lines)
-
-
-def _fitting(items, budget_s):
-    total = 0.0
-    for item in items:
-        if budget_s is None or total + item.estimate_s <= budget_s:
-            total += item.estimate_s
-            yield item
 
 
 def simulate(items: list[Item], budget_s: float | None) -> None:

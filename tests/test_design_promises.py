@@ -182,9 +182,9 @@ def test_the_audit_compiled_every_kernel_in_both_dtypes(sm90_variants):
 
 def test_no_kernel_spills_registers(sm90_variants):
     spilling = [
-        (r["kernel"], r["dtype"], r["constexprs"], r["local_bytes"], r["spill_instructions"])
+        (r["kernel"], r["dtype"], r["constexprs"], r["stack_bytes"], r["local_bytes"], r["spill_instructions"])
         for r in sm90_variants
-        if r["local_bytes"] or r["spill_instructions"]
+        if r["stack_bytes"] or r["local_bytes"] or r["spill_instructions"]
     ]
     assert not spilling
 

@@ -60,6 +60,21 @@ def test_walk_takes_a_bottom_tested_loop_once():
     assert [i.addr for i in executed_path(code).executed] == [0x00, 0x10, 0x20, 0x30, 0x40]
 
 
+def test_walk_takes_a_bottom_test_with_code_before_the_back_edge():
+    code = parse_sass(
+        sass(
+            "S2R R0, SR_CTAID.X",  # 0x00
+            "LDG.E.128 R4, desc[UR4][R2.64]",  # 0x10  loop
+            "FADD R4, R4, R4",  # 0x20
+            "FADD R5, R5, R5",  # 0x30
+            "@P1 EXIT",  # 0x40  exit test in the loop's second half ...
+            "UMOV UR12, UR4",  # 0x50  ... then straight-line code to the back edge
+            "BRA 0x10",  # 0x60
+        )
+    )
+    assert [i.addr for i in executed_path(code).executed] == [0x00, 0x10, 0x20, 0x30, 0x40]
+
+
 def test_walk_leaves_a_top_tested_loop_after_one_trip():
     code = parse_sass(
         sass(

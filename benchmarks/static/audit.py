@@ -187,14 +187,26 @@ def variant_row(launch: Launch, variant: dict) -> dict:
     shared = max(variant["shared_dynamic"], 0)
     pointer_types = [t for t in summary["types"].values() if t.startswith("*")]
     not_divisible = [name for name in summary["types"] if name not in summary["divisible_by_16"]]
+    reads, writes = spec.accessed(launch.constexprs, launch.args)
+    live = set(reads + writes)
+    # What the launcher could not specialise, of the arguments the kernel uses: a pointer or a size not a
+    # multiple of 16, a column stride not 1 (each costs vector width or index arithmetic).
+    unspecialised = [a for a in not_divisible if a in live or a in ("n_rows", "n_cols", "cols_per_split")]
+    unspecialised += [
+        f"{a} != 1"
+        for a in summary["types"]
+        if a.startswith("stride_") and a.endswith("_col") and f"{a[7:-4]}_ptr" in live
+    ]
     return {
         "kernel": launch.kernel,
         "key": variant["key"],
         "dtype": pointer_types[0][1:] if pointer_types else "",
         "constexprs": summary["constexprs"],
+        "types": summary["types"],
         "num_warps": num_warps,
         "divisible_by_16": summary["divisible_by_16"],
         "not_divisible_by_16": not_divisible,
+        "unspecialised": unspecialised,
         "enable_fp_fusion": summary["enable_fp_fusion"],
         "registers": resources.get("reg"),
         "stack_bytes": resources.get("stack"),

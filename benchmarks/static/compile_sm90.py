@@ -164,6 +164,7 @@ def compile_and_read(job: dict) -> dict:
         **analyse(sass, resources),
     }
     cached.write_text(json.dumps(result))
+    cached.with_suffix(".sass").write_text(sass)  # for reading by hand: the audit names each variant's key
     return result
 
 

@@ -206,31 +206,28 @@ def count_train_step(
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
         x = torch.rand(batch, *IMAGE_SHAPE).round()
 
-        def step(events=None):
+        def step(record: bool):
+            """One step; with ``record``, its kernels are counted phase by phase (never under torch.compile,
+            which a dispatch mode would send back to eager)."""
             optimizer.zero_grad(set_to_none=True)
-            phases = {}
-            for phase in ("forward", "backward", "optimizer"):
-                phases[phase] = []
-            record = events is not None
-            with SavedTensors() as saved, (
-                counting(phases["forward"], launches, execute=execute) if record else contextlib.nullcontext()
-            ):
+            phases = {phase: [] for phase in ("forward", "backward", "optimizer")}
+
+            def count(phase, **kw):
+                return counting(phases[phase], launches, execute=execute, **kw) if record else contextlib.nullcontext()
+
+            with SavedTensors() as saved, count("forward"):
                 loss = forward_fn(x).loss
-            with counting(phases["backward"], launches, execute=execute) if record else contextlib.nullcontext():
+            with count("backward"):
                 loss.backward()
             host = {id(s["step"]) for s in optimizer.state.values() if "step" in s}
-            with (
-                counting(phases["optimizer"], launches, execute=execute, host=host)
-                if record
-                else contextlib.nullcontext()
-            ):
+            with count("optimizer", host=host):
                 optimizer.step()
             return phases, saved
 
         start = time.perf_counter()
-        step()
+        step(record=False)
         first_s = time.perf_counter() - start
-        phases, saved = step(events=not impl.endswith("compile"))
+        phases, saved = step(record=not impl.endswith("compile"))
     params = list(model.parameters())
     result = {"saved_bytes": saved.bytes(), "saved_beyond_inputs": saved.bytes(exclude=params + [x])}
     if not impl.endswith("compile"):

@@ -9,9 +9,12 @@ def _widths(widths: dict) -> str:
     return " ".join(f"{n}x{bits}" for bits, n in sorted(((int(b), n) for b, n in widths.items()), reverse=True)) or "—"
 
 
-def _flags(constexprs: dict) -> str:
+def _flags(constexprs: dict, row: dict | None = None) -> str:
     shown = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK") and not k.startswith("stride")}
-    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "—"
+    flags = [f"{k}={v}" for k, v in shown.items()]
+    if row is not None:
+        flags += [a if "!=" in a else f"{a} not ÷16" for a in row.get("unspecialised", [])]
+    return ", ".join(flags) or "—"
 
 
 def _block(constexprs: dict) -> str:
@@ -25,7 +28,7 @@ def _kernel(name: str) -> str:
 
 def audit_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| kernel | dtype | flags | block | warps | regs | local B / spill instr. | smem B | warps/SM (limit) "
+        "| kernel | dtype | flags | block | warps | regs | stack+local B / LDL+STL | smem B | warps/SM (limit) "
         "| LDG (count x bits) | STG | instr. executed (cold left out) | elem./thread | instr./elem. | B/elem. "
         "| compute/memory | estimate |",
         "|" + "---|" * 17,
@@ -34,8 +37,8 @@ def audit_table(rows: list[dict]) -> list[str]:
         occ = r["occupancy"]
         bound = r["bound"]
         lines.append(
-            f"| {_kernel(r['kernel'])} | {r['dtype']} | {_flags(r['constexprs'])} | {_block(r['constexprs'])} "
-            f"| {r['num_warps']} | {r['registers']} | {r['local_bytes']} / {r['spill_instructions']} "
+            f"| {_kernel(r['kernel'])} | {r['dtype']} | {_flags(r['constexprs'], r)} | {_block(r['constexprs'])} "
+            f"| {r['num_warps']} | {r['registers']} | {r['stack_bytes'] + r['local_bytes']} / {r['spill_instructions']} "
             f"| {r['shared_bytes']} | {occ['warps_per_sm']} ({occ['limited_by']}) | {_widths(r['global_loads'])} "
             f"| {_widths(r['global_stores'])} | {r['executed_instructions']} ({r['cold_instructions']}) "
             f"| {r['elements_per_thread']:g} | {r['instructions_per_element']:.1f} | {r['bytes_per_element']:.1f} "

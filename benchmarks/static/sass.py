@@ -100,10 +100,11 @@ def executed_path(code: list[Instruction], max_steps: int = 200_000) -> Executed
 
     Conditional branches fall through, with three exceptions that keep the
     walk on one trip of each loop and off the slow paths: a branch that skips a
-    slow path is taken; an exit test right before a loop's unconditional back
-    edge (a bottom-tested loop) is taken; and once a loop's unconditional back
-    edge has been taken, the next test that leaves the loop (a top-tested
-    loop) is taken. A conditional back edge (do-while) falls through.
+    slow path is taken; an exit test followed by straight-line code up to a
+    loop's unconditional back edge (a bottom-tested loop) is taken; and once
+    a loop's unconditional back edge has been taken, the next test that leaves
+    the loop (a top-tested loop) is taken. A conditional back edge (do-while)
+    falls through.
     """
     by_addr = {ins.addr: i for i, ins in enumerate(code)}
     joins = slow_path_joins(code)
@@ -118,15 +119,7 @@ def executed_path(code: list[Instruction], max_steps: int = 200_000) -> Executed
             raise RuntimeError("the SASS walk did not end: a loop shape this walker does not know")
         ins = code[pc]
         executed.append(ins)
-        nxt = code[pc + 1] if pc + 1 < len(code) else None
-        bottom_test = (
-            ins.predicated
-            and nxt is not None
-            and nxt.base == "BRA"
-            and not nxt.predicated
-            and nxt.target is not None
-            and nxt.target < nxt.addr
-        )
+        bottom_test = ins.base in ("EXIT", "BRA") and ins.predicated and _before_a_back_edge(code, pc)
         if ins.base == "EXIT":
             if not ins.predicated or bottom_test or _leaves(ins, None, second_trip):
                 break
@@ -147,6 +140,21 @@ def executed_path(code: list[Instruction], max_steps: int = 200_000) -> Executed
     hot_loops = [(lo, hi) for lo, hi in loops if any(lo <= ins.addr <= hi for ins in executed)]
     body = sum(1 for ins in executed if any(lo <= ins.addr <= hi for lo, hi in hot_loops))
     return ExecutedPath(executed, body, len(hot_loops))
+
+
+CONTROL = ("BRA", "EXIT", "CALL", "RET", "BSSY", "BSYNC", "BRX", "JMP", "WARPSYNC")
+
+
+def _before_a_back_edge(code: list[Instruction], pc: int) -> bool:
+    """Whether ``code[pc]`` is a loop's bottom test: in the loop's second half, with only straight-line code
+    between it and the loop's unconditional back edge (after LLVM's loop rotation the test sits there; a top
+    test sits at the loop's head)."""
+    test = code[pc]
+    for ins in code[pc + 1 :]:
+        if ins.base in CONTROL:
+            back_edge = ins.base == "BRA" and not ins.predicated and ins.target is not None and ins.target < ins.addr
+            return back_edge and ins.target < test.addr and ins.addr - test.addr < test.addr - ins.target
+    return False
 
 
 def _leaves(ins: Instruction, target: int | None, second_trip: set[tuple[int, int]]) -> bool:

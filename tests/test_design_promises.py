@@ -181,10 +181,19 @@ def test_the_audit_compiled_every_kernel_in_both_dtypes(sm90_variants):
 
 
 def test_no_kernel_spills_registers(sm90_variants):
+    """ptxas reports no spill stores or loads, and the executed path has no local-memory instruction.
+
+    A stack frame alone is not a spill: Triton 3.6's libdevice keeps the sin/cos slow path's table of
+    2/pi digits there, off the executed path.
+    """
     spilling = [
-        (r["kernel"], r["dtype"], r["constexprs"], r["stack_bytes"], r["local_bytes"], r["spill_instructions"])
+        (r["kernel"], r["dtype"], r["constexprs"], r["ptxas"], r["local_bytes"], r["spill_instructions"])
         for r in sm90_variants
-        if r["stack_bytes"] or r["local_bytes"] or r["spill_instructions"]
+        if r["ptxas"] is None
+        or r["ptxas"]["spill_stores"]
+        or r["ptxas"]["spill_loads"]
+        or r["local_bytes"]
+        or r["spill_instructions"]
     ]
     assert not spilling
 

@@ -102,13 +102,15 @@ def noise_launches() -> dict[str, list[Launch]]:
     """The in-kernel noise benchmark's kernels (``tl.randn``, ``tl.randn4x``) at 2**24 normals, recorded."""
     import triton
 
-    from benchmarks.noise import BLOCK, _randn4x_kernel, _randn_kernel
+    from benchmarks.noise import BLOCK, NUM_WARPS, _randn4x_kernel, _randn_kernel
 
     out = torch.empty(NOISE_ELEMENTS)
     launches: dict[str, list[Launch]] = {}
     for name, kernel in (("tl.randn", _randn_kernel), ("tl.randn4x", _randn4x_kernel)):
         with LaunchRecorder(launches=launches.setdefault(f"noise: {name}, 2^24 normals", []), execute=False):
-            kernel[(triton.cdiv(NOISE_ELEMENTS, BLOCK),)](out, NOISE_ELEMENTS, 0x5EED_0F_FA57_FAE, BLOCK=BLOCK)
+            kernel[(triton.cdiv(NOISE_ELEMENTS, BLOCK),)](
+                out, NOISE_ELEMENTS, 0x5EED_0F_FA57_FAE, BLOCK=BLOCK, num_warps=NUM_WARPS
+            )
     return launches
 
 
@@ -212,6 +214,7 @@ def variant_row(launch: Launch, variant: dict) -> dict:
         "stack_bytes": resources.get("stack"),
         "local_bytes": resources.get("local"),
         "spill_instructions": variant["spill_instructions"],
+        "ptxas": variant["ptxas"],
         "local_instructions_off_path": variant["local_instructions_off_path"],
         "shared_bytes": shared,
         "static_shared_bytes": resources.get("shared"),

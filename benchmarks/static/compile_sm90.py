@@ -22,10 +22,13 @@ changed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -123,7 +126,8 @@ def variant_key(job: dict) -> tuple[str, dict]:
 
     spec = specialise(job)
     kernel = spec["kernel"]
-    analysis = hashlib.sha256(Path(sass.__file__).read_bytes()).hexdigest()  # a new analysis reads cubins anew
+    # A new analysis reads the cubins anew.
+    analysis = hashlib.sha256(Path(sass.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()
     text = json.dumps(
         [
             triton.__version__,
@@ -153,7 +157,9 @@ def compile_and_read(job: dict) -> dict:
 
     spec = specialise(job)
     source = ASTSource(spec["kernel"], spec["signature"], spec["constexprs"], spec["attrs"])
-    compiled = triton.compile(source, target=_target(), options=spec["options"].__dict__)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # Triton prints ptxas's -v report (TRITON_DUMP_PTXAS_LOG=1)
+        compiled = triton.compile(source, target=_target(), options=spec["options"].__dict__)
     with tempfile.TemporaryDirectory() as tmp:
         sass, resources = cuobjdump(compiled.asm["cubin"], Path(tmp))
     result = {
@@ -161,11 +167,20 @@ def compile_and_read(job: dict) -> dict:
         "triton": triton.__version__,
         "specialisation": summary,
         "shared_dynamic": compiled.metadata.shared,
+        "ptxas": ptxas_report(log.getvalue()),
         **analyse(sass, resources),
     }
     cached.write_text(json.dumps(result))
     cached.with_suffix(".sass").write_text(sass)  # for reading by hand: the audit names each variant's key
     return result
+
+
+def ptxas_report(log: str) -> dict | None:
+    """Stack frame and spill bytes from ptxas's ``-v`` report (None when Triton did not run ptxas: a cache hit)."""
+    match = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not match:
+        return None
+    return dict(zip(("stack_frame", "spill_stores", "spill_loads"), map(int, match.groups())))
 
 
 def _keyed(job: dict) -> tuple[str, dict]:
@@ -202,7 +217,10 @@ def compile_in_subprocess(jobs: list[dict], workers: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "benchmarks.static.compile_sm90"] + ([str(workers)] if workers else [])
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(command, input=json.dumps(jobs), capture_output=True, text=True, env=env, cwd=root)
+    with tempfile.TemporaryDirectory(prefix="fastvae-static-triton-") as triton_cache:
+        # An empty Triton cache, so that ptxas runs and reports spills; our own cache keeps the results.
+        env.update(TRITON_CACHE_DIR=triton_cache, TRITON_DUMP_PTXAS_LOG="1")
+        done = subprocess.run(command, input=json.dumps(jobs), capture_output=True, text=True, env=env, cwd=root)
     if done.returncode != 0:
         raise RuntimeError(f"compiling for sm_{TARGET_ARCH} failed:\n{done.stderr[-6000:]}")
     return json.loads(done.stdout)

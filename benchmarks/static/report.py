@@ -17,6 +17,11 @@ def _flags(constexprs: dict, row: dict | None = None) -> str:
     return ", ".join(flags) or "—"
 
 
+def _spilled(row: dict) -> str:
+    report = row.get("ptxas")
+    return "?" if report is None else str(report["spill_stores"] + report["spill_loads"])
+
+
 def _block(constexprs: dict) -> str:
     blocks = [f"{k.removeprefix('BLOCK_')}={v}" for k, v in constexprs.items() if k.startswith("BLOCK")]
     return " ".join(blocks)
@@ -28,7 +33,8 @@ def _kernel(name: str) -> str:
 
 def audit_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| kernel | dtype | flags | block | warps | regs | stack+local B / LDL+STL | smem B | warps/SM (limit) "
+        "| kernel | dtype | flags | block | warps | regs | spilled B (ptxas) / stack B / LDL+STL executed | smem B "
+        "| warps/SM (limit) "
         "| LDG (count x bits) | STG | instr. executed (cold left out) | elem./thread | instr./elem. | B/elem. "
         "| compute/memory | estimate |",
         "|" + "---|" * 17,
@@ -38,7 +44,7 @@ def audit_table(rows: list[dict]) -> list[str]:
         bound = r["bound"]
         lines.append(
             f"| {_kernel(r['kernel'])} | {r['dtype']} | {_flags(r['constexprs'], r)} | {_block(r['constexprs'])} "
-            f"| {r['num_warps']} | {r['registers']} | {r['stack_bytes'] + r['local_bytes']} / {r['spill_instructions']} "
+            f"| {r['num_warps']} | {r['registers']} | {_spilled(r)} / {r['stack_bytes']} / {r['spill_instructions']} "
             f"| {r['shared_bytes']} | {occ['warps_per_sm']} ({occ['limited_by']}) | {_widths(r['global_loads'])} "
             f"| {_widths(r['global_stores'])} | {r['executed_instructions']} ({r['cold_instructions']}) "
             f"| {r['elements_per_thread']:g} | {r['instructions_per_element']:.1f} | {r['bytes_per_element']:.1f} "

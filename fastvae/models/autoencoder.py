@@ -74,4 +74,4 @@ class Autoencoder(TrainableModel):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.likelihood.mean(self.decoder(self.encode(x)))
+        return self.likelihood.reconstruction(self.decoder(self.encode(x)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fastvae.errors import ConfigError
+from fastvae.likelihoods import make_likelihood
 from fastvae.models import VAE, TrainableModel, conv_vae, mlp_vae
 
 if TYPE_CHECKING:
@@ -33,9 +34,11 @@ MODELS = {"mlp": _mlp, "conv": _conv}
 
 def build_model(config: TrainConfig, image_shape: tuple[int, int, int], backend: str | None = None) -> VAE:
     """The VAE that ``config`` describes, for images of ``image_shape`` ``(C, H, W)``."""
+    from fastvae.training.config import likelihood_options
+
     common = dict(
         latent_dim=config.latent_dim,
-        likelihood=config.likelihood,
+        likelihood=make_likelihood(config.likelihood, backend=backend, **likelihood_options(config)),
         beta=config.beta,
         kl_warmup=config.kl_warmup,
         logvar_limit=config.logvar_limit or None,

@@ -6,6 +6,7 @@
 * :mod:`~fastvae.training.rundir`: the run folder and the files in it;
 * :mod:`~fastvae.training.metrics`: the metrics log (``metrics.jsonl``) and the progress bar;
 * :mod:`~fastvae.training.checkpoint`: atomic checkpoints, and rebuilding a model from one;
+* :mod:`~fastvae.training.files`: atomic writes that Ctrl-C and a full disk cannot leave half done;
 * :mod:`~fastvae.training.seeds`: the random streams derived from the run's seed;
 * :mod:`~fastvae.training.distributed`: one process's place in a torchrun job;
 * :mod:`~fastvae.training.evaluate`: held-out evaluation;

@@ -369,9 +369,10 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_training_through_the_fused_kernels_follows_the_reference_path(tmp_path):
+@pytest.mark.parametrize("likelihood", [[], ["--likelihood", "dmol", "--num-mixtures", 2]], ids=["bce", "dmol"])
+def test_training_through_the_fused_kernels_follows_the_reference_path(tmp_path, likelihood):
     """--backend triton (Triton's interpreter on the CPU here) against --backend torch, on the same noise."""
-    common = [*TINY, "--num-images", 100, "--steps", 4, "--hidden", 32, "--noise", "global", "--quiet"]
+    common = [*TINY, *likelihood, "--num-images", 100, "--steps", 4, "--hidden", 32, "--noise", "global", "--quiet"]
     for backend in ("torch", "triton"):
         status, _, stderr = run("train", *common, "--backend", backend, "--out", tmp_path / backend)
         assert status == 0, stderr

@@ -11,7 +11,7 @@ from fastvae.ops.discretized_logistic_mixture import (
     discretized_logistic_mixture_mode,
     discretized_logistic_mixture_nll_reference,
 )
-from tests.utils import TOLERANCES, assert_close, compile_for_cuda, pick
+from tests.utils import TOLERANCES, assert_close, compile_for_cuda, pick, record_kernel_calls
 
 REDUCTIONS = ["none", "sum", "mean"]
 EPS32 = 2.0**-24  # float32's unit roundoff
@@ -343,28 +343,10 @@ def test_non_contiguous_params_are_read_in_place(device, layout, kernel_args):
 
 @pytest.fixture
 def backward_calls(monkeypatch):
-    """Records the forward's outputs and every launch of the scaling kernel: in place or into a new tensor."""
+    """Records the forward's outputs and every launch of the scaling kernel: ``("in place" or "new", shape, weights)``."""
     from fastvae.kernels import discretized_logistic_mixture as kernels
-    from fastvae.kernels import scale_rows as scaling
 
-    calls = {"outputs": [], "scale": []}
-    forward, scale, scale_ = kernels.discretized_logistic_mixture_forward, scaling.scale_rows, scaling.scale_rows_
-
-    def spy_forward(*args, **kwargs):
-        calls["outputs"].append(forward(*args, **kwargs))
-        return calls["outputs"][-1]
-
-    def spy(how, function):
-        def launch(src, weight):
-            calls["scale"].append((how, weight.clone()))
-            return function(src, weight)
-
-        return launch
-
-    monkeypatch.setattr(kernels, "discretized_logistic_mixture_forward", spy_forward)
-    monkeypatch.setattr(scaling, "scale_rows", spy("new", scale))
-    monkeypatch.setattr(scaling, "scale_rows_", spy("in place", scale_))
-    return calls
+    return record_kernel_calls(monkeypatch, kernels, "discretized_logistic_mixture_forward")
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none then sum"])
@@ -378,8 +360,8 @@ def test_backward_hands_over_the_forward_gradient(device, reduction, backward_ca
     (grad,) = torch.autograd.grad(loss, params)
     (_, forward_grad), = backward_calls["outputs"]
     assert grad.data_ptr() == forward_grad.data_ptr()  # handed over, no copy
-    assert [how for how, _ in backward_calls["scale"]] == ["in place"]
-    assert all(bool((weight == 1).all()) for _, weight in backward_calls["scale"])
+    assert [how for how, *_ in backward_calls["scale"]] == ["in place"]
+    assert all(bool((weight == 1).all()) for *_, weight in backward_calls["scale"])
     (expected,) = torch.autograd.grad(want, params)
     assert_close(grad, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
@@ -412,7 +394,7 @@ def test_gradients_never_share_memory(device, reduction, backward_calls):
     grad_loss = torch.ones_like(loss)
     (first,) = torch.autograd.grad(loss, params, grad_loss, retain_graph=True)
     (second,) = torch.autograd.grad(loss, params, grad_loss, retain_graph=True)
-    assert {how for how, _ in backward_calls["scale"]} == {"new"}  # the graph is kept: out of place
+    assert {how for how, *_ in backward_calls["scale"]} == {"new"}  # the graph is kept: out of place
     (_, saved), = backward_calls["outputs"]
     assert len({first.data_ptr(), second.data_ptr(), saved.data_ptr()}) == 3
     expected = first.clone()

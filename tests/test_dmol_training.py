@@ -135,14 +135,3 @@ def test_config_fills_in_the_mixtures_defaults_only_for_it():
     assert likelihood_options(TrainConfig(likelihood="dmol", num_bits=5)) == {"num_mixtures": 10, "num_bits": 5}
     assert likelihood_options(TrainConfig(likelihood="l1")) == {}
 
-
-def test_training_through_the_fused_kernel_follows_the_reference_path(tmp_path):
-    """--backend triton (the DMOL kernel under Triton's interpreter on the CPU) against --backend torch."""
-    common = ["--data", "digits", "--num-images", 60, "--likelihood", "dmol", "--num-mixtures", 2, "--hidden", 8,
-              "--batch-size", 8, "--eval-k", 1, "--steps", 3, "--noise", "global", "--quiet"]
-    for backend in ("torch", "triton"):
-        status, _, stderr = run("train", *common, "--backend", backend, "--out", tmp_path / backend)
-        assert status == 0, stderr
-    reference, fused = weights(tmp_path / "torch"), weights(tmp_path / "triton")
-    for name in reference:
-        torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)

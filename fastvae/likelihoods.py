@@ -276,9 +276,6 @@ class DiscretizedLogisticMixtureLikelihood(Likelihood):
             "(densities) or bce"
         )
 
-    def extra_repr(self) -> str:
-        return ""
-
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {
     family.name: family

@@ -1,4 +1,4 @@
-"""The ``fastvae`` command: ``fastvae train``, ``fastvae eval`` and ``fastvae sample``.
+"""The ``fastvae`` command: ``fastvae train``, ``fastvae eval``, ``fastvae sample`` and ``fastvae encode``.
 
 Each subcommand is registered in :data:`SUBCOMMANDS` with :func:`register`
 (its name, a one-line help, a function adding its arguments and a function
@@ -85,8 +85,9 @@ def _number(text: str, kind, valid, what: str):
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.backend import BACKENDS
     from fastvae.data import DATASETS
+    from fastvae.corruption import CORRUPTIONS
     from fastvae.models import LIKELIHOODS
-    from fastvae.training.builders import MODELS
+    from fastvae.training.builders import MODELS, OBJECTIVES, default_likelihood
     from fastvae.training.config import NOISE_MODES, PRECISIONS, TrainConfig
     from fastvae.training.distributed import DEVICES
 
@@ -103,8 +104,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-images",
         type=_positive_int,
         metavar="N",
-        help="use the first N images (training and held-out together); for shapes, generate N "
-        "(default: all; 20000 shapes)",
+        help="use the first N images (training and held-out together; for mnist, sorted by label, a fixed random "
+        "N of them); for shapes, generate N (default: all; 20000 shapes)",
+    )
+    what.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="; ".join(f"{name}: {objective.description}" for name, objective in OBJECTIVES.items())
+        + f" (default: {d.objective})",
     )
     what.add_argument(
         "--model",
@@ -126,7 +133,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--likelihood",
         choices=LIKELIHOODS,
         help="p(x|z): bce = Bernoulli on logits, gaussian = learned variance, mse = fixed variance, "
-        f"l1 = Laplace, dmol = discretized mixture of logistics (default: {d.likelihood})",
+        "l1 = Laplace, dmol = discretized mixture of logistics; an autoencoder minimises its loss (mse: the "
+        "squared error) (default: "
+        + ", ".join(f"{default_likelihood(name)} for {name}" for name in OBJECTIVES)
+        + ")",
     )
     dmol = LIKELIHOODS["dmol"].options
     what.add_argument(
@@ -158,6 +168,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default: {d.kl_warmup}, no warm-up)",
     )
     how.add_argument(
+        "--denoise",
+        metavar="KIND:LEVEL",
+        help="train to denoise: corrupt each training input with fresh noise and score the output against the "
+        f"clean image; KIND is {' or '.join(CORRUPTIONS)}: gaussian:SIGMA adds N(0, SIGMA^2) noise clipped to "
+        "[0, 1], mask:FRACTION zeroes that fraction of the pixels at random (default: no corruption)",
+    )
+    how.add_argument(
         "--batch-size",
         type=_positive_int,
         metavar="B",
@@ -175,9 +192,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument(
         "--noise",
         choices=NOISE_MODES,
-        help="rank: each process draws its own noise inside the fused op; global: the global "
-        "batch's noise from one generator, sliced per process, so results do not depend on "
-        f"the number of processes (default: {d.noise})",
+        help="rank: each process draws its own noise inside the fused op (and its own --denoise corruption); "
+        "global: the global batch's noise (and corruption) from one generator, sliced per process, so results "
+        f"do not depend on the number of processes (default: {d.noise})",
     )
     run = parser.add_argument_group(
         "how to run",
@@ -231,7 +248,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-k",
         type=_positive_int,
         metavar="K",
-        help=f"importance samples of the final held-out log-likelihood (default: {d.eval_k})",
+        help=f"importance samples of the final held-out log-likelihood of a VAE (default: {d.eval_k})",
     )
     run.add_argument(
         "--quiet",
@@ -270,13 +287,21 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DEFAULT_EVAL_K = 1000
+
+
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint_arguments(parser)
     parser.add_argument(
         "--k",
         type=_positive_int,
-        default=1000,
-        help="importance samples per image for the log-likelihood (default: 1000)",
+        help=f"a VAE's importance samples per image for the log-likelihood (default: {DEFAULT_EVAL_K})",
+    )
+    parser.add_argument(
+        "--denoise",
+        metavar="KIND:LEVEL",
+        help="also measure the model from inputs corrupted so (gaussian:SIGMA, mask:FRACTION), against the clean "
+        "images (default: the run's --denoise, if any)",
     )
     # With the run's seed and batch size the noise is that of the evaluation at the end of training.
     parser.add_argument(
@@ -308,24 +333,42 @@ def _open_checkpoint(args: argparse.Namespace):
     return model, config, checkpoint, path
 
 
+def _parse_corruption(spec: str | None):
+    from fastvae.corruption import parse_corruption
+
+    try:
+        return parse_corruption(spec)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from fastvae.data import load_images
-    from fastvae.training.builders import describe_model
+    from fastvae.training.builders import check_options_apply, describe_model, evaluation_options
     from fastvae.training.checkpoint import check_checkpoint_data
-    from fastvae.training.evaluate import evaluate
+    from fastvae.training.evaluate import evaluate_held_out, format_held_out
     from fastvae.training.seeds import eval_generator
 
     model, config, checkpoint, path = _open_checkpoint(args)
+    check_options_apply(config, {"eval_k"} if args.k is not None else set(), {"eval_k": "--k"})
+    corruption = _parse_corruption(args.denoise or config.denoise)
     source = args.data or config.data
     data = load_images(source, num_images=config.num_images)
     check_checkpoint_data(checkpoint, path, data, source)
     device = next(model.parameters()).device
     seed = config.seed if args.seed is None else args.seed
     batch_size = args.batch_size or config.batch_size
-    options = {"k": args.k}
-    results = evaluate(model, data.test, batch_size=batch_size, generator=eval_generator(seed, device), **options)
+    options = evaluation_options(dataclasses.replace(config, eval_k=args.k or DEFAULT_EVAL_K))
+    results = evaluate_held_out(
+        model,
+        data.test,
+        batch_size=batch_size,
+        generator=eval_generator(seed, device),
+        corruption=corruption,
+        options=options,
+    )
     print(f"{path}: step {checkpoint['step']}, {describe_model(config, model)} on {data.name}")
-    print(model.format_evaluation(results, n_images=len(data.test), **options))
+    print(format_held_out(model, results, n_images=len(data.test), corruption=corruption, options=options))
     return 0
 
 
@@ -351,10 +394,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         image_format(args.out)  # refuse a format it cannot write before loading anything
     model, _, _, path = _open_checkpoint(args)
     out = args.out or os.path.join(os.path.dirname(path), f"samples-{args.n}-seed{args.seed}.png")
-    if os.path.lexists(out):
-        raise ConfigError(f"{out} already exists; choose another --out")
-    if not os.path.isdir(os.path.dirname(out) or "."):
-        raise ConfigError(f"the folder of {out} does not exist")
+    _check_new_file(out)
     device = next(model.parameters()).device
     samples = model.sample(args.n, generator=torch.Generator(device=device).manual_seed(args.seed))
     try:
@@ -362,16 +402,114 @@ def _run_sample(args: argparse.Namespace) -> int:
     except OSError as err:
         raise ConfigError(f"cannot write {out}: {describe_os_error(err)}") from None
     print(f"wrote {args.n} samples to {out}")
+    note = model.sample_note()
+    if note:
+        print(f"note: {note}")
     return 0
 
 
-register("train", "train a VAE and write a run folder (metrics, checkpoint, figures)", _train_arguments, _run_train)
-register("eval", "held-out ELBO and importance-sampled log-likelihood of a checkpoint", _eval_arguments, _run_eval)
+def _check_new_file(path: str) -> None:
+    """A file about to be written: it must not exist (nor be a dangling link), and its folder must."""
+    if os.path.lexists(path):
+        raise ConfigError(f"{path} already exists; choose another --out")
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise ConfigError(f"the folder of {path} does not exist")
+
+
+# --- fastvae encode ----------------------------------------------------------------------------
+
+
+def _encode_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastvae.data import SPLITS
+
+    _checkpoint_arguments(parser)
+    parser.add_argument(
+        "--data",
+        metavar="NAME|FILE",
+        help="the dataset to encode, of the run's image shape (default: the run's, with its --num-images)",
+    )
+    parser.add_argument(
+        "--num-images",
+        type=_positive_int,
+        metavar="N",
+        help="use the first N images of --data (default: all; without --data, the run's)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="all",
+        help="train: the training images; test: the held-out ones; all: every image, in the dataset's order "
+        "(default: all)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, metavar="B", help="images encoded at once (default: the run's)"
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FILE.npz",
+        help="file to write; must not exist (default: latents-<data>-<split>.npz in the checkpoint's folder)",
+    )
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fastvae.data import load_images
+    from fastvae.training.checkpoint import save_atomic
+    from fastvae.training.evaluate import batched_codes
+
+    model, config, checkpoint, path = _open_checkpoint(args)
+    source = args.data or config.data
+    num_images = args.num_images if args.data or args.num_images else config.num_images
+    data = load_images(source, num_images=num_images)
+    out = args.out or os.path.join(os.path.dirname(path), f"latents-{data.name}-{args.split}.npz")
+    if not out.endswith(".npz"):
+        raise ConfigError(f"--out must name a .npz file, got {out}")
+    _check_new_file(out)
+    trained_on = tuple(checkpoint["image_shape"])
+    if data.image_shape != trained_on:
+        shape = "x".join(map(str, data.image_shape))
+        raise ConfigError(
+            f"{data.name} holds {shape} images, but {path} was trained on {'x'.join(map(str, trained_on))} images"
+        )
+    subset = data.subset(args.split)
+    codes = batched_codes(model, subset.images, args.batch_size or config.batch_size).float().cpu().numpy()
+    arrays = {"codes": codes, "index": subset.index.numpy()}
+    if subset.labels is not None:
+        arrays["labels"] = subset.labels.numpy()
+    if subset.factors is not None:
+        arrays["factors"] = subset.factors.numpy()
+        arrays["factor_names"] = np.array(data.factor_names)
+    save_atomic(arrays, out, save=lambda values, f: np.savez(f, **values))
+    which = {"train": "the training images", "test": "the held-out images", "all": "all the images"}[args.split]
+    print(f"wrote the codes {codes.shape} of {which} of {data.name} ({', '.join(arrays)}) to {out}")
+    return 0
+
+
+register(
+    "train",
+    "train a VAE or an autoencoder and write a run folder (metrics, checkpoint, figures)",
+    _train_arguments,
+    _run_train,
+)
+register(
+    "eval",
+    "held-out evaluation of a checkpoint: a VAE's ELBO and importance-sampled log-likelihood, an autoencoder's "
+    "reconstruction error",
+    _eval_arguments,
+    _run_eval,
+)
 register("sample", "write a grid of samples from a checkpoint", _sample_arguments, _run_sample)
+register(
+    "encode",
+    "write the latent codes of a dataset (a VAE's posterior means) with their labels to a .npz file",
+    _encode_arguments,
+    _run_encode,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastvae", description="Fast variational autoencoders: train, evaluate and sample.")
+    parser = _Parser(prog="fastvae", description="Fast variational autoencoders: train, evaluate, sample and encode.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, sub in SUBCOMMANDS.items():
         sub_parser = commands.add_parser(name, help=sub.help, description=sub.help[0].upper() + sub.help[1:] + ".")

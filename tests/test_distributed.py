@@ -13,8 +13,8 @@ from fastvae.training.rundir import FILES
 TINY = ["--data", "digits", "--num-images", "300", "--batch-size", "16", "--eval-k", "4", "--quiet", "--device", "cpu"]
 
 
-def train(out, *args, nproc: int) -> subprocess.CompletedProcess:
-    """``fastvae train`` in ``nproc`` processes started by torchrun (one plain process for ``nproc=1``)."""
+def train(out, *args, nproc: int, base=TINY) -> subprocess.CompletedProcess:
+    """``fastvae train *base *args`` in ``nproc`` processes started by torchrun (one plain process for ``nproc=1``)."""
     launcher = [sys.executable, "-m", "fastvae"]
     if nproc > 1:
         launcher = [
@@ -28,7 +28,7 @@ def train(out, *args, nproc: int) -> subprocess.CompletedProcess:
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [*launcher, "train", *TINY, *args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300
+        [*launcher, "train", *base, *args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300
     )
 
 
@@ -58,6 +58,24 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         )
     assert len(double["rng"]) == 2
     assert "held-out ELBO" in two.stdout and two.stdout.count("held-out ELBO") == 1  # printed by rank 0 only
+
+
+def test_a_denoising_autoencoder_under_two_processes_matches_one(tmp_path):
+    """--noise global draws the corruption of the global batch too, so the world size does not change the result."""
+    base = [arg for arg in TINY if arg not in ("--eval-k", "4")]  # an autoencoder has no importance sampling
+    args = ["--objective", "ae", "--denoise", "mask:0.5", "--noise", "global", "--steps", "8", "--log-every", "4"]
+    one, two = train(tmp_path / "one", *args, nproc=1, base=base), train(tmp_path / "two", *args, nproc=2, base=base)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    (single, single_metrics), (double, double_metrics) = load(tmp_path / "one"), load(tmp_path / "two")
+    for name, value in single["model"].items():  # code_mean and code_std included
+        torch.testing.assert_close(double["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(
+        torch.tensor([r["recon"] for r in double_metrics]), torch.tensor([r["recon"] for r in single_metrics])
+    )
+    rank0, rank1 = double["rng"]
+    assert torch.equal(rank0["corruption"], rank1["corruption"])  # one stream, alike on every rank
+    assert two.stdout.count("held-out reconstruction error from inputs corrupted by mask:0.5") == 1
 
 
 def test_each_rank_draws_its_own_noise_and_only_rank_0_writes(tmp_path):

@@ -10,9 +10,11 @@ from fastvae.functional import reconstruction_loss
 from fastvae.models import (
     Autoencoder,
     VAE,
+    conv_autoencoder,
     conv_vae,
     default_conv_widths,
     kl_warmup_weight,
+    mlp_autoencoder,
     mlp_decoder,
     mlp_encoder,
     mlp_vae,
@@ -287,6 +289,87 @@ def test_autoencoder_with_another_likelihood_minimises_its_loss():
     out = model(x)
     assert_close(out.recon, reconstruction_loss(out.x_hat, x, "bce"))
     assert_close(model.reconstruct(x), torch.sigmoid(out.x_hat.detach()))
+
+
+def test_a_target_is_what_the_output_is_scored_against():
+    """Denoising: the encoder sees x (corrupted), the loss compares with target (clean)."""
+    vae, autoencoder = small_vae(), mlp_autoencoder(SHAPE, latent_dim=3, hidden=(8,))
+    x, target, eps = torch.rand(4, *SHAPE), torch.rand(4, *SHAPE), torch.randn(4, 3)
+    out = vae(x, target=target, eps=eps)
+    assert_close(out.recon, vae.likelihood(out.x_hat, target))
+    assert torch.equal(out.kl, vae(x, eps=eps).kl)  # the posterior is that of x
+    out = autoencoder(x, target=target)
+    assert_close(out.recon, ((out.x_hat - target) ** 2).flatten(1).sum(1))
+    assert torch.equal(out.z, autoencoder(x).z)
+    results = autoencoder.evaluate(x, target=target)
+    assert list(results) == ["recon"] and torch.equal(results["recon"], out.recon.detach())
+
+
+def test_vae_log_likelihood_of_a_target_uses_the_posterior_of_the_inputs():
+    model = small_vae().eval()
+    x, target = torch.rand(3, *SHAPE), torch.rand(3, *SHAPE).round()
+    estimate = model.log_likelihood(x, 4, generator=torch.Generator().manual_seed(0), target=target)
+    mu, logvar = model.encode(x)
+    eps = torch.randn((4, 3, 3), generator=torch.Generator().manual_seed(0))
+    z = mu + torch.exp(0.5 * logvar) * eps
+    log_p = -model.likelihood(model.decode(z.flatten(0, 1)), target.repeat(4, 1, 1, 1)).view(4, 3)
+    log_w = log_p + Normal(0, 1).log_prob(z).sum(-1) - Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+    assert_close(estimate, torch.logsumexp(log_w, 0) - math.log(4), rtol=1e-5, atol=1e-4)
+
+
+def test_codes_are_the_posterior_means_and_the_autoencoders_codes():
+    vae, autoencoder = small_vae(), mlp_autoencoder(SHAPE, latent_dim=3, hidden=(8,))
+    x = torch.rand(5, *SHAPE)
+    assert torch.equal(vae.codes(x), vae.encode(x)[0])
+    assert torch.equal(autoencoder.codes(x), autoencoder.encode(x)) and autoencoder.codes(x).shape == (5, 3)
+    assert not autoencoder.codes(x).requires_grad
+
+
+def test_autoencoder_samples_from_its_codes_spread_on_the_training_data():
+    torch.manual_seed(6)
+    model = mlp_autoencoder(SHAPE, latent_dim=3, hidden=(8,))
+    assert torch.equal(model.code_mean, torch.zeros(3)) and torch.equal(model.code_std, torch.ones(3))
+    images = torch.rand(50, *SHAPE)
+    model.after_training(images.split(7))  # batches of any size
+    codes = model.encode(images).detach().double()
+    assert_close(model.code_mean, codes.mean(0).float())
+    assert_close(model.code_std, codes.std(0, correction=0).float())
+    assert set(model.state_dict()) >= {"code_mean", "code_std"}  # checkpointed with the weights
+    noise = torch.randn((6, 3), generator=torch.Generator().manual_seed(1))
+    expected = model.decode(model.code_mean + model.code_std * noise)
+    assert_close(model.sample(6, generator=torch.Generator().manual_seed(1)), expected.detach())
+    assert "no prior" in model.sample_note() and small_vae().sample_note() is None
+
+
+def test_autoencoder_interpolates_between_codes_and_reports_its_units():
+    model = mlp_autoencoder(SHAPE, latent_dim=3, hidden=(8,), likelihood="l1")
+    a, b = torch.rand(2, *SHAPE), torch.rand(2, *SHAPE)
+    path = model.interpolate(a, b, 5)
+    assert path.shape == (2, 5, *SHAPE)
+    assert_close(path[:, 0], model.reconstruct(a))
+    assert_close(path[:, -1], model.reconstruct(b))
+    assert_close(path[:, 2], model.decode((model.encode(a) + model.encode(b)) / 2).detach())
+    assert model.units == "absolute error" and small_vae().units == "nats"
+    assert model.format_evaluation({"recon": 3.14159}, n_images=7) == (
+        "held-out reconstruction error: 3.14 absolute error/image (7 images)"
+    )
+    assert model.format_evaluation({"recon": 2.5}, n_images=7, corruption="mask:0.5") == (
+        "held-out reconstruction error from inputs corrupted by mask:0.5 (against the clean images): "
+        "2.50 absolute error/image (7 images)"
+    )
+
+
+def test_autoencoder_builders_share_the_vaes_networks():
+    vae, autoencoder = mlp_vae(SHAPE, latent_dim=3, hidden=(8, 6)), mlp_autoencoder(SHAPE, latent_dim=3, hidden=(8, 6))
+    assert str(autoencoder.encoder) == str(vae.encoder) and str(autoencoder.decoder) == str(vae.decoder)
+    assert autoencoder.head.in_features == 6 and autoencoder.likelihood.name == "mse"
+    conv = conv_autoencoder(1, 8, latent_dim=4, widths=(4,), likelihood="bce")
+    assert str(conv.decoder) == str(conv_vae(1, 8, latent_dim=4, widths=(4,)).decoder)
+    assert conv(torch.rand(2, 1, 8, 8)).x_hat.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="hidden"):
+        mlp_autoencoder(SHAPE, hidden=())
+    with pytest.raises(ValueError, match="divisible"):
+        conv_autoencoder(1, 8, widths=(4, 4, 4, 4))
 
 
 # ---- the discretized mixture of logistics as the VAE's likelihood ------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fastvae.likelihoods import Likelihood, bits_per_dim, make_likelihood
-from fastvae.models.base import StepInputs, TrainableModel
+from fastvae.models.base import StepInputs, TrainableModel, held_out_label, lerp_codes
 from fastvae.nn import GaussianLatent
 
 # Rows (importance samples x images) decoded at once by log_likelihood when chunk_size is None.
@@ -71,6 +71,8 @@ class VAE(TrainableModel):
         backend: for the fused ops; see :mod:`fastvae.backend`.
     """
 
+    units = "nats"
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -106,15 +108,24 @@ class VAE(TrainableModel):
         """The decoder's output for ``z`` ``(B, D)``: the parameters of ``p(x | z)`` (logits for ``"bce"``)."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, *, eps: torch.Tensor | None = None, kl_weight: float | None = None) -> VAEOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        kl_weight: float | None = None,
+    ) -> VAEOutput:
         """Encode ``x`` ``(B, ...)``, sample ``z`` (with ``eps`` ``(B, D)`` if given), decode, and score.
 
+        ``recon`` is ``-log p(target | z)`` (``target`` defaults to ``x``; a
+        denoising run encodes a corrupted ``x`` and scores the clean ``target``).
         ``kl_weight`` (default ``self.beta``) weights the KL in ``loss``; ``recon``
         and ``kl`` are returned unweighted.
         """
         latent = self.latent(self.encoder(x), eps)
         x_hat = self.decoder(latent.z)
-        recon = self.likelihood(x_hat, x)
+        recon = self.likelihood(x_hat, x if target is None else target)
         weight = self.beta if kl_weight is None else kl_weight
         loss = (recon + weight * latent.kl).mean()
         return VAEOutput(loss, recon, latent.kl, latent.z, latent.mu, latent.logvar, x_hat)
@@ -125,6 +136,11 @@ class VAE(TrainableModel):
         ``"dmol"``) decoded from the posterior mean ``z = mu``; ``x``'s shape."""
         mu, _ = self.encode(x)
         return self.likelihood.reconstruction(self.decode(mu))
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior mean ``mu`` ``(B, D)`` of each image of ``x``."""
+        return self.encode(x)[0]
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -140,9 +156,7 @@ class VAE(TrainableModel):
 
         ``a``, ``b``: ``(P, ...)`` images; returns ``(P, points, ...)``.
         """
-        mu_a, mu_b = self.encode(a)[0], self.encode(b)[0]
-        t = torch.linspace(0, 1, points, device=a.device).view(1, points, 1)
-        z = mu_a[:, None] + t * (mu_b - mu_a)[:, None]  # (P, points, D)
+        z = lerp_codes(self.encode(a)[0], self.encode(b)[0], points)  # (P, points, D)
         return self.likelihood.reconstruction(self.decode(z.flatten(0, 1))).view(len(a), points, *a.shape[1:])
 
     @torch.no_grad()
@@ -153,6 +167,7 @@ class VAE(TrainableModel):
         *,
         chunk_size: int | None = None,
         generator: torch.Generator | None = None,
+        target: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""Importance-sampled estimate of ``log p(x)`` per image (the IWAE bound), ``(B,)`` float32.
 
@@ -161,6 +176,9 @@ class VAE(TrainableModel):
             \qquad z_j \sim q(z \mid x)
 
         ``k = 1`` gives a one-sample ELBO; the bound tightens as ``k`` grows.
+        ``target`` (default ``x``): estimate ``log p(target)`` instead, with
+        ``q(z | x)`` as the proposal (any proposal gives a lower bound; a
+        denoising run's ``x`` is the corrupted ``target``).
         The ``k`` samples are drawn and decoded ``chunk_size`` at a time (default:
         about 16,384 decoded images per chunk, fewer where the likelihood has
         more parameters than values: 16,384 / 30 for ``"dmol"`` at M = 10 on
@@ -178,13 +196,15 @@ class VAE(TrainableModel):
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         mu, logvar = (t.float() for t in self.encode(x))
         std = torch.exp(0.5 * logvar)
+        scored = x if target is None else target
         total = None
         for start in range(0, k, chunk_size):
             c = min(chunk_size, k - start)
             eps = torch.randn((c, *mu.shape), generator=generator, device=mu.device)
             z = mu + std * eps
             x_hat = self.decode(z.reshape(c * batch, -1))
-            log_p_x_given_z = -self.likelihood(x_hat, x.expand(c, *x.shape).reshape(c * batch, *x.shape[1:]))
+            repeated = scored.expand(c, *scored.shape).reshape(c * batch, *scored.shape[1:])
+            log_p_x_given_z = -self.likelihood(x_hat, repeated)
             # log N(z; 0, I) - log N(z; mu, sigma^2): the log(2 pi) terms cancel.
             log_prior_over_posterior = 0.5 * (eps.square() - z.square() + logvar).sum(dim=-1)
             log_w = log_p_x_given_z.view(c, batch) + log_prior_over_posterior
@@ -206,29 +226,37 @@ class VAE(TrainableModel):
         return {"eps": torch.randn((batch_size, self.latent_dim), generator=generator, device=device)}
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, *, generator: torch.Generator, k: int = 1000) -> dict[str, torch.Tensor]:
+    def evaluate(
+        self, x: torch.Tensor, *, generator: torch.Generator, target: torch.Tensor | None = None, k: int = 1000
+    ) -> dict[str, torch.Tensor]:
         """Per image of ``x``: ``elbo``, ``-(recon + kl)`` with one sampled ``z`` and the analytic KL, and
         ``log_likelihood``, the importance-sampled estimate with ``k`` samples (:meth:`log_likelihood`), in nats.
 
-        For a likelihood of discrete values (``"dmol"``) also the same two in
-        bits per dim, ``-nats / (C H W ln 2)`` (:func:`~fastvae.likelihoods.bits_per_dim`):
+        With ``target``, both score ``target`` with the posterior ``q(z | x)`` (a
+        denoising run's corrupted ``x`` against the clean ``target``). For a
+        likelihood of discrete values (``"dmol"``) also the same two in bits per
+        dim, ``-nats / (C H W ln 2)`` (:func:`~fastvae.likelihoods.bits_per_dim`):
         ``elbo_bits_per_dim`` and ``bits_per_dim``, the unit such models are compared in.
         """
         eps = torch.randn((len(x), self.latent_dim), generator=generator, device=x.device)
-        out = self(x, eps=eps, kl_weight=1.0)
-        results = {"elbo": -(out.recon + out.kl), "log_likelihood": self.log_likelihood(x, k, generator=generator)}
+        out = self(x, target=target, eps=eps, kl_weight=1.0)
+        log_likelihood = self.log_likelihood(x, k, generator=generator, target=target)
+        results = {"elbo": -(out.recon + out.kl), "log_likelihood": log_likelihood}
         if self.likelihood.discrete:
             values = x[0].numel()
             results["elbo_bits_per_dim"] = bits_per_dim(-results["elbo"], values)
             results["bits_per_dim"] = bits_per_dim(-results["log_likelihood"], values)
         return results
 
-    def format_evaluation(self, results: dict[str, float], *, n_images: int, k: int = 1000) -> str:
+    def format_evaluation(
+        self, results: dict[str, float], *, n_images: int, corruption: str | None = None, k: int = 1000
+    ) -> str:
         """The held-out ELBO and log-likelihood (means of :meth:`evaluate`'s) in nats per image, in bits per dim
         for a likelihood of discrete values, and what they are comparable with."""
         lines = [
-            f"held-out ELBO: {results['elbo']:.2f} nats/image ({n_images} images)",
-            f"held-out log-likelihood (importance-sampled, k={k}): {results['log_likelihood']:.2f} nats/image",
+            f"{held_out_label('ELBO', corruption)}: {results['elbo']:.2f} nats/image ({n_images} images)",
+            f"{held_out_label(f'log-likelihood (importance-sampled, k={k})', corruption)}: "
+            f"{results['log_likelihood']:.2f} nats/image",
         ]
         if "bits_per_dim" in results:
             lines.append(

@@ -41,14 +41,16 @@ _FINGERPRINT = {"images", "image_shape", "dtype", "blake2b"}
 _LISTED = 4
 
 
-def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``.
+def save_atomic(obj, path: str, save=None) -> None:
+    """``save(obj, file)`` (default ``torch.save``, looked up at the call) to a temporary file beside ``path``, flushed to disk, then renamed
+    over ``path``.
 
     A crash leaves either the old file or the new one, never half of one; a
     failed write (a full disk: ``OSError``) removes the temporary file, and
     Ctrl-C waits for the write to finish (see :func:`~fastvae.training.files.write_atomic`).
     """
-    write_atomic(path, lambda f: torch.save(obj, f))
+    write = save or torch.save
+    write_atomic(path, lambda f: write(obj, f))
 
 
 def load_checkpoint(path: str) -> tuple[dict, str]:
@@ -139,21 +141,34 @@ def _shape(value) -> tuple | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def rng_state(device: torch.device, noise_generator: torch.Generator | None) -> dict:
-    """This process's random state: torch's CPU generator, its GPU's, and the global-noise generator."""
+def rng_state(
+    device: torch.device,
+    noise_generator: torch.Generator | None,
+    corruption_generator: torch.Generator | None = None,
+) -> dict:
+    """This process's random state: torch's CPU generator, its GPU's, the global-noise generator and the
+    corruption's (a denoising run's)."""
     return {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "noise": noise_generator.get_state() if noise_generator is not None else None,
+        "corruption": corruption_generator.get_state() if corruption_generator is not None else None,
     }
 
 
-def set_rng_state(state: dict, device: torch.device, noise_generator: torch.Generator | None) -> None:
+def set_rng_state(
+    state: dict,
+    device: torch.device,
+    noise_generator: torch.Generator | None,
+    corruption_generator: torch.Generator | None = None,
+) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
     if noise_generator is not None and state["noise"] is not None:
         noise_generator.set_state(state["noise"])
+    if corruption_generator is not None and state.get("corruption") is not None:
+        corruption_generator.set_state(state["corruption"])
 
 
 def model_from_checkpoint(

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from fastvae.backend import BACKENDS, requested_backend, resolve_backend
+from fastvae.corruption import parse_corruption
 from fastvae.errors import ConfigError
 from fastvae.models import LIKELIHOODS
-from fastvae.training.builders import MODELS
+from fastvae.training.builders import MODELS, OBJECTIVES, default_likelihood
 from fastvae.training.distributed import DEVICES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -32,10 +33,11 @@ class TrainConfig:
     # What is trained.
     data: str = "mnist"
     num_images: int | None = None
+    objective: str = "vae"  # "vae", or "ae": the deterministic autoencoder
     model: str = "mlp"
     latent_dim: int = 16
     hidden: tuple[int, ...] | None = None
-    likelihood: str = "bce"
+    likelihood: str | None = None  # None: the objective's default ("bce" for "vae", "mse" for "ae"), set on creation
     # Settings of the likelihood, for those that take them (its `options`); None: the likelihood's default,
     # filled in for a likelihood that takes them.
     num_mixtures: int | None = None
@@ -44,6 +46,7 @@ class TrainConfig:
     # How it is trained.
     beta: float = 1.0
     kl_warmup: int = 0
+    denoise: str | None = None  # "gaussian:SIGMA" or "mask:FRACTION": corrupt the inputs, score the clean images
     batch_size: int = 128
     lr: float = 1e-3
     precision: str = "fp32"
@@ -66,6 +69,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.hidden is not None:
             self.hidden = tuple(self.hidden)
+        if self.likelihood is None:
+            self.likelihood = default_likelihood(self.objective)
         # The likelihood's own defaults for the settings it takes and that are not given, so that a checkpoint
         # records the values the run used.
         family = LIKELIHOODS.get(self.likelihood)
@@ -112,6 +117,7 @@ def validate_config(config: TrainConfig) -> None:
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"{name} must be an integer of at least {low}, got {value!r}")
 
+    choose("objective", OBJECTIVES)
     choose("model", MODELS)
     choose("likelihood", LIKELIHOODS)
     choose("precision", PRECISIONS)
@@ -138,6 +144,10 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(f"beta must be a non-negative number, got {config.beta}")
     if config.logvar_limit is not None and not config.logvar_limit >= 0:
         raise ConfigError(f"logvar_limit must be non-negative (0 turns the clamp off), got {config.logvar_limit}")
+    try:
+        parse_corruption(config.denoise)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if config.resume and not config.out:
         raise ConfigError("resume needs out: the folder of the run to continue")
     if not config.resume:  # a resumed run's likelihood comes from its checkpoint: checked by resumed_config

@@ -9,6 +9,11 @@ Multi-process (``torchrun --nproc-per-node N -m fastvae train ...``): one
 process per GPU (NCCL) or per CPU process (Gloo); ``batch_size`` is the global
 batch, split evenly; gradients are averaged by DistributedDataParallel, the
 logged metrics are averaged across ranks, and only rank 0 writes files.
+
+Denoising (``config.denoise``): each training batch is corrupted with fresh
+noise (:mod:`fastvae.corruption`, drawn as :mod:`fastvae.training.seeds`
+describes) and the model is called as ``model(corrupted, target=clean, ...)``;
+the model needs no other knowledge of it.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fastvae.corruption import parse_corruption
 from fastvae.data import ImageData, data_source, fingerprint, load_images, to_unit_float
 from fastvae.errors import ConfigError, NonFiniteLossError, RunError
 from fastvae.models import TrainableModel
-from fastvae.training.builders import build_model, describe_model, evaluation_options
+from fastvae.training.builders import build_model, check_options_apply, describe_model, evaluation_options
 from fastvae.training.checkpoint import (
     CHECKPOINT_FORMAT,
     check_checkpoint_data,
@@ -43,12 +49,25 @@ from fastvae.training.config import (
     validate_config,
 )
 from fastvae.training.distributed import Distributed, start_distributed, stop_distributed
-from fastvae.training.evaluate import evaluate, write_evaluation
+from fastvae.training.evaluate import evaluate_held_out, format_held_out, write_evaluation
 from fastvae.training.files import describe_os_error, interrupts_deferred
 from fastvae.training.figures import save_loss_curve, save_model_figures
 from fastvae.training.metrics import MetricsLog, ProgressBar, read_metrics, truncate_metrics
-from fastvae.training.rundir import FILES, checkpoint_to_resume, missing_final_files, new_run_dir, remove_temporaries
-from fastvae.training.seeds import epoch_order, eval_generator, global_noise_generator, seed_rank_noise
+from fastvae.training.rundir import (
+    FILES,
+    OPTIONAL_FILES,
+    checkpoint_to_resume,
+    missing_final_files,
+    new_run_dir,
+    remove_temporaries,
+)
+from fastvae.training.seeds import (
+    corruption_generator,
+    epoch_order,
+    eval_generator,
+    global_noise_generator,
+    seed_rank_noise,
+)
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,7 +79,9 @@ class TrainResult:
     out_dir: str
     step: int
     model: TrainableModel
-    evaluation: dict[str, float] | None  # the held-out means of the model's metrics, as in eval.json
+    # The held-out means of the model's metrics, as in eval.json (a denoising run's corrupted-input ones in a dict
+    # under "corrupted_inputs").
+    evaluation: dict | None
 
 
 def _log(config: TrainConfig, ctx: Distributed, message: str) -> None:
@@ -99,6 +120,7 @@ def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> Tr
     if config.resume:  # before the process group starts: the run's --device decides how it connects
         checkpoint, path = checkpoint_to_resume(config.out)
         config, changes = resumed_config(config, checkpoint_config(checkpoint, path), explicit)
+    check_options_apply(config, explicit)
     ctx = start_distributed(config.device)
     try:
         return _train(config, ctx, checkpoint, path, changes)
@@ -127,7 +149,7 @@ def _train(
     evaluation = None
     if ctx.is_main:
         try:
-            evaluation = _finish_run(run.model, data, config, run.paths, run.total_steps)
+            evaluation = _finish_run(run.model, data, config, run.paths, run.total_steps, run.metric_names())
         except KeyboardInterrupt:
             raise KeyboardInterrupt(
                 f"interrupted while writing the evaluation and figures; {run.last_good()}; write them with: "
@@ -182,6 +204,11 @@ class _Run:
         if config.noise == "global":
             self.noise_generator = global_noise_generator(config.seed, ctx.device)
         seed_rank_noise(config.seed, ctx.rank)
+        self.corruption = parse_corruption(config.denoise)
+        self.corruption_generator = None
+        if self.corruption is not None:
+            rank = None if config.noise == "global" else ctx.rank
+            self.corruption_generator = corruption_generator(config.seed, rank, ctx.device)
         if checkpoint:
             self._restore(checkpoint)
         self.fingerprint = fingerprint(data) if ctx.is_main else None
@@ -191,7 +218,7 @@ class _Run:
             self.out_dir = config.out
         else:
             self.out_dir, took_over = ctx.decide_on_main(lambda: new_run_dir(config, data.name))
-        self.paths = {key: os.path.join(self.out_dir, name) for key, name in FILES.items()}
+        self.paths = {key: os.path.join(self.out_dir, name) for key, name in {**FILES, **OPTIONAL_FILES}.items()}
         if config.resume:
             ctx.decide_on_main(self._tidy_run_dir)
         if self.step == self.total_steps:
@@ -207,7 +234,9 @@ class _Run:
                 ctx,
                 f"training the {describe_model(config, self.model)} on {data.name} ({n_train} images, "
                 f"{len(data.test)} held out) for steps {self.step + 1}..{self.total_steps} on {ctx.device} "
-                f"x{ctx.world_size} ({config.precision}, backend {backend}); writing {self.out_dir}"
+                f"x{ctx.world_size} ({config.precision}, backend {backend}"
+                + (f", inputs corrupted by {self.corruption}" if self.corruption else "")
+                + f"); writing {self.out_dir}"
                 + (" (taken over: it held no checkpoint)" if took_over else "")
                 + (f"; resumed with {', '.join(changes)}" if changes else ""),
             )
@@ -224,6 +253,15 @@ class _Run:
         self.train_images = data.train.to(ctx.device)
         self.order = None
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The names of the model's metrics in ``metrics.jsonl``: as this process logged them, or, for a run that
+        took no step here (a finished run writing what it lacks), as the log's last line has them."""
+        if self.metrics.names:
+            return self.metrics.names
+        records = read_metrics(self.paths["metrics"])[-1:]
+        logged = {"step", "epoch", "loss", "lr", "samples_per_s", *self.model.step_inputs(self.step).log}
+        return tuple(name for name in (records[0] if records else {}) if name not in logged)
+
     def _tidy_run_dir(self) -> None:
         """Before resuming: drop what a stopped run left behind (temporary files, metrics past its checkpoint)."""
         remove_temporaries(self.out_dir)
@@ -237,7 +275,9 @@ class _Run:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scaler.load_state_dict(checkpoint["scaler"])
             if len(states) == self.ctx.world_size:
-                set_rng_state(states[self.ctx.rank], self.ctx.device, self.noise_generator)
+                set_rng_state(
+                    states[self.ctx.rank], self.ctx.device, self.noise_generator, self.corruption_generator
+                )
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
             detail = (str(err).splitlines() or [type(err).__name__])[0]
             raise ConfigError(
@@ -262,28 +302,55 @@ class _Run:
             elif self.step % self.config.log_every == 0:
                 self._flush_metrics()
         if self.step > self.saved_step:
+            self._after_training()
             self.save()
         self.progress.close()
 
+    @torch.no_grad()
+    def _after_training(self) -> None:
+        """Show the model its training images once more (:meth:`TrainableModel.after_training`), in float32."""
+        self.model.eval()
+        batches = (to_unit_float(batch) for batch in self.train_images.split(self.config.batch_size))
+        with torch.autocast(self.ctx.device.type, enabled=False):
+            self.model.after_training(batches)
+        self.model.train()
+
     def _batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This rank's share of the current step's global batch: images, and forward's noise arguments if the
-        noise is drawn for the global batch (none otherwise)."""
+        """This rank's share of the current step's global batch: the model's input images, and forward's
+        keyword arguments: ``target``, the clean images, when the inputs are corrupted; the noise if it is drawn
+        for the global batch."""
         epoch, position = divmod(self.step, self.steps_per_epoch)
         if self.order is None or position == 0:
             self.order = epoch_order(self.config.seed, epoch, len(self.train_images), self.ctx.device)
         mine = slice(self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch)
         global_batch = self.order[position * self.config.batch_size : (position + 1) * self.config.batch_size]
         x = to_unit_float(self.train_images[global_batch[mine]])
-        if self.noise_generator is None:
-            return x, {}
-        noise = self.model.noise_inputs(self.config.batch_size, generator=self.noise_generator, device=self.ctx.device)
-        return x, {name: value[mine] for name, value in (noise or {}).items()}
+        arguments = {}
+        if self.corruption is not None:
+            x, arguments["target"] = self._corrupt(x, mine), x
+        if self.noise_generator is not None:
+            noise = self.model.noise_inputs(
+                self.config.batch_size, generator=self.noise_generator, device=self.ctx.device
+            )
+            arguments.update({name: value[mine] for name, value in (noise or {}).items()})
+        return x, arguments
+
+    def _corrupt(self, x: torch.Tensor, mine: slice) -> torch.Tensor:
+        """``x`` corrupted with fresh noise: this rank's own, or its slice of the global batch's (``noise="global"``)."""
+        whole = self.config.noise == "global"
+        noise = self.corruption.noise(
+            self.config.batch_size if whole else len(x),
+            tuple(x.shape[1:]),
+            generator=self.corruption_generator,
+            device=x.device,
+        )
+        return self.corruption.apply(x, noise[mine] if whole else noise)
 
     def _train_step(self) -> None:
-        x, noise = self._batch()
+        x, arguments = self._batch()
         inputs = self.model.step_inputs(self.step)
         with self.autocast:
-            out = self.trained(x, **noise, **inputs.forward)
+            out = self.trained(x, **arguments, **inputs.forward)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         self.scaler.step(self.optimizer)
@@ -322,7 +389,7 @@ class _Run:
             raise NonFiniteLossError(
                 f"the weights became NaN or infinite by step {self.step}; training stopped and {self.last_good()}"
             )
-        states = self.ctx.gather(rng_state(self.ctx.device, self.noise_generator))
+        states = self.ctx.gather(rng_state(self.ctx.device, self.noise_generator, self.corruption_generator))
         with interrupts_deferred():
             if self.ctx.is_main:
                 self._write_checkpoint(states)
@@ -350,15 +417,20 @@ class _Run:
 
 
 def _finish_run(
-    model: TrainableModel, data: ImageData, config: TrainConfig, paths: dict, step: int
-) -> dict[str, float]:
+    model: TrainableModel, data: ImageData, config: TrainConfig, paths: dict, step: int, metric_names: tuple[str, ...]
+) -> dict:
     """Evaluate on the held-out images, write the figures and eval.json, and print the results."""
     generator = eval_generator(config.seed, next(model.parameters()).device)
     options = evaluation_options(config)
-    results = evaluate(model, data.test, batch_size=config.batch_size, generator=generator, **options)
-    save_model_figures(paths, model, data.test, generator)
-    save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]))
-    write_evaluation(paths["eval"], results, step=step, n_images=len(data.test), options=options)
-    print(model.format_evaluation(results, n_images=len(data.test), **options))
+    corruption = parse_corruption(config.denoise)
+    n_images = len(data.test)
+    results = evaluate_held_out(
+        model, data.test, batch_size=config.batch_size, generator=generator, corruption=corruption, options=options
+    )
+    labels = data.subset("test").labels
+    save_model_figures(paths, model, data.test, generator, corruption=corruption, labels=labels)
+    save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]), metric_names, model.units)
+    write_evaluation(paths["eval"], results, step=step, n_images=n_images, options=options, corruption=corruption)
+    print(format_held_out(model, results, n_images=n_images, corruption=corruption, options=options))
     print(f"run folder: {os.path.dirname(paths['checkpoint'])}")
     return results

@@ -11,9 +11,16 @@
 * at the end: ``reconstructions.png`` (held-out images over their
   reconstructions), ``samples.png`` (decoded draws from the prior),
   ``interpolation.png`` (decodes along a line between two encoded held-out
-  images, each row framed by the two originals), ``loss.png`` and ``eval.json``
-  (the model's held-out evaluation, also printed: for a VAE the ELBO and the
-  importance-sampled log-likelihood), each written atomically, ``eval.json`` last.
+  images, each row framed by the two originals), ``loss.png`` (the loss and each
+  of the model's metrics per step) and ``eval.json`` (the model's held-out
+  evaluation, also printed: for a VAE the ELBO and the importance-sampled
+  log-likelihood, for an autoencoder the reconstruction error; a denoising run
+  adds the same measured from corrupted inputs against the clean images, under
+  ``corrupted_inputs``), each written atomically, ``eval.json`` last;
+* and where they apply (:data:`OPTIONAL_FILES`): ``denoising.png`` for a
+  denoising run (rows of held-out images, their corrupted versions, and the
+  model's outputs for those), and ``latents.png`` for a 2-D latent space (the
+  held-out images' codes, coloured by their labels where the dataset has them).
 
 A folder that holds no checkpoint belongs to a run that stopped before its
 first one (interrupted, or stopped by a NaN loss): there is nothing to resume
@@ -46,6 +53,8 @@ FILES = {
 }
 # Written when training ends, eval.json last: a finished run that lacks one was stopped while writing them.
 FINAL_FILES = ("reconstructions", "samples", "interpolation", "loss_curve", "eval")
+# Written only where they apply: a denoising run; a run with a 2-D latent space.
+OPTIONAL_FILES = {"denoising": "denoising.png", "latent_scatter": "latents.png"}
 
 
 def new_run_dir(config: TrainConfig, data_name: str) -> tuple[str, bool]:

@@ -133,9 +133,23 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--likelihood",
         choices=LIKELIHOODS,
         help="p(x|z): bce = Bernoulli on logits, gaussian = learned variance, mse = fixed variance, "
-        "l1 = Laplace; an autoencoder minimises its loss (mse: the squared error) (default: "
+        "l1 = Laplace, dmol = discretized mixture of logistics; an autoencoder minimises its loss (mse: the "
+        "squared error) (default: "
         + ", ".join(f"{default_likelihood(name)} for {name}" for name in OBJECTIVES)
         + ")",
+    )
+    dmol = LIKELIHOODS["dmol"].options
+    what.add_argument(
+        "--num-mixtures",
+        type=_positive_int,
+        metavar="M",
+        help=f"dmol only: logistic components per pixel (default: {dmol['num_mixtures']})",
+    )
+    what.add_argument(
+        "--num-bits",
+        type=_positive_int,
+        metavar="B",
+        help=f"dmol only: bits per value, 1 to 16: 2**B levels (default: {dmol['num_bits']})",
     )
     what.add_argument(
         "--logvar-limit",

@@ -30,7 +30,7 @@ the pass that sums the nll, times ``grad_scale``::
 (edge levels keep the ``a`` or the ``b`` terms only). The clamp passes the
 gradient at ``log_scale == -7`` exactly, as ``torch.clamp``'s autograd does.
 
-Tiles. The grid is :func:`~fastvae.kernels.launch.plan_row_tiles`'s: rows are
+Tiles. The grid is :func:`~fastvae.kernels.launch.plan_rows`'s: rows are
 samples, columns the pixels of a sample (``N``, the product of the trailing
 dims), and a program covers ``BLOCK_ROWS x BLOCK_COLS`` pixels times the
 ``M_PAD`` (``M`` rounded up to a power of two, the padding masked off)
@@ -49,21 +49,28 @@ dtype, ``P = M (C + 1)(C + 2) / 2``: 100 per pixel for RGB at M = 10); ``x``
 adds ``C / P`` of its own dtype's size to every read of the inputs (3 % for RGB
 at M = 10), and the per-sample sums are ``B`` floats:
 
-========================  =========================================  =====
-pass                      reads -> writes                            units
-========================  =========================================  =====
-forward, no gradient      params, x                                  1
-forward with gradient     params, x -> gradient (params' dtype)      2
-backward                  gradient -> gradient * upstream (new)      2
-forward + backward                                                   4
-========================  =========================================  =====
+========================  =================================================  ============
+pass                      reads -> writes                                    units
+========================  =================================================  ============
+forward, no gradient      params, x                                          1
+forward with gradient     params, x -> gradient (params' dtype)              2
+backward, upstream 1      nothing: the saved gradient is handed over, and    0
+                          the in-place scaling skips samples of weight 1
+backward, scaled          gradient -> gradient * upstream                    2
+forward + backward                                                           2, scaled 4
+========================  =================================================  ============
 
+"Scaled" is a backward whose upstream gradient is not exactly 1 (per-sample
+weights, or ``reduction="none"`` followed by ``.mean()``: prefer
+``reduction="mean"``, which folds ``1 / B`` into the forward), or one that must
+leave the saved gradient intact and so writes a new one (a retained or traced
+graph); see :mod:`fastvae.ops.grad_in_forward` and :mod:`fastvae.kernels.scale_rows`.
 A backward under ``create_graph=True`` runs the eager reference instead.
 The eager reference, counted per ATen call on the CPU (each call's tensor
 inputs read and its outputs written once, views free) for ``(4, 100, 8, 8)``
 RGB parameters at M = 10 with ``reduction="mean"``, moves 21.3 units in its
-forward (51 calls) and 37.2 in its backward (65): 58.5 against the fused 4. For
-bfloat16 ``params``, which it computes in float32, 45.5 + 77.4 = 122.9.
+forward (51 calls) and 37.2 in its backward (65): 58.5 against the fused 2 (4
+scaled). For bfloat16 ``params``, which it computes in float32, 45.5 + 77.4 = 122.9.
 
 Kept from the forward for the backward: the gradient (1 unit, a new buffer)
 and references to ``params`` and ``x`` (no copies; they cost memory only where
@@ -101,7 +108,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import device_guard, expm1, log1p, plan_row_tiles, row_offsets, sum_splits
+from .launch import device_guard, expm1, log1p, plan_rows, row_offsets, sum_splits
 
 MIN_LOG_SCALE = tl.constexpr(-7.0)
 LOG_2 = tl.constexpr(math.log(2.0))
@@ -320,7 +327,7 @@ def discretized_logistic_mixture_forward(
     x3 = x.reshape(batch, channels, n_cols)
     m_pad = triton.next_power_of_2(num_mixtures)
     pixels = max(tile_slots(channels) // m_pad, 1)
-    tiling = plan_row_tiles(batch, n_cols, params.device, block_elements=pixels, num_warps=NUM_WARPS)
+    tiling = plan_rows(batch, n_cols, params.device, block_elements=pixels, num_warps=NUM_WARPS)
     partial_nll = torch.empty((batch, tiling.n_splits), dtype=torch.float32, device=params.device)
     grad = torch.empty(params3.shape, dtype=params.dtype, device=params.device) if write_grad else None
     max_level = 2**num_bits - 1

@@ -11,7 +11,7 @@ from fastvae.ops.discretized_logistic_mixture import (
     discretized_logistic_mixture_mode,
     discretized_logistic_mixture_nll_reference,
 )
-from tests.utils import TOLERANCES, assert_close, compile_for_cuda, pick
+from tests.utils import TOLERANCES, assert_close, compile_for_cuda, pick, record_kernel_calls
 
 REDUCTIONS = ["none", "sum", "mean"]
 EPS32 = 2.0**-24  # float32's unit roundoff
@@ -276,7 +276,7 @@ def test_results_do_not_depend_on_tiling(device, monkeypatch):
     for batch, spatial in [(3, (2, 5)), (1, (24,)), (5, ())]:
         params = make_params(batch, 3, 3, spatial, device)
         x = make_images(batch, 3, spatial, 8, device)
-        tiling = launch.plan_row_tiles(batch, math.prod(spatial), device, block_elements=16 // 4, num_warps=4)
+        tiling = launch.plan_rows(batch, math.prod(spatial), device, block_elements=16 // 4, num_warps=4)
         assert tiling.n_splits > 1 or tiling.row_tiles > 1
         check_against_reference(params, x, 3, 8, "none")
 
@@ -341,12 +341,69 @@ def test_non_contiguous_params_are_read_in_place(device, layout, kernel_args):
         assert (grad[:, :4] == 0).all() and (grad[:, 4 + p :] == 0).all() and (grad[:, 4 : 4 + p] != 0).any()
 
 
-def test_upstream_weights_not_all_ones_and_exactly_one_for_some_rows(device):
+@pytest.fixture
+def backward_calls(monkeypatch):
+    """Records the forward's outputs and every launch of the scaling kernel: ``("in place" or "new", shape, weights)``."""
+    from fastvae.kernels import discretized_logistic_mixture as kernels
+
+    return record_kernel_calls(monkeypatch, kernels, "discretized_logistic_mixture_forward")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none then sum"])
+def test_backward_hands_over_the_forward_gradient(device, reduction, backward_calls):
+    """``loss.backward()``: the gradient is the forward's own buffer, and weights of exactly 1 leave it as it is."""
+    params = make_params(pick(device, 3, 16), 3, 2, (pick(device, 3, 32), 5), device)
+    x = make_images(params.shape[0], 3, params.shape[2:], 8, device)
+    op = "none" if reduction == "none then sum" else reduction
+    loss = discretized_logistic_mixture_nll(params, x, num_mixtures=2, reduction=op, backend="triton").sum()
+    want = discretized_logistic_mixture_nll_reference(params, x, 2, 8, op).sum()
+    (grad,) = torch.autograd.grad(loss, params)
+    (_, forward_grad), = backward_calls["outputs"]
+    assert grad.data_ptr() == forward_grad.data_ptr()  # handed over, no copy
+    assert [how for how, *_ in backward_calls["scale"]] == ["in place"]
+    assert all(bool((weight == 1).all()) for *_, weight in backward_calls["scale"])
+    (expected,) = torch.autograd.grad(want, params)
+    assert_close(grad, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_upstream_weights_not_all_ones_and_exactly_one_for_some_rows(device, reduction):
+    """Per-sample weights with exact 1s: those samples skip the in-place scaling, the others must not."""
     params = make_params(6, 3, 2, (3, 2), device)
     x = make_images(6, 3, (3, 2), 8, device)
-    weights = torch.tensor([1.0, 0.25, 1.0, -2.0, 0.0, 1.0], device=device)
-    loss, grad = check_against_reference(params, x, 2, 8, "none", grad_loss=weights)
-    assert (grad[4] == 0).all()
+    if reduction == "none":
+        weights = torch.tensor([1.0, 0.25, 1.0, -2.0, 0.0, 1.0], device=device)
+    else:
+        weights = torch.tensor(-0.75, device=device)
+    _, grad = check_against_reference(params, x, 2, 8, reduction, grad_loss=weights)  # the buffer's owner: in place
+    if reduction == "none":
+        assert (grad[4] == 0).all()
+    # A retained graph scales out of place, and so does the backward after it.
+    loss = discretized_logistic_mixture_nll(params, x, num_mixtures=2, reduction=reduction, backend="triton")
+    for retain in (True, False):
+        (again,) = torch.autograd.grad(loss, params, weights, retain_graph=retain)
+        assert torch.equal(again, grad)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_gradients_never_share_memory(device, reduction, backward_calls):
+    """Two backwards of a retained graph get two buffers; the saved gradient stays intact for the last one."""
+    params = make_params(4, 3, 2, (2, 3), device)
+    x = make_images(4, 3, (2, 3), 8, device)
+    loss = discretized_logistic_mixture_nll(params, x, num_mixtures=2, reduction=reduction, backend="triton")
+    grad_loss = torch.ones_like(loss)
+    (first,) = torch.autograd.grad(loss, params, grad_loss, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, params, grad_loss, retain_graph=True)
+    assert {how for how, *_ in backward_calls["scale"]} == {"new"}  # the graph is kept: out of place
+    (_, saved), = backward_calls["outputs"]
+    assert len({first.data_ptr(), second.data_ptr(), saved.data_ptr()}) == 3
+    expected = first.clone()
+    second.mul_(10)
+    assert torch.equal(first, expected)
+    loss.backward(grad_loss, retain_graph=True)
+    loss.backward(grad_loss)  # the last one owns the saved gradient: handed over in place
+    assert backward_calls["scale"][-1][0] == "in place"
+    assert_close(params.grad, 2 * expected)
 
 
 def test_gradient_written_only_when_asked(device, kernel_args):

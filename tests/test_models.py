@@ -251,7 +251,8 @@ def test_vae_evaluation_is_the_elbo_and_the_log_likelihood_per_image():
     text = model.format_evaluation({"elbo": -100.123, "log_likelihood": -98.765}, n_images=5, k=3)
     assert text == (
         "held-out ELBO: -100.12 nats/image (5 images)\n"
-        "held-out log-likelihood (importance-sampled, k=3): -98.77 nats/image"
+        "held-out log-likelihood (importance-sampled, k=3): -98.77 nats/image\n"
+        f"comparable: {model.likelihood.comparable_with()}"
     )
 
 
@@ -369,3 +370,82 @@ def test_autoencoder_builders_share_the_vaes_networks():
         mlp_autoencoder(SHAPE, hidden=())
     with pytest.raises(ValueError, match="divisible"):
         conv_autoencoder(1, 8, widths=(4, 4, 4, 4))
+
+
+# ---- the discretized mixture of logistics as the VAE's likelihood ------------------------------------------
+
+
+@pytest.mark.parametrize("shape, model", [((1, 4, 4), "mlp"), ((3, 4, 4), "mlp"), ((3, 8, 8), "conv")])
+def test_vae_with_the_mixture_scores_draws_and_reconstructs_on_the_level_grid(shape, model):
+    from fastvae.likelihoods import make_likelihood
+    from fastvae.ops.discretized_logistic_mixture import discretized_logistic_mixture_nll_reference
+
+    likelihood = make_likelihood("dmol", num_mixtures=2, num_bits=5)
+    if model == "mlp":
+        vae = mlp_vae(shape, latent_dim=3, hidden=(12,), likelihood=likelihood)
+    else:
+        vae = conv_vae(shape[0], shape[1], latent_dim=3, widths=(4,), likelihood=likelihood)
+    x = torch.rand(5, *shape)
+    out = vae(x)
+    assert out.x_hat.shape == (5, likelihood.params_channels(shape[0]), *shape[1:])  # 6 or 20 channels per pixel
+    assert_close(out.recon, discretized_logistic_mixture_nll_reference(out.x_hat, x, 2, 5))
+    out.loss.backward()
+    assert all(p.grad is not None for p in vae.parameters())
+    recon = vae.reconstruct(x)
+    assert_close(recon, likelihood.mode(vae.decode(vae.encode(x)[0])))
+    samples = vae.sample(6, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)  # the same stream: z first, then the draw from p(x | z)
+    z = torch.randn(6, 3, generator=generator)
+    assert torch.equal(samples, likelihood.sample(vae.decode(z), generator=generator))
+    for images in (recon, samples, vae.interpolate(x[:2], x[2:4], 3)):
+        assert images.shape[-3:] == shape and torch.equal(images * 31, (images * 31).round())
+
+
+def test_bits_per_dim_of_the_mixture_in_the_evaluation():
+    """Zero parameters at 1 bit give each value probability 1/2: recon is one bit per dim, exactly."""
+    vae = mlp_vae((3, 2, 2), latent_dim=2, hidden=(4,), likelihood=make_dmol(num_mixtures=1, num_bits=1)).eval()
+    with torch.no_grad():
+        vae.decoder[-2].weight.zero_()
+        vae.decoder[-2].bias.zero_()
+    x = torch.rand(4, 3, 2, 2).round()
+    results = vae.evaluate(x, generator=torch.Generator().manual_seed(0), k=2)
+    assert list(results) == ["elbo", "log_likelihood", "elbo_bits_per_dim", "bits_per_dim"]
+    out = vae(x, eps=torch.randn(4, 2, generator=torch.Generator().manual_seed(0)))
+    assert_close(out.recon, torch.full((4,), 12 * math.log(2.0)))
+    assert_close(results["elbo_bits_per_dim"], 1 + out.kl.detach() / (12 * math.log(2.0)))
+    assert_close(results["bits_per_dim"], -results["log_likelihood"] / (12 * math.log(2.0)))
+    means = {name: values.mean().item() for name, values in results.items()}
+    text = vae.format_evaluation(means, n_images=4, k=2).splitlines()
+    assert text[2] == (
+        f"in bits/dim (-nats / (values per image x ln 2)): {means['elbo_bits_per_dim']:.4f} from the ELBO, "
+        f"{means['bits_per_dim']:.4f} from the log-likelihood"
+    )
+    assert text[3].startswith("comparable: dmol: probabilities of discrete 1-bit levels")
+    assert "elbo_bits_per_dim" not in small_vae().evaluate(torch.rand(2, *SHAPE), generator=torch.Generator(), k=1)
+
+
+def test_log_likelihood_chunks_hold_as_many_parameters_whatever_the_likelihood(monkeypatch):
+    """The default chunk is LOG_LIKELIHOOD_ROWS images' worth of parameters: 1/30 as many images at M = 10, C = 1."""
+    from fastvae.models import vae as vae_module
+
+    monkeypatch.setattr(vae_module, "LOG_LIKELIHOOD_ROWS", 120)
+    decoded = []
+    model = mlp_vae(SHAPE, latent_dim=3, hidden=(12,), likelihood="dmol").eval()
+    monkeypatch.setattr(model, "decode", lambda z: decoded.append(len(z)) or model.decoder(z))
+    model.log_likelihood(torch.rand(2, *SHAPE), k=5)
+    assert decoded == [4, 4, 2]  # 120 * 1 // 30 = 4 rows a chunk: 2 samples of 2 images, then the last one
+
+
+def test_autoencoder_with_the_mixture_reconstructs_its_mode():
+    likelihood = make_dmol(num_mixtures=2)
+    model = Autoencoder(mlp_encoder(SHAPE, (8,)), mlp_decoder(3, (6, 4, 5), (8,)), 3, likelihood=likelihood, features=8)
+    x = torch.rand(4, *SHAPE)
+    out = model(x)
+    assert_close(out.recon, likelihood(out.x_hat, x))
+    assert torch.equal(model.reconstruct(x), likelihood.mode(out.x_hat.detach()))
+
+
+def make_dmol(**options):
+    from fastvae.likelihoods import make_likelihood
+
+    return make_likelihood("dmol", **options)

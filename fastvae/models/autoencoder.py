@@ -98,8 +98,9 @@ class Autoencoder(TrainableModel):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """The likelihood's mean decoded from the code of ``x``; ``x``'s shape."""
-        return self.likelihood.mean(self.decode(self.encode(x)))
+        """The likelihood's :meth:`~fastvae.likelihoods.Likelihood.reconstruction` (its mean; the mode for
+        ``"dmol"``) decoded from the code of ``x``; ``x``'s shape."""
+        return self.likelihood.reconstruction(self.decode(self.encode(x)))
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,9 +125,10 @@ class Autoencoder(TrainableModel):
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` codes ``code_mean + code_std * N(0, I)`` decoded to the likelihood's mean: ``(n, ...)``."""
+        """``n`` codes ``code_mean + code_std * N(0, I)`` decoded to the likelihood's
+        :meth:`~fastvae.likelihoods.Likelihood.generate` (its mean; a draw for ``"dmol"``): ``(n, ...)``."""
         noise = torch.randn((n, self.latent_dim), generator=generator, device=self.code_mean.device)
-        return self.likelihood.mean(self.decode(self.code_mean + self.code_std * noise))
+        return self.likelihood.generate(self.decode(self.code_mean + self.code_std * noise), generator=generator)
 
     def sample_note(self) -> str:
         return (
@@ -137,10 +139,10 @@ class Autoencoder(TrainableModel):
 
     @torch.no_grad()
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, points: int = 10) -> torch.Tensor:
-        """The likelihood's mean decoded along the line from the code of ``a`` to that of ``b`` (``(P, ...)`` each):
+        """The likelihood's reconstruction decoded along the line from the code of ``a`` to that of ``b`` (``(P, ...)`` each):
         ``(P, points, ...)``, ends included."""
         z = lerp_codes(self.encode(a), self.encode(b), points)
-        return self.likelihood.mean(self.decode(z.flatten(0, 1))).view(len(a), points, *a.shape[1:])
+        return self.likelihood.reconstruction(self.decode(z.flatten(0, 1))).view(len(a), points, *a.shape[1:])
 
     @torch.no_grad()
     def evaluate(

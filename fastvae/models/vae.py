@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastvae.likelihoods import Likelihood, make_likelihood
+from fastvae.likelihoods import Likelihood, bits_per_dim, make_likelihood
 from fastvae.models.base import StepInputs, TrainableModel, held_out_label, lerp_codes
 from fastvae.nn import GaussianLatent
 
@@ -132,9 +132,10 @@ class VAE(TrainableModel):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """The likelihood's mean decoded from the posterior mean ``z = mu``; ``x``'s shape."""
+        """The likelihood's :meth:`~fastvae.likelihoods.Likelihood.reconstruction` (its mean; the mode for
+        ``"dmol"``) decoded from the posterior mean ``z = mu``; ``x``'s shape."""
         mu, _ = self.encode(x)
-        return self.likelihood.mean(self.decode(mu))
+        return self.likelihood.reconstruction(self.decode(mu))
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,19 +144,20 @@ class VAE(TrainableModel):
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` draws ``z ~ N(0, I)`` decoded to the likelihood's mean: ``(n, ...)``."""
+        """``n`` draws ``z ~ N(0, I)``, decoded to the likelihood's :meth:`~fastvae.likelihoods.Likelihood.generate`
+        (its mean; a draw from ``p(x | z)`` for ``"dmol"``, with ``generator`` too): ``(n, ...)``."""
         device = next(self.parameters()).device
         z = torch.randn((n, self.latent_dim), generator=generator, device=device)
-        return self.likelihood.mean(self.decode(z))
+        return self.likelihood.generate(self.decode(z), generator=generator)
 
     @torch.no_grad()
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, points: int = 10) -> torch.Tensor:
-        """The likelihood's mean decoded at ``mu_a + t (mu_b - mu_a)``, ``t`` in ``linspace(0, 1, points)``.
+        """The likelihood's reconstruction decoded at ``mu_a + t (mu_b - mu_a)``, ``t`` in ``linspace(0, 1, points)``.
 
         ``a``, ``b``: ``(P, ...)`` images; returns ``(P, points, ...)``.
         """
         z = lerp_codes(self.encode(a)[0], self.encode(b)[0], points)  # (P, points, D)
-        return self.likelihood.mean(self.decode(z.flatten(0, 1))).view(len(a), points, *a.shape[1:])
+        return self.likelihood.reconstruction(self.decode(z.flatten(0, 1))).view(len(a), points, *a.shape[1:])
 
     @torch.no_grad()
     def log_likelihood(
@@ -178,15 +180,18 @@ class VAE(TrainableModel):
         ``q(z | x)`` as the proposal (any proposal gives a lower bound; a
         denoising run's ``x`` is the corrupted ``target``).
         The ``k`` samples are drawn and decoded ``chunk_size`` at a time (default:
-        about 16,384 decoded images per chunk), combined with a running
+        about 16,384 decoded images per chunk, fewer where the likelihood has
+        more parameters than values: 16,384 / 30 for ``"dmol"`` at M = 10 on
+        greyscale images), combined with a running
         ``logsumexp``, so a large ``k`` fits in memory. Noise: for each chunk of
         ``c`` samples, ``torch.randn((c, B, D), generator=generator)``.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        batch = x.shape[0]
+        batch, channels = x.shape[:2]
         if chunk_size is None:
-            chunk_size = max(1, LOG_LIKELIHOOD_ROWS // max(batch, 1))
+            rows = LOG_LIKELIHOOD_ROWS * channels // self.likelihood.params_channels(channels)
+            chunk_size = max(1, rows // max(batch, 1))
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         mu, logvar = (t.float() for t in self.encode(x))
@@ -225,24 +230,41 @@ class VAE(TrainableModel):
         self, x: torch.Tensor, *, generator: torch.Generator, target: torch.Tensor | None = None, k: int = 1000
     ) -> dict[str, torch.Tensor]:
         """Per image of ``x``: ``elbo``, ``-(recon + kl)`` with one sampled ``z`` and the analytic KL, and
-        ``log_likelihood``, the importance-sampled estimate with ``k`` samples (:meth:`log_likelihood`).
+        ``log_likelihood``, the importance-sampled estimate with ``k`` samples (:meth:`log_likelihood`), in nats.
 
         With ``target``, both score ``target`` with the posterior ``q(z | x)`` (a
-        denoising run's corrupted ``x`` against the clean ``target``)."""
+        denoising run's corrupted ``x`` against the clean ``target``). For a
+        likelihood of discrete values (``"dmol"``) also the same two in bits per
+        dim, ``-nats / (C H W ln 2)`` (:func:`~fastvae.likelihoods.bits_per_dim`):
+        ``elbo_bits_per_dim`` and ``bits_per_dim``, the unit such models are compared in.
+        """
         eps = torch.randn((len(x), self.latent_dim), generator=generator, device=x.device)
         out = self(x, target=target, eps=eps, kl_weight=1.0)
         log_likelihood = self.log_likelihood(x, k, generator=generator, target=target)
-        return {"elbo": -(out.recon + out.kl), "log_likelihood": log_likelihood}
+        results = {"elbo": -(out.recon + out.kl), "log_likelihood": log_likelihood}
+        if self.likelihood.discrete:
+            values = x[0].numel()
+            results["elbo_bits_per_dim"] = bits_per_dim(-results["elbo"], values)
+            results["bits_per_dim"] = bits_per_dim(-results["log_likelihood"], values)
+        return results
 
     def format_evaluation(
         self, results: dict[str, float], *, n_images: int, corruption: str | None = None, k: int = 1000
     ) -> str:
-        """Two lines: the held-out ELBO and log-likelihood (means of :meth:`evaluate`'s), nats per image."""
-        return (
-            f"{held_out_label('ELBO', corruption)}: {results['elbo']:.2f} nats/image ({n_images} images)\n"
+        """The held-out ELBO and log-likelihood (means of :meth:`evaluate`'s) in nats per image, in bits per dim
+        for a likelihood of discrete values, and what they are comparable with."""
+        lines = [
+            f"{held_out_label('ELBO', corruption)}: {results['elbo']:.2f} nats/image ({n_images} images)",
             f"{held_out_label(f'log-likelihood (importance-sampled, k={k})', corruption)}: "
-            f"{results['log_likelihood']:.2f} nats/image"
-        )
+            f"{results['log_likelihood']:.2f} nats/image",
+        ]
+        if "bits_per_dim" in results:
+            lines.append(
+                f"in bits/dim (-nats / (values per image x ln 2)): {results['elbo_bits_per_dim']:.4f} from the ELBO, "
+                f"{results['bits_per_dim']:.4f} from the log-likelihood"
+            )
+        lines.append(f"comparable: {self.likelihood.comparable_with()}")
+        return "\n".join(lines)
 
 
 def kl_warmup_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:

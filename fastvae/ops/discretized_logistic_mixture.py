@@ -6,8 +6,12 @@ PyTorch. The Triton path is the custom op
 ``fastvae::discretized_logistic_mixture_nll``, whose forward returns the nll
 together with its gradient in ``params`` (written in the same pass, see
 :mod:`fastvae.kernels.discretized_logistic_mixture`), joined by
-``register_autograd`` to a backward that applies the upstream gradient, so
-``torch.compile(fullgraph=True)`` sees one opaque op and no graph break.
+``register_autograd`` to a backward that applies the upstream gradient as
+:mod:`fastvae.ops.grad_in_forward` says (handed over and scaled in place when
+it owns the saved gradient, which for ``loss.backward()`` costs no pass; a new
+tensor for a retained or traced graph), so ``torch.compile(fullgraph=True)``
+sees opaque ops and no graph break. Under ``create_graph=True`` the backward
+differentiates the reference at the saved inputs instead.
 ``sample_discretized_logistic_mixture`` and ``discretized_logistic_mixture_mode``
 draw images from the same parameters, in plain PyTorch.
 
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvae.backend import resolve_backend
+from fastvae.ops.grad_in_forward import Mode, apply_upstream, backward_mode
 from fastvae.ops.checks import (
     REDUCTIONS,
     check_choice,
@@ -211,18 +216,6 @@ def _(params, x, num_mixtures, num_bits, reduction, grad_params):
     return loss, params.new_empty(params.shape) if grad_params else params.new_empty(0)
 
 
-def _apply_upstream(saved_grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """A new ``saved_grad * grad_loss``, per sample (``grad_loss`` ``(B,)``) or by a scalar; no host sync.
-
-    The product is taken in float32 and rounded once to the gradient's dtype.
-    Never in place: a second backward (``retain_graph=True``) must find the
-    saved gradient unchanged. This is where a handover of the saved gradient
-    without a pass (an upstream gradient of 1) would go.
-    """
-    weight = grad_loss.reshape(grad_loss.shape + (1,) * (saved_grad.dim() - grad_loss.dim()))
-    return torch.mul(saved_grad, weight, out=torch.empty_like(saved_grad))
-
-
 def _differentiable_grad(ctx, params: torch.Tensor, x: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """The gradient in ``params`` as a differentiable function of ``params`` and ``grad_loss`` (``create_graph``).
 
@@ -248,12 +241,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _unused):
     saved_grad, params, x = ctx.saved_tensors
-    grad_params = None
-    if grad_loss is not None and ctx.needs_input_grad[0]:
-        if torch.is_grad_enabled():  # create_graph=True
-            grad_params = _differentiable_grad(ctx, params, x, grad_loss)
-        else:
-            grad_params = _apply_upstream(saved_grad, grad_loss)
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    mode = backward_mode(grad_loss)
+    if mode is Mode.DIFFERENTIABLE:  # create_graph=True: the reference's graph carries the higher orders
+        grad_params = _differentiable_grad(ctx, params, x, grad_loss)
+    else:  # handed over and scaled in place (skipping weights of 1), or a new tensor for a kept or traced graph
+        grad_params = apply_upstream(saved_grad, grad_loss, mode)
     return grad_params, None, None, None, None, None
 
 
@@ -311,8 +305,12 @@ def discretized_logistic_mixture_nll(
 
     On the Triton path one kernel sums the nll and, when ``params`` requires
     grad (and grad mode is on), writes ``d nll / d params`` into a new buffer in
-    the same pass; the backward multiplies it by the upstream gradient, with no
-    host sync. The forward keeps that buffer (one value per parameter) and
+    the same pass; the backward applies the upstream gradient to it, reading it
+    on the device (no host sync): a plain ``backward()`` takes the buffer over
+    and scales it in place, skipping the samples whose upstream gradient is
+    exactly 1 (``loss.backward()`` of a ``"sum"`` or ``"mean"`` loss: no pass at
+    all), and a retained or traced graph writes a new gradient each time, so no
+    two gradients share memory. The forward keeps that buffer (one value per parameter) and
     references to ``params`` and ``x`` for the backward: a backward under
     ``create_graph=True`` differentiates the reference at them, for correct
     higher-order gradients.

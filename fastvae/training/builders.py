@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastvae.errors import ConfigError
+from fastvae.likelihoods import make_likelihood
 from fastvae.models import TrainableModel, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
 
 if TYPE_CHECKING:
@@ -81,9 +82,11 @@ MODELS = {"mlp": _mlp, "conv": _conv}
 
 def build_model(config: TrainConfig, image_shape: tuple[int, int, int], backend: str | None = None) -> TrainableModel:
     """The model that ``config`` describes (a VAE, or an autoencoder), for images of ``image_shape`` ``(C, H, W)``."""
+    from fastvae.training.config import likelihood_options
+
     common = dict(
         latent_dim=config.latent_dim,
-        likelihood=config.likelihood,
+        likelihood=make_likelihood(config.likelihood, backend=backend, **likelihood_options(config)),
         backend=backend,
         **OBJECTIVES[config.objective].model_options(config),
     )

@@ -38,6 +38,10 @@ class TrainConfig:
     latent_dim: int = 16
     hidden: tuple[int, ...] | None = None
     likelihood: str | None = None  # None: the objective's default ("bce" for "vae", "mse" for "ae"), set on creation
+    # Settings of the likelihood, for those that take them (its `options`); None: the likelihood's default,
+    # filled in for a likelihood that takes them.
+    num_mixtures: int | None = None
+    num_bits: int | None = None
     logvar_limit: float | None = 10.0  # 0 or None: no clamp
     # How it is trained.
     beta: float = 1.0
@@ -67,8 +71,16 @@ class TrainConfig:
             self.hidden = tuple(self.hidden)
         if self.likelihood is None:
             self.likelihood = default_likelihood(self.objective)
+        # The likelihood's own defaults for the settings it takes and that are not given, so that a checkpoint
+        # records the values the run used.
+        family = LIKELIHOODS.get(self.likelihood)
+        for field, default in family.options.items() if family is not None else ():
+            if field in LIKELIHOOD_OPTION_FIELDS and getattr(self, field) is None:
+                setattr(self, field, default)
 
 
+# The fields that hold a likelihood's settings (fastvae.likelihoods.Likelihood.options), under the same names.
+LIKELIHOOD_OPTION_FIELDS = ("num_mixtures", "num_bits")
 # Fields of the command, not of the run: a resume never takes them from the checkpoint.
 PER_INVOCATION = ("out", "resume", "quiet")
 # The run's, but a resume may set them explicitly (its start line says so). The data may move: its
@@ -138,6 +150,33 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(str(err)) from None
     if config.resume and not config.out:
         raise ConfigError("resume needs out: the folder of the run to continue")
+    if not config.resume:  # a resumed run's likelihood comes from its checkpoint: checked by resumed_config
+        likelihood_options(config)
+
+
+def likelihood_options(config: TrainConfig, likelihood: str | None = None) -> dict:
+    """The settings that ``config`` gives its likelihood (``likelihood``, default ``config.likelihood``).
+
+    Raises :class:`ConfigError` for a setting the likelihood does not take (say
+    ``num_mixtures`` for ``"bce"``) or a value it refuses.
+    """
+    name = config.likelihood if likelihood is None else likelihood
+    if name not in LIKELIHOODS:
+        raise ConfigError(f"unknown likelihood {name!r}: choose one of {', '.join(LIKELIHOODS)}")
+    family = LIKELIHOODS[name]
+    given = {field: getattr(config, field) for field in LIKELIHOOD_OPTION_FIELDS if getattr(config, field) is not None}
+    for field in given:
+        if field not in family.options:
+            takers = [other for other, cls in LIKELIHOODS.items() if field in cls.options]
+            raise ConfigError(
+                f"{field} ({option_name(field)}) is a setting of likelihood {' or '.join(takers)} only, "
+                f"not of {name}"
+            )
+    try:
+        family(**given)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"likelihood {name}: {err}") from None
+    return given
 
 
 def resumed_config(config: TrainConfig, saved: TrainConfig, explicit: Collection[str]) -> tuple[TrainConfig, list[str]]:
@@ -150,6 +189,8 @@ def resumed_config(config: TrainConfig, saved: TrainConfig, explicit: Collection
     :data:`FIXED_ON_RESUME` that contradicts the checkpoint is a :class:`ConfigError`.
     """
     merged = dataclasses.replace(config)
+    # Settings the saved run's likelihood does not take are refused as such, before any conflict.
+    likelihood_options(config, config.likelihood if "likelihood" in explicit else saved.likelihood)
     changes = []
     new_length = bool(set(explicit) & set(LENGTH_FIELDS))  # a new length replaces both: --steps wins over --epochs
     for field in dataclasses.fields(TrainConfig):

@@ -80,9 +80,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.backend import BACKENDS
     from fastvae.data import DATASETS
     from fastvae.models import LIKELIHOODS
-    from fastvae.training.builders import MODELS
+    from fastvae.training.builders import MLP_HIDDEN, MODELS
     from fastvae.training.config import NOISE_MODES, PRECISIONS, TrainConfig
     from fastvae.training.distributed import DEVICES
+    from fastvae.training.schedule import LR_SCHEDULES
 
     d = TrainConfig()
     # Options left out are left out of the namespace too (SUPPRESS): on --resume they come from the checkpoint.
@@ -113,7 +114,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         nargs="+",
         metavar="N",
-        help="mlp: hidden layer sizes (default: 512 256); conv: channels of the stride-2 layers, "
+        help=f"mlp: hidden layer sizes (default: {' '.join(map(str, MLP_HIDDEN))}); conv: channels of the stride-2 layers, "
         "one per halving of the image (default: from the image size)",
     )
     what.add_argument(
@@ -146,7 +147,15 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     how.add_argument("--epochs", type=_positive_int, help=f"passes over the training images (default: {d.epochs})")
     how.add_argument("--steps", type=_positive_int, help="optimizer steps in all; wins over --epochs")
-    how.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default: {d.lr:g})")
+    how.add_argument(
+        "--lr", type=_positive_float, help=f"Adam learning rate, the peak of --lr-schedule (default: {d.lr:g})"
+    )
+    how.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help="constant: --lr throughout; cosine: from --lr down to 0 over the run's steps (a run resumed with "
+        f"more --steps goes on along the cosine of its new length) (default: {d.lr_schedule})",
+    )
     how.add_argument(
         "--precision",
         choices=PRECISIONS,

@@ -16,8 +16,12 @@ if TYPE_CHECKING:
     from fastvae.training.config import TrainConfig
 
 
+# fastvae train's mlp: one hidden layer of 400, as the canonical VAE, beats (512, 256) at its 2,100 steps (README).
+MLP_HIDDEN = (400,)
+
+
 def _mlp(config: TrainConfig, image_shape: tuple[int, int, int], **common) -> VAE:
-    return mlp_vae(image_shape, **common, **({"hidden": config.hidden} if config.hidden else {}))
+    return mlp_vae(image_shape, **common, hidden=config.hidden or MLP_HIDDEN)
 
 
 def _conv(config: TrainConfig, image_shape: tuple[int, int, int], **common) -> VAE:

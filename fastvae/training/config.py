@@ -14,6 +14,7 @@ from fastvae.errors import ConfigError
 from fastvae.models import LIKELIHOODS
 from fastvae.training.builders import MODELS
 from fastvae.training.distributed import DEVICES
+from fastvae.training.schedule import LR_SCHEDULES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NOISE_MODES = ("rank", "global")
@@ -27,7 +28,7 @@ class TrainConfig:
     data: str = "mnist"
     num_images: int | None = None
     model: str = "mlp"
-    latent_dim: int = 16
+    latent_dim: int = 20
     hidden: tuple[int, ...] | None = None
     likelihood: str = "bce"
     logvar_limit: float | None = 10.0  # 0 or None: no clamp
@@ -35,7 +36,8 @@ class TrainConfig:
     beta: float = 1.0
     kl_warmup: int = 0
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-3  # the peak of the schedule
+    lr_schedule: str = "cosine"
     precision: str = "fp32"
     seed: int = 0
     noise: str = "rank"
@@ -59,7 +61,16 @@ class TrainConfig:
 
 
 MODEL_FIELDS = ("data", "num_images", "model", "latent_dim", "hidden", "likelihood", "logvar_limit")
-FIXED_ON_RESUME = MODEL_FIELDS + ("beta", "kl_warmup", "batch_size", "lr", "precision", "seed", "noise")
+FIXED_ON_RESUME = MODEL_FIELDS + (
+    "beta",
+    "kl_warmup",
+    "batch_size",
+    "lr",
+    "lr_schedule",
+    "precision",
+    "seed",
+    "noise",
+)
 LENGTH_FIELDS = ("epochs", "steps")
 
 
@@ -83,6 +94,7 @@ def validate_config(config: TrainConfig) -> None:
     choose("backend", BACKENDS)
     choose("device", DEVICES)
     choose("noise", NOISE_MODES)
+    choose("lr_schedule", LR_SCHEDULES)
     for name in ("latent_dim", "batch_size", "epochs", "checkpoint_every", "log_every", "eval_k"):
         at_least(name, 1)
     at_least("steps", 1, allow_none=True)
@@ -130,7 +142,18 @@ def check_backend(backend: str, device: torch.device) -> str:
         raise ConfigError(f"backend {backend!r} cannot run here: {err}") from None
 
 
+# The defaults that checkpoints written before ``lr_schedule`` existed were trained with, where they differ
+# from today's: such a run resumes, evaluates and samples as the model it was.
+_DEFAULTS_BEFORE_LR_SCHEDULE = {"lr_schedule": "constant"}
+_MLP_HIDDEN_BEFORE_LR_SCHEDULE = (512, 256)
+
+
 def checkpoint_config(checkpoint: dict) -> TrainConfig:
     """The config a checkpoint was trained with (fields this version does not know are dropped)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{name: value for name, value in checkpoint["config"].items() if name in known})
+    saved = {name: value for name, value in checkpoint["config"].items() if name in known}
+    if "lr_schedule" not in saved:
+        saved.update(_DEFAULTS_BEFORE_LR_SCHEDULE)
+        if saved.get("model", "mlp") == "mlp" and saved.get("hidden") is None:
+            saved["hidden"] = _MLP_HIDDEN_BEFORE_LR_SCHEDULE
+    return TrainConfig(**saved)

@@ -40,6 +40,7 @@ from fastvae.training.evaluate import evaluate, write_evaluation
 from fastvae.training.figures import save_loss_curve, save_model_figures
 from fastvae.training.metrics import MetricsLog, ProgressBar, read_metrics, truncate_metrics
 from fastvae.training.rundir import FILES, new_run_dir
+from fastvae.training.schedule import learning_rate
 from fastvae.training.seeds import epoch_order, eval_generator, global_noise_generator, seed_rank_noise
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -219,6 +220,7 @@ class _Run:
     def _train_step(self) -> None:
         x, noise = self._batch()
         inputs = self.model.step_inputs(self.step)
+        lr = self._set_learning_rate()
         with self.autocast:
             out = self.trained(x, **noise, **inputs.forward)
         self.optimizer.zero_grad(set_to_none=True)
@@ -226,8 +228,15 @@ class _Run:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         epoch = self.step // self.steps_per_epoch
-        info = {"step": self.step + 1, "epoch": epoch, **inputs.log, "lr": self.config.lr}
+        info = {"step": self.step + 1, "epoch": epoch, **inputs.log, "lr": lr}
         self.metrics.add(info, out.loss, out.metrics)
+
+    def _set_learning_rate(self) -> float:
+        """Give the optimizer the schedule's learning rate for the current step, and return it."""
+        lr = learning_rate(self.config.lr, self.config.lr_schedule, self.step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _flush_metrics(self) -> None:
         for record in self.metrics.flush(self.last_good()):

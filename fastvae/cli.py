@@ -217,7 +217,20 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--quiet",
         action="store_true",
-        help="no progress bar or start line (the bar is off anyway when stderr is not a terminal)",
+        help="no progress bars or status lines (the bars are off anyway when stderr is not a terminal)",
+    )
+    run.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files into the run folder: every logged metric, lr, samples/s, image "
+        'grids and the held-out results (off unless given; needs pip install "fastvae[tensorboard]")',
+    )
+    run.add_argument(
+        "--tensorboard-image-every",
+        type=_positive_int,
+        metavar="STEPS",
+        help="with --tensorboard: log the sample and reconstruction grids every this many steps, and at the end "
+        f"(default: {d.tensorboard_image_every})",
     )
 
 
@@ -285,18 +298,25 @@ def _open_checkpoint(args: argparse.Namespace):
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from fastvae.data import load_images
+    from fastvae.data import load_images, loading_message
     from fastvae.training.builders import describe_model
     from fastvae.training.evaluate import evaluate
+    from fastvae.training.progress import Progress
     from fastvae.training.seeds import eval_generator
 
     model, config, checkpoint, path = _open_checkpoint(args)
+    # Status lines and the bar only for a person watching: eval's stderr is otherwise kept for errors.
+    progress = Progress(quiet=not _watched())
+    message = loading_message(config.data, num_images=config.num_images)
+    if message:
+        progress.working(message)
     data = load_images(config.data, num_images=config.num_images)
     device = next(model.parameters()).device
     seed = config.seed if args.seed is None else args.seed
     batch_size = args.batch_size or config.batch_size
     options = {"k": args.k}
-    results = evaluate(model, data.test, batch_size=batch_size, generator=eval_generator(seed, device), **options)
+    generator = eval_generator(seed, device)
+    results = evaluate(model, data.test, batch_size=batch_size, generator=generator, progress=progress.bars, **options)
     print(f"{path}: step {checkpoint['step']}, {describe_model(config, model)} on {data.name}")
     print(model.format_evaluation(results, n_images=len(data.test), **options))
     return 0
@@ -344,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_arguments(sub_parser)
         sub_parser.set_defaults(run=sub.run)
     return parser
+
+
+def _watched() -> bool:
+    from fastvae.training.progress import interactive_stderr
+
+    return interactive_stderr()
 
 
 def _is_main_process() -> bool:

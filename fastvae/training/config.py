@@ -54,6 +54,8 @@ class TrainConfig:
     log_every: int = 10
     eval_k: int = 1000
     quiet: bool = False
+    tensorboard: bool = False
+    tensorboard_image_every: int = 500
 
     def __post_init__(self):
         if self.hidden is not None:
@@ -97,6 +99,7 @@ def validate_config(config: TrainConfig) -> None:
     choose("lr_schedule", LR_SCHEDULES)
     for name in ("latent_dim", "batch_size", "epochs", "checkpoint_every", "log_every", "eval_k"):
         at_least(name, 1)
+    at_least("tensorboard_image_every", 1)
     at_least("steps", 1, allow_none=True)
     at_least("num_images", 2, allow_none=True)
     at_least("kl_warmup", 0)

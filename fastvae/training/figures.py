@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ import torch
 from fastvae.data import to_unit_float
 from fastvae.models import TrainableModel
 
+# The keys of the run folder's paths that save_model_figures writes, in its order.
+MODEL_FIGURES = ("reconstructions", "samples", "interpolation")
 # Tiles smaller than this many pixels are enlarged (nearest neighbour) so that 8x8 digits stay visible.
 MIN_TILE_PIXELS = 32
 PAD = 2
@@ -94,16 +96,26 @@ def interpolation_grid(model: TrainableModel, images: torch.Tensor, points: int 
 
 @torch.no_grad()
 def save_model_figures(
-    paths: dict[str, str], model: TrainableModel, held_out: torch.Tensor, generator: torch.Generator
+    paths: dict[str, str],
+    model: TrainableModel,
+    held_out: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    written: Callable[[str], None] | None = None,
 ) -> None:
     """Write the reconstructions of the first 16 ``held_out`` images, 64 samples drawn with ``generator``, and
     the interpolations between pairs of those images, to ``paths["reconstructions"]``, ``["samples"]`` and
-    ``["interpolation"]``. The model is put in eval mode."""
+    ``["interpolation"]`` (:data:`MODEL_FIGURES`), calling ``written(key)`` after each (a progress bar's tick).
+    The model is put in eval mode."""
+    written = written or (lambda key: None)
     model.eval()
     device = next(model.parameters()).device
     images = to_unit_float(held_out[:16].to(device))
     ncols = min(8, len(images))
     save_image_grid(paths["reconstructions"], reconstruction_grid(model, images, ncols), ncols)
+    written("reconstructions")
     save_image_grid(paths["samples"], model.sample(64, generator=generator), 8)
+    written("samples")
     points = 10
     save_image_grid(paths["interpolation"], interpolation_grid(model, images, points), points + 2)
+    written("interpolation")

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
-from fastvae.data import ImageData, load_images, to_unit_float
+from fastvae.data import ImageData, load_images, loading_message, to_unit_float
 from fastvae.errors import ConfigError, NonFiniteLossError
 from fastvae.models import TrainableModel
 from fastvae.training.builders import build_model, describe_model, evaluation_options
@@ -37,10 +36,12 @@ from fastvae.training.checkpoint import (
 from fastvae.training.config import TrainConfig, check_backend, checkpoint_config, resumed_config, validate_config
 from fastvae.training.distributed import Distributed, start_distributed, stop_distributed
 from fastvae.training.evaluate import evaluate, write_evaluation
-from fastvae.training.figures import save_loss_curve, save_model_figures
-from fastvae.training.metrics import MetricsLog, ProgressBar, read_metrics, truncate_metrics
+from fastvae.training.figures import MODEL_FIGURES, save_loss_curve, save_model_figures
+from fastvae.training.metrics import MetricsLog, read_metrics, truncate_metrics
+from fastvae.training.progress import Progress
 from fastvae.training.rundir import FILES, new_run_dir
 from fastvae.training.schedule import learning_rate
+from fastvae.training.tensorboard_log import TensorBoardLog, require_tensorboard
 from fastvae.training.seeds import epoch_order, eval_generator, global_noise_generator, seed_rank_noise
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,11 +55,6 @@ class TrainResult:
     step: int
     model: TrainableModel
     evaluation: dict[str, float] | None  # the held-out means of the model's metrics, as in eval.json
-
-
-def _log(config: TrainConfig, ctx: Distributed, message: str) -> None:
-    if ctx.is_main and not config.quiet:
-        print(message, file=sys.stderr, flush=True)
 
 
 def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> TrainResult:
@@ -79,6 +75,8 @@ def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> Tr
         default = TrainConfig()
         explicit = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name)}
     validate_config(config)
+    if config.tensorboard:
+        require_tensorboard()
     ctx = start_distributed(config.device)
     try:
         return _train(config, set(explicit), ctx)
@@ -91,19 +89,24 @@ def _train(config: TrainConfig, explicit: set[str], ctx: Distributed) -> TrainRe
     if config.resume:
         checkpoint, _ = ctx.decide_on_main(lambda: load_checkpoint(config.out))
         config = resumed_config(config, checkpoint_config(checkpoint), explicit)
+    progress = Progress(quiet=config.quiet, is_main=ctx.is_main)
+    message = loading_message(config.data, num_images=config.num_images)
+    if message:
+        progress.working(message)
     data = load_images(config.data, num_images=config.num_images)
-    run = _Run(config, ctx, data, checkpoint)
+    run = _Run(config, ctx, data, checkpoint, progress)
     try:
         run.train()
     except KeyboardInterrupt:
-        run.progress.close()
         raise KeyboardInterrupt(
             f"interrupted at step {run.step + 1}; {run.last_good()}; "
             f"continue with: fastvae train --out {run.out_dir} --resume"
         ) from None
+    finally:
+        run.close()
     evaluation = None
     if ctx.is_main:
-        evaluation = _finish_run(run.model, data, config, run.paths, run.total_steps)
+        evaluation = _finish_run(run.model, data, config, run.paths, run.total_steps, progress, run.tensorboard)
     ctx.barrier()
     return TrainResult(run.out_dir, run.total_steps, run.model, evaluation)
 
@@ -111,8 +114,10 @@ def _train(config: TrainConfig, explicit: set[str], ctx: Distributed) -> TrainRe
 class _Run:
     """One training run's state: what :func:`train` sets up, steps through and checkpoints."""
 
-    def __init__(self, config: TrainConfig, ctx: Distributed, data: ImageData, checkpoint: dict | None):
-        self.config, self.ctx, self.data = config, ctx, data
+    def __init__(
+        self, config: TrainConfig, ctx: Distributed, data: ImageData, checkpoint: dict | None, progress: Progress
+    ):
+        self.config, self.ctx, self.data, self.progress = config, ctx, data, progress
         n_train = len(data.train)
         if config.batch_size > n_train:
             raise ConfigError(
@@ -155,9 +160,7 @@ class _Run:
         else:
             self.out_dir = ctx.decide_on_main(lambda: new_run_dir(config, data.name))
         self.paths = {key: os.path.join(self.out_dir, name) for key, name in FILES.items()}
-        _log(
-            config,
-            ctx,
+        progress.say(
             f"training the {describe_model(config, self.model)} on {data.name} ({n_train} images, {len(data.test)} held out) "
             f"for steps {self.step + 1}..{self.total_steps} on {ctx.device} x{ctx.world_size} "
             f"({config.precision}, backend {backend}); writing {self.out_dir}",
@@ -171,7 +174,16 @@ class _Run:
             self.trained = torch.compile(self.trained)
         self.local_batch = config.batch_size // ctx.world_size
         self.metrics = MetricsLog(self.paths["metrics"] if ctx.is_main else None, ctx, self.local_batch)
-        self.progress = ProgressBar(self.total_steps, enabled=ctx.is_main and not config.quiet and sys.stderr.isatty())
+        self.tensorboard = None
+        if config.tensorboard and ctx.is_main:
+            self.tensorboard = TensorBoardLog(
+                self.out_dir,
+                resumed_from=self.step,
+                held_out=data.test,
+                image_every=config.tensorboard_image_every,
+                seed=config.seed,
+            )
+        self.bar = None
         self.train_images = data.train.to(ctx.device)
         self.order = None
 
@@ -193,6 +205,9 @@ class _Run:
     def train(self) -> None:
         """Run the steps from the current one to the last, checkpointing on the way and at the end."""
         self.model.train()
+        if self.config.compile:
+            self.progress.working("torch.compile: compiling the model in its first step (a minute or more)")
+        self.bar = self.progress.training_bar(self.total_steps, self.step)
         while self.step < self.total_steps:
             self._train_step()
             self.step += 1
@@ -200,8 +215,17 @@ class _Run:
                 self.save()
             elif self.step % self.config.log_every == 0:
                 self._flush_metrics()
+            if self.tensorboard is not None:
+                self.tensorboard.after_step(self.model, self.step)
         self.save()
-        self.progress.close()
+        self.bar.close()
+
+    def close(self) -> None:
+        """Close the progress bar and flush the TensorBoard log (after the run, or when it stops early)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
 
     def _batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's share of the current step's global batch: images, and forward's noise arguments if the
@@ -239,8 +263,11 @@ class _Run:
         return lr
 
     def _flush_metrics(self) -> None:
-        for record in self.metrics.flush(self.last_good()):
-            self.progress.update(record, self.metrics.names)
+        records = self.metrics.flush(self.last_good())
+        if self.tensorboard is not None:
+            self.tensorboard.add_records(records)
+        for record in records:
+            self.bar.update(record, self.metrics.names)
 
     def last_good(self) -> str:
         if self.saved_step == 0:
@@ -270,19 +297,36 @@ class _Run:
                 "rng": states,
             }
             save_atomic(checkpoint, self.paths["checkpoint"])
+            if self.tensorboard is not None:
+                self.tensorboard.flush()
         self.saved_step = self.step
 
 
 def _finish_run(
-    model: TrainableModel, data: ImageData, config: TrainConfig, paths: dict, step: int
+    model: TrainableModel,
+    data: ImageData,
+    config: TrainConfig,
+    paths: dict,
+    step: int,
+    progress: Progress,
+    tensorboard: TensorBoardLog | None,
 ) -> dict[str, float]:
-    """Evaluate on the held-out images, write the figures and eval.json, and print the results."""
+    """Evaluate on the held-out images, write the figures, eval.json and the final TensorBoard entries, and print
+    the results."""
     generator = eval_generator(config.seed, next(model.parameters()).device)
     options = evaluation_options(config)
-    results = evaluate(model, data.test, batch_size=config.batch_size, generator=generator, **options)
-    save_model_figures(paths, model, data.test, generator)
-    save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]))
+    results = evaluate(
+        model, data.test, batch_size=config.batch_size, generator=generator, progress=progress.bars, **options
+    )
+    with progress.bar(total=len(MODEL_FIGURES) + 1, desc="figures", unit="file") as bar:
+        save_model_figures(paths, model, data.test, generator, written=lambda key: bar.update())
+        save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]))
+        bar.update()
     write_evaluation(paths["eval"], results, step=step, n_images=len(data.test), options=options)
+    if tensorboard is not None:
+        tensorboard.add_images(model, step)
+        tensorboard.add_evaluation(results, step)
+        tensorboard.close()
     print(model.format_evaluation(results, n_images=len(data.test), **options))
     print(f"run folder: {os.path.dirname(paths['checkpoint'])}")
     return results

@@ -114,8 +114,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         nargs="+",
         metavar="N",
-        help=f"mlp: hidden layer sizes (default: {' '.join(map(str, MLP_HIDDEN))}); conv: channels of the stride-2 layers, "
-        "one per halving of the image (default: from the image size)",
+        help=f"mlp: hidden layer sizes (default: {' '.join(map(str, MLP_HIDDEN))}); conv: channels of the stride-2 "
+        "layers, one per halving of the image (default: from the image size)",
     )
     what.add_argument(
         "--likelihood",
@@ -223,7 +223,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--tensorboard",
         action="store_true",
         help="also write TensorBoard event files into the run folder: every logged metric, lr, samples/s, image "
-        'grids and the held-out results (off unless given; needs pip install "fastvae[tensorboard]")',
+        "grids and the held-out results (off unless given; needs the tensorboard package: "
+        'pip install -e ".[tensorboard]")',
     )
     run.add_argument(
         "--tensorboard-image-every",

@@ -123,7 +123,7 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     status, _, stderr = run("train", *TINY, "--steps", 2, "--tensorboard")
     assert_one_line_error(
-        status, stderr, "--tensorboard needs the tensorboard package", 'pip install "fastvae[tensorboard]"'
+        status, stderr, "needs the tensorboard package: pip install tensorboard", 'pip install -e ".[tensorboard]"'
     )
     assert os.listdir(tmp_path) == []
     assert run("train", *TINY, "--steps", 2, "--out", tmp_path / "r", "--quiet")[0] == 0  # fine without the flag

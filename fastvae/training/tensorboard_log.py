@@ -14,8 +14,8 @@ shows one run per folder. :class:`TensorBoardLog` writes, under these tags:
 
 A resumed run appends a new event file to the folder, purging (``purge_step``)
 whatever the interrupted run had logged after the checkpoint it resumes from,
-so every step appears once. The ``tensorboard`` package is an optional extra:
-``pip install "fastvae[tensorboard]"``.
+so every step appears once. The ``tensorboard`` package is an optional extra
+(``pip install -e ".[tensorboard]"`` in a checkout, or ``pip install tensorboard``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from fastvae.errors import ConfigError
 from fastvae.models import TrainableModel
 from fastvae.training.figures import image_grid, reconstruction_grid
 
-INSTALL_HINT = 'pip install "fastvae[tensorboard]"'
+# Not pip install "fastvae[tensorboard]": another project's package is called fastvae on PyPI.
+INSTALL_HINT = 'pip install tensorboard (in a fastvae checkout: pip install -e ".[tensorboard]")'
 RECONSTRUCTED_IMAGES = 16
 SAMPLED_IMAGES = 64
 NOT_LOGGED = ("step", "epoch")  # record keys that are positions, not values to plot

@@ -6,8 +6,9 @@ running it), so later ones (a ``bench`` command) plug in the same way.
 
 Bad input (an unknown option value, dataset or model, an unreadable file, a
 run folder that exists, ...) ends with one line on stderr and exit status 2,
-without a traceback and without writing anything; a loss that turns NaN or
-infinite ends with status 1, an interrupt with 130.
+without a traceback and without writing anything; a run that cannot go on (a
+loss that turns NaN or infinite, a file it cannot write, memory running out)
+ends with status 1, an interrupt with 130. Warnings are one line too.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import dataclasses
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastvae.errors import ConfigError, NonFiniteLossError
+from fastvae.errors import ConfigError, RunError
 
-EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,6 +63,10 @@ def _positive_float(text: str) -> float:
 
 def _non_negative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
+
+
+def _seed(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v < 2**64, "a seed from 0 to 2**64 - 1")
 
 
 def _number(text: str, kind, valid, what: str):
@@ -161,9 +167,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=PRECISIONS,
         help="fp32, or autocast to bf16, or to fp16 with a gradient scaler " f"(default: {d.precision})",
     )
-    how.add_argument(
-        "--seed", type=_non_negative_int, help=f"seed of the weights, data order and noise (default: {d.seed})"
-    )
+    how.add_argument("--seed", type=_seed, help=f"seed of the weights, data order and noise (default: {d.seed})")
     how.add_argument(
         "--noise",
         choices=NOISE_MODES,
@@ -171,24 +175,35 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "batch's noise from one generator, sliced per process, so results do not depend on "
         f"the number of processes (default: {d.noise})",
     )
-    run = parser.add_argument_group("how to run")
+    run = parser.add_argument_group(
+        "how to run",
+        "--resume keeps every option the run was started with. Of those, --data (a file that moved; its "
+        "fingerprint must match), --backend, --compile, --device, --checkpoint-every, --log-every, --eval-k, "
+        "--tensorboard, --tensorboard-image-every and the length (--steps, --epochs) may be set anew; the others may not change. --out and --quiet belong to each "
+        "command.",
+    )
     run.add_argument(
         "--out",
         metavar="DIR",
-        help="run folder; must not exist unless --resume " "(default: runs/<data>-<model>-<YYYYmmdd-HHMMSS>)",
+        help="run folder; must not exist, or hold only a run stopped before its first checkpoint, unless --resume "
+        "(default: runs/<data>-<model>-<YYYYmmdd-HHMMSS>)",
     )
     run.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its checkpoint, with its settings"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint, with its settings; a run at its last step writes the "
+        "evaluation and figures it lacks",
     )
     run.add_argument(
         "--backend",
         choices=BACKENDS,
-        help="fused Triton kernels, or the PyTorch reference path; auto: Triton on CUDA " f"(default: {d.backend})",
+        help="fused Triton kernels, or the PyTorch reference path; auto: Triton on CUDA "
+        f"(default: $FASTVAE_BACKEND, else {d.backend})",
     )
     run.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile the model (the fused ops stay whole, without graph breaks)",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the model (the fused ops stay whole, without graph breaks) (default: off)",
     )
     run.add_argument(
         "--device",
@@ -221,10 +236,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--tensorboard",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="also write TensorBoard event files into the run folder: every logged metric, lr, samples/s, image "
-        "grids and the held-out results (off unless given; needs the tensorboard package: "
-        'pip install -e ".[tensorboard]")',
+        'grids and the held-out results (needs the tensorboard package: pip install -e ".[tensorboard]") '
+        "(default: off)",
     )
     run.add_argument(
         "--tensorboard-image-every",
@@ -261,8 +276,7 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="auto",
-        help="fused Triton kernels or the PyTorch reference path (default: auto)",
+        help="fused Triton kernels or the PyTorch reference path (default: $FASTVAE_BACKEND, else auto)",
     )
 
 
@@ -280,9 +294,15 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=_non_negative_int,
+        type=_seed,
         help="seed of the noise (default: the run's, which with the default batch size and the same --k "
         "repeats the numbers printed at the end of training)",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="NAME|FILE",
+        help="the run's data, where its file has moved (it must match the checkpoint's fingerprint) "
+        "(default: the run's)",
     )
 
 
@@ -301,6 +321,7 @@ def _open_checkpoint(args: argparse.Namespace):
 def _run_eval(args: argparse.Namespace) -> int:
     from fastvae.data import load_images, loading_message
     from fastvae.training.builders import describe_model
+    from fastvae.training.checkpoint import check_checkpoint_data
     from fastvae.training.evaluate import evaluate
     from fastvae.training.progress import Progress
     from fastvae.training.seeds import eval_generator
@@ -308,10 +329,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     model, config, checkpoint, path = _open_checkpoint(args)
     # Status lines and the bar only for a person watching: eval's stderr is otherwise kept for errors.
     progress = Progress(quiet=not _watched())
-    message = loading_message(config.data, num_images=config.num_images)
+    source = args.data or config.data
+    message = loading_message(source, num_images=config.num_images)
     if message:
         progress.working(message)
-    data = load_images(config.data, num_images=config.num_images)
+    data = load_images(source, num_images=config.num_images)
+    check_checkpoint_data(checkpoint, path, data, source)
     device = next(model.parameters()).device
     seed = config.seed if args.seed is None else args.seed
     batch_size = args.batch_size or config.batch_size
@@ -326,28 +349,35 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint_arguments(parser)
     parser.add_argument("--n", type=_positive_int, default=64, help="how many samples (default: 64)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the samples (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the samples (default: 0)")
     parser.add_argument(
         "--out",
         metavar="FILE",
-        help="PNG file to write; must not exist (default: samples-<n>-seed<seed>.png in the checkpoint's folder)",
+        help="image file to write, in the format its suffix names (.png, .jpg, .pdf, .svg, ...); must not exist "
+        "(default: samples-<n>-seed<seed>.png in the checkpoint's folder)",
     )
 
 
 def _run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastvae.training.figures import save_image_grid
+    from fastvae.training.figures import image_format, save_image_grid
+    from fastvae.training.files import describe_os_error
 
+    if args.out:
+        image_format(args.out)  # refuse a format it cannot write before loading anything
     model, _, _, path = _open_checkpoint(args)
     out = args.out or os.path.join(os.path.dirname(path), f"samples-{args.n}-seed{args.seed}.png")
-    if os.path.exists(out):
+    if os.path.lexists(out):
         raise ConfigError(f"{out} already exists; choose another --out")
     if not os.path.isdir(os.path.dirname(out) or "."):
         raise ConfigError(f"the folder of {out} does not exist")
     device = next(model.parameters()).device
     samples = model.sample(args.n, generator=torch.Generator(device=device).manual_seed(args.seed))
-    save_image_grid(out, samples, math.ceil(math.sqrt(args.n)))
+    try:
+        save_image_grid(out, samples, math.ceil(math.sqrt(args.n)))
+    except OSError as err:
+        raise ConfigError(f"cannot write {out}: {describe_os_error(err)}") from None
     print(f"wrote {args.n} samples to {out}")
     return 0
 
@@ -377,6 +407,19 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed: Python's, CUDA's, or torch's CPU allocator's."""
+    import torch
+
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``fastvae`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -385,17 +428,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     prefix = f"fastvae {args.command}"
+    with warnings.catch_warnings():
+        # One line per warning, as for errors, rather than Python's two with a source line.
+        warnings.showwarning = lambda message, *_, **__: print(f"{prefix}: warning: {message}", file=sys.stderr)
+        return _run(args, prefix)
+
+
+def _run(args: argparse.Namespace, prefix: str) -> int:
+    # ConfigError and RunError arise alike on every rank of a torchrun job; one copy of the line is enough.
     try:
         return args.run(args)
     except ConfigError as err:
-        # The same error arises on every rank; one copy is enough.
         if _is_main_process():
             print(f"{prefix}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except NonFiniteLossError as err:
+    except RunError as err:
         if _is_main_process():
             print(f"{prefix}: error: {err}", file=sys.stderr)
-        return EXIT_NONFINITE
+        return EXIT_FAILED
     except KeyboardInterrupt as err:
-        print(f"{prefix}: {err or 'interrupted'}", file=sys.stderr)
+        if _is_main_process():
+            print(f"{prefix}: {str(err) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (MemoryError, RuntimeError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        detail = _first_line(err).split("DefaultCPUAllocator: ")[-1]  # torch's CPU message starts with C++ details
+        print(f"{prefix}: error: out of memory ({detail}); try smaller sizes", file=sys.stderr)
+        return EXIT_FAILED

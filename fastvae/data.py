@@ -17,11 +17,14 @@ source is 8-bit, to hold large sets in a quarter of the memory, and as
 ``float32`` otherwise; :func:`to_unit_float` turns a batch into ``float32``
 values in [0, 1], which is what the models see. The held-out split is a fixed
 random subset (``test_fraction`` of the images, chosen with a seed of its own),
-so a checkpoint evaluated later sees the same held-out images as its run.
+so a checkpoint evaluated later sees the same held-out images as its run;
+:func:`fingerprint` identifies a dataset's images, so that a run can tell its
+data from other data at the same path or name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -39,6 +42,8 @@ SPLIT_SEED = 20_240_601  # fixed: the held-out images do not depend on a run's -
 # Arrays an .npz file may hold its images under, tried in this order.
 NPZ_KEYS = ("images", "x", "X", "data", "arr_0")
 MAX_CHANNELS = 4
+# The first bytes of a .npy file, and of an .npz file (a zip archive).
+NPY_MAGIC, NPZ_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,12 @@ def load_images(source: str, *, num_images: int | None = None, test_fraction: fl
     if not 0 < test_fraction < 1:
         raise ConfigError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
     if source == "shapes":
-        images = make_shapes(num_images or SHAPES_DEFAULT_SIZE)[0]
+        n = num_images or SHAPES_DEFAULT_SIZE
+        # The images, then their training and held-out copies; the factors' bytes are small beside them.
+        check_fits_in_memory(2 * n * SHAPES_IMAGE_SIZE**2, f"{n} generated shapes")
+        images = make_shapes(n, image_size=SHAPES_IMAGE_SIZE)[0]
     else:
-        images = _load_fixed_set(source)[:num_images]
+        images = _load_fixed_set(source, num_images)
     if len(images) < 2:
         raise ConfigError(f"{source} holds {len(images)} image(s); at least 2 are needed (one held out)")
     train, test = _split(images, test_fraction)
@@ -99,20 +107,86 @@ def loading_message(source: str, *, num_images: int | None = None) -> str | None
     return None
 
 
+def data_source(source: str) -> str:
+    """``source`` as a run stores it: a file's path made absolute, anything else (a dataset's name) as it is."""
+    return os.path.abspath(source) if source.endswith(FILE_SUFFIXES) else source
+
+
+def fingerprint(data: ImageData) -> dict:
+    """What identifies ``data``'s images: their number, shape and dtype, and a hash (BLAKE2b) of their bytes.
+
+    The hash covers the training images, then the held-out ones, so it changes
+    with any pixel, the order of the images, or the split.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for images in (data.train, data.test):
+        digest.update(images.contiguous().numpy())
+    return {
+        "images": len(data.train) + len(data.test),
+        "image_shape": list(data.image_shape),
+        "dtype": str(data.train.dtype).removeprefix("torch."),
+        "blake2b": digest.hexdigest(),
+    }
+
+
+def describe_fingerprint(found: dict) -> str:
+    """A :func:`fingerprint` in words: ``"300 images of 1x8x8 float32 (blake2b 3f2a9c1b...)"``."""
+    shape = "x".join(map(str, found["image_shape"]))
+    return f"{found['images']} images of {shape} {found['dtype']} (blake2b {found['blake2b'][:12]}...)"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still hand out (psutil if installed, else /proc/meminfo); ``None`` if unknown."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_in_memory(nbytes: int, what: str) -> None:
+    """Raise :class:`ConfigError` before loading ``what`` if its ``nbytes`` exceed the memory available."""
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise ConfigError(
+            f"{what} would need about {nbytes / 2**30:,.1f} GiB of memory, and {available / 2**30:,.1f} GiB is "
+            "available; use a smaller --num-images"
+        )
+
+
 def _display_name(source: str) -> str:
     return source if source in DATASETS else os.path.splitext(os.path.basename(source))[0]
 
 
-def _load_fixed_set(source: str) -> torch.Tensor:
+def _load_fixed_set(source: str, num_images: int | None) -> torch.Tensor:
     if source == "mnist":
-        return _mnist()
+        return _first(_mnist(), num_images, source)
     if source == "digits":
-        return _digits()
+        return _first(_digits(), num_images, source)
     if source.endswith(FILE_SUFFIXES):
-        return load_image_file(source)
+        return load_image_file(source, num_images=num_images)
     raise ConfigError(
         f"unknown dataset {source!r}: use one of {', '.join(DATASETS)}, or the path of a .npy or .npz file of images"
     )
+
+
+def _first(images, num_images: int | None, source: str):
+    """The first ``num_images`` of ``images`` (all for ``None``); asking for more than there are is an error."""
+    if num_images is not None and num_images > len(images):
+        raise ConfigError(
+            f"num_images {num_images} is more than the {len(images)} images of {source}; "
+            "leave --num-images out to use all of them"
+        )
+    return images[:num_images]
 
 
 def _split(images: torch.Tensor, test_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,26 +209,38 @@ def _digits() -> torch.Tensor:
     return torch.from_numpy(pixels / 16.0).float().unsqueeze(1)
 
 
-def load_image_file(path: str) -> torch.Tensor:
+def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor:
     """Images from a ``.npy`` or ``.npz`` file, as ``(N, C, H, W)`` ``uint8`` or ``float32``.
 
     Accepted layouts: ``(N, H, W)``, ``(N, C, H, W)`` and ``(N, H, W, C)`` with
     1 to 4 channels. Accepted dtypes: ``uint8`` (0..255), ``bool`` and floats
     in [0, 1]. An ``.npz`` file holds its images under one of the keys
     ``images``, ``x``, ``X``, ``data`` or ``arr_0``, or as its only array.
+    ``num_images``: the first that many only (a ``.npy`` file is mapped, so the
+    rest is never read).
 
     Raises:
-        ConfigError: a missing or unreadable file, or an array of another shape, dtype or range.
+        ConfigError: a missing or unreadable file, an array of another shape,
+            dtype or range, more images asked for than it holds, or more than fit in memory.
     """
     if not os.path.isfile(path):
         raise ConfigError(f"no such data file: {path}")
     try:
-        loaded = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+        if not magic.startswith((NPY_MAGIC, NPZ_MAGIC)):
+            raise ConfigError(f"{path} is not a numpy file (.npy or .npz): it does not start as one")
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)
         array = _npz_images(path, loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
     except ConfigError:
         raise
     except Exception as err:  # numpy raises ValueError, OSError, EOFError, zipfile errors ... on a bad file
         raise ConfigError(f"cannot read {path} as a numpy file: {err}") from None
+    if array.ndim:
+        array = _first(array, num_images, path)
+    # A copy in the final dtype, and the training and held-out copies of it.
+    final_itemsize = 4 if np.issubdtype(array.dtype, np.floating) else 1
+    check_fits_in_memory(array.size * (array.itemsize + 2 * final_itemsize), f"the images of {path}")
     return torch.from_numpy(_images_from_array(path, array))
 
 
@@ -186,9 +272,12 @@ def _images_from_array(path: str, array: np.ndarray) -> np.ndarray:
             f"{path}: expected images of shape (N, H, W), (N, C, H, W) or (N, H, W, C) with 1 to {MAX_CHANNELS} "
             f"channels; got an array of shape {tuple(array.shape)}"
         )
-    return np.ascontiguousarray(array)
+    if array.flags.owndata and array.flags.c_contiguous:
+        return array
+    return np.array(array, order="C")  # a copy in memory, of the layout asked for: array may be mapped from the file
 
 
+SHAPES_IMAGE_SIZE = 64
 SHAPE_NAMES = ("square", "ellipse", "heart")
 # dSprites' factor grid: 6 scales, 40 orientations, 32 x 32 positions.
 SHAPE_SCALES = torch.linspace(0.5, 1.0, 6)
@@ -196,7 +285,9 @@ SHAPE_ORIENTATIONS = 40
 SHAPE_POSITIONS = 32
 
 
-def make_shapes(n: int, *, image_size: int = 64, seed: int = 0, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def make_shapes(
+    n: int, *, image_size: int = SHAPES_IMAGE_SIZE, seed: int = 0, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Render ``n`` dSprites-like binary images: one white shape on black, at random factors.
 
     Each image draws its factors independently and uniformly from dSprites'

@@ -34,6 +34,20 @@ def test_the_held_out_split_is_fixed_and_disjoint():
     assert overlap <= 3
 
 
+def test_the_held_out_split_of_distinct_images_is_disjoint_and_complete(tmp_path):
+    # Image i is filled with the value i, so each image names itself.
+    np.save(tmp_path / "distinct.npy", np.arange(50, dtype=np.uint8)[:, None, None].repeat(16, 1).reshape(50, 4, 4))
+    data = load_images(str(tmp_path / "distinct.npy"))
+    train, test = (set(part.flatten(1)[:, 0].tolist()) for part in (data.train, data.test))
+    assert (len(data.train), len(data.test)) == (45, 5) and (len(train), len(test)) == (45, 5)
+    assert not train & test and train | test == set(range(50))
+
+
+def test_num_images_beyond_the_dataset_is_refused():
+    with pytest.raises(ConfigError, match="num_images 1798 is more than the 1797 images of digits"):
+        load_images("digits", num_images=1798)
+
+
 def test_digits_are_8x8_floats_in_unit_range():
     data = load_images("digits")
     assert data.train.dtype == torch.float32
@@ -123,8 +137,13 @@ def test_bad_npy_files_are_clear_errors(tmp_path, array, message):
 def test_unreadable_missing_and_ambiguous_files(tmp_path):
     corrupt = tmp_path / "corrupt.npy"
     corrupt.write_bytes(b"not a numpy file")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="corrupt.npy is not a numpy file"):  # not "pickled data"
         load_images(str(corrupt))
+    truncated = tmp_path / "truncated.npy"
+    np.save(truncated, np.zeros((4, 5, 5), dtype=np.uint8))
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    with pytest.raises(ConfigError, match="cannot read .*truncated.npy as a numpy file"):
+        load_images(str(truncated))
     with pytest.raises(ConfigError, match="no such data file"):
         load_images(str(tmp_path / "missing.npz"))
     np.savez(tmp_path / "two.npz", a=np.zeros((3, 4, 4)), b=np.zeros((3, 4, 4)))

@@ -80,13 +80,20 @@ def test_each_rank_draws_its_own_noise_and_only_rank_0_writes(tmp_path):
     assert [e.step for e in tensorboard.Images("images/samples")] == [3, 6]
 
 
-@pytest.mark.parametrize("extra, message", [(["--batch-size", "15"], "must divide evenly among 2 processes")])
-def test_bad_input_under_torchrun_is_one_clear_line(tmp_path, extra, message):
-    done = train(tmp_path / "bad", "--steps", "2", *extra, nproc=2)
+@pytest.mark.parametrize(
+    "out, extra, message",
+    [
+        ("bad", ["--batch-size", "15"], "must divide evenly among 2 processes"),
+        ("somefile/sub", [], "cannot create the run folder"),
+    ],
+)
+def test_bad_input_under_torchrun_is_one_clear_line(tmp_path, out, extra, message):
+    (tmp_path / "somefile").write_text("")
+    done = train(tmp_path / out, "--steps", "2", *extra, nproc=2)
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("fastvae train: error:")]
     assert len(ours) == 1 and message in ours[0]  # from rank 0 alone
     # torchrun reports a failed child with a traceback of its own launcher; none comes from fastvae's code.
     frames = [line for line in done.stderr.splitlines() if line.strip().startswith('File "')]
     assert not [line for line in frames if f"{os.sep}fastvae{os.sep}" in line]
-    assert not (tmp_path / "bad").exists()
+    assert sorted(os.listdir(tmp_path)) == ["somefile"]

@@ -62,9 +62,9 @@ def test_checkpoints_from_before_the_schedule_keep_their_defaults(tmp_path):
     """A checkpoint without lr_schedule was trained with a constant rate and the old mlp's (512, 256) layers."""
     from fastvae.training.config import checkpoint_config
 
-    config = checkpoint_config({"config": {"model": "mlp", "hidden": None, "lr": 1e-3, "latent_dim": 16}})
+    config = checkpoint_config({"config": {"model": "mlp", "hidden": None, "lr": 1e-3, "latent_dim": 16}}, "old.pt")
     assert config.lr_schedule == "constant" and config.hidden == (512, 256) and config.latent_dim == 16
-    config = checkpoint_config({"config": {"model": "conv", "hidden": None, "lr": 1e-3}})
+    config = checkpoint_config({"config": {"model": "conv", "hidden": None, "lr": 1e-3}}, "old.pt")
     assert config.lr_schedule == "constant" and config.hidden is None  # conv's widths come from the image size
-    config = checkpoint_config({"config": {"model": "mlp", "hidden": None, "lr_schedule": "cosine"}})
+    config = checkpoint_config({"config": {"model": "mlp", "hidden": None, "lr_schedule": "cosine"}}, "old.pt")
     assert config.hidden is None  # today's default (400,)

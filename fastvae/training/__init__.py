@@ -9,6 +9,7 @@
 * :mod:`~fastvae.training.progress`: status lines and progress bars;
 * :mod:`~fastvae.training.tensorboard_log`: the TensorBoard event files (``--tensorboard``);
 * :mod:`~fastvae.training.checkpoint`: atomic checkpoints, and rebuilding a model from one;
+* :mod:`~fastvae.training.files`: atomic writes that Ctrl-C and a full disk cannot leave half done;
 * :mod:`~fastvae.training.seeds`: the random streams derived from the run's seed;
 * :mod:`~fastvae.training.distributed`: one process's place in a torchrun job;
 * :mod:`~fastvae.training.evaluate`: held-out evaluation;

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastvae.backend import BACKENDS, resolve_backend
+from fastvae.backend import BACKENDS, requested_backend, resolve_backend
 from fastvae.errors import ConfigError
 from fastvae.models import LIKELIHOODS
 from fastvae.training.builders import MODELS
@@ -22,9 +22,15 @@ NOISE_MODES = ("rank", "global")
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; the ``fastvae train`` options map onto these fields one to one."""
+    """Everything a training run depends on; the ``fastvae train`` options map onto these fields one to one.
 
-    # What is trained. A resumed run keeps these (and the next group) from its checkpoint.
+    A resumed run (``resume=True``) keeps every field it was started with
+    except those in :data:`PER_INVOCATION`; a field the resume sets explicitly
+    changes it only if it is in :data:`ADJUSTABLE_ON_RESUME` or
+    :data:`LENGTH_FIELDS`, and is an error otherwise (see :func:`resumed_config`).
+    """
+
+    # What is trained.
     data: str = "mnist"
     num_images: int | None = None
     model: str = "mlp"
@@ -44,10 +50,10 @@ class TrainConfig:
     # How long: steps, when given, wins over epochs. A resumed run may extend either.
     epochs: int = 60
     steps: int | None = None
-    # How it runs: free to change when resuming.
+    # How it runs.
     out: str | None = None
     resume: bool = False
-    backend: str = "auto"
+    backend: str = "auto"  # train() takes FASTVAE_BACKEND's value when this is not set explicitly
     compile: bool = False
     device: str = "auto"
     checkpoint_every: int = 500
@@ -62,18 +68,36 @@ class TrainConfig:
             self.hidden = tuple(self.hidden)
 
 
-MODEL_FIELDS = ("data", "num_images", "model", "latent_dim", "hidden", "likelihood", "logvar_limit")
-FIXED_ON_RESUME = MODEL_FIELDS + (
-    "beta",
-    "kl_warmup",
-    "batch_size",
-    "lr",
-    "lr_schedule",
-    "precision",
-    "seed",
-    "noise",
+# Fields of the command, not of the run: a resume never takes them from the checkpoint.
+PER_INVOCATION = ("out", "resume", "quiet")
+# The run's, but a resume may set them explicitly (its start line says so). The data may move: its
+# fingerprint, not its path, decides whether it is the run's.
+ADJUSTABLE_ON_RESUME = (
+    "data",
+    "backend",
+    "compile",
+    "device",
+    "checkpoint_every",
+    "log_every",
+    "eval_k",
+    "tensorboard",
+    "tensorboard_image_every",
 )
 LENGTH_FIELDS = ("epochs", "steps")
+# Everything else is fixed: a resume that sets it to another value is refused. New fields land here by default.
+FIXED_ON_RESUME = tuple(
+    f.name
+    for f in dataclasses.fields(TrainConfig)
+    if f.name not in PER_INVOCATION + ADJUSTABLE_ON_RESUME + LENGTH_FIELDS
+)
+# Adam's first step is lr / (1 - beta1) with torch's beta1 = 0.9, applied in float32.
+MAX_LR = float(torch.finfo(torch.float32).max) * (1 - 0.9)
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+
+
+def option_name(field: str) -> str:
+    """The ``fastvae train`` option of the :class:`TrainConfig` field ``field``: ``eval_k`` -> ``--eval-k``."""
+    return "--" + field.replace("_", "-")
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -104,10 +128,16 @@ def validate_config(config: TrainConfig) -> None:
     at_least("num_images", 2, allow_none=True)
     at_least("kl_warmup", 0)
     at_least("seed", 0)
+    if config.seed > MAX_SEED:
+        raise ConfigError(f"seed must be at most 2**64 - 1 = {MAX_SEED}, got {config.seed}")
     if config.hidden is not None and (not config.hidden or min(config.hidden) < 1):
         raise ConfigError(f"hidden must list positive sizes, got {config.hidden}")
     if not config.lr > 0 or not math.isfinite(config.lr):
         raise ConfigError(f"lr must be a positive number, got {config.lr}")
+    if config.lr > MAX_LR:
+        raise ConfigError(
+            f"lr must be at most {MAX_LR:.3g}, got {config.lr:g}: Adam's first step, lr / (1 - 0.9), must fit a float32"
+        )
     if not config.beta >= 0 or not math.isfinite(config.beta):
         raise ConfigError(f"beta must be a non-negative number, got {config.beta}")
     if config.logvar_limit is not None and not config.logvar_limit >= 0:
@@ -116,29 +146,58 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError("resume needs out: the folder of the run to continue")
 
 
-def resumed_config(config: TrainConfig, saved: TrainConfig, explicit: Collection[str]) -> TrainConfig:
-    """``config`` with the run-defining fields taken from the ``saved`` config of a checkpoint.
+def resumed_config(config: TrainConfig, saved: TrainConfig, explicit: Collection[str]) -> tuple[TrainConfig, list[str]]:
+    """``config`` for resuming the run whose checkpoint holds ``saved``, and what the resume changes, in words.
 
-    A field in ``explicit`` (set by the user) that contradicts the checkpoint is an error.
+    Every field comes from ``saved`` except those of :data:`PER_INVOCATION`
+    and those in ``explicit`` (set by the user): an explicit field of
+    :data:`ADJUSTABLE_ON_RESUME` or :data:`LENGTH_FIELDS` replaces the saved
+    value (listed in the changes, as ``"--eval-k 1000 -> 10"``); one of
+    :data:`FIXED_ON_RESUME` that contradicts the checkpoint is a :class:`ConfigError`.
     """
     merged = dataclasses.replace(config)
-    for name in FIXED_ON_RESUME:
-        saved_value = getattr(saved, name)
-        if name not in explicit:
+    changes = []
+    new_length = bool(set(explicit) & set(LENGTH_FIELDS))  # a new length replaces both: --steps wins over --epochs
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
+        if name in PER_INVOCATION:
+            continue
+        saved_value, value = getattr(saved, name), getattr(config, name)
+        given = new_length if name in LENGTH_FIELDS else name in explicit
+        if not given:
             setattr(merged, name, saved_value)
-        elif getattr(config, name) != saved_value:
+        elif name in FIXED_ON_RESUME and value != saved_value:
             raise ConfigError(
                 f"the checkpoint in {config.out} was trained with {name}={saved_value!r}, not "
-                f"{getattr(config, name)!r}; a resumed run keeps its settings (leave the option out)"
+                f"{value!r}; a resumed run keeps its settings (leave {option_name(name)} out)"
             )
-    if not explicit & set(LENGTH_FIELDS):  # the run's own length, unless a new one is given
-        for name in LENGTH_FIELDS:
-            setattr(merged, name, getattr(saved, name))
-    return merged
+        elif name in explicit and value != saved_value:
+            changes.append(f"{option_name(name)} {_words(saved_value)} -> {_words(value)}")
+    return merged, changes
 
 
-def check_backend(backend: str, device: torch.device) -> str:
-    """The backend (``"triton"`` or ``"torch"``) that ``backend`` picks for float32 tensors on ``device``."""
+def _words(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def backend_from_environment() -> str:
+    """The backend ``FASTVAE_BACKEND`` names (``"auto"`` when it is unset): the default of ``--backend``.
+
+    Raises :class:`ConfigError` for a value that names no backend.
+    """
+    try:
+        return requested_backend(None)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_backend(backend: str | None, device: torch.device) -> str:
+    """The backend (``"triton"`` or ``"torch"``) that ``backend`` picks for float32 tensors on ``device``.
+
+    ``None``: the one ``FASTVAE_BACKEND`` names (:func:`backend_from_environment`).
+    """
+    if backend is None:
+        backend = backend_from_environment()
     try:
         return resolve_backend(backend, device, {"images": torch.float32})
     except (ValueError, TypeError, RuntimeError) as err:
@@ -151,12 +210,21 @@ _DEFAULTS_BEFORE_LR_SCHEDULE = {"lr_schedule": "constant"}
 _MLP_HIDDEN_BEFORE_LR_SCHEDULE = (512, 256)
 
 
-def checkpoint_config(checkpoint: dict) -> TrainConfig:
-    """The config a checkpoint was trained with (fields this version does not know are dropped)."""
+def checkpoint_config(checkpoint: dict, path: str) -> TrainConfig:
+    """The config the checkpoint read from ``path`` was trained with (fields this version does not know are dropped).
+
+    A checkpoint written before ``lr_schedule`` existed gets the defaults of its time (a constant rate; for
+    the mlp, hidden sizes (512, 256)). Raises :class:`ConfigError` when it holds values no run could have used.
+    """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {name: value for name, value in checkpoint["config"].items() if name in known}
-    if "lr_schedule" not in saved:
-        saved.update(_DEFAULTS_BEFORE_LR_SCHEDULE)
-        if saved.get("model", "mlp") == "mlp" and saved.get("hidden") is None:
-            saved["hidden"] = _MLP_HIDDEN_BEFORE_LR_SCHEDULE
-    return TrainConfig(**saved)
+    try:
+        saved = {name: value for name, value in checkpoint["config"].items() if name in known}
+        if "lr_schedule" not in saved:
+            saved.update(_DEFAULTS_BEFORE_LR_SCHEDULE)
+            if saved.get("model", "mlp") == "mlp" and saved.get("hidden") is None:
+                saved["hidden"] = _MLP_HIDDEN_BEFORE_LR_SCHEDULE
+        config = TrainConfig(**saved)
+        validate_config(config)
+    except (ConfigError, TypeError) as err:
+        raise ConfigError(f"{path} holds a damaged run configuration: {err}") from None
+    return config

@@ -9,6 +9,7 @@ import torch
 
 from fastvae.data import to_unit_float
 from fastvae.models import TrainableModel
+from fastvae.training.files import write_atomic
 from fastvae.training.progress import progress_bar
 
 
@@ -44,6 +45,6 @@ def evaluate(
 
 
 def write_evaluation(path: str, results: dict[str, float], *, step: int, n_images: int, options: dict) -> None:
-    """Write ``eval.json``: the step, the number of held-out images, the evaluation's settings and ``results``."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"step": step, "held_out_images": n_images, **options, **results}, f, indent=1)
+    """Write ``eval.json`` atomically: the step, the number of held-out images, the evaluation's settings and ``results``."""
+    record = {"step": step, "held_out_images": n_images, **options, **results}
+    write_atomic(path, lambda f: json.dump(record, f, indent=1), binary=False)

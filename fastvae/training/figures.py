@@ -1,4 +1,4 @@
-"""PNG figures of a training run (matplotlib, no display needed).
+"""The figures of a training run, PNG (matplotlib, no display needed), each written atomically.
 
 :func:`save_model_figures` writes ``reconstructions.png``, ``samples.png`` and
 ``interpolation.png`` from the model's ``reconstruct``, ``sample`` and
@@ -9,16 +9,33 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from fastvae.data import to_unit_float
+from fastvae.errors import ConfigError
 from fastvae.models import TrainableModel
+from fastvae.training.files import write_atomic
 
 # The keys of the run folder's paths that save_model_figures writes, in its order.
 MODEL_FIGURES = ("reconstructions", "samples", "interpolation")
+# The suffixes save_image_grid writes, and the format matplotlib is given for each.
+IMAGE_FORMATS = {
+    ".png": "png",
+    ".jpg": "jpg",
+    ".jpeg": "jpeg",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".webp": "webp",
+    ".gif": "gif",
+    ".pdf": "pdf",
+    ".svg": "svg",
+    ".eps": "eps",
+    ".ps": "ps",
+}
 # Tiles smaller than this many pixels are enlarged (nearest neighbour) so that 8x8 digits stay visible.
 MIN_TILE_PIXELS = 32
 PAD = 2
@@ -44,11 +61,24 @@ def image_grid(images: torch.Tensor, ncols: int) -> np.ndarray:
     return grid[0].numpy() if c == 1 else grid[:3].permute(1, 2, 0).numpy()
 
 
+def image_format(path: str) -> str:
+    """The format :func:`save_image_grid` writes to ``path``, from its suffix (``.png``, ``.jpg``, ``.pdf``, ...).
+
+    Raises :class:`ConfigError` for a suffix it cannot write, or none.
+    """
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in IMAGE_FORMATS:
+        what = f"the image format {suffix!r}" if suffix else "a file without a suffix"
+        raise ConfigError(f"cannot write {what} ({path}); name it {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
+
+
 def save_image_grid(path: str, images: torch.Tensor, ncols: int) -> None:
-    """Write :func:`image_grid` of ``images`` to the PNG file ``path``."""
+    """Write :func:`image_grid` of ``images`` to ``path``, atomically, in the format its suffix names."""
     from matplotlib import image as mpimg
 
-    mpimg.imsave(path, image_grid(images, ncols), cmap="gray", vmin=0.0, vmax=1.0, format="png")
+    grid, kind = image_grid(images, ncols), image_format(path)
+    write_atomic(path, lambda f: mpimg.imsave(f, grid, cmap="gray", vmin=0.0, vmax=1.0, format=kind))
 
 
 def save_loss_curve(path: str, records: Sequence[dict]) -> None:
@@ -68,7 +98,7 @@ def save_loss_curve(path: str, records: Sequence[dict]) -> None:
     ax_kl.set(xlabel="step", ylabel="nats per image", title="KL(q(z|x) || p(z))")
     for ax in (ax_loss, ax_kl):
         ax.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
+    write_atomic(path, lambda f: figure.savefig(f, dpi=100, format=image_format(path)))
 
 
 @torch.no_grad()

@@ -21,25 +21,33 @@ from dataclasses import dataclass
 
 import torch
 
-from fastvae.data import ImageData, load_images, loading_message, to_unit_float
-from fastvae.errors import ConfigError, NonFiniteLossError
+from fastvae.data import ImageData, data_source, fingerprint, load_images, loading_message, to_unit_float
+from fastvae.errors import ConfigError, NonFiniteLossError, RunError
 from fastvae.models import TrainableModel
 from fastvae.training.builders import build_model, describe_model, evaluation_options
 from fastvae.training.checkpoint import (
     CHECKPOINT_FORMAT,
-    load_checkpoint,
+    check_checkpoint_data,
     load_model_state,
     rng_state,
     save_atomic,
     set_rng_state,
 )
-from fastvae.training.config import TrainConfig, check_backend, checkpoint_config, resumed_config, validate_config
+from fastvae.training.config import (
+    TrainConfig,
+    backend_from_environment,
+    check_backend,
+    checkpoint_config,
+    resumed_config,
+    validate_config,
+)
 from fastvae.training.distributed import Distributed, start_distributed, stop_distributed
 from fastvae.training.evaluate import evaluate, write_evaluation
+from fastvae.training.files import describe_os_error, interrupts_deferred
 from fastvae.training.figures import MODEL_FIGURES, save_loss_curve, save_model_figures
 from fastvae.training.metrics import MetricsLog, read_metrics, truncate_metrics
 from fastvae.training.progress import Progress
-from fastvae.training.rundir import FILES, new_run_dir
+from fastvae.training.rundir import FILES, checkpoint_to_resume, missing_final_files, new_run_dir, remove_temporaries
 from fastvae.training.schedule import learning_rate
 from fastvae.training.tensorboard_log import TensorBoardLog, require_tensorboard
 from fastvae.training.seeds import epoch_order, eval_generator, global_noise_generator, seed_rank_noise
@@ -61,52 +69,79 @@ def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> Tr
     """Train the model ``config`` describes; see :mod:`fastvae.training.rundir` for what is written where.
 
     Args:
-        config: the run's settings.
+        config: the run's settings. ``backend`` not set explicitly takes the
+            value of ``FASTVAE_BACKEND``; a data file's path is stored absolute.
         explicit: the fields the user set (the command line passes them); on
-            resume the others come from the checkpoint, and a set one that
-            contradicts it is an error. ``None``: the fields that differ from
-            :class:`TrainConfig`'s defaults.
+            resume the others come from the checkpoint (see
+            :func:`~fastvae.training.config.resumed_config`). ``None``: the
+            fields that differ from :class:`TrainConfig`'s defaults.
+
+    A resumed run that already reached its last step but lacks its evaluation
+    or figures (stopped while writing them) writes them and returns.
 
     Raises:
         ConfigError: bad settings, data, output folder or checkpoint; nothing was written.
         NonFiniteLossError: the loss became NaN or infinite (the last checkpoint stays intact).
+        RunError: a file of the run could not be written, a full disk (the last checkpoint stays intact).
+        KeyboardInterrupt: Ctrl-C, with a message saying what is intact and how to go on.
     """
     if explicit is None:
         default = TrainConfig()
         explicit = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name)}
+    explicit = set(explicit)
+    backend = config.backend if "backend" in explicit else backend_from_environment()
+    config = dataclasses.replace(config, backend=backend, data=data_source(config.data))
     validate_config(config)
+    checkpoint, path, changes = None, None, []
+    if config.resume:  # before the process group starts: the run's --device decides how it connects
+        checkpoint, path = checkpoint_to_resume(config.out)
+        config, changes = resumed_config(config, checkpoint_config(checkpoint, path), explicit)
     if config.tensorboard:
         require_tensorboard()
     ctx = start_distributed(config.device)
     try:
-        return _train(config, set(explicit), ctx)
+        return _train(config, ctx, checkpoint, path, changes)
     finally:
         stop_distributed(ctx)
 
 
-def _train(config: TrainConfig, explicit: set[str], ctx: Distributed) -> TrainResult:
-    checkpoint = None
-    if config.resume:
-        checkpoint, _ = ctx.decide_on_main(lambda: load_checkpoint(config.out))
-        config = resumed_config(config, checkpoint_config(checkpoint), explicit)
+def _train(
+    config: TrainConfig, ctx: Distributed, checkpoint: dict | None, path: str | None, changes: list[str]
+) -> TrainResult:
+    """Train; ``checkpoint``, read from ``path``, is the one a resumed run continues, with the ``changes`` it makes."""
     progress = Progress(quiet=config.quiet, is_main=ctx.is_main)
     message = loading_message(config.data, num_images=config.num_images)
     if message:
         progress.working(message)
     data = load_images(config.data, num_images=config.num_images)
-    run = _Run(config, ctx, data, checkpoint, progress)
+    if checkpoint is not None:
+        ctx.decide_on_main(lambda: check_checkpoint_data(checkpoint, path, data, config.data))
+    run = _Run(config, ctx, data, checkpoint, changes, progress)
     try:
         run.train()
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(
-            f"interrupted at step {run.step + 1}; {run.last_good()}; "
-            f"continue with: fastvae train --out {run.out_dir} --resume"
+        raise KeyboardInterrupt(f"interrupted at step {run.step + 1}; {run.last_good()}{run.how_to_go_on()}") from None
+    except OSError as err:  # a write that failed: metrics.jsonl on a full disk, say
+        raise RunError(
+            f"cannot write {err.filename or 'to ' + run.out_dir}: {describe_os_error(err)}; training stopped at "
+            f"step {run.step} and {run.last_good()}"
         ) from None
     finally:
         run.close()
     evaluation = None
     if ctx.is_main:
-        evaluation = _finish_run(run.model, data, config, run.paths, run.total_steps, progress, run.tensorboard)
+        try:
+            evaluation = _finish_run(run.model, data, config, run.paths, run.total_steps, progress, run.tensorboard)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                f"interrupted while writing the evaluation and figures; {run.last_good()}; write them with: "
+                f"fastvae train --out {run.out_dir} --resume"
+            ) from None
+        except OSError as err:
+            raise RunError(
+                f"cannot write {err.filename or 'the evaluation and figures'}: {describe_os_error(err)}; "
+                f"{run.last_good()}; write them with: fastvae train --out {run.out_dir} --resume"
+            ) from None
     ctx.barrier()
     return TrainResult(run.out_dir, run.total_steps, run.model, evaluation)
 
@@ -115,7 +150,13 @@ class _Run:
     """One training run's state: what :func:`train` sets up, steps through and checkpoints."""
 
     def __init__(
-        self, config: TrainConfig, ctx: Distributed, data: ImageData, checkpoint: dict | None, progress: Progress
+        self,
+        config: TrainConfig,
+        ctx: Distributed,
+        data: ImageData,
+        checkpoint: dict | None,
+        changes: list[str],
+        progress: Progress,
     ):
         self.config, self.ctx, self.data, self.progress = config, ctx, data, progress
         n_train = len(data.train)
@@ -133,7 +174,8 @@ class _Run:
         self.steps_per_epoch = n_train // config.batch_size
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
         self.saved_step = self.step = checkpoint["step"] if checkpoint else 0
-        if self.step >= self.total_steps:
+        missing = missing_final_files(config.out) if config.resume else []
+        if self.step > self.total_steps or self.step == self.total_steps and not missing:
             raise ConfigError(
                 f"the run in {config.out} is already at step {self.step} of {self.total_steps}; "
                 "pass a larger --steps or --epochs to train further"
@@ -152,19 +194,29 @@ class _Run:
         seed_rank_noise(config.seed, ctx.rank)
         if checkpoint:
             self._restore(checkpoint)
+        self.fingerprint = fingerprint(data) if ctx.is_main else None
 
+        took_over = False
         if config.resume:
             self.out_dir = config.out
-            if ctx.is_main:
-                truncate_metrics(os.path.join(self.out_dir, FILES["metrics"]), self.step)
         else:
-            self.out_dir = ctx.decide_on_main(lambda: new_run_dir(config, data.name))
+            self.out_dir, took_over = ctx.decide_on_main(lambda: new_run_dir(config, data.name))
         self.paths = {key: os.path.join(self.out_dir, name) for key, name in FILES.items()}
-        progress.say(
-            f"training the {describe_model(config, self.model)} on {data.name} ({n_train} images, {len(data.test)} held out) "
-            f"for steps {self.step + 1}..{self.total_steps} on {ctx.device} x{ctx.world_size} "
-            f"({config.precision}, backend {backend}); writing {self.out_dir}",
-        )
+        if config.resume:
+            ctx.decide_on_main(self._tidy_run_dir)
+        if self.step == self.total_steps:
+            progress.say(
+                f"the run in {self.out_dir} is at its last step, {self.step}; writing the evaluation and figures it "
+                f"lacks ({', '.join(missing)})"
+            )
+        else:
+            progress.say(
+                f"training the {describe_model(config, self.model)} on {data.name} ({n_train} images, "
+                f"{len(data.test)} held out) for steps {self.step + 1}..{self.total_steps} on {ctx.device} "
+                f"x{ctx.world_size} ({config.precision}, backend {backend}); writing {self.out_dir}"
+                + (" (taken over: it held no checkpoint)" if took_over else "")
+                + (f"; resumed with {', '.join(changes)}" if changes else ""),
+            )
 
         self.trained = self.model
         if ctx.world_size > 1:
@@ -187,15 +239,27 @@ class _Run:
         self.train_images = data.train.to(ctx.device)
         self.order = None
 
+    def _tidy_run_dir(self) -> None:
+        """Before resuming: drop what a stopped run left behind (temporary files, metrics past its checkpoint)."""
+        remove_temporaries(self.out_dir)
+        truncate_metrics(self.paths["metrics"], self.step)
+
     def _restore(self, checkpoint: dict) -> None:
         """Load a checkpoint's model, optimizer, scaler and this rank's RNG state."""
         load_model_state(self.model, checkpoint["model"], self.config.out)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
         states = checkpoint["rng"]
-        if len(states) == self.ctx.world_size:
-            set_rng_state(states[self.ctx.rank], self.ctx.device, self.noise_generator)
-        elif self.ctx.is_main:
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scaler.load_state_dict(checkpoint["scaler"])
+            if len(states) == self.ctx.world_size:
+                set_rng_state(states[self.ctx.rank], self.ctx.device, self.noise_generator)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            detail = (str(err).splitlines() or [type(err).__name__])[0]
+            raise ConfigError(
+                f"the checkpoint in {self.config.out} does not fit this run: its optimizer, scaler or RNG state "
+                f"cannot be restored ({detail})"
+            ) from None
+        if len(states) != self.ctx.world_size and self.ctx.is_main:
             warnings.warn(
                 f"the checkpoint was written by {len(states)} processes and this run has {self.ctx.world_size}: "
                 "the noise after resuming differs from an uninterrupted run's",
@@ -217,7 +281,8 @@ class _Run:
                 self._flush_metrics()
             if self.tensorboard is not None:
                 self.tensorboard.after_step(self.model, self.step)
-        self.save()
+        if self.step > self.saved_step:
+            self.save()
         self.bar.close()
 
     def close(self) -> None:
@@ -270,6 +335,7 @@ class _Run:
             self.bar.update(record, self.metrics.names)
 
     def last_good(self) -> str:
+        """What of the run is intact, in words."""
         if self.saved_step == 0:
             return "no checkpoint was written"
         return (
@@ -277,29 +343,50 @@ class _Run:
             "finite), is intact"
         )
 
+    def how_to_go_on(self) -> str:
+        """How to continue after an interruption, in words that follow :meth:`last_good`."""
+        if self.saved_step == 0:
+            return f"; to start again, run the same command (it takes over {self.out_dir})"
+        return f"; continue with: fastvae train --out {self.out_dir} --resume"
+
     def save(self) -> None:
-        """Check the metrics and weights are finite, then write the checkpoint of the current step (rank 0)."""
+        """Check the metrics and weights are finite, then write the checkpoint of the current step (rank 0).
+
+        Ctrl-C waits until the checkpoint is written and counted; a failed write
+        (a full disk) is a :class:`RunError` that leaves the last checkpoint intact.
+        """
         self._flush_metrics()
         if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
             raise NonFiniteLossError(
                 f"the weights became NaN or infinite by step {self.step}; training stopped and {self.last_good()}"
             )
         states = self.ctx.gather(rng_state(self.ctx.device, self.noise_generator))
-        if self.ctx.is_main:
-            checkpoint = {
-                "format": CHECKPOINT_FORMAT,
-                "config": dataclasses.asdict(self.config),
-                "image_shape": list(self.data.image_shape),
-                "step": self.step,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": states,
-            }
+        with interrupts_deferred():
+            if self.ctx.is_main:
+                self._write_checkpoint(states)
+            self.saved_step = self.step
+
+    def _write_checkpoint(self, states: list[dict]) -> None:
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "config": dataclasses.asdict(self.config),
+            "image_shape": list(self.data.image_shape),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": states,
+            "data": self.fingerprint,
+        }
+        try:
             save_atomic(checkpoint, self.paths["checkpoint"])
-            if self.tensorboard is not None:
-                self.tensorboard.flush()
-        self.saved_step = self.step
+        except OSError as err:
+            raise RunError(
+                f"cannot write the checkpoint {self.paths['checkpoint']}: {describe_os_error(err)}; training "
+                f"stopped at step {self.step} and {self.last_good()}"
+            ) from None
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
 
 
 def _finish_run(

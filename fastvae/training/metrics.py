@@ -13,28 +13,45 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 
-from fastvae.errors import NonFiniteLossError
+from fastvae.errors import ConfigError, NonFiniteLossError
 from fastvae.training.distributed import Distributed
+from fastvae.training.files import write_atomic
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The records of the ``metrics.jsonl`` file ``path`` (none if it does not exist)."""
+    """The records of the ``metrics.jsonl`` file ``path`` (none if it does not exist).
+
+    A last line that is not a whole record (what a crash while appending
+    leaves) is dropped with a warning; a damaged line before it is a
+    :class:`ConfigError`.
+    """
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+        elif number != lines[-1][0]:
+            raise ConfigError(f"{path}: line {number} is not a metrics record; repair or remove it")
+        else:
+            warnings.warn(f"{path}: dropped its last line, which was cut off (as a crash leaves it)", stacklevel=2)
+    return records
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
-    """Drop the lines logged after ``last_step`` (after the checkpoint a resumed run starts from)."""
+    """Drop the lines logged after ``last_step`` (after the checkpoint a resumed run starts from), and a cut-off one."""
     kept = [r for r in read_metrics(path) if r["step"] <= last_step]
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(temporary, path)
+    write_atomic(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept), binary=False)
 
 
 class MetricsLog:

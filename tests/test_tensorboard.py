@@ -117,6 +117,26 @@ def test_a_resumed_run_appends_without_duplicate_steps_and_trains_the_same(tmp_p
     assert lrs == pytest.approx([r["lr"] for r in metrics(tmp_path / "straight")], rel=1e-6)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_is_taken_over_with_its_events(tmp_path, monkeypatch):
+    original_step = loop._Run._train_step
+
+    def interrupted_step(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        original_step(self)
+
+    monkeypatch.setattr(loop._Run, "_train_step", interrupted_step)
+    out = tmp_path / "r"
+    common = [*TINY, "--steps", 6, "--log-every", 2, "--tensorboard", "--out", out, "--quiet"]
+    assert run("train", *common)[0] == 130
+    assert len(glob.glob(str(out / "events.out.tfevents.*"))) == 1 and not (out / FILES["checkpoint"]).exists()
+    monkeypatch.setattr(loop._Run, "_train_step", original_step)
+    status, _, stderr = run("train", *common)
+    assert status == 0, stderr
+    assert len(glob.glob(str(out / "events.out.tfevents.*"))) == 1  # the stopped run's events were removed
+    assert scalar_steps(accumulated(out), "train/loss") == list(range(1, 7))
+
+
 def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import torch.utils.tensorboard fails
     monkeypatch.setitem(sys.modules, "tensorboard", None)

@@ -13,7 +13,9 @@
   ``interpolation.png`` (decodes along a line between two encoded held-out
   images, each row framed by the two originals), ``loss.png`` and ``eval.json``
   (the model's held-out evaluation, also printed: for a VAE the ELBO and the
-  importance-sampled log-likelihood), each written atomically, ``eval.json`` last.
+  importance-sampled log-likelihood), each written atomically, ``eval.json`` last;
+* with ``--tensorboard``: ``events.out.tfevents.*``, TensorBoard's event files
+  (:mod:`fastvae.training.tensorboard_log`), one per process that trained the run.
 
 A folder that holds no checkpoint belongs to a run that stopped before its
 first one (interrupted, or stopped by a NaN loss): there is nothing to resume
@@ -44,6 +46,8 @@ FILES = {
     "loss_curve": "loss.png",
     "eval": "eval.json",
 }
+# The names of TensorBoard's event files begin with this (the rest names the time, host and process).
+EVENT_FILE_PREFIX = "events.out.tfevents."
 # Written when training ends, eval.json last: a finished run that lacks one was stopped while writing them.
 FINAL_FILES = ("reconstructions", "samples", "interpolation", "loss_curve", "eval")
 
@@ -75,13 +79,13 @@ def _claim(out: str) -> bool:
                 f"{out} already exists and holds a run; pass --resume to continue it, or choose another --out"
             )
         run_files = set(FILES.values()) | {f"{name}.tmp" for name in FILES.values()}
-        others = sorted(set(names) - run_files)
+        others = sorted(name for name in set(names) - run_files if not name.startswith(EVENT_FILE_PREFIX))
         if others:
             raise ConfigError(
                 f"{out} already exists and holds files of its own ({', '.join(others[:3])}"
                 f"{', ...' if len(others) > 3 else ''}); choose another --out"
             )
-        for name in names:  # what a run that stopped before its first checkpoint left: its metrics
+        for name in names:  # what a run that stopped before its first checkpoint left: its metrics, its events
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out, name))
         return True

@@ -25,7 +25,14 @@ setup(
         "mlxtend",
         "scikit-learn",
         "matplotlib",
+        # Progress bars of training, evaluation and figure writing.
+        "tqdm>=4.60",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={
+        # fastvae train --tensorboard (torch.utils.tensorboard writes the event files).
+        "tensorboard": ["tensorboard>=2.10"],
+        # CI tests the TensorBoard logs too (reading them back with tensorboard's event reader).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "tensorboard>=2.10"],
+    },
     entry_points={"console_scripts": ["fastvae = fastvae.cli:main"]},
 )

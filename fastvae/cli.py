@@ -87,9 +87,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.data import DATASETS
     from fastvae.corruption import CORRUPTIONS
     from fastvae.models import LIKELIHOODS
-    from fastvae.training.builders import MODELS, OBJECTIVES, default_likelihood
+    from fastvae.training.builders import MLP_HIDDEN, MODELS, OBJECTIVES, default_likelihood
     from fastvae.training.config import NOISE_MODES, PRECISIONS, TrainConfig
     from fastvae.training.distributed import DEVICES
+    from fastvae.training.schedule import LR_SCHEDULES
 
     d = TrainConfig()
     # Options left out are left out of the namespace too (SUPPRESS): on --resume they come from the checkpoint.
@@ -126,8 +127,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         nargs="+",
         metavar="N",
-        help="mlp: hidden layer sizes (default: 512 256); conv: channels of the stride-2 layers, "
-        "one per halving of the image (default: from the image size)",
+        help=f"mlp: hidden layer sizes (default: {' '.join(map(str, MLP_HIDDEN))}); conv: channels of the stride-2 "
+        "layers, one per halving of the image (default: from the image size)",
     )
     what.add_argument(
         "--likelihood",
@@ -182,7 +183,15 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     how.add_argument("--epochs", type=_positive_int, help=f"passes over the training images (default: {d.epochs})")
     how.add_argument("--steps", type=_positive_int, help="optimizer steps in all; wins over --epochs")
-    how.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default: {d.lr:g})")
+    how.add_argument(
+        "--lr", type=_positive_float, help=f"Adam learning rate, the peak of --lr-schedule (default: {d.lr:g})"
+    )
+    how.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help="constant: --lr throughout; cosine: from --lr down to 0 over the run's steps (a run resumed with "
+        f"more --steps goes on along the cosine of its new length) (default: {d.lr_schedule})",
+    )
     how.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -199,8 +208,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group(
         "how to run",
         "--resume keeps every option the run was started with. Of those, --data (a file that moved; its "
-        "fingerprint must match), --backend, --compile, --device, --checkpoint-every, --log-every, --eval-k and the "
-        "length (--steps, --epochs) may be set anew; the others may not change. --out and --quiet belong to each "
+        "fingerprint must match), --backend, --compile, --device, --checkpoint-every, --log-every, --eval-k, "
+        "--tensorboard, --tensorboard-image-every and the length (--steps, --epochs) may be set anew; the others may not change. --out and --quiet belong to each "
         "command.",
     )
     run.add_argument(
@@ -253,7 +262,21 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--quiet",
         action="store_true",
-        help="no progress bar or start line (the bar is off anyway when stderr is not a terminal)",
+        help="no progress bars or status lines (the bars are off anyway when stderr is not a terminal)",
+    )
+    run.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="also write TensorBoard event files into the run folder: every logged metric, lr, samples/s, image "
+        'grids and the held-out results (needs the tensorboard package: pip install -e ".[tensorboard]") '
+        "(default: off)",
+    )
+    run.add_argument(
+        "--tensorboard-image-every",
+        type=_positive_int,
+        metavar="STEPS",
+        help="with --tensorboard: log the sample and reconstruction grids every this many steps, and at the end "
+        f"(default: {d.tensorboard_image_every})",
     )
 
 
@@ -343,16 +366,22 @@ def _parse_corruption(spec: str | None):
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from fastvae.data import load_images
+    from fastvae.data import load_images, loading_message
     from fastvae.training.builders import check_options_apply, describe_model, evaluation_options
     from fastvae.training.checkpoint import check_checkpoint_data
     from fastvae.training.evaluate import evaluate_held_out, format_held_out
+    from fastvae.training.progress import Progress
     from fastvae.training.seeds import eval_generator
 
     model, config, checkpoint, path = _open_checkpoint(args)
     check_options_apply(config, {"eval_k"} if args.k is not None else set(), {"eval_k": "--k"})
     corruption = _parse_corruption(args.denoise or config.denoise)
+    # Status lines and the bar only for a person watching: eval's stderr is otherwise kept for errors.
+    progress = Progress(quiet=not _watched())
     source = args.data or config.data
+    message = loading_message(source, num_images=config.num_images)
+    if message:
+        progress.working(message)
     data = load_images(source, num_images=config.num_images)
     check_checkpoint_data(checkpoint, path, data, source)
     device = next(model.parameters()).device
@@ -366,6 +395,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         generator=eval_generator(seed, device),
         corruption=corruption,
         options=options,
+        progress=progress.bars,
     )
     print(f"{path}: step {checkpoint['step']}, {describe_model(config, model)} on {data.name}")
     print(format_held_out(model, results, n_images=len(data.test), corruption=corruption, options=options))
@@ -516,6 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_arguments(sub_parser)
         sub_parser.set_defaults(run=sub.run)
     return parser
+
+
+def _watched() -> bool:
+    from fastvae.training.progress import interactive_stderr
+
+    return interactive_stderr()
 
 
 def _is_main_process() -> bool:

@@ -156,3 +156,13 @@ def test_smoke_run_within_a_budget_records_the_skipped_cases(tmp_path, monkeypat
     statuses = [p["status"] for p in payload["plan"]]
     assert payload["complete"] and "skipped" in statuses
     assert "## Plan" in (tmp_path / "results.md").read_text()
+def test_the_canonical_vae_baseline_runs_a_few_steps(capsys):
+    """The baseline of fastvae train's defaults (README), at 5 steps and 2 importance samples."""
+    from benchmarks.canonical_vae import main as canonical_vae
+
+    elbo, log_likelihood = canonical_vae(["--steps", "5", "--k", "2", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert "5 steps" in out and f"held-out ELBO: {elbo:.2f} nats/image (500 images)" in out
+    assert f"(importance-sampled, k=2): {log_likelihood:.2f}" in out
+    # Barely trained: far below the -112 of 2,100 steps, yet a finite bound, and the 2-sample bound is the tighter.
+    assert -600 < elbo < -150 and elbo - 5 < log_likelihood < 0

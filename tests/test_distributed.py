@@ -79,14 +79,23 @@ def test_a_denoising_autoencoder_under_two_processes_matches_one(tmp_path):
 
 
 def test_each_rank_draws_its_own_noise_and_only_rank_0_writes(tmp_path):
-    done = train(tmp_path / "ranks", "--steps", "6", nproc=2)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done = train(tmp_path / "ranks", "--steps", "6", "--tensorboard", "--tensorboard-image-every", "3", nproc=2)
     assert done.returncode == 0, done.stderr
     checkpoint, records = load(tmp_path / "ranks")
     assert [r["step"] for r in records] == list(range(1, 7))
     rank0, rank1 = checkpoint["rng"]
     # Seeded from (seed, rank): the ranks' generators differ, so their noise does too.
     assert not torch.equal(rank0["cpu"], rank1["cpu"])
-    assert sorted(os.listdir(tmp_path / "ranks")) == sorted(FILES.values())
+    files = sorted(os.listdir(tmp_path / "ranks"))
+    events = [name for name in files if name.startswith("events.out.tfevents.")]
+    assert len(events) == 1 and sorted(set(files) - set(events)) == sorted(FILES.values())
+    tensorboard = EventAccumulator(str(tmp_path / "ranks"), size_guidance={"scalars": 0, "images": 0})
+    tensorboard.Reload()
+    assert [e.step for e in tensorboard.Scalars("train/loss")] == list(range(1, 7))
+    assert [e.value for e in tensorboard.Scalars("train/loss")] == [r["loss"] for r in records]
+    assert [e.step for e in tensorboard.Images("images/samples")] == [3, 6]
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,10 @@ from fastvae.likelihoods import Likelihood, bits_per_dim, make_likelihood
 from fastvae.models.base import StepInputs, TrainableModel, held_out_label, lerp_codes
 from fastvae.nn import GaussianLatent
 
-# Rows (importance samples x images) decoded at once by log_likelihood when chunk_size is None.
-LOG_LIKELIHOOD_ROWS = 16384
+# Rows (importance samples x images) decoded at once by log_likelihood when chunk_size is None. On the CPU a
+# chunk's temporaries should stay below glibc's largest mmap threshold (32 MB), or every one is mapped and
+# page-faulted afresh: at 16,384 rows the k = 1000 evaluation of 500 MNIST digits took twice as long.
+LOG_LIKELIHOOD_ROWS = 4096
 
 
 class VAEOutput(NamedTuple):
@@ -180,8 +182,8 @@ class VAE(TrainableModel):
         ``q(z | x)`` as the proposal (any proposal gives a lower bound; a
         denoising run's ``x`` is the corrupted ``target``).
         The ``k`` samples are drawn and decoded ``chunk_size`` at a time (default:
-        about 16,384 decoded images per chunk, fewer where the likelihood has
-        more parameters than values: 16,384 / 30 for ``"dmol"`` at M = 10 on
+        about 4,096 decoded images per chunk, fewer where the likelihood has
+        more parameters than values: 4,096 / 30 for ``"dmol"`` at M = 10 on
         greyscale images), combined with a running
         ``logsumexp``, so a large ``k`` fits in memory. Noise: for each chunk of
         ``c`` samples, ``torch.randn((c, B, D), generator=generator)``.

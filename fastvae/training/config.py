@@ -15,6 +15,7 @@ from fastvae.errors import ConfigError
 from fastvae.models import LIKELIHOODS
 from fastvae.training.builders import MODELS, OBJECTIVES, default_likelihood
 from fastvae.training.distributed import DEVICES
+from fastvae.training.schedule import LR_SCHEDULES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NOISE_MODES = ("rank", "global")
@@ -35,7 +36,7 @@ class TrainConfig:
     num_images: int | None = None
     objective: str = "vae"  # "vae", or "ae": the deterministic autoencoder
     model: str = "mlp"
-    latent_dim: int = 16
+    latent_dim: int = 20
     hidden: tuple[int, ...] | None = None
     likelihood: str | None = None  # None: the objective's default ("bce" for "vae", "mse" for "ae"), set on creation
     # Settings of the likelihood, for those that take them (its `options`); None: the likelihood's default,
@@ -48,7 +49,8 @@ class TrainConfig:
     kl_warmup: int = 0
     denoise: str | None = None  # "gaussian:SIGMA" or "mask:FRACTION": corrupt the inputs, score the clean images
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-3  # the peak of the schedule
+    lr_schedule: str = "cosine"
     precision: str = "fp32"
     seed: int = 0
     noise: str = "rank"
@@ -65,6 +67,8 @@ class TrainConfig:
     log_every: int = 10
     eval_k: int = 1000
     quiet: bool = False
+    tensorboard: bool = False
+    tensorboard_image_every: int = 500
 
     def __post_init__(self):
         if self.hidden is not None:
@@ -85,7 +89,17 @@ LIKELIHOOD_OPTION_FIELDS = ("num_mixtures", "num_bits")
 PER_INVOCATION = ("out", "resume", "quiet")
 # The run's, but a resume may set them explicitly (its start line says so). The data may move: its
 # fingerprint, not its path, decides whether it is the run's.
-ADJUSTABLE_ON_RESUME = ("data", "backend", "compile", "device", "checkpoint_every", "log_every", "eval_k")
+ADJUSTABLE_ON_RESUME = (
+    "data",
+    "backend",
+    "compile",
+    "device",
+    "checkpoint_every",
+    "log_every",
+    "eval_k",
+    "tensorboard",
+    "tensorboard_image_every",
+)
 LENGTH_FIELDS = ("epochs", "steps")
 # Everything else is fixed: a resume that sets it to another value is refused. New fields land here by default.
 FIXED_ON_RESUME = tuple(
@@ -124,8 +138,10 @@ def validate_config(config: TrainConfig) -> None:
     choose("backend", BACKENDS)
     choose("device", DEVICES)
     choose("noise", NOISE_MODES)
+    choose("lr_schedule", LR_SCHEDULES)
     for name in ("latent_dim", "batch_size", "epochs", "checkpoint_every", "log_every", "eval_k"):
         at_least(name, 1)
+    at_least("tensorboard_image_every", 1)
     at_least("steps", 1, allow_none=True)
     at_least("num_images", 2, allow_none=True)
     at_least("kl_warmup", 0)
@@ -239,14 +255,26 @@ def check_backend(backend: str | None, device: torch.device) -> str:
         raise ConfigError(f"backend {backend!r} cannot run here: {err}") from None
 
 
+# The defaults that checkpoints written before ``lr_schedule`` existed were trained with, where they differ
+# from today's: such a run resumes, evaluates and samples as the model it was.
+_DEFAULTS_BEFORE_LR_SCHEDULE = {"lr_schedule": "constant"}
+_MLP_HIDDEN_BEFORE_LR_SCHEDULE = (512, 256)
+
+
 def checkpoint_config(checkpoint: dict, path: str) -> TrainConfig:
     """The config the checkpoint read from ``path`` was trained with (fields this version does not know are dropped).
 
-    Raises :class:`ConfigError` when it holds values no run could have used.
+    A checkpoint written before ``lr_schedule`` existed gets the defaults of its time (a constant rate; for
+    the mlp, hidden sizes (512, 256)). Raises :class:`ConfigError` when it holds values no run could have used.
     """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        config = TrainConfig(**{name: value for name, value in checkpoint["config"].items() if name in known})
+        saved = {name: value for name, value in checkpoint["config"].items() if name in known}
+        if "lr_schedule" not in saved:
+            saved.update(_DEFAULTS_BEFORE_LR_SCHEDULE)
+            if saved.get("model", "mlp") == "mlp" and saved.get("hidden") is None:
+                saved["hidden"] = _MLP_HIDDEN_BEFORE_LR_SCHEDULE
+        config = TrainConfig(**saved)
         validate_config(config)
     except (ConfigError, TypeError) as err:
         raise ConfigError(f"{path} holds a damaged run configuration: {err}") from None

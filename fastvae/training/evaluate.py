@@ -18,6 +18,7 @@ from fastvae.corruption import Corruption
 from fastvae.data import to_unit_float
 from fastvae.models import TrainableModel
 from fastvae.training.files import write_atomic
+from fastvae.training.progress import progress_bar
 
 # The key of the metrics measured from corrupted inputs, in the results and in eval.json.
 CORRUPTED = "corrupted_inputs"
@@ -31,6 +32,7 @@ def evaluate(
     batch_size: int,
     generator: torch.Generator,
     corruption: Corruption | None = None,
+    progress: bool = False,
     **options,
 ) -> dict[str, float]:
     """The means over ``images`` of :meth:`TrainableModel.evaluate`'s per-image metrics, batch by batch.
@@ -40,12 +42,14 @@ def evaluate(
     ``corruption``, each batch is corrupted (noise from ``generator``) and the
     model's outputs for it are scored against the clean batch. Runs in float32
     (autocast off) with the model in eval mode; ``generator`` draws the noise.
+    ``progress``: show a bar of the images done on stderr.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     sums: dict[str, float] = defaultdict(float)
-    with torch.autocast(device.type, enabled=False):
+    bar = progress_bar(total=len(images), desc="held-out evaluation", unit="image", enabled=progress)
+    with torch.autocast(device.type, enabled=False), bar:
         for batch in images.split(batch_size):
             x = to_unit_float(batch.to(device))
             if corruption is None:
@@ -54,6 +58,7 @@ def evaluate(
                 metrics = model.evaluate(corruption(x, generator=generator), generator=generator, target=x, **options)
             for name, values in metrics.items():
                 sums[name] += values.sum().item()
+            bar.update(len(batch))
     model.train(was_training)
     return {name: total / len(images) for name, total in sums.items()}
 
@@ -79,12 +84,14 @@ def evaluate_held_out(
     generator: torch.Generator,
     corruption: Corruption | None,
     options: dict,
+    progress: bool = False,
 ) -> dict:
-    """:func:`evaluate` of the clean ``images``, then, given a ``corruption``, of the corrupted ones under :data:`CORRUPTED`."""
-    results: dict = evaluate(model, images, batch_size=batch_size, generator=generator, **options)
+    """:func:`evaluate` of the clean ``images``, then, given a ``corruption``, of the corrupted ones under
+    :data:`CORRUPTED` (``progress``: a bar for each)."""
+    results: dict = evaluate(model, images, batch_size=batch_size, generator=generator, progress=progress, **options)
     if corruption is not None:
         results[CORRUPTED] = evaluate(
-            model, images, batch_size=batch_size, generator=generator, corruption=corruption, **options
+            model, images, batch_size=batch_size, generator=generator, corruption=corruption, progress=progress, **options
         )
     return results
 

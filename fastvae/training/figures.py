@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from fastvae.models import TrainableModel
 from fastvae.training.evaluate import batched_codes
 from fastvae.training.files import write_atomic
 
+# The keys of the run folder's paths that save_model_figures writes, in its order.
+MODEL_FIGURES = ("reconstructions", "samples", "interpolation")
 # The suffixes save_image_grid writes, and the format matplotlib is given for each.
 IMAGE_FORMATS = {
     ".png": "png",
@@ -171,20 +173,26 @@ def save_model_figures(
     *,
     corruption: Corruption | None = None,
     labels: torch.Tensor | None = None,
+    written: Callable[[str], None] | None = None,
 ) -> None:
     """Write the reconstructions of the first 16 ``held_out`` images, 64 samples drawn with ``generator``, and
     the interpolations between pairs of those images, to ``paths["reconstructions"]``, ``["samples"]`` and
-    ``["interpolation"]``; with a ``corruption``, the denoising of those images to ``paths["denoising"]``; with
-    2-D codes, the codes of all ``held_out`` images (coloured by ``labels``, if given) to
-    ``paths["latent_scatter"]``. The model is put in eval mode."""
+    ``["interpolation"]`` (:data:`MODEL_FIGURES`), calling ``written(key)`` after each (a progress bar's tick);
+    with a ``corruption``, the denoising of those images to ``paths["denoising"]``; with 2-D codes, the codes of
+    all ``held_out`` images (coloured by ``labels``, if given) to ``paths["latent_scatter"]``. The model is put
+    in eval mode."""
+    written = written or (lambda key: None)
     model.eval()
     device = next(model.parameters()).device
     images = to_unit_float(held_out[:16].to(device))
     ncols = min(8, len(images))
     save_image_grid(paths["reconstructions"], reconstruction_grid(model, images, ncols), ncols)
+    written("reconstructions")
     save_image_grid(paths["samples"], model.sample(64, generator=generator), 8)
+    written("samples")
     points = 10
     save_image_grid(paths["interpolation"], interpolation_grid(model, images, points), points + 2)
+    written("interpolation")
     if corruption is not None:
         save_image_grid(paths["denoising"], denoising_grid(model, images, corruption, generator, ncols), ncols)
     try:

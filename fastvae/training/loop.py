@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fastvae.corruption import parse_corruption
-from fastvae.data import ImageData, data_source, fingerprint, load_images, to_unit_float
+from fastvae.data import ImageData, data_source, fingerprint, load_images, loading_message, to_unit_float
 from fastvae.errors import ConfigError, NonFiniteLossError, RunError
 from fastvae.models import TrainableModel
 from fastvae.training.builders import build_model, check_options_apply, describe_model, evaluation_options
@@ -51,8 +50,9 @@ from fastvae.training.config import (
 from fastvae.training.distributed import Distributed, start_distributed, stop_distributed
 from fastvae.training.evaluate import evaluate_held_out, format_held_out, write_evaluation
 from fastvae.training.files import describe_os_error, interrupts_deferred
-from fastvae.training.figures import save_loss_curve, save_model_figures
-from fastvae.training.metrics import MetricsLog, ProgressBar, read_metrics, truncate_metrics
+from fastvae.training.figures import MODEL_FIGURES, save_loss_curve, save_model_figures
+from fastvae.training.metrics import MetricsLog, read_metrics, truncate_metrics
+from fastvae.training.progress import Progress
 from fastvae.training.rundir import (
     FILES,
     OPTIONAL_FILES,
@@ -61,6 +61,7 @@ from fastvae.training.rundir import (
     new_run_dir,
     remove_temporaries,
 )
+from fastvae.training.schedule import learning_rate
 from fastvae.training.seeds import (
     corruption_generator,
     epoch_order,
@@ -68,6 +69,7 @@ from fastvae.training.seeds import (
     global_noise_generator,
     seed_rank_noise,
 )
+from fastvae.training.tensorboard_log import TensorBoardLog, require_tensorboard
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,11 +84,6 @@ class TrainResult:
     # The held-out means of the model's metrics, as in eval.json (a denoising run's corrupted-input ones in a dict
     # under "corrupted_inputs").
     evaluation: dict | None
-
-
-def _log(config: TrainConfig, ctx: Distributed, message: str) -> None:
-    if ctx.is_main and not config.quiet:
-        print(message, file=sys.stderr, flush=True)
 
 
 def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> TrainResult:
@@ -121,6 +118,8 @@ def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> Tr
         checkpoint, path = checkpoint_to_resume(config.out)
         config, changes = resumed_config(config, checkpoint_config(checkpoint, path), explicit)
     check_options_apply(config, explicit)
+    if config.tensorboard:
+        require_tensorboard()
     ctx = start_distributed(config.device)
     try:
         return _train(config, ctx, checkpoint, path, changes)
@@ -132,24 +131,31 @@ def _train(
     config: TrainConfig, ctx: Distributed, checkpoint: dict | None, path: str | None, changes: list[str]
 ) -> TrainResult:
     """Train; ``checkpoint``, read from ``path``, is the one a resumed run continues, with the ``changes`` it makes."""
+    progress = Progress(quiet=config.quiet, is_main=ctx.is_main)
+    message = loading_message(config.data, num_images=config.num_images)
+    if message:
+        progress.working(message)
     data = load_images(config.data, num_images=config.num_images)
     if checkpoint is not None:
         ctx.decide_on_main(lambda: check_checkpoint_data(checkpoint, path, data, config.data))
-    run = _Run(config, ctx, data, checkpoint, changes)
+    run = _Run(config, ctx, data, checkpoint, changes, progress)
     try:
         run.train()
     except KeyboardInterrupt:
-        run.progress.close()
         raise KeyboardInterrupt(f"interrupted at step {run.step + 1}; {run.last_good()}{run.how_to_go_on()}") from None
     except OSError as err:  # a write that failed: metrics.jsonl on a full disk, say
         raise RunError(
             f"cannot write {err.filename or 'to ' + run.out_dir}: {describe_os_error(err)}; training stopped at "
             f"step {run.step} and {run.last_good()}"
         ) from None
+    finally:
+        run.close()
     evaluation = None
     if ctx.is_main:
         try:
-            evaluation = _finish_run(run.model, data, config, run.paths, run.total_steps, run.metric_names())
+            evaluation = _finish_run(
+                run.model, data, config, run.paths, run.total_steps, run.metric_names(), progress, run.tensorboard
+            )
         except KeyboardInterrupt:
             raise KeyboardInterrupt(
                 f"interrupted while writing the evaluation and figures; {run.last_good()}; write them with: "
@@ -168,9 +174,15 @@ class _Run:
     """One training run's state: what :func:`train` sets up, steps through and checkpoints."""
 
     def __init__(
-        self, config: TrainConfig, ctx: Distributed, data: ImageData, checkpoint: dict | None, changes: list[str]
+        self,
+        config: TrainConfig,
+        ctx: Distributed,
+        data: ImageData,
+        checkpoint: dict | None,
+        changes: list[str],
+        progress: Progress,
     ):
-        self.config, self.ctx, self.data = config, ctx, data
+        self.config, self.ctx, self.data, self.progress = config, ctx, data, progress
         n_train = len(data.train)
         if config.batch_size > n_train:
             raise ConfigError(
@@ -222,16 +234,12 @@ class _Run:
         if config.resume:
             ctx.decide_on_main(self._tidy_run_dir)
         if self.step == self.total_steps:
-            _log(
-                config,
-                ctx,
+            progress.say(
                 f"the run in {self.out_dir} is at its last step, {self.step}; writing the evaluation and figures it "
-                f"lacks ({', '.join(missing)})",
+                f"lacks ({', '.join(missing)})"
             )
         else:
-            _log(
-                config,
-                ctx,
+            progress.say(
                 f"training the {describe_model(config, self.model)} on {data.name} ({n_train} images, "
                 f"{len(data.test)} held out) for steps {self.step + 1}..{self.total_steps} on {ctx.device} "
                 f"x{ctx.world_size} ({config.precision}, backend {backend}"
@@ -249,7 +257,16 @@ class _Run:
             self.trained = torch.compile(self.trained)
         self.local_batch = config.batch_size // ctx.world_size
         self.metrics = MetricsLog(self.paths["metrics"] if ctx.is_main else None, ctx, self.local_batch)
-        self.progress = ProgressBar(self.total_steps, enabled=ctx.is_main and not config.quiet and sys.stderr.isatty())
+        self.tensorboard = None
+        if config.tensorboard and ctx.is_main:
+            self.tensorboard = TensorBoardLog(
+                self.out_dir,
+                resumed_from=self.step,
+                held_out=data.test,
+                image_every=config.tensorboard_image_every,
+                seed=config.seed,
+            )
+        self.bar = None
         self.train_images = data.train.to(ctx.device)
         self.order = None
 
@@ -294,6 +311,9 @@ class _Run:
     def train(self) -> None:
         """Run the steps from the current one to the last, checkpointing on the way and at the end."""
         self.model.train()
+        if self.config.compile:
+            self.progress.working("torch.compile: compiling the model in its first step (a minute or more)")
+        self.bar = self.progress.training_bar(self.total_steps, self.step)
         while self.step < self.total_steps:
             self._train_step()
             self.step += 1
@@ -301,10 +321,19 @@ class _Run:
                 self.save()
             elif self.step % self.config.log_every == 0:
                 self._flush_metrics()
+            if self.tensorboard is not None:
+                self.tensorboard.after_step(self.model, self.step)
         if self.step > self.saved_step:
             self._after_training()
             self.save()
-        self.progress.close()
+        self.bar.close()
+
+    def close(self) -> None:
+        """Close the progress bar and flush the TensorBoard log (after the run, or when it stops early)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
 
     @torch.no_grad()
     def _after_training(self) -> None:
@@ -349,6 +378,7 @@ class _Run:
     def _train_step(self) -> None:
         x, arguments = self._batch()
         inputs = self.model.step_inputs(self.step)
+        lr = self._set_learning_rate()
         with self.autocast:
             out = self.trained(x, **arguments, **inputs.forward)
         self.optimizer.zero_grad(set_to_none=True)
@@ -356,12 +386,22 @@ class _Run:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         epoch = self.step // self.steps_per_epoch
-        info = {"step": self.step + 1, "epoch": epoch, **inputs.log, "lr": self.config.lr}
+        info = {"step": self.step + 1, "epoch": epoch, **inputs.log, "lr": lr}
         self.metrics.add(info, out.loss, out.metrics)
 
+    def _set_learning_rate(self) -> float:
+        """Give the optimizer the schedule's learning rate for the current step, and return it."""
+        lr = learning_rate(self.config.lr, self.config.lr_schedule, self.step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def _flush_metrics(self) -> None:
-        for record in self.metrics.flush(self.last_good()):
-            self.progress.update(record, self.metrics.names)
+        records = self.metrics.flush(self.last_good())
+        if self.tensorboard is not None:
+            self.tensorboard.add_records(records)
+        for record in records:
+            self.bar.update(record, self.metrics.names)
 
     def last_good(self) -> str:
         """What of the run is intact, in words."""
@@ -414,23 +454,47 @@ class _Run:
                 f"cannot write the checkpoint {self.paths['checkpoint']}: {describe_os_error(err)}; training "
                 f"stopped at step {self.step} and {self.last_good()}"
             ) from None
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
 
 
 def _finish_run(
-    model: TrainableModel, data: ImageData, config: TrainConfig, paths: dict, step: int, metric_names: tuple[str, ...]
+    model: TrainableModel,
+    data: ImageData,
+    config: TrainConfig,
+    paths: dict,
+    step: int,
+    metric_names: tuple[str, ...],
+    progress: Progress,
+    tensorboard: TensorBoardLog | None,
 ) -> dict:
-    """Evaluate on the held-out images, write the figures and eval.json, and print the results."""
+    """Evaluate on the held-out images, write the figures, eval.json and the final TensorBoard entries, and print
+    the results."""
     generator = eval_generator(config.seed, next(model.parameters()).device)
     options = evaluation_options(config)
     corruption = parse_corruption(config.denoise)
     n_images = len(data.test)
     results = evaluate_held_out(
-        model, data.test, batch_size=config.batch_size, generator=generator, corruption=corruption, options=options
+        model,
+        data.test,
+        batch_size=config.batch_size,
+        generator=generator,
+        corruption=corruption,
+        options=options,
+        progress=progress.bars,
     )
     labels = data.subset("test").labels
-    save_model_figures(paths, model, data.test, generator, corruption=corruption, labels=labels)
-    save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]), metric_names, model.units)
+    with progress.bar(total=len(MODEL_FIGURES) + 1, desc="figures", unit="file") as bar:
+        save_model_figures(
+            paths, model, data.test, generator, corruption=corruption, labels=labels, written=lambda key: bar.update()
+        )
+        save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]), metric_names, model.units)
+        bar.update()
     write_evaluation(paths["eval"], results, step=step, n_images=n_images, options=options, corruption=corruption)
+    if tensorboard is not None:
+        tensorboard.add_images(model, step)
+        tensorboard.add_evaluation(results, step)
+        tensorboard.close()
     print(format_held_out(model, results, n_images=n_images, corruption=corruption, options=options))
     print(f"run folder: {os.path.dirname(paths['checkpoint'])}")
     return results

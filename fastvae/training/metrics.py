@@ -1,4 +1,6 @@
-"""The metrics of a run: :class:`MetricsLog` (``metrics.jsonl``), reading it back, and the :class:`ProgressBar`.
+"""The metrics of a run: :class:`MetricsLog` (``metrics.jsonl``) and reading it back.
+
+What a person sees while the run works is :mod:`fastvae.training.progress`'s job.
 
 A record (one line of ``metrics.jsonl``) is ``{"step", "epoch", ...the values the
 model logs with the step (``kl_weight``), "lr", "loss", ...the batch means of the
@@ -10,10 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 import warnings
-from collections.abc import Sequence
 
 import torch
 
@@ -52,33 +52,6 @@ def truncate_metrics(path: str, last_step: int) -> None:
     """Drop the lines logged after ``last_step`` (after the checkpoint a resumed run starts from), and a cut-off one."""
     kept = [r for r in read_metrics(path) if r["step"] <= last_step]
     write_atomic(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept), binary=False)
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr: step, loss, the model's metrics and samples/s. Silent when disabled."""
-
-    WIDTH = 24
-
-    def __init__(self, total: int, enabled: bool):
-        self.total = total
-        self.enabled = enabled
-
-    def update(self, record: dict, metrics: Sequence[str]) -> None:
-        """Show ``record``, with the values of its keys ``metrics`` beside the loss."""
-        if not self.enabled:
-            return
-        done = record["step"] / self.total
-        bar = "#" * int(done * self.WIDTH)
-        parts = ", ".join(f"{name} {record[name]:.2f}" for name in metrics)
-        sys.stderr.write(
-            f"\r[{bar:<{self.WIDTH}}] step {record['step']}/{self.total} loss {record['loss']:.2f} "
-            f"({parts}) {record['samples_per_s']:,.0f} samples/s "
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 class MetricsLog:

@@ -20,7 +20,9 @@
 * and where they apply (:data:`OPTIONAL_FILES`): ``denoising.png`` for a
   denoising run (rows of held-out images, their corrupted versions, and the
   model's outputs for those), and ``latents.png`` for a 2-D latent space (the
-  held-out images' codes, coloured by their labels where the dataset has them).
+  held-out images' codes, coloured by their labels where the dataset has them);
+* with ``--tensorboard``: ``events.out.tfevents.*``, TensorBoard's event files
+  (:mod:`fastvae.training.tensorboard_log`), one per process that trained the run.
 
 A folder that holds no checkpoint belongs to a run that stopped before its
 first one (interrupted, or stopped by a NaN loss): there is nothing to resume
@@ -51,6 +53,8 @@ FILES = {
     "loss_curve": "loss.png",
     "eval": "eval.json",
 }
+# The names of TensorBoard's event files begin with this (the rest names the time, host and process).
+EVENT_FILE_PREFIX = "events.out.tfevents."
 # Written when training ends, eval.json last: a finished run that lacks one was stopped while writing them.
 FINAL_FILES = ("reconstructions", "samples", "interpolation", "loss_curve", "eval")
 # Written only where they apply: a denoising run; a run with a 2-D latent space.
@@ -84,13 +88,13 @@ def _claim(out: str) -> bool:
                 f"{out} already exists and holds a run; pass --resume to continue it, or choose another --out"
             )
         run_files = set(FILES.values()) | {f"{name}.tmp" for name in FILES.values()}
-        others = sorted(set(names) - run_files)
+        others = sorted(name for name in set(names) - run_files if not name.startswith(EVENT_FILE_PREFIX))
         if others:
             raise ConfigError(
                 f"{out} already exists and holds files of its own ({', '.join(others[:3])}"
                 f"{', ...' if len(others) > 3 else ''}); choose another --out"
             )
-        for name in names:  # what a run that stopped before its first checkpoint left: its metrics
+        for name in names:  # what a run that stopped before its first checkpoint left: its metrics, its events
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out, name))
         return True

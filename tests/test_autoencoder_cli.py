@@ -116,12 +116,12 @@ def test_encode_writes_codes_with_labels_in_the_datasets_order(ae_run, tmp_path)
 def test_encode_of_a_vae_on_shapes_writes_posterior_means_and_factors(tmp_path):
     out = tmp_path / "shapes"
     argv = ["--data", "shapes", "--num-images", 40, "--batch-size", 4, "--steps", 2, "--eval-k", 2, "--quiet"]
-    assert run("train", *argv, "--model", "conv", "--hidden", 4, 4, 4, 4, "--out", out)[0] == 0
+    assert run("train", *argv, "--model", "conv", "--hidden", 4, 4, 4, 4, "--latent-dim", 3, "--out", out)[0] == 0
     status, _, stderr = run("encode", out, "--out", tmp_path / "z.npz")
     assert status == 0, stderr
     saved = np.load(tmp_path / "z.npz")
     assert sorted(saved) == ["codes", "factor_names", "factors", "index", "labels"]
-    assert saved["codes"].shape == (40, 16) and saved["factors"].shape == (40, 5)
+    assert saved["codes"].shape == (40, 3) and saved["factors"].shape == (40, 5)
     assert list(saved["factor_names"]) == ["shape", "scale", "orientation", "x", "y"]
     assert np.array_equal(saved["labels"], saved["factors"][:, 0].astype(np.int64))
     model, _ = model_from_checkpoint(*load_checkpoint(str(out)), torch.device("cpu"))

@@ -38,7 +38,7 @@ class VAEOutput(NamedTuple):
     kl: torch.Tensor  # (B,) float32: KL(q(z | x) || N(0, I)), nats per image
     z: torch.Tensor  # (B, D) the sample decoded
     mu: torch.Tensor  # (B, D) posterior mean
-    logvar: torch.Tensor  # (B, D) posterior log-variance, log sigma**2
+    logvar: torch.Tensor  # (B, D) posterior log sigma**2 before the soft clamp, which the fused op applies (latent.clamp)
     x_hat: torch.Tensor  # (B, ...) decoder output: the likelihood's parameters
 
     @property
@@ -126,11 +126,13 @@ class VAE(TrainableModel):
         return self.likelihood.mean(self.decode(mu))
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` draws ``z ~ N(0, I)`` decoded to the likelihood's mean: ``(n, ...)``."""
+    def sample(self, n: int, *, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws ``z ~ N(0, temperature**2 I)`` decoded to the likelihood's mean: ``(n, ...)``."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be non-negative, got {temperature}")
         device = next(self.parameters()).device
         z = torch.randn((n, self.latent_dim), generator=generator, device=device)
-        return self.likelihood.mean(self.decode(z))
+        return self.likelihood.mean(self.decode(z if temperature == 1.0 else temperature * z))
 
     @torch.no_grad()
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, points: int = 10) -> torch.Tensor:
@@ -210,10 +212,15 @@ class VAE(TrainableModel):
 
     def format_evaluation(self, results: dict[str, float], *, n_images: int, k: int = 1000) -> str:
         """Two lines: the held-out ELBO and log-likelihood (means of :meth:`evaluate`'s), nats per image."""
-        return (
-            f"held-out ELBO: {results['elbo']:.2f} nats/image ({n_images} images)\n"
-            f"held-out log-likelihood (importance-sampled, k={k}): {results['log_likelihood']:.2f} nats/image"
-        )
+        return format_elbo_evaluation(results, n_images=n_images, k=k)
+
+
+def format_elbo_evaluation(results: dict[str, float], *, n_images: int, k: int) -> str:
+    """The lines a VAE prints for its held-out ``elbo`` and importance-sampled ``log_likelihood`` (nats per image)."""
+    return (
+        f"held-out ELBO: {results['elbo']:.2f} nats/image ({n_images} images)\n"
+        f"held-out log-likelihood (importance-sampled, k={k}): {results['log_likelihood']:.2f} nats/image"
+    )
 
 
 def kl_warmup_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:

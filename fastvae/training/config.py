@@ -31,8 +31,13 @@ class TrainConfig:
     hidden: tuple[int, ...] | None = None
     likelihood: str = "bce"
     logvar_limit: float | None = 10.0  # 0 or None: no clamp
+    # The hierarchical VAE's (model "hvae"); None: the model's defaults.
+    layers_per_resolution: tuple[int, ...] | None = None
+    latent_channels: int | None = None
     # How it is trained.
     beta: float = 1.0
+    free_bits: float = 0.0  # hvae: nats per latent channel of each layer that the KL term counts at least
+    grad_clip: float | None = None  # clip the gradient norm to this; None: the model's default; 0: no clipping
     kl_warmup: int = 0
     batch_size: int = 128
     lr: float = 1e-3
@@ -56,10 +61,18 @@ class TrainConfig:
     def __post_init__(self):
         if self.hidden is not None:
             self.hidden = tuple(self.hidden)
+        if self.layers_per_resolution is not None:
+            self.layers_per_resolution = tuple(self.layers_per_resolution)
 
 
-MODEL_FIELDS = ("data", "num_images", "model", "latent_dim", "hidden", "likelihood", "logvar_limit")
-FIXED_ON_RESUME = MODEL_FIELDS + ("beta", "kl_warmup", "batch_size", "lr", "precision", "seed", "noise")
+MODEL_FIELDS = (
+    "data", "num_images", "model", "latent_dim", "hidden", "likelihood", "logvar_limit", "layers_per_resolution",
+    "latent_channels",
+)
+FIXED_ON_RESUME = MODEL_FIELDS + (
+    "beta", "kl_warmup", "batch_size", "lr", "precision", "seed", "noise", "free_bits", "grad_clip",
+)
+HVAE_FIELDS = ("layers_per_resolution", "latent_channels", "free_bits")
 LENGTH_FIELDS = ("epochs", "steps")
 
 
@@ -97,6 +110,22 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(f"beta must be a non-negative number, got {config.beta}")
     if config.logvar_limit is not None and not config.logvar_limit >= 0:
         raise ConfigError(f"logvar_limit must be non-negative (0 turns the clamp off), got {config.logvar_limit}")
+    if config.layers_per_resolution is not None and (
+        not config.layers_per_resolution or min(config.layers_per_resolution) < 0 or sum(config.layers_per_resolution) < 1
+    ):
+        raise ConfigError(
+            f"layers_per_resolution must list non-negative counts, at least one layer in all, got "
+            f"{config.layers_per_resolution}"
+        )
+    at_least("latent_channels", 1, allow_none=True)
+    if not config.free_bits >= 0 or not math.isfinite(config.free_bits):
+        raise ConfigError(f"free_bits must be a non-negative number, got {config.free_bits}")
+    if config.grad_clip is not None and (not config.grad_clip >= 0 or not math.isfinite(config.grad_clip)):
+        raise ConfigError(f"grad_clip must be a non-negative number (0 turns clipping off), got {config.grad_clip}")
+    if config.model != "hvae":
+        for name in HVAE_FIELDS:
+            if getattr(config, name) != getattr(TrainConfig, name):
+                raise ConfigError(f"{name} applies to model 'hvae' only, not {config.model!r}")
     if config.resume and not config.out:
         raise ConfigError("resume needs out: the folder of the run to continue")
 

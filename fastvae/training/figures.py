@@ -3,19 +3,23 @@
 :func:`save_model_figures` writes ``reconstructions.png``, ``samples.png`` and
 ``interpolation.png`` from the model's ``reconstruct``, ``sample`` and
 ``interpolate`` (:class:`~fastvae.models.base.TrainableModel`);
-:func:`save_loss_curve` writes ``loss.png`` from ``metrics.jsonl``.
+:func:`save_loss_curve` writes ``loss.png`` from ``metrics.jsonl``, and
+:func:`save_metric_plots` the figures of logged metrics a model asks for
+(:meth:`~fastvae.models.base.TrainableModel.metric_plots`: the hierarchical
+VAE's ``kl_layers.png``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from fastvae.data import to_unit_float
-from fastvae.models import TrainableModel
+from fastvae.models import MetricPlot, TrainableModel
 
 # Tiles smaller than this many pixels are enlarged (nearest neighbour) so that 8x8 digits stay visible.
 MIN_TILE_PIXELS = 32
@@ -67,6 +71,27 @@ def save_loss_curve(path: str, records: Sequence[dict]) -> None:
     for ax in (ax_loss, ax_kl):
         ax.grid(alpha=0.3)
     figure.savefig(path, dpi=100)
+
+
+def save_metric_plots(folder: str, plots: dict[str, Sequence[MetricPlot]], records: Sequence[dict]) -> list[str]:
+    """For each ``stem: panels`` of ``plots``, draw the panels' metrics over the steps of ``records``
+    (``metrics.jsonl`` lines) side by side into ``folder/<stem>.png``; returns the paths written."""
+    from matplotlib.figure import Figure
+
+    steps = [r["step"] for r in records]
+    paths = []
+    for stem, panels in plots.items():
+        figure = Figure(figsize=(4.5 * len(panels), 3.5), layout="constrained")
+        for ax, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+            for name in panel.metrics:
+                ax.plot(steps, [r.get(name, math.nan) for r in records], label=name, linewidth=1)
+            ax.set(xlabel="step", ylabel=panel.ylabel, title=panel.title)
+            if len(panel.metrics) > 1:
+                ax.legend(fontsize="small")
+            ax.grid(alpha=0.3)
+        paths.append(os.path.join(folder, f"{stem}.png"))
+        figure.savefig(paths[-1], dpi=100)
+    return paths
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import torch
 from fastvae.data import ImageData, load_images, to_unit_float
 from fastvae.errors import ConfigError, NonFiniteLossError
 from fastvae.models import TrainableModel
-from fastvae.training.builders import build_model, describe_model, evaluation_options
+from fastvae.training.builders import build_model, describe_model, evaluation_options, grad_clip
 from fastvae.training.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -37,7 +37,7 @@ from fastvae.training.checkpoint import (
 from fastvae.training.config import TrainConfig, check_backend, checkpoint_config, resumed_config, validate_config
 from fastvae.training.distributed import Distributed, start_distributed, stop_distributed
 from fastvae.training.evaluate import evaluate, write_evaluation
-from fastvae.training.figures import save_loss_curve, save_model_figures
+from fastvae.training.figures import save_loss_curve, save_metric_plots, save_model_figures
 from fastvae.training.metrics import MetricsLog, ProgressBar, read_metrics, truncate_metrics
 from fastvae.training.rundir import FILES, new_run_dir
 from fastvae.training.seeds import epoch_order, eval_generator, global_noise_generator, seed_rank_noise
@@ -136,6 +136,7 @@ class _Run:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.model = build_model(config, data.image_shape, backend).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.grad_clip = grad_clip(config, self.model)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "fp16")
         self.autocast = torch.autocast(
             ctx.device.type, dtype=_AUTOCAST_DTYPES.get(config.precision), enabled=config.precision != "fp32"
@@ -223,11 +224,19 @@ class _Run:
             out = self.trained(x, **noise, **inputs.forward)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
+        metrics = out.metrics
+        if self.grad_clip is not None:
+            # Every step is taken, with the gradient scaled down to the limit where it is above it (never
+            # skipped: skipping steps above a threshold can stall a run for good). The norm before clipping is
+            # logged; it stays on the device.
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            metrics = {**metrics, "grad_norm": norm}
         self.scaler.step(self.optimizer)
         self.scaler.update()
         epoch = self.step // self.steps_per_epoch
         info = {"step": self.step + 1, "epoch": epoch, **inputs.log, "lr": self.config.lr}
-        self.metrics.add(info, out.loss, out.metrics)
+        self.metrics.add(info, out.loss, metrics)
 
     def _flush_metrics(self) -> None:
         for record in self.metrics.flush(self.last_good()):
@@ -272,7 +281,9 @@ def _finish_run(
     options = evaluation_options(config)
     results = evaluate(model, data.test, batch_size=config.batch_size, generator=generator, **options)
     save_model_figures(paths, model, data.test, generator)
-    save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]))
+    records = read_metrics(paths["metrics"])
+    save_loss_curve(paths["loss_curve"], records)
+    save_metric_plots(os.path.dirname(paths["checkpoint"]), model.metric_plots(), records)
     write_evaluation(paths["eval"], results, step=step, n_images=len(data.test), options=options)
     print(model.format_evaluation(results, n_images=len(data.test), **options))
     print(f"run folder: {os.path.dirname(paths['checkpoint'])}")

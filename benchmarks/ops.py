@@ -50,6 +50,11 @@ class OpCase:
     def elements(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def nominal_elements(self) -> int:
+        """The size the grid asked for: a loss case's whole samples may fall a little short of it."""
+        return self.notes.get("nominal_elements", self.elements)
+
 
 def _nbytes(shape, dtype) -> int:
     return math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
@@ -225,6 +230,7 @@ def measure_case(case: OpCase, device: torch.device, impls=IMPLS, count_kernels:
                 "variant": case.variant,
                 "shape": list(case.shape),
                 "elements": case.elements,
+                "nominal_elements": case.nominal_elements,
                 "dtype": str(case.dtype).replace("torch.", ""),
                 "impl": impl_name,
                 "pass": pass_name,
@@ -287,5 +293,7 @@ def op_cases(grid: str, dtypes: list[torch.dtype], ops: set[str] | None = None) 
             for name, sample_shape in shapes.items():
                 for total in loss_totals:
                     batch = max(1, total // math.prod(sample_shape))
-                    cases.append(loss_case(kind, batch, sample_shape, dtype))
+                    case = loss_case(kind, batch, sample_shape, dtype)
+                    case.notes["nominal_elements"] = max(total, case.elements)
+                    cases.append(case)
     return [c for c in cases if ops is None or c.op in ops]

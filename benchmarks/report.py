@@ -44,7 +44,7 @@ def derive(records: list[dict], bandwidth_gbs: float) -> list[dict]:
 def check_targets(records: list[dict]) -> list[dict]:
     """The issue's targets, each with the worst measured case at >= 2**24 elements (or the train step)."""
     fused = [r for r in records if r["suite"] == "op" and r["impl"] == "fastvae"
-             and r["pass"] == "forward+backward" and r["elements"] >= BIG]
+             and r["pass"] == "forward+backward" and r.get("nominal_elements", r["elements"]) >= BIG]
     results = []
     for op in sorted({r["op"] for r in fused}):
         rows = [r for r in fused if r["op"] == op and "floor_fraction" in r]
@@ -105,14 +105,22 @@ def _case_name(r: dict) -> str:
 # ---- writing --------------------------------------------------------------------------------------
 
 
-def write_results(out_dir: Path, provenance: dict, bandwidth_gbs: float, records: list[dict], notes: list[str]) -> None:
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` whole or not at all (a run killed mid-write leaves the last good file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def write_results(out_dir: Path, provenance: dict, bandwidth_gbs: float, records: list[dict], notes: list[str],
+                  plan: list[dict] | None = None) -> None:
     """Write ``results.json``, ``results.md`` and the PNG plots into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = check_targets(records)
     payload = {"provenance": provenance, "copy_bandwidth_gbs": bandwidth_gbs, "notes": notes,
-               "targets": targets, "records": records}
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
-    (out_dir / "results.md").write_text(markdown(provenance, bandwidth_gbs, records, targets, notes))
+               "targets": targets, "plan": plan or [], "records": records, "complete": True}
+    write_json(out_dir / "results.json", payload)
+    (out_dir / "results.md").write_text(markdown(provenance, bandwidth_gbs, records, targets, notes, plan))
     plot(out_dir, records, bandwidth_gbs)
 
 
@@ -124,11 +132,21 @@ def _scaled(value, factor):
     return None if value is None else value * factor
 
 
-def markdown(provenance: dict, bandwidth_gbs: float, records: list[dict], targets: list[dict], notes) -> str:
+def markdown(provenance: dict, bandwidth_gbs: float, records: list[dict], targets: list[dict], notes,
+             plan: list[dict] | None = None) -> str:
     lines = ["# fastvae benchmark results", ""]
     lines += [f"- **{k}**: {v}" for k, v in provenance.items()]
     lines += [f"- **measured copy bandwidth**: {bandwidth_gbs:.0f} GB/s (read + write)", ""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    if plan:
+        done = [p for p in plan if p["status"] == "done"]
+        missed = [p for p in plan if p["status"] != "done"]
+        lines += ["## Plan", "", f"{len(done)} of {len(plan)} cases ran (in order of importance, within the time "
+                  "budget)." + (" Not run:" if missed else ""), ""]
+        if missed:
+            lines += ["| tier | case | status | why |", "|---|---|---|---|"]
+            lines += [f"| {p['tier']} | {p['case']} | {p['status']} | {p['detail']} |" for p in missed]
+            lines.append("")
     if targets:
         lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in targets]

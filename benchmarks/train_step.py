@@ -22,6 +22,11 @@ from fastvae.models import conv_vae, mlp_vae
 IMPLS = ("eager", "compile", "fastvae", "fastvae+compile")
 IMAGE_SHAPE = (1, 28, 28)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+# The models benchmarked (and counted by ``python -m benchmarks --static``): name -> builder(backend).
+MODELS = {
+    "mlp": lambda backend: mlp_vae(IMAGE_SHAPE, backend=backend),
+    "conv": lambda backend: conv_vae(IMAGE_SHAPE[0], IMAGE_SHAPE[1], backend=backend),
+}
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,7 @@ class TrainCase:
 
 
 def build_model(model: str, backend: str) -> torch.nn.Module:
-    if model == "mlp":
-        return mlp_vae(IMAGE_SHAPE, backend=backend)
-    return conv_vae(IMAGE_SHAPE[0], IMAGE_SHAPE[1], backend=backend)
+    return MODELS[model](backend)
 
 
 def make_step(case: TrainCase, impl: str, device: torch.device):
@@ -79,11 +82,15 @@ def measure_train_case(case: TrainCase, device: torch.device, impls=IMPLS) -> li
     return records
 
 
+# Batch sizes per grid: "*" for every model, or a model's own.
+GRID_BATCHES = {
+    "smoke": {"*": (64,), "mlp": (256,)},
+    "default": {"*": (256, 4096, 16384), "mlp": (256, 1024, 4096, 16384, 65536)},
+    "full": {"*": (256, 1024, 4096, 16384, 65536)},
+}
+
+
 def train_cases(grid: str, precisions: list[str]) -> list[TrainCase]:
-    if grid == "smoke":
-        batches = {"mlp": (256,), "conv": (64,)}
-    elif grid == "default":
-        batches = {"mlp": (256, 1024, 4096, 16384, 65536), "conv": (256, 4096, 16384)}
-    else:
-        batches = {"mlp": (256, 1024, 4096, 16384, 65536), "conv": (256, 1024, 4096, 16384, 65536)}
-    return [TrainCase(model, batch, p) for p in precisions for model, bs in batches.items() for batch in bs]
+    batches = GRID_BATCHES[grid]
+    return [TrainCase(model, batch, p) for p in precisions for model in MODELS
+            for batch in batches.get(model, batches["*"])]

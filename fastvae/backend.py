@@ -47,7 +47,8 @@ def requested_backend(backend: str | None) -> str:
         backend = os.environ.get(BACKEND_ENV_VAR) or "auto"
         source = f"the environment variable {BACKEND_ENV_VAR}"
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {', '.join(map(repr, BACKENDS))} or None, got {backend!r}")
+        choices = ", ".join(map(repr, BACKENDS)) + (" or None" if source == "backend" else " (or unset it)")
+        raise ValueError(f"{source} must be one of {choices}, got {backend!r}")
     return backend
 
 

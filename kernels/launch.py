@@ -69,7 +69,14 @@ class RowTiling:
 
 
 def plan_rows(
-    n_rows: int, n_cols: int, device: torch.device, *, min_block_cols: int = 1, min_block_rows: int = 1
+    n_rows: int,
+    n_cols: int,
+    device: torch.device,
+    *,
+    min_block_cols: int = 1,
+    min_block_rows: int = 1,
+    block_elements: int | None = None,
+    num_warps: int | None = None,
 ) -> RowTiling:
     """Tile sizes, column splits and warps for a row-wise kernel.
 
@@ -78,16 +85,22 @@ def plan_rows(
     (a power of two) asks for tiles of at least that many rows where there are
     that many, with narrower column blocks to match, for kernels that also
     reduce along the columns: each tile then adds up ``block_rows`` rows.
+    ``block_elements`` (a power of two; default :data:`BLOCK_ELEMENTS`) bounds
+    ``block_rows * block_cols``: smaller for kernels whose columns cost many
+    values each (the components of a mixture at each pixel), which then choose
+    their ``num_warps`` themselves (default: 8 for full tiles, else 4).
     """
+    block_elements = BLOCK_ELEMENTS if block_elements is None else block_elements
     tall_rows = min(triton.next_power_of_2(n_rows), min_block_rows)
-    block_cols = max(min(triton.next_power_of_2(n_cols), BLOCK_ELEMENTS // tall_rows), min_block_cols)
-    block_rows = max(min(triton.next_power_of_2(n_rows), BLOCK_ELEMENTS // block_cols), 1)
+    block_cols = max(min(triton.next_power_of_2(n_cols), block_elements // tall_rows), min_block_cols)
+    block_rows = max(min(triton.next_power_of_2(n_rows), block_elements // block_cols), 1)
     row_tiles = triton.cdiv(n_rows, block_rows)
     col_blocks = triton.cdiv(n_cols, block_cols)
     n_splits = min(col_blocks, max(triton.cdiv(target_programs(device), row_tiles), 1), MAX_GRID_Y)
     cols_per_split = triton.cdiv(col_blocks, n_splits) * block_cols
     n_splits = triton.cdiv(n_cols, cols_per_split)
-    num_warps = 8 if block_rows * block_cols >= BLOCK_ELEMENTS else 4
+    if num_warps is None:
+        num_warps = 8 if block_rows * block_cols >= BLOCK_ELEMENTS else 4
     return RowTiling(block_rows, block_cols, row_tiles, n_splits, cols_per_split, num_warps)
 
 
@@ -169,3 +182,28 @@ def load_f32(ptr, rows, cols, stride_row, stride_col, mask):
 def row_offsets(pid, BLOCK_ROWS: tl.constexpr):
     """int64 row indices of tile ``pid``: offsets into tensors of more than 2**31 elements must not wrap."""
     return pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+
+
+def sum_splits(partial: torch.Tensor) -> torch.Tensor:
+    """Per-row values from a kernel's ``(n_rows, n_splits)`` partial sums (a view when there is one split)."""
+    return partial.sum(dim=1) if partial.shape[1] > 1 else partial.view(-1)
+
+
+# ---- float32 math that stays accurate where the plain formula cancels ----------------------------------
+
+
+@triton.jit
+def log1p(u):
+    """log(1 + u), accurate for small u (Kahan: the rounding of 1 + u cancels out)."""
+    w = 1.0 + u
+    exact = w == 1.0
+    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+
+
+@triton.jit
+def expm1(u):
+    """e^u - 1, accurate for small u (Kahan's (e - 1) u / log(e) where e = e^u rounds near 1)."""
+    e = tl.exp(u)
+    kahan = (e != 1.0) & (tl.abs(u) < 0.5)
+    ratio = u / tl.log(tl.where(kahan, e, 2.0))
+    return tl.where(kahan, (e - 1.0) * ratio, tl.where(e == 1.0, u, e - 1.0))

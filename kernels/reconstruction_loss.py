@@ -90,18 +90,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import as_rows, device_guard, load_f32, plan_rows, row_offsets
+from .launch import as_rows, device_guard, load_f32, log1p, plan_rows, row_offsets, sum_splits
 
 # Rows a tile adds up when the forward sums the logvar gradient over columns.
 COLUMN_BLOCK_ROWS = 16
 LOG_2PI = tl.constexpr(math.log(2 * math.pi))
-
-
-@triton.jit
-def _log1p(u):
-    """log(1 + u) accurate for small u (Kahan: the rounding of 1 + u cancels out)."""
-    w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
 
 
 @triton.jit
@@ -115,7 +108,7 @@ def _loss_and_grads(x_hat, x, logvar, KIND: tl.constexpr):
         # max(x_hat, 0) - x_hat x is |x_hat| times (1 - x) for a logit >= 0 and times x for one < 0. Where that
         # factor is 0, so is the term, for an infinite logit too (its limit, where inf * 0 would give NaN).
         factor = tl.where(x_hat >= 0, 1.0 - x, x)
-        loss = tl.where(factor == 0.0, 0.0, factor * tl.abs(x_hat)) + _log1p(e)
+        loss = tl.where(factor == 0.0, 0.0, factor * tl.abs(x_hat)) + log1p(e)
         grad_x_hat = tl.where(x_hat >= 0, 1.0, e) / (1.0 + e) - x  # sigmoid(x_hat) - x
         # -x_hat, except 0 where that limit took the term to 0 (as the reference's autograd gives).
         grad_x = tl.where((factor == 0.0) & (tl.abs(x_hat) == float("inf")), 0.0, -x_hat)
@@ -189,11 +182,6 @@ def _reconstruction_loss_forward_kernel(
         tl.store(grad_logvar_ptr + row * n_splits + split, grad, mask=row < n_rows)
 
 
-def _sum_splits(partial: torch.Tensor) -> torch.Tensor:
-    """Per-row values from ``(n_rows, n_splits)`` partial sums."""
-    return partial.sum(dim=1) if partial.shape[1] > 1 else partial.view(-1)
-
-
 def reconstruction_loss_forward(
     x_hat: torch.Tensor,
     x: torch.Tensor,
@@ -246,7 +234,7 @@ def reconstruction_loss_forward(
             BLOCK_ROWS=tiling.block_rows, BLOCK_COLS=tiling.block_cols, num_warps=tiling.num_warps,
         )
     if logvar_grad == "rows":
-        grad_logvar_out = _sum_splits(grad_logvar_out)
+        grad_logvar_out = sum_splits(grad_logvar_out)
     elif logvar_grad == "columns":
         grad_logvar_out = grad_logvar_out.sum(dim=0)
-    return _sum_splits(partial_loss), grad_x_hat_out, grad_x_out, grad_logvar_out
+    return sum_splits(partial_loss), grad_x_hat_out, grad_x_out, grad_logvar_out

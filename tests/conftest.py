@@ -27,6 +27,25 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="session")
+def sm90_variants():
+    """Every kernel variant the ops (and the noise benchmark) launch at small shapes, compiled for sm_90 once per session.
+
+    A list of the static audit's rows (see ``benchmarks/static/audit.py``); compiled cubins are also cached on
+    disk across sessions (``FASTVAE_STATIC_CACHE``). Needs the interpreter: the launches are recorded from the
+    Triton path on CPU tensors.
+    """
+    if not kernels_interpreted():
+        pytest.skip("records launches on CPU tensors, which needs TRITON_INTERPRET=1")
+    from benchmarks.static.audit import audit_variants, noise_launches, record_cases, record_extra, small_cases
+
+    dtypes = (torch.float32, torch.bfloat16)
+    launches = record_cases(small_cases(dtypes))
+    launches.update(record_extra(dtypes))
+    launches.update(noise_launches())  # the noise benchmark's kernels too
+    return audit_variants(launches)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     """Each test draws fresh random inputs, from a seed pytest reports if it fails."""

@@ -90,3 +90,79 @@ def test_every_train_step_implementation_runs(device):
     records = measure_train_case(TrainCase("mlp", 8, "fp32"), device, impls=IMPLS)
     assert [r["impl"] for r in records] == list(IMPLS)
     assert all(r["samples_per_s"] > 0 and math.isfinite(r["ms"]) for r in records)
+
+
+# ---- the plan: order of importance, a time budget ---------------------------------------------------------------
+
+
+def _items(estimates, fail_at=None):
+    from benchmarks.plan import Item
+
+    ran = []
+
+    def run(i):
+        if i == fail_at:
+            raise RuntimeError("out of memory, say")
+        ran.append(i)
+        return [{"case": i}]
+
+    return [Item("headline", f"case {i}", s, lambda i=i: run(i)) for i, s in enumerate(estimates)], ran
+
+
+def test_budget_skips_what_does_not_fit_and_records_it():
+    from benchmarks.plan import run_within
+
+    items, ran = _items([1.0, 100.0, 1.0])
+    records = run_within(items, budget_s=10.0, log=lambda *_: None)
+    assert ran == [0, 2] and records == [{"case": 0}, {"case": 2}]
+    assert [i.status for i in items] == ["done", "skipped", "done"]
+    assert "budget" in items[1].detail and items[1].record()["status"] == "skipped"
+
+
+def test_a_failing_case_is_recorded_and_the_run_goes_on():
+    from benchmarks.plan import run_within
+
+    items, ran = _items([1.0, 1.0, 1.0], fail_at=1)
+    run_within(items, budget_s=None, log=lambda *_: None)
+    assert ran == [0, 2] and items[1].status == "failed" and "out of memory" in items[1].detail
+
+
+def test_plan_runs_headline_ratios_first_then_training_then_sweeps():
+    from benchmarks.__main__ import build_plan, parse_args
+    from benchmarks.plan import TIERS
+
+    items = build_plan(parse_args([]), torch.device("cuda"), on_gpu=True)
+    tiers = [i.tier for i in items]
+    assert tiers == sorted(tiers, key=TIERS.index) and set(tiers) == set(TIERS)
+    headline = [i.name for i in items if i.tier == "headline"]
+    for op in ("reparameterize_kl (eps drawn)", "reparameterize_kl (eps given)", "mse", "bce", "gaussian", "l1"):
+        for dtype in ("float32", "bfloat16"):
+            assert any(n.startswith(op) and n.endswith(dtype) for n in headline), (op, dtype)
+    assert all(i.estimate_s > 0 for i in items)
+
+
+def test_dry_run_prints_and_writes_the_plan(tmp_path, capsys):
+    assert run_benchmarks(["--dry-run", "--budget-s", "300", "--out", str(tmp_path)]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())["plan"]
+    assert {p["status"] for p in plan} == {"would run", "skipped"}
+    assert "cases fit a budget of 300 s" in capsys.readouterr().out
+
+
+def test_smoke_run_within_a_budget_records_the_skipped_cases(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["--ops", "l1", "--dtypes", "float32", "--skip", "train", "--budget-s", "21", "--out", str(tmp_path)]
+    assert run_benchmarks(args) == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    statuses = [p["status"] for p in payload["plan"]]
+    assert payload["complete"] and "skipped" in statuses
+    assert "## Plan" in (tmp_path / "results.md").read_text()
+def test_the_canonical_vae_baseline_runs_a_few_steps(capsys):
+    """The baseline of fastvae train's defaults (README), at 5 steps and 2 importance samples."""
+    from benchmarks.canonical_vae import main as canonical_vae
+
+    elbo, log_likelihood = canonical_vae(["--steps", "5", "--k", "2", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert "5 steps" in out and f"held-out ELBO: {elbo:.2f} nats/image (500 images)" in out
+    assert f"(importance-sampled, k=2): {log_likelihood:.2f}" in out
+    # Barely trained: far below the -112 of 2,100 steps, yet a finite bound, and the 2-sample bound is the tighter.
+    assert -600 < elbo < -150 and elbo - 5 < log_likelihood < 0

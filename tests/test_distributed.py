@@ -13,8 +13,8 @@ from fastvae.training.rundir import FILES
 TINY = ["--data", "digits", "--num-images", "300", "--batch-size", "16", "--eval-k", "4", "--quiet", "--device", "cpu"]
 
 
-def train(out, *args, nproc: int) -> subprocess.CompletedProcess:
-    """``fastvae train`` in ``nproc`` processes started by torchrun (one plain process for ``nproc=1``)."""
+def train(out, *args, nproc: int, base=TINY) -> subprocess.CompletedProcess:
+    """``fastvae train *base *args`` in ``nproc`` processes started by torchrun (one plain process for ``nproc=1``)."""
     launcher = [sys.executable, "-m", "fastvae"]
     if nproc > 1:
         launcher = [
@@ -28,7 +28,7 @@ def train(out, *args, nproc: int) -> subprocess.CompletedProcess:
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [*launcher, "train", *TINY, *args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300
+        [*launcher, "train", *base, *args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300
     )
 
 
@@ -60,24 +60,58 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert "held-out ELBO" in two.stdout and two.stdout.count("held-out ELBO") == 1  # printed by rank 0 only
 
 
+def test_a_denoising_autoencoder_under_two_processes_matches_one(tmp_path):
+    """--noise global draws the corruption of the global batch too, so the world size does not change the result."""
+    base = [arg for arg in TINY if arg not in ("--eval-k", "4")]  # an autoencoder has no importance sampling
+    args = ["--objective", "ae", "--denoise", "mask:0.5", "--noise", "global", "--steps", "8", "--log-every", "4"]
+    one, two = train(tmp_path / "one", *args, nproc=1, base=base), train(tmp_path / "two", *args, nproc=2, base=base)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    (single, single_metrics), (double, double_metrics) = load(tmp_path / "one"), load(tmp_path / "two")
+    for name, value in single["model"].items():  # code_mean and code_std included
+        torch.testing.assert_close(double["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(
+        torch.tensor([r["recon"] for r in double_metrics]), torch.tensor([r["recon"] for r in single_metrics])
+    )
+    rank0, rank1 = double["rng"]
+    assert torch.equal(rank0["corruption"], rank1["corruption"])  # one stream, alike on every rank
+    assert two.stdout.count("held-out reconstruction error from inputs corrupted by mask:0.5") == 1
+
+
 def test_each_rank_draws_its_own_noise_and_only_rank_0_writes(tmp_path):
-    done = train(tmp_path / "ranks", "--steps", "6", nproc=2)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done = train(tmp_path / "ranks", "--steps", "6", "--tensorboard", "--tensorboard-image-every", "3", nproc=2)
     assert done.returncode == 0, done.stderr
     checkpoint, records = load(tmp_path / "ranks")
     assert [r["step"] for r in records] == list(range(1, 7))
     rank0, rank1 = checkpoint["rng"]
     # Seeded from (seed, rank): the ranks' generators differ, so their noise does too.
     assert not torch.equal(rank0["cpu"], rank1["cpu"])
-    assert sorted(os.listdir(tmp_path / "ranks")) == sorted(FILES.values())
+    files = sorted(os.listdir(tmp_path / "ranks"))
+    events = [name for name in files if name.startswith("events.out.tfevents.")]
+    assert len(events) == 1 and sorted(set(files) - set(events)) == sorted(FILES.values())
+    tensorboard = EventAccumulator(str(tmp_path / "ranks"), size_guidance={"scalars": 0, "images": 0})
+    tensorboard.Reload()
+    assert [e.step for e in tensorboard.Scalars("train/loss")] == list(range(1, 7))
+    assert [e.value for e in tensorboard.Scalars("train/loss")] == [r["loss"] for r in records]
+    assert [e.step for e in tensorboard.Images("images/samples")] == [3, 6]
 
 
-@pytest.mark.parametrize("extra, message", [(["--batch-size", "15"], "must divide evenly among 2 processes")])
-def test_bad_input_under_torchrun_is_one_clear_line(tmp_path, extra, message):
-    done = train(tmp_path / "bad", "--steps", "2", *extra, nproc=2)
+@pytest.mark.parametrize(
+    "out, extra, message",
+    [
+        ("bad", ["--batch-size", "15"], "must divide evenly among 2 processes"),
+        ("somefile/sub", [], "cannot create the run folder"),
+    ],
+)
+def test_bad_input_under_torchrun_is_one_clear_line(tmp_path, out, extra, message):
+    (tmp_path / "somefile").write_text("")
+    done = train(tmp_path / out, "--steps", "2", *extra, nproc=2)
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("fastvae train: error:")]
     assert len(ours) == 1 and message in ours[0]  # from rank 0 alone
     # torchrun reports a failed child with a traceback of its own launcher; none comes from fastvae's code.
     frames = [line for line in done.stderr.splitlines() if line.strip().startswith('File "')]
     assert not [line for line in frames if f"{os.sep}fastvae{os.sep}" in line]
-    assert not (tmp_path / "bad").exists()
+    assert sorted(os.listdir(tmp_path)) == ["somefile"]

@@ -261,13 +261,14 @@ def test_bf16_hvae_training(tmp_path):
 @pytest.mark.parametrize(
     "argv, fragments",
     [
-        (["--free-bits", "1"], ["free_bits applies to model 'hvae' only"]),
-        (["--latent-channels", "4"], ["latent_channels applies to model 'hvae' only"]),
+        (["--free-bits", "1"], ["--free-bits applies to model 'hvae' only"]),
+        (["--latent-channels", "4"], ["--latent-channels applies to model 'hvae' only"]),
         (["--model", "hvae", "--data", "digits", "--layers-per-resolution", "1", "1", "1"], ["2 resolutions"]),
         (["--model", "hvae", "--data", "digits", "--layers-per-resolution", "0"], ["at least one layer"]),
         (["--model", "hvae", "--data", "digits", "--hidden", "8", "8"], ["one hidden size"]),
         (["--model", "hvae", "--free-bits", "-1"], ["--free-bits", "not a non-negative number"]),
         (["--grad-clip", "nan"], ["--grad-clip"]),
+        (["--model", "hvae", "--objective", "ae"], ["model 'hvae' trains objective 'vae' only"]),
     ],
 )
 def test_bad_hvae_options_are_one_line_errors_that_write_nothing(tmp_path, monkeypatch, argv, fragments):

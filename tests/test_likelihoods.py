@@ -6,14 +6,21 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Laplace, Normal
 
-from fastvae.functional import reconstruction_loss
+from fastvae.functional import (
+    discretized_logistic_mixture_mode,
+    discretized_logistic_mixture_nll,
+    reconstruction_loss,
+    sample_discretized_logistic_mixture,
+)
 from fastvae.likelihoods import (
     LIKELIHOODS,
     BernoulliLikelihood,
+    DiscretizedLogisticMixtureLikelihood,
     FixedGaussianLikelihood,
     GaussianLikelihood,
     LaplaceLikelihood,
     Likelihood,
+    bits_per_dim,
     make_likelihood,
 )
 from fastvae.nn import ReconstructionLoss
@@ -34,7 +41,7 @@ def distribution(likelihood: Likelihood, params: torch.Tensor):
 
 
 def test_the_registry_names_every_family_in_the_command_line_order():
-    assert list(LIKELIHOODS) == ["bce", "gaussian", "mse", "l1"]
+    assert list(LIKELIHOODS) == ["bce", "gaussian", "mse", "l1", "dmol"]
     for name, family in LIKELIHOODS.items():
         assert family.name == name and issubclass(family, Likelihood)
 
@@ -78,9 +85,12 @@ def test_mean_and_samples_follow_the_distribution(name):
     assert_close(samples.std(0), dist.stddev[0], rtol=0.03, atol=0)
 
 
-def test_params_channels_is_one_per_image_channel():
-    for family in LIKELIHOODS.values():
-        assert family().params_channels(1) == 1 and family().params_channels(3) == 3
+def test_params_channels_is_one_per_image_channel_but_for_the_mixture():
+    for name, family in LIKELIHOODS.items():
+        if name != "dmol":
+            assert family().params_channels(1) == 1 and family().params_channels(3) == 3
+    assert make_likelihood("dmol").params_channels(1) == 30 and make_likelihood("dmol").params_channels(3) == 100
+    assert make_likelihood("dmol", num_mixtures=4).params_channels(3) == 40
 
 
 def test_gaussian_logvar_of_any_broadcast_shape():
@@ -99,17 +109,71 @@ def test_make_likelihood():
     assert make_likelihood("bce", backend="torch").backend == "torch"
     given = GaussianLikelihood(backend="triton")
     assert make_likelihood(given, backend="torch") is given  # an object keeps its own backend
-    with pytest.raises(ValueError, match="likelihood must be one of 'bce', 'gaussian', 'mse', 'l1', got 'poisson'"):
+    with pytest.raises(ValueError, match="likelihood must be one of 'bce', 'gaussian', 'mse', 'l1', 'dmol', got 'poisson'"):
         make_likelihood("poisson")
     with pytest.raises(TypeError, match="got ReconstructionLoss"):
         make_likelihood(ReconstructionLoss("mse"))
+    dmol = make_likelihood("dmol", num_mixtures=3, num_bits=5, backend="torch")
+    assert (dmol.mixture.num_mixtures, dmol.mixture.num_bits, dmol.mixture.backend) == (3, 5, "torch")
+    with pytest.raises(ValueError, match="likelihood 'mse' has no option num_bits; it takes none"):
+        make_likelihood("mse", num_bits=5)
+    with pytest.raises(ValueError, match="has no option scale; its options are num_mixtures, num_bits"):
+        make_likelihood("dmol", scale=2)
+    with pytest.raises(ValueError, match="apply to a likelihood given by name"):
+        make_likelihood(dmol, num_mixtures=2)
+    with pytest.raises(ValueError, match="num_bits must be from 1 to 16"):
+        make_likelihood("dmol", num_bits=17)
 
 
 def test_backends_agree(device):
     torch.manual_seed(2)
-    params = torch.randn(4, *SHAPE, device=device)
     x = torch.rand(4, *SHAPE, device=device)
     for name in LIKELIHOODS:
-        fused = make_likelihood(name, backend="triton").to(device)
-        reference = make_likelihood(name, backend="torch").to(device)
+        options = {"num_mixtures": 2} if name == "dmol" else {}
+        fused = make_likelihood(name, backend="triton", **options).to(device)
+        reference = make_likelihood(name, backend="torch", **options).to(device)
+        params = torch.randn(4, fused.params_channels(SHAPE[0]), *SHAPE[1:], device=device)
         assert_close(fused(params, x), reference(params, x), rtol=1e-5, atol=1e-4)
+
+
+def test_the_mixture_is_the_fused_op_and_shows_its_mode_and_draws():
+    likelihood = make_likelihood("dmol", num_mixtures=2, num_bits=5)
+    assert likelihood.name == "dmol" and likelihood.discrete and likelihood.loss_units == "nats"
+    assert not any(family.discrete for name, family in LIKELIHOODS.items() if name != "dmol")
+    x = torch.rand(3, 3, 4, 4)  # RGB
+    params = torch.randn(3, likelihood.params_channels(3), 4, 4)  # 10 M = 20 channels
+    nll = likelihood(params, x)
+    assert torch.equal(nll, discretized_logistic_mixture_nll(params, x, num_mixtures=2, num_bits=5))
+    assert torch.equal(likelihood.loss(params, x), nll)  # exact nats, no constant left out
+    mode = discretized_logistic_mixture_mode(params, num_mixtures=2, num_bits=5)
+    assert torch.equal(likelihood.mode(params), mode) and torch.equal(likelihood.reconstruction(params), mode)
+    draw = likelihood.generate(params, generator=torch.Generator().manual_seed(3))
+    expected = sample_discretized_logistic_mixture(
+        params, num_mixtures=2, num_bits=5, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(draw, expected) and draw.shape == x.shape
+    assert torch.equal(likelihood.sample(params, generator=torch.Generator().manual_seed(3)), expected)
+    assert torch.equal(draw * 31, (draw * 31).round())  # on the 5-bit level grid
+    with pytest.raises(NotImplementedError, match="no closed form"):
+        likelihood.mean(params)
+    assert not list(likelihood.parameters())
+    for name in LIKELIHOODS:
+        assert f"{name}: " in make_likelihood(name).comparable_with()
+
+
+def test_the_other_families_show_their_mean():
+    params = torch.randn(2, *SHAPE)
+    for name in ("bce", "gaussian", "mse", "l1"):
+        likelihood = make_likelihood(name)
+        assert torch.equal(likelihood.reconstruction(params), likelihood.mean(params))
+        assert torch.equal(likelihood.generate(params, generator=torch.Generator()), likelihood.mean(params))
+
+
+def test_bits_per_dim_is_nats_over_values_times_log_2():
+    assert bits_per_dim(784 * math.log(2.0), 784) == pytest.approx(1.0)
+    assert bits_per_dim(1000.0, 3 * 32 * 32) == pytest.approx(1000.0 / (3072 * math.log(2.0)))
+    # One logistic centred between the 2 levels of 1 bit: each value has probability 1/2, one bit exactly.
+    likelihood = DiscretizedLogisticMixtureLikelihood(num_mixtures=1, num_bits=1)
+    x = torch.rand(4, 3, 5, 5).round()
+    nll = likelihood(torch.zeros(4, likelihood.params_channels(3), 5, 5), x)
+    assert_close(bits_per_dim(nll, 75), torch.ones(4))

@@ -10,9 +10,11 @@ from fastvae.functional import reconstruction_loss
 from fastvae.models import (
     Autoencoder,
     VAE,
+    conv_autoencoder,
     conv_vae,
     default_conv_widths,
     kl_warmup_weight,
+    mlp_autoencoder,
     mlp_decoder,
     mlp_encoder,
     mlp_vae,
@@ -249,7 +251,8 @@ def test_vae_evaluation_is_the_elbo_and_the_log_likelihood_per_image():
     text = model.format_evaluation({"elbo": -100.123, "log_likelihood": -98.765}, n_images=5, k=3)
     assert text == (
         "held-out ELBO: -100.12 nats/image (5 images)\n"
-        "held-out log-likelihood (importance-sampled, k=3): -98.77 nats/image"
+        "held-out log-likelihood (importance-sampled, k=3): -98.77 nats/image\n"
+        f"comparable: {model.likelihood.comparable_with()}"
     )
 
 
@@ -286,3 +289,163 @@ def test_autoencoder_with_another_likelihood_minimises_its_loss():
     out = model(x)
     assert_close(out.recon, reconstruction_loss(out.x_hat, x, "bce"))
     assert_close(model.reconstruct(x), torch.sigmoid(out.x_hat.detach()))
+
+
+def test_a_target_is_what_the_output_is_scored_against():
+    """Denoising: the encoder sees x (corrupted), the loss compares with target (clean)."""
+    vae, autoencoder = small_vae(), mlp_autoencoder(SHAPE, latent_dim=3, hidden=(8,))
+    x, target, eps = torch.rand(4, *SHAPE), torch.rand(4, *SHAPE), torch.randn(4, 3)
+    out = vae(x, target=target, eps=eps)
+    assert_close(out.recon, vae.likelihood(out.x_hat, target))
+    assert torch.equal(out.kl, vae(x, eps=eps).kl)  # the posterior is that of x
+    out = autoencoder(x, target=target)
+    assert_close(out.recon, ((out.x_hat - target) ** 2).flatten(1).sum(1))
+    assert torch.equal(out.z, autoencoder(x).z)
+    results = autoencoder.evaluate(x, target=target)
+    assert list(results) == ["recon"] and torch.equal(results["recon"], out.recon.detach())
+
+
+def test_vae_log_likelihood_of_a_target_uses_the_posterior_of_the_inputs():
+    model = small_vae().eval()
+    x, target = torch.rand(3, *SHAPE), torch.rand(3, *SHAPE).round()
+    estimate = model.log_likelihood(x, 4, generator=torch.Generator().manual_seed(0), target=target)
+    mu, logvar = model.encode(x)
+    eps = torch.randn((4, 3, 3), generator=torch.Generator().manual_seed(0))
+    z = mu + torch.exp(0.5 * logvar) * eps
+    log_p = -model.likelihood(model.decode(z.flatten(0, 1)), target.repeat(4, 1, 1, 1)).view(4, 3)
+    log_w = log_p + Normal(0, 1).log_prob(z).sum(-1) - Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+    assert_close(estimate, torch.logsumexp(log_w, 0) - math.log(4), rtol=1e-5, atol=1e-4)
+
+
+def test_codes_are_the_posterior_means_and_the_autoencoders_codes():
+    vae, autoencoder = small_vae(), mlp_autoencoder(SHAPE, latent_dim=3, hidden=(8,))
+    x = torch.rand(5, *SHAPE)
+    assert torch.equal(vae.codes(x), vae.encode(x)[0])
+    assert torch.equal(autoencoder.codes(x), autoencoder.encode(x)) and autoencoder.codes(x).shape == (5, 3)
+    assert not autoencoder.codes(x).requires_grad
+
+
+def test_autoencoder_samples_from_its_codes_spread_on_the_training_data():
+    torch.manual_seed(6)
+    model = mlp_autoencoder(SHAPE, latent_dim=3, hidden=(8,))
+    assert torch.equal(model.code_mean, torch.zeros(3)) and torch.equal(model.code_std, torch.ones(3))
+    images = torch.rand(50, *SHAPE)
+    model.after_training(images.split(7))  # batches of any size
+    codes = model.encode(images).detach().double()
+    assert_close(model.code_mean, codes.mean(0).float())
+    assert_close(model.code_std, codes.std(0, correction=0).float())
+    assert set(model.state_dict()) >= {"code_mean", "code_std"}  # checkpointed with the weights
+    noise = torch.randn((6, 3), generator=torch.Generator().manual_seed(1))
+    expected = model.decode(model.code_mean + model.code_std * noise)
+    assert_close(model.sample(6, generator=torch.Generator().manual_seed(1)), expected.detach())
+    assert "no prior" in model.sample_note() and small_vae().sample_note() is None
+
+
+def test_autoencoder_interpolates_between_codes_and_reports_its_units():
+    model = mlp_autoencoder(SHAPE, latent_dim=3, hidden=(8,), likelihood="l1")
+    a, b = torch.rand(2, *SHAPE), torch.rand(2, *SHAPE)
+    path = model.interpolate(a, b, 5)
+    assert path.shape == (2, 5, *SHAPE)
+    assert_close(path[:, 0], model.reconstruct(a))
+    assert_close(path[:, -1], model.reconstruct(b))
+    assert_close(path[:, 2], model.decode((model.encode(a) + model.encode(b)) / 2).detach())
+    assert model.units == "absolute error" and small_vae().units == "nats"
+    assert model.format_evaluation({"recon": 3.14159}, n_images=7) == (
+        "held-out reconstruction error: 3.14 absolute error/image (7 images)"
+    )
+    assert model.format_evaluation({"recon": 2.5}, n_images=7, corruption="mask:0.5") == (
+        "held-out reconstruction error from inputs corrupted by mask:0.5 (against the clean images): "
+        "2.50 absolute error/image (7 images)"
+    )
+
+
+def test_autoencoder_builders_share_the_vaes_networks():
+    vae, autoencoder = mlp_vae(SHAPE, latent_dim=3, hidden=(8, 6)), mlp_autoencoder(SHAPE, latent_dim=3, hidden=(8, 6))
+    assert str(autoencoder.encoder) == str(vae.encoder) and str(autoencoder.decoder) == str(vae.decoder)
+    assert autoencoder.head.in_features == 6 and autoencoder.likelihood.name == "mse"
+    conv = conv_autoencoder(1, 8, latent_dim=4, widths=(4,), likelihood="bce")
+    assert str(conv.decoder) == str(conv_vae(1, 8, latent_dim=4, widths=(4,)).decoder)
+    assert conv(torch.rand(2, 1, 8, 8)).x_hat.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="hidden"):
+        mlp_autoencoder(SHAPE, hidden=())
+    with pytest.raises(ValueError, match="divisible"):
+        conv_autoencoder(1, 8, widths=(4, 4, 4, 4))
+
+
+# ---- the discretized mixture of logistics as the VAE's likelihood ------------------------------------------
+
+
+@pytest.mark.parametrize("shape, model", [((1, 4, 4), "mlp"), ((3, 4, 4), "mlp"), ((3, 8, 8), "conv")])
+def test_vae_with_the_mixture_scores_draws_and_reconstructs_on_the_level_grid(shape, model):
+    from fastvae.likelihoods import make_likelihood
+    from fastvae.ops.discretized_logistic_mixture import discretized_logistic_mixture_nll_reference
+
+    likelihood = make_likelihood("dmol", num_mixtures=2, num_bits=5)
+    if model == "mlp":
+        vae = mlp_vae(shape, latent_dim=3, hidden=(12,), likelihood=likelihood)
+    else:
+        vae = conv_vae(shape[0], shape[1], latent_dim=3, widths=(4,), likelihood=likelihood)
+    x = torch.rand(5, *shape)
+    out = vae(x)
+    assert out.x_hat.shape == (5, likelihood.params_channels(shape[0]), *shape[1:])  # 6 or 20 channels per pixel
+    assert_close(out.recon, discretized_logistic_mixture_nll_reference(out.x_hat, x, 2, 5))
+    out.loss.backward()
+    assert all(p.grad is not None for p in vae.parameters())
+    recon = vae.reconstruct(x)
+    assert_close(recon, likelihood.mode(vae.decode(vae.encode(x)[0])))
+    samples = vae.sample(6, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)  # the same stream: z first, then the draw from p(x | z)
+    z = torch.randn(6, 3, generator=generator)
+    assert torch.equal(samples, likelihood.sample(vae.decode(z), generator=generator))
+    for images in (recon, samples, vae.interpolate(x[:2], x[2:4], 3)):
+        assert images.shape[-3:] == shape and torch.equal(images * 31, (images * 31).round())
+
+
+def test_bits_per_dim_of_the_mixture_in_the_evaluation():
+    """Zero parameters at 1 bit give each value probability 1/2: recon is one bit per dim, exactly."""
+    vae = mlp_vae((3, 2, 2), latent_dim=2, hidden=(4,), likelihood=make_dmol(num_mixtures=1, num_bits=1)).eval()
+    with torch.no_grad():
+        vae.decoder[-2].weight.zero_()
+        vae.decoder[-2].bias.zero_()
+    x = torch.rand(4, 3, 2, 2).round()
+    results = vae.evaluate(x, generator=torch.Generator().manual_seed(0), k=2)
+    assert list(results) == ["elbo", "log_likelihood", "elbo_bits_per_dim", "bits_per_dim"]
+    out = vae(x, eps=torch.randn(4, 2, generator=torch.Generator().manual_seed(0)))
+    assert_close(out.recon, torch.full((4,), 12 * math.log(2.0)))
+    assert_close(results["elbo_bits_per_dim"], 1 + out.kl.detach() / (12 * math.log(2.0)))
+    assert_close(results["bits_per_dim"], -results["log_likelihood"] / (12 * math.log(2.0)))
+    means = {name: values.mean().item() for name, values in results.items()}
+    text = vae.format_evaluation(means, n_images=4, k=2).splitlines()
+    assert text[2] == (
+        f"in bits/dim (-nats / (values per image x ln 2)): {means['elbo_bits_per_dim']:.4f} from the ELBO, "
+        f"{means['bits_per_dim']:.4f} from the log-likelihood"
+    )
+    assert text[3].startswith("comparable: dmol: probabilities of discrete 1-bit levels")
+    assert "elbo_bits_per_dim" not in small_vae().evaluate(torch.rand(2, *SHAPE), generator=torch.Generator(), k=1)
+
+
+def test_log_likelihood_chunks_hold_as_many_parameters_whatever_the_likelihood(monkeypatch):
+    """The default chunk is LOG_LIKELIHOOD_ROWS images' worth of parameters: 1/30 as many images at M = 10, C = 1."""
+    from fastvae.models import vae as vae_module
+
+    monkeypatch.setattr(vae_module, "LOG_LIKELIHOOD_ROWS", 120)
+    decoded = []
+    model = mlp_vae(SHAPE, latent_dim=3, hidden=(12,), likelihood="dmol").eval()
+    monkeypatch.setattr(model, "decode", lambda z: decoded.append(len(z)) or model.decoder(z))
+    model.log_likelihood(torch.rand(2, *SHAPE), k=5)
+    assert decoded == [4, 4, 2]  # 120 * 1 // 30 = 4 rows a chunk: 2 samples of 2 images, then the last one
+
+
+def test_autoencoder_with_the_mixture_reconstructs_its_mode():
+    likelihood = make_dmol(num_mixtures=2)
+    model = Autoencoder(mlp_encoder(SHAPE, (8,)), mlp_decoder(3, (6, 4, 5), (8,)), 3, likelihood=likelihood, features=8)
+    x = torch.rand(4, *SHAPE)
+    out = model(x)
+    assert_close(out.recon, likelihood(out.x_hat, x))
+    assert torch.equal(model.reconstruct(x), likelihood.mode(out.x_hat.detach()))
+
+
+def make_dmol(**options):
+    from fastvae.likelihoods import make_likelihood
+
+    return make_likelihood("dmol", **options)

@@ -10,7 +10,7 @@ import contextlib
 import pytest
 import torch
 
-from fastvae.functional import reconstruction_loss, reparameterize_kl
+from fastvae.functional import discretized_logistic_mixture_nll, reconstruction_loss, reparameterize_kl
 from tests.utils import no_host_sync
 
 KINDS = ["mse", "bce", "gaussian", "l1"]
@@ -88,6 +88,18 @@ def test_reparameterize_kl_with_a_prior_events_and_the_clamp(device, prior):
     with no_sync(device):
         every_backward(loss, (mu, logvar, prior_mu, prior_logvar), None)
         loss().backward()
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_discretized_logistic_mixture_nll(device, reduction):
+    params = torch.randn(3, 20, 2, 2, device=device, requires_grad=True)  # C = 3, M = 2
+    x = torch.rand(3, 3, 2, 2, device=device)
+    weights = torch.tensor([1.0, 2.0, 0.5], device=device) if reduction == "none" else torch.tensor(1.0, device=device)
+
+    def loss():
+        return discretized_logistic_mixture_nll(params, x, num_mixtures=2, reduction=reduction, backend="triton")
+
+    with no_sync(device):
+        every_backward(loss, [params], weights)
+        loss().sum().backward()
 
 
 def test_the_guard_catches_a_host_read():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fastvae.functional import reconstruction_loss, reparameterize_kl
 from fastvae.ops.reconstruction_loss import reconstruction_loss_reference
-from tests.utils import TOLERANCES, assert_close, compile_for_cuda, gradients_up_to_third, pick
+from tests.utils import TOLERANCES, assert_close, compile_for_cuda, gradients_up_to_third, pick, record_kernel_calls
 
 KINDS = ["mse", "bce", "gaussian", "l1"]
 REDUCTIONS = ["none", "sum", "mean"]
@@ -198,27 +198,8 @@ def kernel_calls(monkeypatch):
     A scaling launch is recorded as ``("in place" or "new", shape, the weights)``.
     """
     from fastvae.kernels import reconstruction_loss as kernels
-    from fastvae.kernels import scale_rows as scaling
 
-    calls = {"forward": [], "scale": [], "outputs": []}
-    forward, scale, scale_ = kernels.reconstruction_loss_forward, scaling.scale_rows, scaling.scale_rows_
-
-    def spy_forward(*args, **kwargs):
-        calls["forward"].append(kwargs)
-        calls["outputs"].append(forward(*args, **kwargs))
-        return calls["outputs"][-1]
-
-    def spy(how, function):
-        def launch(src, weight):
-            calls["scale"].append((how, tuple(src.shape), weight.clone()))
-            return function(src, weight)
-
-        return launch
-
-    monkeypatch.setattr(kernels, "reconstruction_loss_forward", spy_forward)
-    monkeypatch.setattr(scaling, "scale_rows", spy("new", scale))
-    monkeypatch.setattr(scaling, "scale_rows_", spy("in place", scale_))
-    return calls
+    return record_kernel_calls(monkeypatch, kernels, "reconstruction_loss_forward")
 
 
 @pytest.mark.parametrize("kind", KINDS)

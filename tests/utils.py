@@ -139,3 +139,30 @@ def gradients_up_to_third(loss, inputs, grad_loss, directions):
         found = torch.autograd.grad(total, inputs, create_graph=True, allow_unused=True, materialize_grads=True)
     grads.append(found)
     return grads
+
+
+def record_kernel_calls(monkeypatch, module, forward_name: str) -> dict:
+    """Record the launches of an op whose forward writes its gradient: ``module.forward_name``'s keyword
+    arguments (``"forward"``) and outputs (``"outputs"``), and every scaling of a saved gradient in its backward
+    (``"scale"``: ``("in place" or "new", shape, weights)``, see :mod:`fastvae.ops.grad_in_forward`)."""
+    from fastvae.kernels import scale_rows as scaling
+
+    calls = {"forward": [], "outputs": [], "scale": []}
+    forward, scale, scale_ = getattr(module, forward_name), scaling.scale_rows, scaling.scale_rows_
+
+    def spy_forward(*args, **kwargs):
+        calls["forward"].append(kwargs)
+        calls["outputs"].append(forward(*args, **kwargs))
+        return calls["outputs"][-1]
+
+    def spy(how, function):
+        def launch(src, weight):
+            calls["scale"].append((how, tuple(src.shape), weight.clone()))
+            return function(src, weight)
+
+        return launch
+
+    monkeypatch.setattr(module, forward_name, spy_forward)
+    monkeypatch.setattr(scaling, "scale_rows", spy("new", scale))
+    monkeypatch.setattr(scaling, "scale_rows_", spy("in place", scale_))
+    return calls

@@ -7,7 +7,7 @@
   whose stochastic layers sample and take their KL through the fused op on latent feature maps;
 * :mod:`fastvae.models.autoencoder`: the deterministic baseline :class:`Autoencoder`;
 * :mod:`fastvae.models.networks`: ready-made encoders and decoders, and the
-  :func:`mlp_vae` and :func:`conv_vae` builders.
+  :func:`mlp_vae`, :func:`conv_vae`, :func:`mlp_autoencoder` and :func:`conv_autoencoder` builders.
 
 Their likelihoods ``p(x | z)`` are in :mod:`fastvae.likelihoods` (:data:`LIKELIHOODS`
 is re-exported here). Everything public is importable from ``fastvae.models`` directly.
@@ -19,10 +19,12 @@ from fastvae.models.base import MetricPlot, StepInputs, TrainableModel
 from fastvae.models.hierarchical import HierarchicalVAE, HVAEOutput
 from fastvae.models.networks import (
     CONV_WIDTHS,
+    conv_autoencoder,
     conv_decoder,
     conv_encoder,
     conv_vae,
     default_conv_widths,
+    mlp_autoencoder,
     mlp_decoder,
     mlp_encoder,
     mlp_vae,
@@ -42,11 +44,13 @@ __all__ = [
     "TrainableModel",
     "VAE",
     "VAEOutput",
+    "conv_autoencoder",
     "conv_decoder",
     "conv_encoder",
     "conv_vae",
     "default_conv_widths",
     "kl_warmup_weight",
+    "mlp_autoencoder",
     "mlp_decoder",
     "mlp_encoder",
     "mlp_vae",

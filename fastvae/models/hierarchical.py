@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvae.likelihoods import Likelihood, make_likelihood
-from fastvae.models.base import MetricPlot, StepInputs, TrainableModel
-from fastvae.models.vae import format_elbo_evaluation, kl_warmup_weight
+from fastvae.models.base import MetricPlot, StepInputs, TrainableModel, check_temperature
+from fastvae.models.vae import elbo_results, format_elbo_evaluation, kl_warmup_weight
 from fastvae.nn import ConvGaussianLatent
 
 # A latent channel counts as active when its KL, averaged over the batch, is above this many nats.
@@ -166,6 +166,8 @@ class HierarchicalVAE(TrainableModel):
         backend: for the fused ops; see :mod:`fastvae.backend`.
     """
 
+    units = "nats"
+
     def __init__(
         self,
         image_shape: Sequence[int],
@@ -271,11 +273,16 @@ class HierarchicalVAE(TrainableModel):
     # --- training -----------------------------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, *, eps: torch.Tensor | None = None, kl_weight: torch.Tensor | float | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        kl_weight: torch.Tensor | float | None = None,
     ) -> HVAEOutput:
         """Encode ``x`` ``(B, C, H, W)``, sample every layer top-down (with ``eps`` ``(B, total latent elements)``
-        if given, else noise drawn in the fused op), decode and score. ``kl_weight`` (default ``beta``) weights
-        the KL term of the loss."""
+        if given, else noise drawn in the fused op), decode and score against ``target`` (default ``x``; a
+        denoising run's clean images). ``kl_weight`` (default ``beta``) weights the KL term of the loss."""
         features = self.encode(x)
         samples = []
 
@@ -285,7 +292,7 @@ class HierarchicalVAE(TrainableModel):
             return sample.z
 
         x_hat = self._top_down(len(x), posterior_sample)
-        recon = self.likelihood(x_hat, x)
+        recon = self.likelihood(x_hat, x if target is None else target)
         weight = self.beta if kl_weight is None else kl_weight
         kl_term = sum(layer.latent.kl_loss(s.kl_channels) for layer, s in zip(self.layers, samples))
         loss = recon.mean() + weight * kl_term
@@ -325,14 +332,14 @@ class HierarchicalVAE(TrainableModel):
         self, n: int, *, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """``n`` images decoded top-down with every ``z_l`` drawn from its prior, whose spread is scaled by
-        ``temperature`` (as VDVAE and NVAE sample; 1 is the model itself): the likelihood's mean, ``(n, ...)``."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {temperature}")
+        ``temperature`` (as VDVAE and NVAE sample; 1 is the model itself), decoded to the likelihood's
+        :meth:`~fastvae.likelihoods.Likelihood.generate` (its mean; a draw for ``"dmol"``): ``(n, ...)``."""
+        check_temperature(temperature)
 
         def prior_sample(layer, index, resolution, state, prior):
             return layer.latent.sample(prior, temperature=temperature, generator=generator)
 
-        return self.likelihood.mean(self._top_down(n, prior_sample))
+        return self.likelihood.generate(self._top_down(n, prior_sample), generator=generator)
 
     @torch.no_grad()
     def posterior_means(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -350,13 +357,20 @@ class HierarchicalVAE(TrainableModel):
 
     @torch.no_grad()
     def decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The likelihood's mean decoded top-down with each ``z_l`` fixed to ``codes[l]``."""
-        return self.likelihood.mean(self._top_down(len(codes[0]), lambda layer, index, *_: codes[index]))
+        """The likelihood's :meth:`~fastvae.likelihoods.Likelihood.reconstruction` (its mean; the mode for
+        ``"dmol"``) decoded top-down with each ``z_l`` fixed to ``codes[l]``."""
+        return self.likelihood.reconstruction(self._top_down(len(codes[0]), lambda layer, index, *_: codes[index]))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """The likelihood's mean decoded with every layer at its posterior mean; ``x``'s shape."""
+        """The likelihood's reconstruction decoded with every layer at its posterior mean; ``x``'s shape."""
         return self.decode(self.posterior_means(x))
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Every layer's posterior mean (:meth:`posterior_means`), flattened and joined top layer first:
+        ``(B, total latent elements)``."""
+        return torch.cat([mu.flatten(1) for mu in self.posterior_means(x)], dim=1)
 
     @torch.no_grad()
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, points: int = 10) -> torch.Tensor:
@@ -379,6 +393,7 @@ class HierarchicalVAE(TrainableModel):
         *,
         chunk_size: int | None = None,
         generator: torch.Generator | None = None,
+        target: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""Importance-sampled estimate of ``log p(x)`` per image through every layer (IWAE), ``(B,)`` float32.
 
@@ -390,6 +405,7 @@ class HierarchicalVAE(TrainableModel):
         through the fused op; the encoder runs once. ``chunk_size`` samples at
         a time (default: about 256 decoded images per chunk), combined with a
         running ``logsumexp``. Noise: ``torch.randn`` of each layer's shape from ``generator``.
+        ``target`` (default ``x``): estimate ``log p(target)`` with ``q(z | x)`` as the proposal.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -399,6 +415,7 @@ class HierarchicalVAE(TrainableModel):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         features = self.encode(x)
+        scored = x if target is None else target
         total = None
         for start in range(0, k, chunk_size):
             c = min(chunk_size, k - start)
@@ -414,19 +431,25 @@ class HierarchicalVAE(TrainableModel):
                 return z
 
             x_hat = self._top_down(c * batch, weighted_sample)
-            log_w = log_w - self.likelihood(x_hat, x.repeat(c, 1, 1, 1))
+            log_w = log_w - self.likelihood(x_hat, scored.repeat(c, 1, 1, 1))
             chunk_total = torch.logsumexp(log_w.view(c, batch), dim=0)
             total = chunk_total if total is None else torch.logaddexp(total, chunk_total)
         return total - math.log(k)
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, *, generator: torch.Generator, k: int = 1000) -> dict[str, torch.Tensor]:
+    def evaluate(
+        self, x: torch.Tensor, *, generator: torch.Generator, target: torch.Tensor | None = None, k: int = 1000
+    ) -> dict[str, torch.Tensor]:
         """Per image of ``x``: ``elbo``, ``-(recon + kl)`` with one sample per layer and the analytic KLs, and
-        ``log_likelihood``, the importance-sampled estimate with ``k`` samples (:meth:`log_likelihood`)."""
+        ``log_likelihood``, the importance-sampled estimate with ``k`` samples (:meth:`log_likelihood`), in nats
+        (and bits per dim for ``"dmol"``, as :meth:`fastvae.models.VAE.evaluate`); ``target`` as there."""
         eps = self.noise_inputs(len(x), generator=generator, device=x.device)["eps"]
-        out = self(x, eps=eps, kl_weight=1.0)
-        return {"elbo": -(out.recon + out.kl), "log_likelihood": self.log_likelihood(x, k, generator=generator)}
+        out = self(x, target=target, eps=eps, kl_weight=1.0)
+        log_likelihood = self.log_likelihood(x, k, generator=generator, target=target)
+        return elbo_results(self.likelihood, x, -(out.recon + out.kl), log_likelihood)
 
-    def format_evaluation(self, results: dict[str, float], *, n_images: int, k: int = 1000) -> str:
-        """Two lines: the held-out ELBO and log-likelihood (means of :meth:`evaluate`'s), nats per image."""
-        return format_elbo_evaluation(results, n_images=n_images, k=k)
+    def format_evaluation(
+        self, results: dict[str, float], *, n_images: int, corruption: str | None = None, k: int = 1000
+    ) -> str:
+        """The held-out ELBO and log-likelihood as :meth:`fastvae.models.VAE.format_evaluation` prints them."""
+        return format_elbo_evaluation(self.likelihood, results, n_images=n_images, corruption=corruption, k=k)

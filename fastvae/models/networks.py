@@ -1,8 +1,10 @@
-"""Ready-made encoders, decoders and VAEs: fully connected (:func:`mlp_vae`) and convolutional (:func:`conv_vae`).
+"""Ready-made encoders, decoders, VAEs and autoencoders: fully connected (:func:`mlp_vae`) and convolutional (:func:`conv_vae`).
 
 * :func:`mlp_encoder`, :func:`mlp_decoder`: Linear + ReLU stacks over flattened images.
 * :func:`conv_encoder`, :func:`conv_decoder`: stride-2 4x4 (transposed) convolutions, one per halving of the image.
-* :func:`mlp_vae`, :func:`conv_vae`: a :class:`~fastvae.models.vae.VAE` from a pair of them.
+* :func:`mlp_vae`, :func:`conv_vae`: a :class:`~fastvae.models.vae.VAE` from a pair of them;
+  :func:`mlp_autoencoder`, :func:`conv_autoencoder`: an :class:`~fastvae.models.autoencoder.Autoencoder`
+  from the same pair (a deterministic code of the same size).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from fastvae.likelihoods import Likelihood, make_likelihood
+from fastvae.models.autoencoder import Autoencoder
 from fastvae.models.vae import VAE
 
 
@@ -54,22 +57,44 @@ def mlp_vae(
     outputs the likelihood's parameters: ``likelihood.params_channels(C)``
     channels for ``input_shape = (C, ...)``.
     """
-    hidden = tuple(hidden)
-    if not hidden or min(hidden) < 1:
-        raise ValueError(f"hidden must list at least one positive layer size, got {hidden}")
     likelihood = make_likelihood(likelihood, backend=backend)
-    params_shape = (likelihood.params_channels(input_shape[0]), *input_shape[1:])
+    encoder, decoder, features = _mlp_networks(input_shape, latent_dim, hidden, likelihood)
     return VAE(
-        mlp_encoder(input_shape, hidden),
-        mlp_decoder(latent_dim, params_shape, hidden[::-1]),
+        encoder,
+        decoder,
         latent_dim,
         likelihood,
         beta,
         kl_warmup=kl_warmup,
-        features=hidden[-1],
+        features=features,
         logvar_limit=logvar_limit,
         backend=backend,
     )
+
+
+def mlp_autoencoder(
+    input_shape: Sequence[int],
+    *,
+    latent_dim: int = 16,
+    hidden: Sequence[int] = (512, 256),
+    likelihood: str | Likelihood = "mse",
+    backend: str | None = None,
+) -> Autoencoder:
+    """An MLP :class:`~fastvae.models.autoencoder.Autoencoder`: the networks of :func:`mlp_vae`, a deterministic code."""
+    likelihood = make_likelihood(likelihood, backend=backend)
+    encoder, decoder, features = _mlp_networks(input_shape, latent_dim, hidden, likelihood)
+    return Autoencoder(encoder, decoder, latent_dim, likelihood=likelihood, features=features)
+
+
+def _mlp_networks(
+    input_shape: Sequence[int], latent_dim: int, hidden: Sequence[int], likelihood: Likelihood
+) -> tuple[nn.Module, nn.Module, int]:
+    """The encoder, the mirrored decoder (outputting ``likelihood``'s parameters) and the encoder's output size."""
+    hidden = tuple(hidden)
+    if not hidden or min(hidden) < 1:
+        raise ValueError(f"hidden must list at least one positive layer size, got {hidden}")
+    params_shape = (likelihood.params_channels(input_shape[0]), *input_shape[1:])
+    return mlp_encoder(input_shape, hidden), mlp_decoder(latent_dim, params_shape, hidden[::-1]), hidden[-1]
 
 
 CONV_WIDTHS = (32, 64, 128, 256)
@@ -142,19 +167,44 @@ def conv_vae(
     4: 28 -> ``(32, 64)``, 64 -> ``(32, 64, 128, 256)``, 8 -> ``(32,)``. The
     decoder outputs the likelihood's parameters: ``likelihood.params_channels(channels)`` channels.
     """
-    widths = default_conv_widths(image_size) if widths is None else tuple(widths)
-    if not widths or min(widths) < 1:
-        raise ValueError(f"widths must list at least one positive channel count, got {widths}")
-    size = _conv_final_size(image_size, widths)
     likelihood = make_likelihood(likelihood, backend=backend)
+    encoder, decoder, features = _conv_networks(channels, image_size, latent_dim, widths, likelihood)
     return VAE(
-        conv_encoder(channels, image_size, widths),
-        conv_decoder(latent_dim, likelihood.params_channels(channels), image_size, widths),
+        encoder,
+        decoder,
         latent_dim,
         likelihood,
         beta,
         kl_warmup=kl_warmup,
-        features=widths[-1] * size * size,
+        features=features,
         logvar_limit=logvar_limit,
         backend=backend,
     )
+
+
+def conv_autoencoder(
+    channels: int,
+    image_size: int,
+    *,
+    latent_dim: int = 32,
+    widths: Sequence[int] | None = None,
+    likelihood: str | Likelihood = "mse",
+    backend: str | None = None,
+) -> Autoencoder:
+    """A convolutional :class:`~fastvae.models.autoencoder.Autoencoder`: the networks of :func:`conv_vae`."""
+    likelihood = make_likelihood(likelihood, backend=backend)
+    encoder, decoder, features = _conv_networks(channels, image_size, latent_dim, widths, likelihood)
+    return Autoencoder(encoder, decoder, latent_dim, likelihood=likelihood, features=features)
+
+
+def _conv_networks(
+    channels: int, image_size: int, latent_dim: int, widths: Sequence[int] | None, likelihood: Likelihood
+) -> tuple[nn.Module, nn.Module, int]:
+    """The encoder, the mirrored decoder (outputting ``likelihood``'s parameters) and the encoder's output size."""
+    widths = default_conv_widths(image_size) if widths is None else tuple(widths)
+    if not widths or min(widths) < 1:
+        raise ValueError(f"widths must list at least one positive channel count, got {widths}")
+    size = _conv_final_size(image_size, widths)
+    encoder = conv_encoder(channels, image_size, widths)
+    decoder = conv_decoder(latent_dim, likelihood.params_channels(channels), image_size, widths)
+    return encoder, decoder, widths[-1] * size * size

@@ -22,12 +22,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastvae.likelihoods import Likelihood, make_likelihood
-from fastvae.models.base import StepInputs, TrainableModel
+from fastvae.likelihoods import Likelihood, bits_per_dim, make_likelihood
+from fastvae.models.base import StepInputs, TrainableModel, check_temperature, held_out_label, lerp_codes
 from fastvae.nn import GaussianLatent
 
-# Rows (importance samples x images) decoded at once by log_likelihood when chunk_size is None.
-LOG_LIKELIHOOD_ROWS = 16384
+# Rows (importance samples x images) decoded at once by log_likelihood when chunk_size is None. On the CPU a
+# chunk's temporaries should stay below glibc's largest mmap threshold (32 MB), or every one is mapped and
+# page-faulted afresh: at 16,384 rows the k = 1000 evaluation of 500 MNIST digits took twice as long.
+LOG_LIKELIHOOD_ROWS = 4096
 
 
 class VAEOutput(NamedTuple):
@@ -71,6 +73,8 @@ class VAE(TrainableModel):
         backend: for the fused ops; see :mod:`fastvae.backend`.
     """
 
+    units = "nats"
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -106,44 +110,58 @@ class VAE(TrainableModel):
         """The decoder's output for ``z`` ``(B, D)``: the parameters of ``p(x | z)`` (logits for ``"bce"``)."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, *, eps: torch.Tensor | None = None, kl_weight: float | None = None) -> VAEOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        kl_weight: float | None = None,
+    ) -> VAEOutput:
         """Encode ``x`` ``(B, ...)``, sample ``z`` (with ``eps`` ``(B, D)`` if given), decode, and score.
 
+        ``recon`` is ``-log p(target | z)`` (``target`` defaults to ``x``; a
+        denoising run encodes a corrupted ``x`` and scores the clean ``target``).
         ``kl_weight`` (default ``self.beta``) weights the KL in ``loss``; ``recon``
         and ``kl`` are returned unweighted.
         """
         latent = self.latent(self.encoder(x), eps)
         x_hat = self.decoder(latent.z)
-        recon = self.likelihood(x_hat, x)
+        recon = self.likelihood(x_hat, x if target is None else target)
         weight = self.beta if kl_weight is None else kl_weight
         loss = (recon + weight * latent.kl).mean()
         return VAEOutput(loss, recon, latent.kl, latent.z, latent.mu, latent.logvar, x_hat)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """The likelihood's mean decoded from the posterior mean ``z = mu``; ``x``'s shape."""
+        """The likelihood's :meth:`~fastvae.likelihoods.Likelihood.reconstruction` (its mean; the mode for
+        ``"dmol"``) decoded from the posterior mean ``z = mu``; ``x``'s shape."""
         mu, _ = self.encode(x)
-        return self.likelihood.mean(self.decode(mu))
+        return self.likelihood.reconstruction(self.decode(mu))
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior mean ``mu`` ``(B, D)`` of each image of ``x``."""
+        return self.encode(x)[0]
 
     @torch.no_grad()
     def sample(self, n: int, *, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` draws ``z ~ N(0, temperature**2 I)`` decoded to the likelihood's mean: ``(n, ...)``."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {temperature}")
+        """``n`` draws ``z ~ N(0, temperature**2 I)`` decoded to the likelihood's
+        :meth:`~fastvae.likelihoods.Likelihood.generate` (its mean; a draw from ``p(x | z)`` for ``"dmol"``, with
+        ``generator`` too): ``(n, ...)``."""
+        check_temperature(temperature)
         device = next(self.parameters()).device
         z = torch.randn((n, self.latent_dim), generator=generator, device=device)
-        return self.likelihood.mean(self.decode(z if temperature == 1.0 else temperature * z))
+        return self.likelihood.generate(self.decode(z if temperature == 1.0 else temperature * z), generator=generator)
 
     @torch.no_grad()
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, points: int = 10) -> torch.Tensor:
-        """The likelihood's mean decoded at ``mu_a + t (mu_b - mu_a)``, ``t`` in ``linspace(0, 1, points)``.
+        """The likelihood's reconstruction decoded at ``mu_a + t (mu_b - mu_a)``, ``t`` in ``linspace(0, 1, points)``.
 
         ``a``, ``b``: ``(P, ...)`` images; returns ``(P, points, ...)``.
         """
-        mu_a, mu_b = self.encode(a)[0], self.encode(b)[0]
-        t = torch.linspace(0, 1, points, device=a.device).view(1, points, 1)
-        z = mu_a[:, None] + t * (mu_b - mu_a)[:, None]  # (P, points, D)
-        return self.likelihood.mean(self.decode(z.flatten(0, 1))).view(len(a), points, *a.shape[1:])
+        z = lerp_codes(self.encode(a)[0], self.encode(b)[0], points)  # (P, points, D)
+        return self.likelihood.reconstruction(self.decode(z.flatten(0, 1))).view(len(a), points, *a.shape[1:])
 
     @torch.no_grad()
     def log_likelihood(
@@ -153,6 +171,7 @@ class VAE(TrainableModel):
         *,
         chunk_size: int | None = None,
         generator: torch.Generator | None = None,
+        target: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""Importance-sampled estimate of ``log p(x)`` per image (the IWAE bound), ``(B,)`` float32.
 
@@ -161,27 +180,35 @@ class VAE(TrainableModel):
             \qquad z_j \sim q(z \mid x)
 
         ``k = 1`` gives a one-sample ELBO; the bound tightens as ``k`` grows.
+        ``target`` (default ``x``): estimate ``log p(target)`` instead, with
+        ``q(z | x)`` as the proposal (any proposal gives a lower bound; a
+        denoising run's ``x`` is the corrupted ``target``).
         The ``k`` samples are drawn and decoded ``chunk_size`` at a time (default:
-        about 16,384 decoded images per chunk), combined with a running
+        about 4,096 decoded images per chunk, fewer where the likelihood has
+        more parameters than values: 4,096 / 30 for ``"dmol"`` at M = 10 on
+        greyscale images), combined with a running
         ``logsumexp``, so a large ``k`` fits in memory. Noise: for each chunk of
         ``c`` samples, ``torch.randn((c, B, D), generator=generator)``.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        batch = x.shape[0]
+        batch, channels = x.shape[:2]
         if chunk_size is None:
-            chunk_size = max(1, LOG_LIKELIHOOD_ROWS // max(batch, 1))
+            rows = LOG_LIKELIHOOD_ROWS * channels // self.likelihood.params_channels(channels)
+            chunk_size = max(1, rows // max(batch, 1))
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         mu, logvar = (t.float() for t in self.encode(x))
         std = torch.exp(0.5 * logvar)
+        scored = x if target is None else target
         total = None
         for start in range(0, k, chunk_size):
             c = min(chunk_size, k - start)
             eps = torch.randn((c, *mu.shape), generator=generator, device=mu.device)
             z = mu + std * eps
             x_hat = self.decode(z.reshape(c * batch, -1))
-            log_p_x_given_z = -self.likelihood(x_hat, x.expand(c, *x.shape).reshape(c * batch, *x.shape[1:]))
+            repeated = scored.expand(c, *scored.shape).reshape(c * batch, *scored.shape[1:])
+            log_p_x_given_z = -self.likelihood(x_hat, repeated)
             # log N(z; 0, I) - log N(z; mu, sigma^2): the log(2 pi) terms cancel.
             log_prior_over_posterior = 0.5 * (eps.square() - z.square() + logvar).sum(dim=-1)
             log_w = log_p_x_given_z.view(c, batch) + log_prior_over_posterior
@@ -203,24 +230,61 @@ class VAE(TrainableModel):
         return {"eps": torch.randn((batch_size, self.latent_dim), generator=generator, device=device)}
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, *, generator: torch.Generator, k: int = 1000) -> dict[str, torch.Tensor]:
+    def evaluate(
+        self, x: torch.Tensor, *, generator: torch.Generator, target: torch.Tensor | None = None, k: int = 1000
+    ) -> dict[str, torch.Tensor]:
         """Per image of ``x``: ``elbo``, ``-(recon + kl)`` with one sampled ``z`` and the analytic KL, and
-        ``log_likelihood``, the importance-sampled estimate with ``k`` samples (:meth:`log_likelihood`)."""
+        ``log_likelihood``, the importance-sampled estimate with ``k`` samples (:meth:`log_likelihood`), in nats.
+
+        With ``target``, both score ``target`` with the posterior ``q(z | x)`` (a
+        denoising run's corrupted ``x`` against the clean ``target``). For a
+        likelihood of discrete values (``"dmol"``) also the same two in bits per
+        dim, ``-nats / (C H W ln 2)`` (:func:`~fastvae.likelihoods.bits_per_dim`):
+        ``elbo_bits_per_dim`` and ``bits_per_dim``, the unit such models are compared in.
+        """
         eps = torch.randn((len(x), self.latent_dim), generator=generator, device=x.device)
-        out = self(x, eps=eps, kl_weight=1.0)
-        return {"elbo": -(out.recon + out.kl), "log_likelihood": self.log_likelihood(x, k, generator=generator)}
+        out = self(x, target=target, eps=eps, kl_weight=1.0)
+        log_likelihood = self.log_likelihood(x, k, generator=generator, target=target)
+        return elbo_results(self.likelihood, x, -(out.recon + out.kl), log_likelihood)
 
-    def format_evaluation(self, results: dict[str, float], *, n_images: int, k: int = 1000) -> str:
-        """Two lines: the held-out ELBO and log-likelihood (means of :meth:`evaluate`'s), nats per image."""
-        return format_elbo_evaluation(results, n_images=n_images, k=k)
+    def format_evaluation(
+        self, results: dict[str, float], *, n_images: int, corruption: str | None = None, k: int = 1000
+    ) -> str:
+        """The held-out ELBO and log-likelihood (means of :meth:`evaluate`'s) in nats per image, in bits per dim
+        for a likelihood of discrete values, and what they are comparable with."""
+        return format_elbo_evaluation(self.likelihood, results, n_images=n_images, corruption=corruption, k=k)
 
 
-def format_elbo_evaluation(results: dict[str, float], *, n_images: int, k: int) -> str:
-    """The lines a VAE prints for its held-out ``elbo`` and importance-sampled ``log_likelihood`` (nats per image)."""
-    return (
-        f"held-out ELBO: {results['elbo']:.2f} nats/image ({n_images} images)\n"
-        f"held-out log-likelihood (importance-sampled, k={k}): {results['log_likelihood']:.2f} nats/image"
-    )
+def elbo_results(
+    likelihood: Likelihood, x: torch.Tensor, elbo: torch.Tensor, log_likelihood: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """A VAE's per-image held-out metrics: ``elbo`` and ``log_likelihood`` in nats, and for a likelihood of
+    discrete values the same in bits per dim (``elbo_bits_per_dim``, ``bits_per_dim``) over ``x``'s values."""
+    results = {"elbo": elbo, "log_likelihood": log_likelihood}
+    if likelihood.discrete:
+        values = x[0].numel()
+        results["elbo_bits_per_dim"] = bits_per_dim(-elbo, values)
+        results["bits_per_dim"] = bits_per_dim(-log_likelihood, values)
+    return results
+
+
+def format_elbo_evaluation(
+    likelihood: Likelihood, results: dict[str, float], *, n_images: int, corruption: str | None, k: int
+) -> str:
+    """The lines a VAE prints for the means of :func:`elbo_results`: the held-out ELBO and importance-sampled
+    log-likelihood in nats per image, in bits per dim where given, and what they are comparable with."""
+    lines = [
+        f"{held_out_label('ELBO', corruption)}: {results['elbo']:.2f} nats/image ({n_images} images)",
+        f"{held_out_label(f'log-likelihood (importance-sampled, k={k})', corruption)}: "
+        f"{results['log_likelihood']:.2f} nats/image",
+    ]
+    if "bits_per_dim" in results:
+        lines.append(
+            f"in bits/dim (-nats / (values per image x ln 2)): {results['elbo_bits_per_dim']:.4f} from the ELBO, "
+            f"{results['bits_per_dim']:.4f} from the log-likelihood"
+        )
+    lines.append(f"comparable: {likelihood.comparable_with()}")
+    return "\n".join(lines)
 
 
 def kl_warmup_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:

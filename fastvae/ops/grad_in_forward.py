@@ -1,9 +1,9 @@
 """The backward of a fused op whose forward already wrote the gradient of its inputs.
 
-Some fused ops (the reconstruction losses) compute ``G = s * d(per-sample
-loss)/d(input)`` in the same pass as the loss, with the reduction's scale ``s``
-folded in, and return ``G`` from their custom op as extra outputs that the
-user never sees. Their backward then only has to multiply ``G`` by the upstream
+Some fused ops (the reconstruction losses, the discretized mixture of
+logistics) compute ``G = s * d(per-sample loss)/d(input)`` in the same pass as
+the loss, with the reduction's scale ``s`` folded in, and return ``G`` from
+their custom op as extra outputs that the user never sees. Their backward then only has to multiply ``G`` by the upstream
 gradient ``w`` (``(B,)`` per sample, or a scalar), which this module does
 without reading ``w`` on the host, in one of four ways (:func:`backward_mode`):
 
@@ -30,7 +30,10 @@ backward with gradients ``v`` for its ``G`` outputs, where the op adds the
 Hessian-vector products ``H v``, written as differentiable torch ops of ``G``
 and the saved inputs, so that third and higher orders follow by the same
 recursion. :func:`add_grads` sums the two parts. Ops with this design:
-:mod:`fastvae.ops.reconstruction_loss`.
+:mod:`fastvae.ops.reconstruction_loss`. :mod:`fastvae.ops.discretized_logistic_mixture`
+uses the first three modes alike, but its Hessian is not per element: its saved
+gradient is not differentiable, and under ``create_graph=True`` it differentiates
+its reference at the saved inputs instead.
 """
 from __future__ import annotations
 

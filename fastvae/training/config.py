@@ -9,11 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fastvae.backend import BACKENDS, resolve_backend
+from fastvae.backend import BACKENDS, requested_backend, resolve_backend
+from fastvae.corruption import parse_corruption
 from fastvae.errors import ConfigError
 from fastvae.models import LIKELIHOODS
-from fastvae.training.builders import MODELS
+from fastvae.training.builders import MODELS, OBJECTIVES, default_likelihood
 from fastvae.training.distributed import DEVICES
+from fastvae.training.schedule import LR_SCHEDULES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NOISE_MODES = ("rank", "global")
@@ -21,15 +23,26 @@ NOISE_MODES = ("rank", "global")
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; the ``fastvae train`` options map onto these fields one to one."""
+    """Everything a training run depends on; the ``fastvae train`` options map onto these fields one to one.
 
-    # What is trained. A resumed run keeps these (and the next group) from its checkpoint.
+    A resumed run (``resume=True``) keeps every field it was started with
+    except those in :data:`PER_INVOCATION`; a field the resume sets explicitly
+    changes it only if it is in :data:`ADJUSTABLE_ON_RESUME` or
+    :data:`LENGTH_FIELDS`, and is an error otherwise (see :func:`resumed_config`).
+    """
+
+    # What is trained.
     data: str = "mnist"
     num_images: int | None = None
+    objective: str = "vae"  # "vae", or "ae": the deterministic autoencoder
     model: str = "mlp"
-    latent_dim: int = 16
+    latent_dim: int = 20
     hidden: tuple[int, ...] | None = None
-    likelihood: str = "bce"
+    likelihood: str | None = None  # None: the objective's default ("bce" for "vae", "mse" for "ae"), set on creation
+    # Settings of the likelihood, for those that take them (its `options`); None: the likelihood's default,
+    # filled in for a likelihood that takes them.
+    num_mixtures: int | None = None
+    num_bits: int | None = None
     logvar_limit: float | None = 10.0  # 0 or None: no clamp
     # The hierarchical VAE's (model "hvae"); None: the model's defaults.
     layers_per_resolution: tuple[int, ...] | None = None
@@ -39,41 +52,78 @@ class TrainConfig:
     free_bits: float = 0.0  # hvae: nats per latent channel of each layer that the KL term counts at least
     grad_clip: float | None = None  # clip the gradient norm to this; None: the model's default; 0: no clipping
     kl_warmup: int = 0
+    denoise: str | None = None  # "gaussian:SIGMA" or "mask:FRACTION": corrupt the inputs, score the clean images
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-3  # the peak of the schedule
+    lr_schedule: str = "cosine"
     precision: str = "fp32"
     seed: int = 0
     noise: str = "rank"
     # How long: steps, when given, wins over epochs. A resumed run may extend either.
     epochs: int = 60
     steps: int | None = None
-    # How it runs: free to change when resuming.
+    # How it runs.
     out: str | None = None
     resume: bool = False
-    backend: str = "auto"
+    backend: str = "auto"  # train() takes FASTVAE_BACKEND's value when this is not set explicitly
     compile: bool = False
     device: str = "auto"
     checkpoint_every: int = 500
     log_every: int = 10
     eval_k: int = 1000
     quiet: bool = False
+    tensorboard: bool = False
+    tensorboard_image_every: int = 500
 
     def __post_init__(self):
         if self.hidden is not None:
             self.hidden = tuple(self.hidden)
         if self.layers_per_resolution is not None:
             self.layers_per_resolution = tuple(self.layers_per_resolution)
+        if self.likelihood is None:
+            self.likelihood = default_likelihood(self.objective)
+        # The likelihood's own defaults for the settings it takes and that are not given, so that a checkpoint
+        # records the values the run used.
+        family = LIKELIHOODS.get(self.likelihood)
+        for field, default in family.options.items() if family is not None else ():
+            if field in LIKELIHOOD_OPTION_FIELDS and getattr(self, field) is None:
+                setattr(self, field, default)
 
 
-MODEL_FIELDS = (
-    "data", "num_images", "model", "latent_dim", "hidden", "likelihood", "logvar_limit", "layers_per_resolution",
-    "latent_channels",
-)
-FIXED_ON_RESUME = MODEL_FIELDS + (
-    "beta", "kl_warmup", "batch_size", "lr", "precision", "seed", "noise", "free_bits", "grad_clip",
-)
+# The hierarchical VAE's fields: an error with any other model.
 HVAE_FIELDS = ("layers_per_resolution", "latent_channels", "free_bits")
+# The fields that hold a likelihood's settings (fastvae.likelihoods.Likelihood.options), under the same names.
+LIKELIHOOD_OPTION_FIELDS = ("num_mixtures", "num_bits")
+# Fields of the command, not of the run: a resume never takes them from the checkpoint.
+PER_INVOCATION = ("out", "resume", "quiet")
+# The run's, but a resume may set them explicitly (its start line says so). The data may move: its
+# fingerprint, not its path, decides whether it is the run's.
+ADJUSTABLE_ON_RESUME = (
+    "data",
+    "backend",
+    "compile",
+    "device",
+    "checkpoint_every",
+    "log_every",
+    "eval_k",
+    "tensorboard",
+    "tensorboard_image_every",
+)
 LENGTH_FIELDS = ("epochs", "steps")
+# Everything else is fixed: a resume that sets it to another value is refused. New fields land here by default.
+FIXED_ON_RESUME = tuple(
+    f.name
+    for f in dataclasses.fields(TrainConfig)
+    if f.name not in PER_INVOCATION + ADJUSTABLE_ON_RESUME + LENGTH_FIELDS
+)
+# Adam's first step is lr / (1 - beta1) with torch's beta1 = 0.9, applied in float32.
+MAX_LR = float(torch.finfo(torch.float32).max) * (1 - 0.9)
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+
+
+def option_name(field: str) -> str:
+    """The ``fastvae train`` option of the :class:`TrainConfig` field ``field``: ``eval_k`` -> ``--eval-k``."""
+    return "--" + field.replace("_", "-")
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -90,22 +140,31 @@ def validate_config(config: TrainConfig) -> None:
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"{name} must be an integer of at least {low}, got {value!r}")
 
+    choose("objective", OBJECTIVES)
     choose("model", MODELS)
     choose("likelihood", LIKELIHOODS)
     choose("precision", PRECISIONS)
     choose("backend", BACKENDS)
     choose("device", DEVICES)
     choose("noise", NOISE_MODES)
+    choose("lr_schedule", LR_SCHEDULES)
     for name in ("latent_dim", "batch_size", "epochs", "checkpoint_every", "log_every", "eval_k"):
         at_least(name, 1)
+    at_least("tensorboard_image_every", 1)
     at_least("steps", 1, allow_none=True)
     at_least("num_images", 2, allow_none=True)
     at_least("kl_warmup", 0)
     at_least("seed", 0)
+    if config.seed > MAX_SEED:
+        raise ConfigError(f"seed must be at most 2**64 - 1 = {MAX_SEED}, got {config.seed}")
     if config.hidden is not None and (not config.hidden or min(config.hidden) < 1):
         raise ConfigError(f"hidden must list positive sizes, got {config.hidden}")
     if not config.lr > 0 or not math.isfinite(config.lr):
         raise ConfigError(f"lr must be a positive number, got {config.lr}")
+    if config.lr > MAX_LR:
+        raise ConfigError(
+            f"lr must be at most {MAX_LR:.3g}, got {config.lr:g}: Adam's first step, lr / (1 - 0.9), must fit a float32"
+        )
     if not config.beta >= 0 or not math.isfinite(config.beta):
         raise ConfigError(f"beta must be a non-negative number, got {config.beta}")
     if config.logvar_limit is not None and not config.logvar_limit >= 0:
@@ -122,44 +181,135 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(f"free_bits must be a non-negative number, got {config.free_bits}")
     if config.grad_clip is not None and (not config.grad_clip >= 0 or not math.isfinite(config.grad_clip)):
         raise ConfigError(f"grad_clip must be a non-negative number (0 turns clipping off), got {config.grad_clip}")
+    if not config.resume:  # a resumed run's model comes from its checkpoint: its fields are checked by resumed_config
+        check_model_fields(config)
+    try:
+        parse_corruption(config.denoise)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if config.resume and not config.out:
+        raise ConfigError("resume needs out: the folder of the run to continue")
+    if not config.resume:  # a resumed run's likelihood comes from its checkpoint: checked by resumed_config
+        likelihood_options(config)
+
+
+def check_model_fields(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for a field of the hierarchical VAE given to another model, or an hvae with
+    an objective other than the VAE's."""
     if config.model != "hvae":
         for name in HVAE_FIELDS:
             if getattr(config, name) != getattr(TrainConfig, name):
-                raise ConfigError(f"{name} applies to model 'hvae' only, not {config.model!r}")
-    if config.resume and not config.out:
-        raise ConfigError("resume needs out: the folder of the run to continue")
+                raise ConfigError(f"{option_name(name)} applies to model 'hvae' only, not {config.model!r}")
+    elif config.objective != "vae":
+        raise ConfigError(f"model 'hvae' trains objective 'vae' only, not {config.objective!r}")
 
 
-def resumed_config(config: TrainConfig, saved: TrainConfig, explicit: Collection[str]) -> TrainConfig:
-    """``config`` with the run-defining fields taken from the ``saved`` config of a checkpoint.
+def likelihood_options(config: TrainConfig, likelihood: str | None = None) -> dict:
+    """The settings that ``config`` gives its likelihood (``likelihood``, default ``config.likelihood``).
 
-    A field in ``explicit`` (set by the user) that contradicts the checkpoint is an error.
+    Raises :class:`ConfigError` for a setting the likelihood does not take (say
+    ``num_mixtures`` for ``"bce"``) or a value it refuses.
+    """
+    name = config.likelihood if likelihood is None else likelihood
+    if name not in LIKELIHOODS:
+        raise ConfigError(f"unknown likelihood {name!r}: choose one of {', '.join(LIKELIHOODS)}")
+    family = LIKELIHOODS[name]
+    given = {field: getattr(config, field) for field in LIKELIHOOD_OPTION_FIELDS if getattr(config, field) is not None}
+    for field in given:
+        if field not in family.options:
+            takers = [other for other, cls in LIKELIHOODS.items() if field in cls.options]
+            raise ConfigError(
+                f"{field} ({option_name(field)}) is a setting of likelihood {' or '.join(takers)} only, "
+                f"not of {name}"
+            )
+    try:
+        family(**given)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"likelihood {name}: {err}") from None
+    return given
+
+
+def resumed_config(config: TrainConfig, saved: TrainConfig, explicit: Collection[str]) -> tuple[TrainConfig, list[str]]:
+    """``config`` for resuming the run whose checkpoint holds ``saved``, and what the resume changes, in words.
+
+    Every field comes from ``saved`` except those of :data:`PER_INVOCATION`
+    and those in ``explicit`` (set by the user): an explicit field of
+    :data:`ADJUSTABLE_ON_RESUME` or :data:`LENGTH_FIELDS` replaces the saved
+    value (listed in the changes, as ``"--eval-k 1000 -> 10"``); one of
+    :data:`FIXED_ON_RESUME` that contradicts the checkpoint is a :class:`ConfigError`.
     """
     merged = dataclasses.replace(config)
-    for name in FIXED_ON_RESUME:
-        saved_value = getattr(saved, name)
-        if name not in explicit:
+    # Settings the saved run's likelihood does not take are refused as such, before any conflict.
+    likelihood_options(config, config.likelihood if "likelihood" in explicit else saved.likelihood)
+    changes = []
+    new_length = bool(set(explicit) & set(LENGTH_FIELDS))  # a new length replaces both: --steps wins over --epochs
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
+        if name in PER_INVOCATION:
+            continue
+        saved_value, value = getattr(saved, name), getattr(config, name)
+        given = new_length if name in LENGTH_FIELDS else name in explicit
+        if not given:
             setattr(merged, name, saved_value)
-        elif getattr(config, name) != saved_value:
+        elif name in FIXED_ON_RESUME and value != saved_value:
             raise ConfigError(
                 f"the checkpoint in {config.out} was trained with {name}={saved_value!r}, not "
-                f"{getattr(config, name)!r}; a resumed run keeps its settings (leave the option out)"
+                f"{value!r}; a resumed run keeps its settings (leave {option_name(name)} out)"
             )
-    if not explicit & set(LENGTH_FIELDS):  # the run's own length, unless a new one is given
-        for name in LENGTH_FIELDS:
-            setattr(merged, name, getattr(saved, name))
-    return merged
+        elif name in explicit and value != saved_value:
+            changes.append(f"{option_name(name)} {_words(saved_value)} -> {_words(value)}")
+    return merged, changes
 
 
-def check_backend(backend: str, device: torch.device) -> str:
-    """The backend (``"triton"`` or ``"torch"``) that ``backend`` picks for float32 tensors on ``device``."""
+def _words(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def backend_from_environment() -> str:
+    """The backend ``FASTVAE_BACKEND`` names (``"auto"`` when it is unset): the default of ``--backend``.
+
+    Raises :class:`ConfigError` for a value that names no backend.
+    """
+    try:
+        return requested_backend(None)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_backend(backend: str | None, device: torch.device) -> str:
+    """The backend (``"triton"`` or ``"torch"``) that ``backend`` picks for float32 tensors on ``device``.
+
+    ``None``: the one ``FASTVAE_BACKEND`` names (:func:`backend_from_environment`).
+    """
+    if backend is None:
+        backend = backend_from_environment()
     try:
         return resolve_backend(backend, device, {"images": torch.float32})
     except (ValueError, TypeError, RuntimeError) as err:
         raise ConfigError(f"backend {backend!r} cannot run here: {err}") from None
 
 
-def checkpoint_config(checkpoint: dict) -> TrainConfig:
-    """The config a checkpoint was trained with (fields this version does not know are dropped)."""
+# The defaults that checkpoints written before ``lr_schedule`` existed were trained with, where they differ
+# from today's: such a run resumes, evaluates and samples as the model it was.
+_DEFAULTS_BEFORE_LR_SCHEDULE = {"lr_schedule": "constant"}
+_MLP_HIDDEN_BEFORE_LR_SCHEDULE = (512, 256)
+
+
+def checkpoint_config(checkpoint: dict, path: str) -> TrainConfig:
+    """The config the checkpoint read from ``path`` was trained with (fields this version does not know are dropped).
+
+    A checkpoint written before ``lr_schedule`` existed gets the defaults of its time (a constant rate; for
+    the mlp, hidden sizes (512, 256)). Raises :class:`ConfigError` when it holds values no run could have used.
+    """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{name: value for name, value in checkpoint["config"].items() if name in known})
+    try:
+        saved = {name: value for name, value in checkpoint["config"].items() if name in known}
+        if "lr_schedule" not in saved:
+            saved.update(_DEFAULTS_BEFORE_LR_SCHEDULE)
+            if saved.get("model", "mlp") == "mlp" and saved.get("hidden") is None:
+                saved["hidden"] = _MLP_HIDDEN_BEFORE_LR_SCHEDULE
+        config = TrainConfig(**saved)
+        validate_config(config)
+    except (ConfigError, TypeError) as err:
+        raise ConfigError(f"{path} holds a damaged run configuration: {err}") from None
+    return config

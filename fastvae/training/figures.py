@@ -1,10 +1,12 @@
-"""PNG figures of a training run (matplotlib, no display needed).
+"""The figures of a training run, PNG (matplotlib, no display needed), each written atomically.
 
 :func:`save_model_figures` writes ``reconstructions.png``, ``samples.png`` and
 ``interpolation.png`` from the model's ``reconstruct``, ``sample`` and
-``interpolate`` (:class:`~fastvae.models.base.TrainableModel`);
-:func:`save_loss_curve` writes ``loss.png`` from ``metrics.jsonl``, and
-:func:`save_metric_plots` the figures of logged metrics a model asks for
+``interpolate`` (:class:`~fastvae.models.base.TrainableModel`), and where they
+apply ``denoising.png`` (:func:`denoising_grid`) and ``latents.png``
+(:func:`save_latent_scatter`, from ``codes``); :func:`save_loss_curve` writes
+``loss.png`` from ``metrics.jsonl``, and :func:`save_metric_plots` the figures
+of logged metrics a model asks for
 (:meth:`~fastvae.models.base.TrainableModel.metric_plots`: the hierarchical
 VAE's ``kl_layers.png``).
 """
@@ -13,14 +15,34 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from fastvae.corruption import Corruption
 from fastvae.data import to_unit_float
+from fastvae.errors import ConfigError
 from fastvae.models import MetricPlot, TrainableModel
+from fastvae.training.evaluate import batched_codes
+from fastvae.training.files import write_atomic
 
+# The keys of the run folder's paths that save_model_figures writes, in its order.
+MODEL_FIGURES = ("reconstructions", "samples", "interpolation")
+# The suffixes save_image_grid writes, and the format matplotlib is given for each.
+IMAGE_FORMATS = {
+    ".png": "png",
+    ".jpg": "jpg",
+    ".jpeg": "jpeg",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".webp": "webp",
+    ".gif": "gif",
+    ".pdf": "pdf",
+    ".svg": "svg",
+    ".eps": "eps",
+    ".ps": "ps",
+}
 # Tiles smaller than this many pixels are enlarged (nearest neighbour) so that 8x8 digits stay visible.
 MIN_TILE_PIXELS = 32
 PAD = 2
@@ -46,31 +68,66 @@ def image_grid(images: torch.Tensor, ncols: int) -> np.ndarray:
     return grid[0].numpy() if c == 1 else grid[:3].permute(1, 2, 0).numpy()
 
 
+def image_format(path: str) -> str:
+    """The format :func:`save_image_grid` writes to ``path``, from its suffix (``.png``, ``.jpg``, ``.pdf``, ...).
+
+    Raises :class:`ConfigError` for a suffix it cannot write, or none.
+    """
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in IMAGE_FORMATS:
+        what = f"the image format {suffix!r}" if suffix else "a file without a suffix"
+        raise ConfigError(f"cannot write {what} ({path}); name it {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
+
+
 def save_image_grid(path: str, images: torch.Tensor, ncols: int) -> None:
-    """Write :func:`image_grid` of ``images`` to the PNG file ``path``."""
+    """Write :func:`image_grid` of ``images`` to ``path``, atomically, in the format its suffix names."""
     from matplotlib import image as mpimg
 
-    mpimg.imsave(path, image_grid(images, ncols), cmap="gray", vmin=0.0, vmax=1.0, format="png")
+    grid, kind = image_grid(images, ncols), image_format(path)
+    write_atomic(path, lambda f: mpimg.imsave(f, grid, cmap="gray", vmin=0.0, vmax=1.0, format=kind))
 
 
-def save_loss_curve(path: str, records: Sequence[dict]) -> None:
-    """Plot the per-step ``loss``, ``recon`` and ``kl`` of ``records`` (``metrics.jsonl`` lines) to ``path``."""
+def save_loss_curve(path: str, records: Sequence[dict], metrics: Sequence[str], units: str) -> None:
+    """Plot the per-step ``loss`` of ``records`` (``metrics.jsonl`` lines) and each of the model's ``metrics``.
+
+    One panel each, in ``units`` per image (the model's :attr:`~TrainableModel.units`);
+    a metric equal to the loss at every step (an autoencoder's ``recon``) is not drawn twice.
+    """
     from matplotlib.figure import Figure  # drawn without pyplot: no display or backend choice needed
 
     steps = [r["step"] for r in records]
-    figure = Figure(figsize=(9, 3.5), layout="constrained")
-    ax_loss, ax_kl = figure.subplots(1, 2)
-    ax_loss.plot(steps, [r["loss"] for r in records], label="loss", linewidth=1)
-    ax_loss.plot(steps, [r["recon"] for r in records], label="recon (-log p(x|z))", linewidth=1)
-    # A log scale shows the late, slow progress; a Gaussian likelihood's loss can be negative, though.
-    positive = all(r["loss"] > 0 and r["recon"] > 0 for r in records)
-    ax_loss.set(xlabel="step", ylabel="nats per image", title="training loss", yscale="log" if positive else "linear")
-    ax_loss.legend()
-    ax_kl.plot(steps, [r["kl"] for r in records], color="C2", linewidth=1)
-    ax_kl.set(xlabel="step", ylabel="nats per image", title="KL(q(z|x) || p(z))")
-    for ax in (ax_loss, ax_kl):
+    loss = [r["loss"] for r in records]
+    same = [name for name in metrics if [r[name] for r in records] == loss]
+    series = {" = ".join(["loss", *same]): loss}
+    series.update({name: [r[name] for r in records] for name in metrics if name not in same})
+    figure = Figure(figsize=(0.5 + 3.7 * len(series), 3.5), layout="constrained")
+    for i, (ax, (name, values)) in enumerate(zip(np.atleast_1d(figure.subplots(1, len(series))), series.items())):
+        ax.plot(steps, values, color=f"C{i}", linewidth=1)
+        # A log scale shows the late, slow progress; a Gaussian likelihood's loss can be negative, though.
+        ax.set(xlabel="step", ylabel=f"{units} per image", title=name, yscale="log" if min(values) > 0 else "linear")
         ax.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
+    write_atomic(path, lambda f: figure.savefig(f, dpi=100, format=image_format(path)))
+
+
+def save_latent_scatter(path: str, codes: torch.Tensor, labels: torch.Tensor | None) -> None:
+    """Scatter the 2-D ``codes`` ``(N, 2)``, coloured by ``labels`` ``(N,)`` (one colour per class) if given."""
+    from matplotlib.figure import Figure
+
+    codes = codes.detach().float().cpu().numpy()
+    figure = Figure(figsize=(5.5, 4.5), layout="constrained")
+    ax = figure.subplots()
+    if labels is None:
+        ax.scatter(codes[:, 0], codes[:, 1], s=6, alpha=0.7)
+    else:
+        labels = labels.cpu().numpy()
+        for i, label in enumerate(np.unique(labels)):
+            chosen = labels == label
+            ax.scatter(codes[chosen, 0], codes[chosen, 1], s=6, alpha=0.7, color=f"C{i % 10}", label=str(label))
+        ax.legend(title="label", markerscale=2.5, fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
+    ax.set(xlabel="z[0]", ylabel="z[1]", title=f"codes of {len(codes)} held-out images")
+    ax.grid(alpha=0.3)
+    write_atomic(path, lambda f: figure.savefig(f, dpi=100, format=image_format(path)))
 
 
 def save_metric_plots(folder: str, plots: dict[str, Sequence[MetricPlot]], records: Sequence[dict]) -> list[str]:
@@ -89,8 +146,9 @@ def save_metric_plots(folder: str, plots: dict[str, Sequence[MetricPlot]], recor
             if len(panel.metrics) > 1:
                 ax.legend(fontsize="small")
             ax.grid(alpha=0.3)
-        paths.append(os.path.join(folder, f"{stem}.png"))
-        figure.savefig(paths[-1], dpi=100)
+        path = os.path.join(folder, f"{stem}.png")
+        write_atomic(path, lambda f, figure=figure: figure.savefig(f, dpi=100, format="png"))
+        paths.append(path)
     return paths
 
 
@@ -118,17 +176,53 @@ def interpolation_grid(model: TrainableModel, images: torch.Tensor, points: int 
 
 
 @torch.no_grad()
+def denoising_grid(
+    model: TrainableModel, images: torch.Tensor, corruption: Corruption, generator: torch.Generator, ncols: int
+) -> torch.Tensor:
+    """Row triples of ``ncols``: ``images``, their corrupted versions (noise from ``generator``) and the model's
+    reconstructions of those; ready for a grid of ``ncols`` columns."""
+    corrupted = corruption(images, generator=generator)
+    outputs = model.reconstruct(corrupted).to(images.dtype)
+    rows = []
+    for start in range(0, len(images), ncols):
+        rows += [part[start : start + ncols] for part in (images, corrupted, outputs)]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
 def save_model_figures(
-    paths: dict[str, str], model: TrainableModel, held_out: torch.Tensor, generator: torch.Generator
+    paths: dict[str, str],
+    model: TrainableModel,
+    held_out: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    corruption: Corruption | None = None,
+    labels: torch.Tensor | None = None,
+    written: Callable[[str], None] | None = None,
 ) -> None:
     """Write the reconstructions of the first 16 ``held_out`` images, 64 samples drawn with ``generator``, and
     the interpolations between pairs of those images, to ``paths["reconstructions"]``, ``["samples"]`` and
-    ``["interpolation"]``. The model is put in eval mode."""
+    ``["interpolation"]`` (:data:`MODEL_FIGURES`), calling ``written(key)`` after each (a progress bar's tick);
+    with a ``corruption``, the denoising of those images to ``paths["denoising"]``; with 2-D codes, the codes of
+    all ``held_out`` images (coloured by ``labels``, if given) to ``paths["latent_scatter"]``. The model is put
+    in eval mode."""
+    written = written or (lambda key: None)
     model.eval()
     device = next(model.parameters()).device
     images = to_unit_float(held_out[:16].to(device))
     ncols = min(8, len(images))
     save_image_grid(paths["reconstructions"], reconstruction_grid(model, images, ncols), ncols)
+    written("reconstructions")
     save_image_grid(paths["samples"], model.sample(64, generator=generator), 8)
+    written("samples")
     points = 10
     save_image_grid(paths["interpolation"], interpolation_grid(model, images, points), points + 2)
+    written("interpolation")
+    if corruption is not None:
+        save_image_grid(paths["denoising"], denoising_grid(model, images, corruption, generator, ncols), ncols)
+    try:
+        latent_size = model.codes(images[:1]).shape[1]
+    except NotImplementedError:  # a model without codes has no scatter
+        return
+    if latent_size == 2:
+        save_latent_scatter(paths["latent_scatter"], batched_codes(model, held_out), labels)

@@ -9,38 +9,67 @@ Multi-process (``torchrun --nproc-per-node N -m fastvae train ...``): one
 process per GPU (NCCL) or per CPU process (Gloo); ``batch_size`` is the global
 batch, split evenly; gradients are averaged by DistributedDataParallel, the
 logged metrics are averaged across ranks, and only rank 0 writes files.
+
+Denoising (``config.denoise``): each training batch is corrupted with fresh
+noise (:mod:`fastvae.corruption`, drawn as :mod:`fastvae.training.seeds`
+describes) and the model is called as ``model(corrupted, target=clean, ...)``;
+the model needs no other knowledge of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
-from fastvae.data import ImageData, load_images, to_unit_float
-from fastvae.errors import ConfigError, NonFiniteLossError
+from fastvae.corruption import parse_corruption
+from fastvae.data import ImageData, data_source, fingerprint, load_images, loading_message, to_unit_float
+from fastvae.errors import ConfigError, NonFiniteLossError, RunError
 from fastvae.models import TrainableModel
-from fastvae.training.builders import build_model, describe_model, evaluation_options, grad_clip
+from fastvae.training.builders import build_model, check_options_apply, describe_model, evaluation_options, grad_clip
 from fastvae.training.checkpoint import (
     CHECKPOINT_FORMAT,
-    load_checkpoint,
+    check_checkpoint_data,
     load_model_state,
     rng_state,
     save_atomic,
     set_rng_state,
 )
-from fastvae.training.config import TrainConfig, check_backend, checkpoint_config, resumed_config, validate_config
+from fastvae.training.config import (
+    TrainConfig,
+    backend_from_environment,
+    check_backend,
+    checkpoint_config,
+    resumed_config,
+    validate_config,
+)
 from fastvae.training.distributed import Distributed, start_distributed, stop_distributed
-from fastvae.training.evaluate import evaluate, write_evaluation
-from fastvae.training.figures import save_loss_curve, save_metric_plots, save_model_figures
-from fastvae.training.metrics import MetricsLog, ProgressBar, read_metrics, truncate_metrics
-from fastvae.training.rundir import FILES, new_run_dir
-from fastvae.training.seeds import epoch_order, eval_generator, global_noise_generator, seed_rank_noise
+from fastvae.training.evaluate import evaluate_held_out, format_held_out, write_evaluation
+from fastvae.training.files import describe_os_error, interrupts_deferred
+from fastvae.training.figures import MODEL_FIGURES, save_loss_curve, save_metric_plots, save_model_figures
+from fastvae.training.metrics import MetricsLog, read_metrics, truncate_metrics
+from fastvae.training.progress import Progress
+from fastvae.training.rundir import (
+    FILES,
+    OPTIONAL_FILES,
+    checkpoint_to_resume,
+    missing_final_files,
+    new_run_dir,
+    remove_temporaries,
+)
+from fastvae.training.schedule import learning_rate
+from fastvae.training.seeds import (
+    corruption_generator,
+    epoch_order,
+    eval_generator,
+    global_noise_generator,
+    seed_rank_noise,
+)
+from fastvae.training.tensorboard_log import TensorBoardLog, require_tensorboard
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,57 +81,91 @@ class TrainResult:
     out_dir: str
     step: int
     model: TrainableModel
-    evaluation: dict[str, float] | None  # the held-out means of the model's metrics, as in eval.json
-
-
-def _log(config: TrainConfig, ctx: Distributed, message: str) -> None:
-    if ctx.is_main and not config.quiet:
-        print(message, file=sys.stderr, flush=True)
+    # The held-out means of the model's metrics, as in eval.json (a denoising run's corrupted-input ones in a dict
+    # under "corrupted_inputs").
+    evaluation: dict | None
 
 
 def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> TrainResult:
     """Train the model ``config`` describes; see :mod:`fastvae.training.rundir` for what is written where.
 
     Args:
-        config: the run's settings.
+        config: the run's settings. ``backend`` not set explicitly takes the
+            value of ``FASTVAE_BACKEND``; a data file's path is stored absolute.
         explicit: the fields the user set (the command line passes them); on
-            resume the others come from the checkpoint, and a set one that
-            contradicts it is an error. ``None``: the fields that differ from
-            :class:`TrainConfig`'s defaults.
+            resume the others come from the checkpoint (see
+            :func:`~fastvae.training.config.resumed_config`). ``None``: the
+            fields that differ from :class:`TrainConfig`'s defaults.
+
+    A resumed run that already reached its last step but lacks its evaluation
+    or figures (stopped while writing them) writes them and returns.
 
     Raises:
         ConfigError: bad settings, data, output folder or checkpoint; nothing was written.
         NonFiniteLossError: the loss became NaN or infinite (the last checkpoint stays intact).
+        RunError: a file of the run could not be written, a full disk (the last checkpoint stays intact).
+        KeyboardInterrupt: Ctrl-C, with a message saying what is intact and how to go on.
     """
     if explicit is None:
         default = TrainConfig()
         explicit = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name)}
+    explicit = set(explicit)
+    backend = config.backend if "backend" in explicit else backend_from_environment()
+    config = dataclasses.replace(config, backend=backend, data=data_source(config.data))
     validate_config(config)
+    checkpoint, path, changes = None, None, []
+    if config.resume:  # before the process group starts: the run's --device decides how it connects
+        checkpoint, path = checkpoint_to_resume(config.out)
+        config, changes = resumed_config(config, checkpoint_config(checkpoint, path), explicit)
+    check_options_apply(config, explicit)
+    if config.tensorboard:
+        require_tensorboard()
     ctx = start_distributed(config.device)
     try:
-        return _train(config, set(explicit), ctx)
+        return _train(config, ctx, checkpoint, path, changes)
     finally:
         stop_distributed(ctx)
 
 
-def _train(config: TrainConfig, explicit: set[str], ctx: Distributed) -> TrainResult:
-    checkpoint = None
-    if config.resume:
-        checkpoint, _ = ctx.decide_on_main(lambda: load_checkpoint(config.out))
-        config = resumed_config(config, checkpoint_config(checkpoint), explicit)
+def _train(
+    config: TrainConfig, ctx: Distributed, checkpoint: dict | None, path: str | None, changes: list[str]
+) -> TrainResult:
+    """Train; ``checkpoint``, read from ``path``, is the one a resumed run continues, with the ``changes`` it makes."""
+    progress = Progress(quiet=config.quiet, is_main=ctx.is_main)
+    message = loading_message(config.data, num_images=config.num_images)
+    if message:
+        progress.working(message)
     data = load_images(config.data, num_images=config.num_images)
-    run = _Run(config, ctx, data, checkpoint)
+    if checkpoint is not None:
+        ctx.decide_on_main(lambda: check_checkpoint_data(checkpoint, path, data, config.data))
+    run = _Run(config, ctx, data, checkpoint, changes, progress)
     try:
         run.train()
     except KeyboardInterrupt:
-        run.progress.close()
-        raise KeyboardInterrupt(
-            f"interrupted at step {run.step + 1}; {run.last_good()}; "
-            f"continue with: fastvae train --out {run.out_dir} --resume"
+        raise KeyboardInterrupt(f"interrupted at step {run.step + 1}; {run.last_good()}{run.how_to_go_on()}") from None
+    except OSError as err:  # a write that failed: metrics.jsonl on a full disk, say
+        raise RunError(
+            f"cannot write {err.filename or 'to ' + run.out_dir}: {describe_os_error(err)}; training stopped at "
+            f"step {run.step} and {run.last_good()}"
         ) from None
+    finally:
+        run.close()
     evaluation = None
     if ctx.is_main:
-        evaluation = _finish_run(run.model, data, config, run.paths, run.total_steps)
+        try:
+            evaluation = _finish_run(
+                run.model, data, config, run.paths, run.total_steps, run.metric_names(), progress, run.tensorboard
+            )
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                f"interrupted while writing the evaluation and figures; {run.last_good()}; write them with: "
+                f"fastvae train --out {run.out_dir} --resume"
+            ) from None
+        except OSError as err:
+            raise RunError(
+                f"cannot write {err.filename or 'the evaluation and figures'}: {describe_os_error(err)}; "
+                f"{run.last_good()}; write them with: fastvae train --out {run.out_dir} --resume"
+            ) from None
     ctx.barrier()
     return TrainResult(run.out_dir, run.total_steps, run.model, evaluation)
 
@@ -110,8 +173,16 @@ def _train(config: TrainConfig, explicit: set[str], ctx: Distributed) -> TrainRe
 class _Run:
     """One training run's state: what :func:`train` sets up, steps through and checkpoints."""
 
-    def __init__(self, config: TrainConfig, ctx: Distributed, data: ImageData, checkpoint: dict | None):
-        self.config, self.ctx, self.data = config, ctx, data
+    def __init__(
+        self,
+        config: TrainConfig,
+        ctx: Distributed,
+        data: ImageData,
+        checkpoint: dict | None,
+        changes: list[str],
+        progress: Progress,
+    ):
+        self.config, self.ctx, self.data, self.progress = config, ctx, data, progress
         n_train = len(data.train)
         if config.batch_size > n_train:
             raise ConfigError(
@@ -127,7 +198,8 @@ class _Run:
         self.steps_per_epoch = n_train // config.batch_size
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
         self.saved_step = self.step = checkpoint["step"] if checkpoint else 0
-        if self.step >= self.total_steps:
+        missing = missing_final_files(config.out) if config.resume else []
+        if self.step > self.total_steps or self.step == self.total_steps and not missing:
             raise ConfigError(
                 f"the run in {config.out} is already at step {self.step} of {self.total_steps}; "
                 "pass a larger --steps or --epochs to train further"
@@ -145,23 +217,38 @@ class _Run:
         if config.noise == "global":
             self.noise_generator = global_noise_generator(config.seed, ctx.device)
         seed_rank_noise(config.seed, ctx.rank)
+        self.corruption = parse_corruption(config.denoise)
+        self.corruption_generator = None
+        if self.corruption is not None:
+            rank = None if config.noise == "global" else ctx.rank
+            self.corruption_generator = corruption_generator(config.seed, rank, ctx.device)
         if checkpoint:
             self._restore(checkpoint)
+        self.fingerprint = fingerprint(data) if ctx.is_main else None
 
+        took_over = False
         if config.resume:
             self.out_dir = config.out
-            if ctx.is_main:
-                truncate_metrics(os.path.join(self.out_dir, FILES["metrics"]), self.step)
         else:
-            self.out_dir = ctx.decide_on_main(lambda: new_run_dir(config, data.name))
-        self.paths = {key: os.path.join(self.out_dir, name) for key, name in FILES.items()}
-        _log(
-            config,
-            ctx,
-            f"training the {describe_model(config, self.model)} on {data.name} ({n_train} images, {len(data.test)} held out) "
-            f"for steps {self.step + 1}..{self.total_steps} on {ctx.device} x{ctx.world_size} "
-            f"({config.precision}, backend {backend}); writing {self.out_dir}",
-        )
+            self.out_dir, took_over = ctx.decide_on_main(lambda: new_run_dir(config, data.name))
+        self.paths = {key: os.path.join(self.out_dir, name) for key, name in {**FILES, **OPTIONAL_FILES}.items()}
+        if config.resume:
+            ctx.decide_on_main(self._tidy_run_dir)
+        if self.step == self.total_steps:
+            progress.say(
+                f"the run in {self.out_dir} is at its last step, {self.step}; writing the evaluation and figures it "
+                f"lacks ({', '.join(missing)})"
+            )
+        else:
+            progress.say(
+                f"training the {describe_model(config, self.model)} on {data.name} ({n_train} images, "
+                f"{len(data.test)} held out) for steps {self.step + 1}..{self.total_steps} on {ctx.device} "
+                f"x{ctx.world_size} ({config.precision}, backend {backend}"
+                + (f", inputs corrupted by {self.corruption}" if self.corruption else "")
+                + f"); writing {self.out_dir}"
+                + (" (taken over: it held no checkpoint)" if took_over else "")
+                + (f"; resumed with {', '.join(changes)}" if changes else ""),
+            )
 
         self.trained = self.model
         if ctx.world_size > 1:
@@ -171,19 +258,51 @@ class _Run:
             self.trained = torch.compile(self.trained)
         self.local_batch = config.batch_size // ctx.world_size
         self.metrics = MetricsLog(self.paths["metrics"] if ctx.is_main else None, ctx, self.local_batch)
-        self.progress = ProgressBar(self.total_steps, enabled=ctx.is_main and not config.quiet and sys.stderr.isatty())
+        self.tensorboard = None
+        if config.tensorboard and ctx.is_main:
+            self.tensorboard = TensorBoardLog(
+                self.out_dir,
+                resumed_from=self.step,
+                held_out=data.test,
+                image_every=config.tensorboard_image_every,
+                seed=config.seed,
+            )
+        self.bar = None
         self.train_images = data.train.to(ctx.device)
         self.order = None
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The names of the model's metrics in ``metrics.jsonl``: as this process logged them, or, for a run that
+        took no step here (a finished run writing what it lacks), as the log's last line has them."""
+        if self.metrics.names:
+            return self.metrics.names
+        records = read_metrics(self.paths["metrics"])[-1:]
+        logged = {"step", "epoch", "loss", "lr", "samples_per_s", *self.model.step_inputs(self.step).log}
+        return tuple(name for name in (records[0] if records else {}) if name not in logged)
+
+    def _tidy_run_dir(self) -> None:
+        """Before resuming: drop what a stopped run left behind (temporary files, metrics past its checkpoint)."""
+        remove_temporaries(self.out_dir)
+        truncate_metrics(self.paths["metrics"], self.step)
 
     def _restore(self, checkpoint: dict) -> None:
         """Load a checkpoint's model, optimizer, scaler and this rank's RNG state."""
         load_model_state(self.model, checkpoint["model"], self.config.out)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
         states = checkpoint["rng"]
-        if len(states) == self.ctx.world_size:
-            set_rng_state(states[self.ctx.rank], self.ctx.device, self.noise_generator)
-        elif self.ctx.is_main:
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scaler.load_state_dict(checkpoint["scaler"])
+            if len(states) == self.ctx.world_size:
+                set_rng_state(
+                    states[self.ctx.rank], self.ctx.device, self.noise_generator, self.corruption_generator
+                )
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            detail = (str(err).splitlines() or [type(err).__name__])[0]
+            raise ConfigError(
+                f"the checkpoint in {self.config.out} does not fit this run: its optimizer, scaler or RNG state "
+                f"cannot be restored ({detail})"
+            ) from None
+        if len(states) != self.ctx.world_size and self.ctx.is_main:
             warnings.warn(
                 f"the checkpoint was written by {len(states)} processes and this run has {self.ctx.world_size}: "
                 "the noise after resuming differs from an uninterrupted run's",
@@ -193,6 +312,9 @@ class _Run:
     def train(self) -> None:
         """Run the steps from the current one to the last, checkpointing on the way and at the end."""
         self.model.train()
+        if self.config.compile:
+            self.progress.working("torch.compile: compiling the model in its first step (a minute or more)")
+        self.bar = self.progress.training_bar(self.total_steps, self.step)
         while self.step < self.total_steps:
             self._train_step()
             self.step += 1
@@ -200,28 +322,66 @@ class _Run:
                 self.save()
             elif self.step % self.config.log_every == 0:
                 self._flush_metrics()
-        self.save()
-        self.progress.close()
+            if self.tensorboard is not None:
+                self.tensorboard.after_step(self.model, self.step)
+        if self.step > self.saved_step:
+            self._after_training()
+            self.save()
+        self.bar.close()
+
+    def close(self) -> None:
+        """Close the progress bar and flush the TensorBoard log (after the run, or when it stops early)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    @torch.no_grad()
+    def _after_training(self) -> None:
+        """Show the model its training images once more (:meth:`TrainableModel.after_training`), in float32."""
+        self.model.eval()
+        batches = (to_unit_float(batch) for batch in self.train_images.split(self.config.batch_size))
+        with torch.autocast(self.ctx.device.type, enabled=False):
+            self.model.after_training(batches)
+        self.model.train()
 
     def _batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This rank's share of the current step's global batch: images, and forward's noise arguments if the
-        noise is drawn for the global batch (none otherwise)."""
+        """This rank's share of the current step's global batch: the model's input images, and forward's
+        keyword arguments: ``target``, the clean images, when the inputs are corrupted; the noise if it is drawn
+        for the global batch."""
         epoch, position = divmod(self.step, self.steps_per_epoch)
         if self.order is None or position == 0:
             self.order = epoch_order(self.config.seed, epoch, len(self.train_images), self.ctx.device)
         mine = slice(self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch)
         global_batch = self.order[position * self.config.batch_size : (position + 1) * self.config.batch_size]
         x = to_unit_float(self.train_images[global_batch[mine]])
-        if self.noise_generator is None:
-            return x, {}
-        noise = self.model.noise_inputs(self.config.batch_size, generator=self.noise_generator, device=self.ctx.device)
-        return x, {name: value[mine] for name, value in (noise or {}).items()}
+        arguments = {}
+        if self.corruption is not None:
+            x, arguments["target"] = self._corrupt(x, mine), x
+        if self.noise_generator is not None:
+            noise = self.model.noise_inputs(
+                self.config.batch_size, generator=self.noise_generator, device=self.ctx.device
+            )
+            arguments.update({name: value[mine] for name, value in (noise or {}).items()})
+        return x, arguments
+
+    def _corrupt(self, x: torch.Tensor, mine: slice) -> torch.Tensor:
+        """``x`` corrupted with fresh noise: this rank's own, or its slice of the global batch's (``noise="global"``)."""
+        whole = self.config.noise == "global"
+        noise = self.corruption.noise(
+            self.config.batch_size if whole else len(x),
+            tuple(x.shape[1:]),
+            generator=self.corruption_generator,
+            device=x.device,
+        )
+        return self.corruption.apply(x, noise[mine] if whole else noise)
 
     def _train_step(self) -> None:
-        x, noise = self._batch()
+        x, arguments = self._batch()
         inputs = self.model.step_inputs(self.step)
+        lr = self._set_learning_rate()
         with self.autocast:
-            out = self.trained(x, **noise, **inputs.forward)
+            out = self.trained(x, **arguments, **inputs.forward)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         metrics = out.metrics
@@ -235,14 +395,25 @@ class _Run:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         epoch = self.step // self.steps_per_epoch
-        info = {"step": self.step + 1, "epoch": epoch, **inputs.log, "lr": self.config.lr}
+        info = {"step": self.step + 1, "epoch": epoch, **inputs.log, "lr": lr}
         self.metrics.add(info, out.loss, metrics)
 
+    def _set_learning_rate(self) -> float:
+        """Give the optimizer the schedule's learning rate for the current step, and return it."""
+        lr = learning_rate(self.config.lr, self.config.lr_schedule, self.step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def _flush_metrics(self) -> None:
-        for record in self.metrics.flush(self.last_good()):
-            self.progress.update(record, self.metrics.names)
+        records = self.metrics.flush(self.last_good())
+        if self.tensorboard is not None:
+            self.tensorboard.add_records(records)
+        for record in records:
+            self.bar.update(record, self.metrics.names)
 
     def last_good(self) -> str:
+        """What of the run is intact, in words."""
         if self.saved_step == 0:
             return "no checkpoint was written"
         return (
@@ -250,41 +421,97 @@ class _Run:
             "finite), is intact"
         )
 
+    def how_to_go_on(self) -> str:
+        """How to continue after an interruption, in words that follow :meth:`last_good`."""
+        if self.saved_step == 0:
+            return f"; to start again, run the same command (it takes over {self.out_dir})"
+        return f"; continue with: fastvae train --out {self.out_dir} --resume"
+
     def save(self) -> None:
-        """Check the metrics and weights are finite, then write the checkpoint of the current step (rank 0)."""
+        """Check the metrics and weights are finite, then write the checkpoint of the current step (rank 0).
+
+        Ctrl-C waits until the checkpoint is written and counted; a failed write
+        (a full disk) is a :class:`RunError` that leaves the last checkpoint intact.
+        """
         self._flush_metrics()
         if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
             raise NonFiniteLossError(
                 f"the weights became NaN or infinite by step {self.step}; training stopped and {self.last_good()}"
             )
-        states = self.ctx.gather(rng_state(self.ctx.device, self.noise_generator))
-        if self.ctx.is_main:
-            checkpoint = {
-                "format": CHECKPOINT_FORMAT,
-                "config": dataclasses.asdict(self.config),
-                "image_shape": list(self.data.image_shape),
-                "step": self.step,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": states,
-            }
+        states = self.ctx.gather(rng_state(self.ctx.device, self.noise_generator, self.corruption_generator))
+        with interrupts_deferred():
+            if self.ctx.is_main:
+                self._write_checkpoint(states)
+            self.saved_step = self.step
+
+    def _write_checkpoint(self, states: list[dict]) -> None:
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "config": dataclasses.asdict(self.config),
+            "image_shape": list(self.data.image_shape),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": states,
+            "data": self.fingerprint,
+        }
+        try:
             save_atomic(checkpoint, self.paths["checkpoint"])
-        self.saved_step = self.step
+        except OSError as err:
+            raise RunError(
+                f"cannot write the checkpoint {self.paths['checkpoint']}: {describe_os_error(err)}; training "
+                f"stopped at step {self.step} and {self.last_good()}"
+            ) from None
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
 
 
 def _finish_run(
-    model: TrainableModel, data: ImageData, config: TrainConfig, paths: dict, step: int
-) -> dict[str, float]:
-    """Evaluate on the held-out images, write the figures and eval.json, and print the results."""
+    model: TrainableModel,
+    data: ImageData,
+    config: TrainConfig,
+    paths: dict,
+    step: int,
+    metric_names: tuple[str, ...],
+    progress: Progress,
+    tensorboard: TensorBoardLog | None,
+) -> dict:
+    """Evaluate on the held-out images, write the figures, eval.json and the final TensorBoard entries, and print
+    the results."""
     generator = eval_generator(config.seed, next(model.parameters()).device)
     options = evaluation_options(config)
-    results = evaluate(model, data.test, batch_size=config.batch_size, generator=generator, **options)
-    save_model_figures(paths, model, data.test, generator)
-    records = read_metrics(paths["metrics"])
-    save_loss_curve(paths["loss_curve"], records)
-    save_metric_plots(os.path.dirname(paths["checkpoint"]), model.metric_plots(), records)
-    write_evaluation(paths["eval"], results, step=step, n_images=len(data.test), options=options)
-    print(model.format_evaluation(results, n_images=len(data.test), **options))
+    corruption = parse_corruption(config.denoise)
+    n_images = len(data.test)
+    results = evaluate_held_out(
+        model,
+        data.test,
+        batch_size=config.batch_size,
+        generator=generator,
+        corruption=corruption,
+        options=options,
+        progress=progress.bars,
+    )
+    labels = data.subset("test").labels
+    metric_plots = model.metric_plots()
+    # loss.png draws the loss and the per-image metrics in the model's units; the figures the model asks for
+    # draw the rest (a hierarchical VAE's KL per layer), and the gradient norm is in no unit of an image.
+    in_plots = {name for panels in metric_plots.values() for panel in panels for name in panel.metrics}
+    curve_names = tuple(name for name in metric_names if name not in in_plots and name != "grad_norm")
+    with progress.bar(total=len(MODEL_FIGURES) + 1 + len(metric_plots), desc="figures", unit="file") as bar:
+        save_model_figures(
+            paths, model, data.test, generator, corruption=corruption, labels=labels, written=lambda key: bar.update()
+        )
+        records = read_metrics(paths["metrics"])
+        save_loss_curve(paths["loss_curve"], records, curve_names, model.units)
+        bar.update()
+        save_metric_plots(os.path.dirname(paths["checkpoint"]), metric_plots, records)
+        bar.update(len(metric_plots))
+    write_evaluation(paths["eval"], results, step=step, n_images=n_images, options=options, corruption=corruption)
+    if tensorboard is not None:
+        tensorboard.add_images(model, step)
+        tensorboard.add_evaluation(results, step)
+        tensorboard.close()
+    print(format_held_out(model, results, n_images=n_images, corruption=corruption, options=options))
     print(f"run folder: {os.path.dirname(paths['checkpoint'])}")
     return results

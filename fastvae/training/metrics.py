@@ -1,4 +1,6 @@
-"""The metrics of a run: :class:`MetricsLog` (``metrics.jsonl``), reading it back, and the :class:`ProgressBar`.
+"""The metrics of a run: :class:`MetricsLog` (``metrics.jsonl``) and reading it back.
+
+What a person sees while the run works is :mod:`fastvae.training.progress`'s job.
 
 A record (one line of ``metrics.jsonl``) is ``{"step", "epoch", ...the values the
 model logs with the step (``kl_weight``), "lr", "loss", ...the batch means of the
@@ -10,58 +12,46 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
-from collections.abc import Sequence
+import warnings
 
 import torch
 
-from fastvae.errors import NonFiniteLossError
+from fastvae.errors import ConfigError, NonFiniteLossError
 from fastvae.training.distributed import Distributed
+from fastvae.training.files import write_atomic
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The records of the ``metrics.jsonl`` file ``path`` (none if it does not exist)."""
+    """The records of the ``metrics.jsonl`` file ``path`` (none if it does not exist).
+
+    A last line that is not a whole record (what a crash while appending
+    leaves) is dropped with a warning; a damaged line before it is a
+    :class:`ConfigError`.
+    """
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+        elif number != lines[-1][0]:
+            raise ConfigError(f"{path}: line {number} is not a metrics record; repair or remove it")
+        else:
+            warnings.warn(f"{path}: dropped its last line, which was cut off (as a crash leaves it)", stacklevel=2)
+    return records
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
-    """Drop the lines logged after ``last_step`` (after the checkpoint a resumed run starts from)."""
+    """Drop the lines logged after ``last_step`` (after the checkpoint a resumed run starts from), and a cut-off one."""
     kept = [r for r in read_metrics(path) if r["step"] <= last_step]
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(temporary, path)
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr: step, loss, the model's metrics and samples/s. Silent when disabled."""
-
-    WIDTH = 24
-
-    def __init__(self, total: int, enabled: bool):
-        self.total = total
-        self.enabled = enabled
-
-    def update(self, record: dict, metrics: Sequence[str]) -> None:
-        """Show ``record``, with the values of its keys ``metrics`` beside the loss."""
-        if not self.enabled:
-            return
-        done = record["step"] / self.total
-        bar = "#" * int(done * self.WIDTH)
-        parts = ", ".join(f"{name} {record[name]:.2f}" for name in metrics)
-        sys.stderr.write(
-            f"\r[{bar:<{self.WIDTH}}] step {record['step']}/{self.total} loss {record['loss']:.2f} "
-            f"({parts}) {record['samples_per_s']:,.0f} samples/s "
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+    write_atomic(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept), binary=False)
 
 
 class MetricsLog:

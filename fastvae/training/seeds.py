@@ -6,9 +6,15 @@ noise of rank ``r`` comes from torch's default generators seeded from
 ``(seed, r)``, so ranks draw different noise. ``noise="global"`` instead draws
 the noise of the whole global batch from one generator seeded alike on every
 rank, each rank taking its slice: results then do not depend on the number of
-processes (at the cost of materialising the noise). ``resume=True`` restores the
-model, optimizer, scaler and RNG states and the position in the data, so an
-interrupted run resumed ends with the weights of one never interrupted.
+processes (at the cost of materialising the noise). A denoising run's
+corruption (``--denoise``) draws from a generator of its own, on the run's
+device, following the same choice: seeded from ``(seed, r)`` on rank ``r``
+(``noise="rank"``: each rank corrupts its own images with its own stream), or
+from ``seed`` alike on every rank, which draws the global batch's corruption
+noise and takes its slice (``noise="global"``). ``resume=True`` restores the
+model, optimizer, scaler and RNG states (the corruption generator's included)
+and the position in the data, so an interrupted run resumed ends with the
+weights of one never interrupted.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 import torch
 
 # Independent random streams derived from the seed (see derived_seed).
-_STREAM_NOISE, _STREAM_EPOCH, _STREAM_GLOBAL_NOISE, _STREAM_EVAL = range(4)
+_STREAM_NOISE, _STREAM_EPOCH, _STREAM_GLOBAL_NOISE, _STREAM_EVAL, _STREAM_CORRUPTION = range(5)
 
 
 def derived_seed(seed: int, *stream: int) -> int:
@@ -44,3 +50,10 @@ def seed_rank_noise(seed: int, rank: int) -> None:
 def global_noise_generator(seed: int, device: torch.device) -> torch.Generator:
     """The generator of the global batch's noise (``noise="global"``): seeded alike on every rank."""
     return torch.Generator(device=device).manual_seed(derived_seed(seed, _STREAM_GLOBAL_NOISE))
+
+
+def corruption_generator(seed: int, rank: int | None, device: torch.device) -> torch.Generator:
+    """The generator of a denoising run's corruption noise: rank ``rank``'s own, or (``rank=None``) the global
+    batch's, seeded alike on every rank."""
+    stream = (_STREAM_CORRUPTION,) if rank is None else (_STREAM_CORRUPTION, rank)
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, *stream))

@@ -1,0 +1,309 @@
+"""``python -m benchmarks --static``: the static audit and the counts, written to ``benchmarks/results/static/``.
+
+1. Counts (:mod:`benchmarks.static.counts`) of every op case of the runner's
+   headline grid (2**24 elements, float32 and bfloat16) and of one training
+   step of every model, recording fastvae's Triton launches as they go.
+2. A few more launches of the ops at representative shapes
+   (:data:`EXTRA_SCENARIOS`) and of the in-kernel noise benchmark.
+3. Every distinct kernel variant among those launches compiled for sm_90 as
+   the launcher specialises it (:mod:`benchmarks.static.compile_sm90`), and
+   read: registers, spills, shared memory, occupancy, load/store widths,
+   instructions per element on the executed path, and an estimate of what
+   bounds it on an H100 (:mod:`benchmarks.static.hardware`).
+4. The counts checked against the byte model (:mod:`benchmarks.static.model`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.static import hardware
+from benchmarks.static.capture import Launch, LaunchRecorder
+from benchmarks.static.counts import (
+    HEADLINE_ELEMENTS,
+    IMPLS,
+    TRAIN_IMPLS,
+    _as_on_a_gpu,
+    count_ops,
+    count_train_steps,
+    headline_cases,
+)
+from benchmarks.static.kernels import kernel_spec
+
+DTYPES = (torch.float32, torch.bfloat16)
+TRAIN_BATCHES = {"*": 128}  # the training command's default batch
+NOISE_ELEMENTS = HEADLINE_ELEMENTS
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Fused ops at a representative shape, run forward and backward with their launches recorded."""
+
+    name: str
+    run: Callable[[torch.dtype], None]
+
+
+def _gaussian(logvar_shape, reduction, weights=False, batch=256, sample=(784,)):
+    def run(dtype):
+        from fastvae.functional import reconstruction_loss
+
+        x_hat = torch.randn(batch, *sample).to(dtype).requires_grad_()
+        x = torch.rand(batch, *sample).to(dtype)
+        logvar = torch.zeros(logvar_shape, dtype=dtype, requires_grad=True)
+        loss = reconstruction_loss(x_hat, x, "gaussian", reduction=reduction, logvar=logvar, backend="triton")
+        upstream = torch.rand_like(loss) if weights else torch.ones_like(loss)
+        torch.autograd.grad(loss, [x_hat, logvar], upstream)
+
+    return run
+
+
+def _weighted(kind, batch=256, sample=(784,)):
+    def run(dtype):
+        from fastvae.functional import reconstruction_loss
+
+        x_hat = torch.randn(batch, *sample).to(dtype).requires_grad_()
+        loss = reconstruction_loss(x_hat, torch.rand(batch, *sample).to(dtype), kind, backend="triton")
+        torch.autograd.grad(loss, [x_hat], torch.rand_like(loss))
+
+    return run
+
+
+def _latent_head(batch, latent_dim):
+    def run(dtype):
+        from fastvae.functional import reparameterize_kl
+
+        h = torch.randn(batch, 2 * latent_dim).to(dtype).requires_grad_()
+        mu, logvar = h.chunk(2, dim=-1)  # strided views, as a VAE's linear head gives them
+        z, kl = reparameterize_kl(mu, logvar, backend="triton")
+        torch.autograd.grad([z, kl], [h], [torch.randn_like(z), torch.ones_like(kl)])
+
+    return run
+
+
+# Launches beyond the runner's cases and the training steps: one entry per scenario.
+EXTRA_SCENARIOS = [
+    Scenario("gaussian, logvar per element, mean, 256x784", _gaussian((256, 784), "mean")),
+    Scenario("gaussian, scalar logvar, none, weighted, 256x784", _gaussian((), "none", weights=True)),
+    Scenario("bce, none, weighted, 256x784", _weighted("bce")),
+    Scenario("reparameterize_kl of a linear head's halves, 4096x32", _latent_head(4096, 32)),
+    Scenario("reparameterize_kl of a linear head's halves, 128x16", _latent_head(128, 16)),
+]
+
+
+def noise_launches() -> dict[str, list[Launch]]:
+    """The in-kernel noise benchmark's kernels (``tl.randn``, ``tl.randn4x``) at 2**24 normals, recorded."""
+    import triton
+
+    from benchmarks.noise import BLOCK, NUM_WARPS, _randn4x_kernel, _randn_kernel
+
+    out = torch.empty(NOISE_ELEMENTS)
+    launches: dict[str, list[Launch]] = {}
+    for name, kernel in (("tl.randn", _randn_kernel), ("tl.randn4x", _randn4x_kernel)):
+        with LaunchRecorder(launches=launches.setdefault(f"noise: {name}, 2^24 normals", []), execute=False):
+            kernel[(triton.cdiv(NOISE_ELEMENTS, BLOCK),)](
+                out, NOISE_ELEMENTS, 0x5EED_0F_FA57_FAE, BLOCK=BLOCK, num_warps=NUM_WARPS
+            )
+    return launches
+
+
+def small_cases(dtypes) -> list:
+    """Op cases small enough for the tests, with the tile shapes of the headline grid's (one per block shape)."""
+    from benchmarks.ops import loss_case, reparameterize_case
+
+    cases = []
+    for dtype in dtypes:
+        cases += [
+            reparameterize_case(64, 256, dtype, eps_given=False),
+            reparameterize_case(64, 256, dtype, True),
+            reparameterize_case(256, 32, dtype, eps_given=False),
+        ]
+        for kind in ("mse", "bce", "gaussian", "l1"):
+            cases += [loss_case(kind, 32, (784,), dtype), loss_case(kind, 2, (3, 64, 64), dtype)]
+    return cases
+
+
+def record_cases(cases) -> dict[str, list[Launch]]:
+    """fastvae's launches for each case, forward and backward (not run)."""
+    launches: dict[str, list[Launch]] = {}
+    count_ops(cases, impls=("fastvae",), launches=launches, log=lambda *_: None)
+    return launches
+
+
+def record_extra(dtypes) -> dict[str, list[Launch]]:
+    """fastvae's launches in :data:`EXTRA_SCENARIOS` (not run)."""
+    launches: dict[str, list[Launch]] = {}
+    with _as_on_a_gpu():
+        for scenario in EXTRA_SCENARIOS:
+            for dtype in dtypes:
+                name = f"{scenario.name} {str(dtype).replace('torch.', '')}"
+                with LaunchRecorder(launches=launches.setdefault(name, []), execute=False):
+                    scenario.run(dtype)
+    return launches
+
+
+# ---- the audit table ---------------------------------------------------------------------------------------------
+
+
+def audit_variants(launches: dict[str, list[Launch]], workers: int | None = None) -> list[dict]:
+    """One row per distinct compiled variant among ``launches``, with where it is used."""
+    from benchmarks.static.compile_sm90 import compile_in_subprocess
+
+    flat = [(scenario, launch) for scenario, items in launches.items() for launch in items]
+    compiled = compile_in_subprocess([launch.job() for _, launch in flat], workers)
+    rows: dict[str, dict] = {}
+    for (scenario, launch), key in zip(flat, compiled["variant_of"]):
+        variant = compiled["variants"][key]
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = variant_row(launch, variant)
+        row["used_by"].add(scenario)
+        if launch.elements > row["elements_of_launch"]:
+            row["elements_of_launch"] = launch.elements
+            row["bytes_per_element"] = (launch.read_bytes + launch.write_bytes) / max(launch.elements, 1)
+            row["grid"] = list(launch.grid)
+    out = []
+    for row in rows.values():
+        row["used_by"] = sorted(row["used_by"])
+        row["bound"] = hardware.bound(
+            row["instructions_per_element"], row["pipes_per_element"], row["bytes_per_element"]
+        )
+        out.append(row)
+    return sorted(out, key=lambda r: (r["kernel"], r["dtype"], json.dumps(r["constexprs"], sort_keys=True)))
+
+
+def variant_row(launch: Launch, variant: dict) -> dict:
+    spec = kernel_spec(launch.module, launch.kernel)
+    summary = variant["specialisation"]
+    num_warps = summary["num_warps"]
+    tile = spec.tile_elements(launch.constexprs)
+    per_thread = tile / (num_warps * hardware.WARP)
+    resources = variant["resources"]
+    shared = max(variant["shared_dynamic"], 0)
+    pointer_types = [t for t in summary["types"].values() if t.startswith("*")]
+    not_divisible = [name for name in summary["types"] if name not in summary["divisible_by_16"]]
+    reads, writes = spec.accessed(launch.constexprs, launch.args)
+    live = set(reads + writes)
+    # What the launcher could not specialise, of the arguments the kernel uses: a pointer or a size not a
+    # multiple of 16, a column stride not 1 (each costs vector width or index arithmetic).
+    unspecialised = [a for a in not_divisible if a in live or a in ("n_rows", "n_cols", "cols_per_split")]
+    unspecialised += [
+        f"{a} != 1"
+        for a in summary["types"]
+        if a.startswith("stride_") and a.endswith("_col") and f"{a[7:-4]}_ptr" in live
+    ]
+    return {
+        "kernel": launch.kernel,
+        "key": variant["key"],
+        "dtype": pointer_types[0][1:] if pointer_types else "",
+        "constexprs": summary["constexprs"],
+        "types": summary["types"],
+        "num_warps": num_warps,
+        "divisible_by_16": summary["divisible_by_16"],
+        "not_divisible_by_16": not_divisible,
+        "unspecialised": unspecialised,
+        "enable_fp_fusion": summary["enable_fp_fusion"],
+        "registers": resources.get("reg"),
+        "stack_bytes": resources.get("stack"),
+        "local_bytes": resources.get("local"),
+        "spill_instructions": variant["spill_instructions"],
+        "ptxas": variant["ptxas"],
+        "local_instructions_off_path": variant["local_instructions_off_path"],
+        "shared_bytes": shared,
+        "static_shared_bytes": resources.get("shared"),
+        "occupancy": hardware.occupancy(resources.get("reg", 255), shared, num_warps),
+        "global_loads": variant["global_loads"],
+        "global_stores": variant["global_stores"],
+        "static_instructions": variant["static_instructions"],
+        "executed_instructions": variant["executed_instructions"],
+        "cold_instructions": variant["cold_instructions"],
+        "loop_body_instructions": variant["loop_body_instructions"],
+        "tile_elements": tile,
+        "elements_per_thread": per_thread,
+        "instructions_per_element": variant["executed_instructions"] / per_thread,
+        "pipes_per_element": {p: n / per_thread for p, n in variant["pipes"].items()},
+        "mix": variant["mix"],
+        "used_by": set(),
+        "elements_of_launch": -1,
+        "bytes_per_element": 0.0,
+        "grid": None,
+    }
+
+
+# ---- everything --------------------------------------------------------------------------------------------------
+
+
+def provenance(command: str) -> dict:
+    import triton
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "target": "sm_90 (compiled without a GPU)",
+        "hardware_model": hardware.describe(),
+    }
+
+
+def run_static(
+    out_dir: Path,
+    command: str,
+    dtypes=DTYPES,
+    train_batches=TRAIN_BATCHES,
+    log=print,
+    workers: int | None = None,
+    max_elements: int = HEADLINE_ELEMENTS,
+    op_impls=IMPLS,
+    train_impls=TRAIN_IMPLS,
+) -> dict:
+    """Count, compile, audit, check, and write ``results.json`` and ``results.md`` into ``out_dir``.
+
+    The defaults are what ``python -m benchmarks --static`` runs (a few minutes on a 2-core CPU); the tests
+    run it smaller.
+    """
+    from benchmarks.static import model
+    from benchmarks.static.report import markdown
+
+    start = time.perf_counter()
+    launches: dict[str, list[Launch]] = {}
+    log("counting the runner's op cases (eager, torch.compile, fastvae) ...")
+    ops = count_ops(headline_cases(list(dtypes), max_elements), op_impls, launches=launches, log=log)
+    log("counting the training steps ...")
+    train = count_train_steps(train_batches, train_impls, launches=launches, log=log)
+    launches.update(record_extra(dtypes))
+    launches.update(noise_launches())
+    n = sum(len(v) for v in launches.values())
+    log(f"compiling the variants of {n} launches for sm_90 ...")
+    variants = audit_variants(launches, workers)
+    checks = model.check_all(ops, train)
+    payload = {
+        "provenance": provenance(command),
+        "seconds": round(time.perf_counter() - start, 1),
+        "audit": variants,
+        "ops": ops,
+        "train": train,
+        "checks": checks,
+        "notes": NOTES,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=str))
+    (out_dir / "results.md").write_text(markdown(payload))
+    log(f"wrote {out_dir}/results.md and results.json in {payload['seconds']:.0f} s")
+    return payload
+
+
+NOTES = [
+    "Counts are counts, not times: kernels launched, bytes kept for the backward and modelled bytes moved, "
+    "read off the CPU run of the same code a GPU would run (launch planner sized for an H100).",
+    "The audit's bound labels are estimates from static instruction counts against an H100's issue rate, "
+    "pipe throughputs and bandwidth; only the GPU run measures them.",
+]

@@ -1,0 +1,212 @@
+"""``results.md`` of the static audit and the counts."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+def _widths(widths: dict) -> str:
+    return " ".join(f"{n}x{bits}" for bits, n in sorted(((int(b), n) for b, n in widths.items()), reverse=True)) or "—"
+
+
+def _flags(constexprs: dict, row: dict | None = None) -> str:
+    shown = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK") and not k.startswith("stride")}
+    flags = [f"{k}={v}" for k, v in shown.items()]
+    if row is not None:
+        flags += [a if "!=" in a else f"{a} not ÷16" for a in row.get("unspecialised", [])]
+    return ", ".join(flags) or "—"
+
+
+def _spilled(row: dict) -> str:
+    report = row.get("ptxas")
+    return "?" if report is None else str(report["spill_stores"] + report["spill_loads"])
+
+
+def _block(constexprs: dict) -> str:
+    blocks = [f"{k.removeprefix('BLOCK_')}={v}" for k, v in constexprs.items() if k.startswith("BLOCK")]
+    return " ".join(blocks)
+
+
+def _kernel(name: str) -> str:
+    return name.strip("_").removesuffix("_kernel")
+
+
+def audit_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| kernel | dtype | flags | block | warps | regs | spilled B (ptxas) / stack B / LDL+STL executed | smem B "
+        "| warps/SM (limit) "
+        "| LDG (count x bits) | STG | instr. executed (cold left out) | elem./thread | instr./elem. | B/elem. "
+        "| compute/memory | estimate |",
+        "|" + "---|" * 17,
+    ]
+    for r in rows:
+        occ = r["occupancy"]
+        bound = r["bound"]
+        lines.append(
+            f"| {_kernel(r['kernel'])} | {r['dtype']} | {_flags(r['constexprs'], r)} | {_block(r['constexprs'])} "
+            f"| {r['num_warps']} | {r['registers']} | {_spilled(r)} / {r['stack_bytes']} / {r['spill_instructions']} "
+            f"| {r['shared_bytes']} | {occ['warps_per_sm']} ({occ['limited_by']}) | {_widths(r['global_loads'])} "
+            f"| {_widths(r['global_stores'])} | {r['executed_instructions']} ({r['cold_instructions']}) "
+            f"| {r['elements_per_thread']:g} | {r['instructions_per_element']:.1f} | {r['bytes_per_element']:.1f} "
+            f"| {bound['compute_over_memory']:.2f} ({bound['compute_limiter']}) | {bound['label']} |"
+        )
+    return lines
+
+
+def _u(value, unit) -> str:
+    return "—" if value is None else f"{value / unit:.2f}"
+
+
+def ops_table(ops: list[dict]) -> list[str]:
+    lines = [
+        "| op | shape | dtype | kernels fwd+bwd: eager / fastvae | units moved fwd+bwd: eager / fastvae "
+        "| graph floor fwd+bwd: eager / compile / fastvae | kept beyond inputs: eager / compile / fastvae |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in ops:
+        unit = r["unit_bytes"]
+        e, c, f = (r["impls"].get(k, {}) for k in ("eager", "compile", "fastvae"))
+
+        def kernels(x):
+            return f"{x['forward']['kernels']}+{x['backward']['kernels']}" if "forward" in x else "—"
+
+        def moved(x):
+            return f"{_u(x['forward']['bytes'], unit)}+{_u(x['backward']['bytes'], unit)}" if "forward" in x else "—"
+
+        def floor(x):
+            g = x.get("graph_floor")
+            return f"{_u(g['forward'], unit)}+{_u(g['backward'], unit)}" if g else "—"
+
+        def kept(x):
+            return _u(x.get("saved_beyond_inputs"), unit)
+
+        variant = f" ({r['variant']})" if r["variant"] else ""
+        lines.append(
+            f"| {r['op']}{variant} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {kernels(e)} / {kernels(f)} "
+            f"| {moved(e)} / {moved(f)} | {floor(e)} / {floor(c)} / {floor(f)} | {kept(e)} / {kept(c)} / {kept(f)} |"
+        )
+    return lines
+
+
+def train_table(train: list[dict]) -> list[str]:
+    lines = [
+        "| model | batch | impl | kernels fwd / bwd / Adam / step | MB moved (step) | MB kept for the backward "
+        "(beyond weights and batch) | launches of the forward |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in train:
+        for impl, x in r["impls"].items():
+            if "step" in x:
+                k = (
+                    f"{x['forward']['kernels']} / {x['backward']['kernels']} / {x['optimizer']['kernels']} / "
+                    f"{x['step']['kernels']}"
+                )
+                moved = f"{x['step']['bytes'] / 1e6:.2f}"
+                launches = ", ".join(x["forward"]["launches"])
+            else:
+                k, moved, launches = "— (not counted: see above)", "—", "—"
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {impl} | {k} | {moved} | {x['saved_bytes'] / 1e6:.3f} "
+                f"({x['saved_beyond_inputs'] / 1e6:.3f}) | {launches} |"
+            )
+    return lines
+
+
+def noise_lines(rows: list[dict]) -> list[str]:
+    by_kernel = defaultdict(list)
+    for r in rows:
+        by_kernel[_kernel(r["kernel"])].append(r)
+    out = []
+    for name in ("randn", "randn4x"):
+        for r in by_kernel.get(name, []):
+            out.append(
+                f"- `tl.{name}`: {r['instructions_per_element']:.1f} instructions per normal "
+                f"({r['executed_instructions']} per thread for {r['elements_per_thread']:g} normals), "
+                f"{r['registers']} registers, {r['bound']['label']} "
+                f"(compute/memory {r['bound']['compute_over_memory']:.2f})."
+            )
+    drawn = [
+        r
+        for r in by_kernel.get("reparameterize_kl_forward", [])
+        if r["constexprs"].get("HAS_EPS") is False and r["dtype"] == "fp32"
+    ]
+    given = [
+        r
+        for r in by_kernel.get("reparameterize_kl_forward", [])
+        if r["constexprs"].get("HAS_EPS") is True and r["dtype"] == "fp32"
+    ]
+    if drawn and given:
+        d = max(drawn, key=lambda r: r["elements_of_launch"])
+        g = max(given, key=lambda r: r["elements_of_launch"])
+        out.append(
+            f"- reparameterize_kl forward, fp32, at the largest shape: {d['instructions_per_element']:.1f} "
+            f"instructions per element drawing the noise against {g['instructions_per_element']:.1f} "
+            f"reading it: the noise costs {d['instructions_per_element'] - g['instructions_per_element']:.1f}"
+            f" per element and saves a read of 4 bytes per element."
+        )
+    return out
+
+
+def markdown(payload: dict) -> str:
+    p = payload["provenance"]
+    lines = ["# Static audit and counts (no GPU)", ""]
+    lines += [f"- **{k}**: {v}" for k, v in p.items()]
+    lines += [f"- **took**: {payload['seconds']:.0f} s", ""]
+    lines += [f"> {n}" for n in payload["notes"]] + [""]
+    lines += [
+        "## Kernel variants compiled for sm_90",
+        "",
+        "Every variant the ops launched in the counted cases, training steps and extra scenarios, specialised "
+        "as Triton's launcher specialises it (pointers and integers divisible by 16, a unit stride as the "
+        "constexpr 1). *instr. executed*: SASS instructions one thread executes for a program that makes one "
+        "trip through its loop, slow paths left out (the number in brackets: instructions of the cubin off "
+        "that path, mostly libdevice's sin/cos range reduction for large arguments and IEEE division's "
+        "subroutine). *instr./elem.*: executed instructions per element a thread handles. *B/elem.*: the "
+        "launch's modelled traffic per element. *compute/memory*: issue (or pipe) time over memory time "
+        "per element on the H100 model above; *estimate* says which should bound the kernel.",
+        "",
+    ]
+    lines += audit_table(payload["audit"]) + [""]
+    lines += ["Where each variant is used:", ""]
+    for r in payload["audit"]:
+        lines.append(
+            f"- {_kernel(r['kernel'])} {r['dtype']} {_flags(r['constexprs'])} {_block(r['constexprs'])}: "
+            + "; ".join(r["used_by"])
+        )
+    lines += ["", "## In-kernel noise: `tl.randn` against `tl.randn4x`", ""] + noise_lines(payload["audit"]) + [""]
+    lines += [
+        "## Counts per op",
+        "",
+        "At the runner's headline size (2^24 elements, or the largest case below it), forward with autograd "
+        "on, then the backward from the runner's upstream gradients (1 for a summed loss; a random `grad_z`). "
+        "Units: bytes over elements x element size. *Kernels* and *units moved*: per ATen call or Triton "
+        "launch (torch.compile's are not counted, see the notes in `benchmarks/static/counts.py`). "
+        "*Graph floor*: what each pass would move as one kernel (inputs read, outputs and kept tensors "
+        "written once). *Kept*: storages kept for the backward beyond the op's inputs.",
+        "",
+    ]
+    lines += ops_table(payload["ops"]) + [""]
+    lines += [
+        "## Counts per training step",
+        "",
+        "One steady-state fp32 step (forward, backward, Adam with `foreach=True`, its CUDA default). "
+        "torch.compile: only what it keeps is counted.",
+        "",
+    ]
+    lines += train_table(payload["train"]) + [""]
+    lines += ["## The byte model against the counts", ""]
+    checks = payload["checks"]
+    bad = [c for c in checks if not c["agree"]]
+    lines.append(
+        f"{len(checks) - len(bad)} of {len(checks)} checks agree with `benchmarks/static/model.py` "
+        "(the docstrings' byte tables as code)."
+    )
+    if bad:
+        lines += ["", "| check | model | counted |", "|---|---|---|"]
+        lines += [f"| {c['check']} | {c['model']} | {_num(c['counted'])} |" for c in bad]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return "—" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))

@@ -1,0 +1,302 @@
+"""The static audit's own machinery: the SASS walk, the H100 model, the kernels' access table, the counts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.static import hardware
+from benchmarks.static.capture import LaunchRecorder, footprint_bytes
+from benchmarks.static.counts import events_of
+from benchmarks.static.kernels import KERNELS
+from benchmarks.static.sass import analyse, executed_path, parse_sass
+from fastvae.backend import kernels_interpreted
+from fastvae.functional import reconstruction_loss, reparameterize_kl
+
+interpreted = pytest.mark.skipif(not kernels_interpreted(), reason="runs the Triton path on CPU tensors")
+
+
+def sass(*lines: str) -> str:
+    """A SASS listing as cuobjdump prints it, one instruction per 16 bytes."""
+    return "\n".join(f"        /*{16 * i:04x}*/                   {line} ;" for i, line in enumerate(lines))
+
+
+# ---- the SASS walk -----------------------------------------------------------------------------------------------
+
+
+def test_walk_skips_a_trig_slow_path_and_runs_a_do_while_loop_once():
+    code = parse_sass(
+        sass(
+            "S2R R0, SR_CTAID.X",  # 0x00
+            "FFMA R1, R0, R0, R0",  # 0x10  loop body start
+            "BSSY B0, 0x70",  # 0x20
+            "@!P0 BRA 0x60",  # 0x30  skips the slow path
+            "LDG.E.CONSTANT R2, desc[UR4][R4.64]",  # 0x40  libdevice's table
+            "FMUL R1, R2, R1",  # 0x50
+            "BSYNC B0",  # 0x60
+            "@P1 BRA 0x10",  # 0x70  back edge: one trip
+            "STG.E.128 desc[UR4][R6.64], R8",  # 0x80
+            "EXIT",  # 0x90
+            "BRA 0xa0",  # 0xa0  padding
+        )
+    )
+    path = executed_path(code)
+    assert [i.addr for i in path.executed] == [0x00, 0x10, 0x20, 0x30, 0x60, 0x70, 0x80, 0x90]
+    assert path.loops == 1 and path.loop_body == 5
+
+
+def test_walk_takes_a_bottom_tested_loop_once():
+    code = parse_sass(
+        sass(
+            "S2R R0, SR_CTAID.X",  # 0x00
+            "@P0 EXIT",  # 0x10  nothing to do: not taken
+            "LDG.E.128 R4, desc[UR4][R2.64]",  # 0x20  loop
+            "FADD R4, R4, R4",  # 0x30
+            "@P1 EXIT",  # 0x40  the loop's exit test, right before its back edge
+            "BRA 0x20",  # 0x50
+        )
+    )
+    assert [i.addr for i in executed_path(code).executed] == [0x00, 0x10, 0x20, 0x30, 0x40]
+
+
+def test_walk_takes_a_bottom_test_with_code_before_the_back_edge():
+    code = parse_sass(
+        sass(
+            "S2R R0, SR_CTAID.X",  # 0x00
+            "LDG.E.128 R4, desc[UR4][R2.64]",  # 0x10  loop
+            "FADD R4, R4, R4",  # 0x20
+            "FADD R5, R5, R5",  # 0x30
+            "@P1 EXIT",  # 0x40  exit test in the loop's second half ...
+            "UMOV UR12, UR4",  # 0x50  ... then straight-line code to the back edge
+            "BRA 0x10",  # 0x60
+        )
+    )
+    assert [i.addr for i in executed_path(code).executed] == [0x00, 0x10, 0x20, 0x30, 0x40]
+
+
+def test_walk_leaves_a_top_tested_loop_after_one_trip():
+    code = parse_sass(
+        sass(
+            "MOV R0, RZ",  # 0x00
+            "@P0 BRA 0x50",  # 0x10  loop test at the top: enter the first time, leave the second
+            "FADD R1, R1, R1",  # 0x20
+            "IADD3 R0, R0, 0x1, RZ",  # 0x30
+            "BRA 0x10",  # 0x40
+            "EXIT",  # 0x50
+        )
+    )
+    assert [i.addr for i in executed_path(code).executed] == [0x00, 0x10, 0x20, 0x30, 0x40, 0x10, 0x50]
+
+
+def test_walk_skips_a_division_subroutine():
+    listing = sass(
+        "MUFU.RCP R1, R0",  # 0x00
+        "BSSY B1, 0x50",  # 0x10
+        "@!P0 BRA 0x40",  # 0x20  FCHK passed: the fast division stands
+        "CALL.REL.NOINC 0x80",  # 0x30
+        "BSYNC B1",  # 0x40
+        "STG.E desc[UR4][R2.64], R1",  # 0x50
+        "EXIT",  # 0x60
+        "BRA 0x70",  # 0x70  padding
+        "RET.REL.NODEC R20 0x0",  # 0x80  the subroutine
+    )
+    assert [i.addr for i in executed_path(parse_sass(listing)).executed] == [0x00, 0x10, 0x20, 0x40, 0x50, 0x60]
+    result = analyse(listing, "REG:12 STACK:0 SHARED:0 LOCAL:0")
+    assert result["executed_instructions"] == 6 and result["cold_instructions"] == 2
+    assert result["global_stores"] == {32: 1} and result["pipes"] == {"mufu": 1}
+
+
+def test_memory_widths_and_resources_are_read():
+    result = analyse(
+        sass(
+            "LDG.E.128 R4, desc[UR4][R2.64]",
+            "LDG.E.U16 R8, desc[UR4][R2.64]",
+            "STG.E.64 desc[UR4][R2.64], R4",
+            "STL [R1], R3",
+            "EXIT",
+        ),
+        "Function k:\n REG:40 STACK:8 SHARED:0 LOCAL:16 CONSTANT[0]:600",
+    )
+    assert result["global_loads"] == {128: 1, 16: 1} and result["global_stores"] == {64: 1}
+    assert result["resources"] == {"reg": 40, "stack": 8, "shared": 0, "local": 16}
+    assert result["spill_instructions"] == 1
+
+
+# ---- the H100 model ----------------------------------------------------------------------------------------------
+
+
+def test_occupancy_from_registers_and_shared_memory():
+    # 156 registers: 4992 per warp, allocated as 5120; 65536 / 5120 = 12 warps: one block of 8.
+    assert hardware.occupancy(156, 128, 8) == {
+        "blocks_per_sm": 1,
+        "warps_per_sm": 8,
+        "occupancy": 0.125,
+        "limited_by": "registers",
+    }
+    assert hardware.occupancy(32, 0, 8)["warps_per_sm"] == 64
+    assert hardware.occupancy(32, 100 * 1024, 4)["limited_by"] == "shared memory"
+
+
+def test_bound_compares_issue_time_with_memory_time():
+    per_byte = hardware.thread_instructions_per_second() / hardware.BANDWIDTH_BYTES_PER_S
+    assert hardware.bound(per_byte * 4 * 0.5, {}, 4)["label"] == "memory-bound"
+    assert hardware.bound(per_byte * 4 * 2, {}, 4)["label"] == "issue-bound"
+    # A MUFU-heavy kernel is bound by its pipe (16 per SM per clock) before issue.
+    assert hardware.bound(10, {"mufu": 10}, 4)["compute_limiter"] == "mufu"
+
+
+# ---- counting -----------------------------------------------------------------------------------------------------
+
+
+def test_footprint_counts_a_broadcast_dim_once():
+    assert footprint_bytes(torch.zeros(5).expand(3, 5)) == 20
+    assert footprint_bytes(torch.zeros(4, 8)[:, :2]) == 32
+    assert footprint_bytes(torch.zeros(0, 3)) == 0
+
+
+def test_views_are_free_and_copies_count():
+    x = torch.randn(8, 16)
+    names = [
+        e.name
+        for e in events_of(
+            lambda: (x.view(16, 8), x.t(), x[:, :4], x.to(torch.float32), x.to(torch.bfloat16), x.t().contiguous())
+        )
+    ]
+    assert names == ["_to_copy", "clone"]  # the float32 .to() returns x itself; views launch nothing
+
+
+class _Accesses:
+    """The storages a launch under the interpreter loads from and stores to (by address)."""
+
+    def __init__(self):
+        self.loads, self.stores = [], []
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        self._saved = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+        original_load, original_store = self._saved
+        recorder = self
+
+        def load(builder, ptrs, mask, *args, **kwargs):
+            recorder.loads.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
+            return original_load(builder, ptrs, mask, *args, **kwargs)
+
+        def store(builder, ptrs, value, mask, *args, **kwargs):
+            recorder.stores.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
+            return original_store(builder, ptrs, value, mask, *args, **kwargs)
+
+        InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = self._saved
+
+    @staticmethod
+    def storages(addresses, tensors):
+        spans = {}
+        for t in tensors:
+            start = t.untyped_storage().data_ptr()
+            spans[start] = (start, start + t.untyped_storage().nbytes())
+        found = set()
+        for chunk in addresses:
+            for start, (lo, hi) in spans.items():
+                if chunk.size and ((chunk >= lo) & (chunk < hi)).any():
+                    found.add(start)
+        return found
+
+
+def _calls_covering_every_kernel_flag():
+    def reparam(eps, grad_z, grad_kl):
+        mu, logvar = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10, requires_grad=True)
+        z, kl = reparameterize_kl(mu, logvar, torch.randn(6, 10) if eps else None, backend="triton")
+        outs = [o for o, used in ((z, grad_z), (kl, grad_kl)) if used]
+        torch.autograd.grad(outs, [mu, logvar], [torch.randn_like(o) for o in outs])
+
+    def loss(kind, logvar_shape, reduction, weighted, grad_x):
+        x_hat = torch.randn(20, 7, requires_grad=True)
+        x = torch.rand(20, 7, requires_grad=grad_x)
+        logvar = torch.zeros(logvar_shape, requires_grad=True) if logvar_shape is not None else None
+        out = reconstruction_loss(x_hat, x, kind, reduction=reduction, logvar=logvar, backend="triton")
+        wrt = [t for t in (x_hat, x, logvar) if t is not None and t.requires_grad]
+        torch.autograd.grad(out, wrt, torch.rand_like(out) if weighted else torch.ones_like(out))
+
+    calls = [
+        lambda e=e, z=z, k=k: reparam(e, z, k)
+        for e in (False, True)
+        for z, k in ((True, True), (True, False), (False, True))
+    ]
+    calls += [lambda k=k: loss(k, None, "sum", False, True) for k in ("mse", "bce", "l1")]
+    calls += [
+        lambda s=s, r=r: loss("gaussian", s, r, r == "none", False)
+        for s, r in (((), "none"), ((7,), "mean"), ((20, 7), "sum"), ((7,), "none"))
+    ]
+    return calls
+
+
+@interpreted
+def test_access_table_matches_the_loads_and_stores_the_interpreter_sees():
+    """Each kernel entry's reads and writes, under each flag the ops use, against what the kernel touches."""
+    seen = set()
+    for call in _calls_covering_every_kernel_flag():
+        launches = []
+        with LaunchRecorder(launches=launches, execute=False):
+            call()
+        for launch in launches:
+            from benchmarks.static.kernels import kernel_spec
+
+            spec = kernel_spec(launch.module, launch.kernel)
+            reads, writes = spec.accessed(launch.constexprs, launch.args)
+            tensors = [v for v in launch.args.values() if isinstance(v, torch.Tensor)]
+            kernel = getattr(__import__(launch.module, fromlist=[launch.kernel]), launch.kernel)
+            with _Accesses() as accesses:
+                kernel[launch.grid](*launch.args.values(), **launch.constexprs, **launch.options)
+            storage = {name: launch.args[name].untyped_storage().data_ptr() for name in reads + writes}
+            context = (launch.kernel, launch.constexprs)
+            assert _Accesses.storages(accesses.loads, tensors) == {storage[n] for n in reads}, context
+            assert _Accesses.storages(accesses.stores, tensors) == {storage[n] for n in writes}, context
+            seen.add(launch.kernel)
+    assert seen >= {k.name for k in KERNELS if k.module.startswith("fastvae")}
+
+
+@interpreted
+def test_recorded_counts_equal_counts_of_kernels_that_ran():
+    def step():
+        h = torch.randn(12, 8, requires_grad=True)
+        mu, logvar = h.chunk(2, dim=-1)
+        z, kl = reparameterize_kl(mu, logvar, backend="triton")
+        loss = reconstruction_loss(z, torch.rand(12, 4), "bce", backend="triton") + kl
+        loss.mean().backward()
+
+    def summary(execute):
+        torch.manual_seed(0)
+        return [(e.kind, e.name, e.read_bytes, e.write_bytes) for e in events_of(step, execute=execute)]
+
+    assert summary(execute=True) == summary(execute=False)
+
+
+# ---- the whole command, small ------------------------------------------------------------------------------------
+
+
+@interpreted
+def test_static_run_writes_its_results(tmp_path, sm90_variants):
+    from benchmarks.static.audit import run_static
+
+    payload = run_static(
+        tmp_path,
+        "test",
+        dtypes=(torch.float32,),
+        train_batches={"*": 4},
+        log=lambda *_: None,
+        max_elements=1 << 14,
+        op_impls=("eager", "fastvae"),
+        train_impls=("eager", "fastvae"),
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["audit"] and saved["ops"] and {r["model"] for r in saved["train"]} == {"mlp", "conv"}
+    text = (tmp_path / "results.md").read_text()
+    assert "## Kernel variants compiled for sm_90" in text and "tl.randn4x" in text
+    assert payload["checks"] and any(c["agree"] for c in payload["checks"])

@@ -117,7 +117,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--model",
         choices=MODELS,
-        help=f"mlp: fully connected; conv: convolutional, for square images (default: {d.model})",
+        help="mlp: fully connected; conv: convolutional, for square images; hvae: a top-down hierarchical VAE "
+        f"(VDVAE/NVAE style) with stochastic layers on latent feature maps (default: {d.model})",
     )
     what.add_argument(
         "--latent-dim", type=_positive_int, metavar="D", help=f"size of the latent z (default: {d.latent_dim})"
@@ -128,7 +129,22 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="N",
         help=f"mlp: hidden layer sizes (default: {' '.join(map(str, MLP_HIDDEN))}); conv: channels of the stride-2 "
-        "layers, one per halving of the image (default: from the image size)",
+        "layers, one per halving of the image (default: from the image size); hvae: one number, the channels of "
+        "the encoder's features and the decoder's state (default: 32)",
+    )
+    what.add_argument(
+        "--layers-per-resolution",
+        type=_non_negative_int,
+        nargs="+",
+        metavar="N",
+        help="hvae: stochastic layers at each resolution of the latent hierarchy, coarsest first (28x28 images: "
+        "7x7, then 14x14) (default: 2 2)",
+    )
+    what.add_argument(
+        "--latent-channels",
+        type=_positive_int,
+        metavar="C",
+        help="hvae: latent channels of each stochastic layer (default: 8)",
     )
     what.add_argument(
         "--likelihood",
@@ -167,6 +183,20 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STEPS",
         help="raise the KL weight linearly from 0 to beta over this many steps "
         f"(default: {d.kl_warmup}, no warm-up)",
+    )
+    how.add_argument(
+        "--free-bits",
+        type=_non_negative_float,
+        metavar="NATS",
+        help="hvae: the KL of each latent channel of each layer, averaged over the batch, counts as at least this "
+        f"many nats in the loss; the logged KL stays the true one (default: {d.free_bits:g})",
+    )
+    how.add_argument(
+        "--grad-clip",
+        type=_non_negative_float,
+        metavar="NORM",
+        help="clip the gradient norm to this (every step is taken; the norm is logged as grad_norm); 0 turns it "
+        "off (default: the model's: 200 for hvae, none for mlp and conv)",
     )
     how.add_argument(
         "--denoise",
@@ -407,10 +437,16 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=_positive_int, default=64, help="how many samples (default: 64)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the samples (default: 0)")
     parser.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=1.0,
+        help="scale the spread of the prior's draws (below 1: smoother, more typical samples) (default: 1)",
+    )
+    parser.add_argument(
         "--out",
         metavar="FILE",
         help="image file to write, in the format its suffix names (.png, .jpg, .pdf, .svg, ...); must not exist "
-        "(default: samples-<n>-seed<seed>.png in the checkpoint's folder)",
+        "(default: samples-<n>-seed<seed>[-t<temperature>].png in the checkpoint's folder)",
     )
 
 
@@ -423,10 +459,12 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.out:
         image_format(args.out)  # refuse a format it cannot write before loading anything
     model, _, _, path = _open_checkpoint(args)
-    out = args.out or os.path.join(os.path.dirname(path), f"samples-{args.n}-seed{args.seed}.png")
+    temperature = f"-t{args.temperature:g}" if args.temperature != 1.0 else ""
+    out = args.out or os.path.join(os.path.dirname(path), f"samples-{args.n}-seed{args.seed}{temperature}.png")
     _check_new_file(out)
     device = next(model.parameters()).device
-    samples = model.sample(args.n, generator=torch.Generator(device=device).manual_seed(args.seed))
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    samples = model.sample(args.n, temperature=args.temperature, generator=generator)
     try:
         save_image_grid(out, samples, math.ceil(math.sqrt(args.n)))
     except OSError as err:

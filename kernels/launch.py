@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,61 @@ def as_rows(tensor: torch.Tensor, n_cols: int) -> torch.Tensor:
     Slices such as ``h[:, :D]`` stay views, so the kernels read them in place.
     """
     return tensor.reshape(-1, n_cols)
+
+
+def merged_stride(sizes: Sequence[int], strides: Sequence[int]) -> int | None:
+    """The one stride that steps through dims ``sizes`` (with ``strides``) as a single flattened dim, or ``None``.
+
+    Dims of size 1 take no steps and are skipped; no dims (or only size-1 ones) give 0.
+    """
+    dims = [(size, stride) for size, stride in zip(sizes, strides) if size != 1]
+    for (_, outer), (size, inner) in zip(dims, dims[1:]):
+        if outer != size * inner:
+            return None
+    return dims[-1][1] if dims else 0
+
+
+def _split_strides(sizes: Sequence[int], strides: Sequence[int], n_lead: int) -> tuple[int, int, int] | None:
+    """``(outer, inner, col)`` strides of :func:`split_rows`' layout, or ``None`` if the tensor has none."""
+    outer = strides[0] if n_lead >= 1 else 0
+    inner = merged_stride(sizes[1:n_lead], strides[1:n_lead]) if n_lead >= 1 else 0
+    col = merged_stride(sizes[n_lead:], strides[n_lead:])
+    return None if inner is None or col is None else (outer, inner, col)
+
+
+def split_rows(tensor: torch.Tensor, shape: Sequence[int], event_dims: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``tensor`` broadcast to ``shape`` as rows (the leading dims) by columns (the last ``event_dims`` dims).
+
+    Row ``r`` starts at ``(r // n_inner) * outer + (r % n_inner) * inner``
+    (:func:`split_row_starts`), with ``n_inner = prod(shape[1:-event_dims])``,
+    and column ``c`` lies ``c * col`` further on. Splitting the row index in
+    two reads the channel slices of a feature map in place: ``h[:, :C]`` of a
+    ``(B, 2C, H, W)`` tensor, with one row per sample and channel
+    (``event_dims=2``) or per sample (``3``), and a linear head's chunks.
+
+    Returns the tensor to hand to a kernel, with its ``(outer, inner, col)``
+    strides: a view of ``tensor`` (its own memory: broadcast dims get stride
+    0) when its layout allows, else a contiguous copy, of the event alone when
+    ``tensor`` is broadcast over all rows (a learned prior: ``prod(event)``
+    elements, not ``prod(shape)``).
+    """
+    n_lead = len(shape) - event_dims
+    view = tensor.expand(shape)
+    strides = _split_strides(view.shape, view.stride(), n_lead)
+    if strides is None:
+        broadcast_over_rows = all(s == 0 or n == 1 for n, s in zip(view.shape[:n_lead], view.stride()[:n_lead]))
+        if broadcast_over_rows:
+            view = view[(0,) * n_lead].contiguous().expand(shape)
+        else:
+            view = view.contiguous()
+        strides = _split_strides(view.shape, view.stride(), n_lead)
+    return view, strides
+
+
+@triton.jit
+def split_row_starts(rows, n_inner, stride_outer, stride_inner):
+    """Offsets of rows ``rows`` (int64) in a tensor laid out as :func:`split_rows` describes."""
+    return (rows // n_inner) * stride_outer + (rows % n_inner) * stride_inner
 
 
 def device_guard(tensor: torch.Tensor):

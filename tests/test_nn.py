@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from fastvae.functional import reconstruction_loss, reparameterize_kl
-from fastvae.nn import GaussianLatent, ReconstructionLoss, ReparamKL, soft_clamp
+from fastvae.nn import (
+    ConvGaussianLatent,
+    GaussianLatent,
+    ReconstructionLoss,
+    ReparamKL,
+    free_bits_kl,
+    soft_clamp,
+)
 from tests.utils import assert_close
 
 
@@ -83,7 +90,9 @@ def test_soft_clamp_bounds_logvar_and_leaves_small_values_nearly_alone():
     with torch.no_grad():
         layer.head.weight.fill_(100.0)
     out = layer(torch.ones(3, 4))
-    assert out.logvar.abs().max() <= 5.0
+    # The op clamps inside; the layer reports logvar as the head gave it, and clamp() as the op saw it.
+    assert out.logvar.abs().max() > 5.0 and layer.clamp(out.logvar).abs().max() <= 5.0
+    assert layer.posterior(torch.ones(3, 4))[1].abs().max() <= 5.0
     assert torch.isfinite(out.z).all() and torch.isfinite(out.kl).all()
 
 
@@ -98,6 +107,129 @@ def test_gaussian_latent_rejects_bad_arguments():
         GaussianLatent(4, 0)
     with pytest.raises(ValueError, match="logvar_limit"):
         GaussianLatent(4, 2, logvar_limit=-1.0)
+
+
+def test_gaussian_latent_fuses_its_clamp_and_takes_a_prior(device):
+    """The clamp inside the op gives what the clamp applied before it gave (up to float rounding)."""
+    torch.manual_seed(0)
+    layer = GaussianLatent(9, 4, logvar_limit=2.0, backend="triton").to(device)
+    with torch.no_grad():
+        layer.head.weight.mul_(10.0)  # log-variances well beyond the limit
+    h, eps = torch.randn(6, 9, device=device), torch.randn(6, 4, device=device)
+    prior_mu, prior_logvar = torch.randn(4, device=device), torch.randn(6, 4, device=device)
+    out = layer(h, eps, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    mu, logvar = torch.nn.functional.linear(h, layer.head.weight, layer.head.bias).chunk(2, dim=-1)
+    assert (logvar.abs() > 2.0).any()
+    z, kl = reparameterize_kl(mu, soft_clamp(logvar, 2.0), eps, prior_mu=prior_mu,
+                              prior_logvar=soft_clamp(prior_logvar, 2.0), backend="torch")
+    assert_close(out.z, z)
+    assert_close(out.kl, kl)
+    assert_close(out.logvar, logvar)  # as the head gave it
+    weights = torch.rand_like(z)
+    got = grads((out.z * weights).sum() + out.kl.sum(), list(layer.parameters()))
+    want = grads((z * weights).sum() + kl.sum(), list(layer.parameters()))
+    for g, w in zip(got, want):
+        assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_free_bits_count_each_channel_as_at_least_the_threshold_with_no_gradient_below_it():
+    kl = torch.tensor([[0.1, 3.0, 0.0], [0.3, 1.0, 0.1]], requires_grad=True)  # (B=2, C=3)
+    assert_close(free_bits_kl(kl, 0.0), kl.sum(1).mean())
+    loss = free_bits_kl(kl, 0.5)  # channel means 0.2, 2.0, 0.05: the first and last count as 0.5
+    assert_close(loss, torch.tensor(0.5 + 2.0 + 0.5))
+    (grad,) = torch.autograd.grad(loss, kl)
+    assert_close(grad, torch.tensor([[0.0, 0.5, 0.0], [0.0, 0.5, 0.0]]))
+
+
+LATENT_CHANNELS = 3
+
+
+def conv_layer_inputs(device, prior):
+    """A posterior and a prior as VDVAE's convs give them: channel slices beside other channels."""
+    posterior = torch.randn(2, 2 * LATENT_CHANNELS, 4, 5, device=device, requires_grad=True)
+    if prior == "conditional":
+        params = torch.randn(2, 2 * LATENT_CHANNELS + 4, 4, 5, device=device, requires_grad=True)
+    elif prior == "learned":
+        params = torch.randn(2 * LATENT_CHANNELS, 4, 5, device=device, requires_grad=True)
+    else:
+        params = None
+    return posterior, params
+
+
+@pytest.mark.parametrize("prior", ["conditional", "learned", "standard normal"])
+def test_conv_gaussian_latent_is_the_op_on_channel_slices(device, prior):
+    layer = ConvGaussianLatent(LATENT_CHANNELS, logvar_limit=3.0, backend="triton")
+    posterior, params = conv_layer_inputs(device, prior)
+    eps = torch.randn(2, LATENT_CHANNELS, 4, 5, device=device)
+    out = layer(posterior, params, eps)
+    c = LATENT_CHANNELS
+    prior_mu, prior_logvar = (params[..., :c, :, :], params[..., c : 2 * c, :, :]) if params is not None else (None,) * 2
+    z, kl = reparameterize_kl(posterior[:, :c], posterior[:, c : 2 * c], eps, prior_mu=prior_mu,
+                              prior_logvar=prior_logvar, event_dims=2, logvar_limit=3.0, backend="torch")
+    assert out.z.shape == (2, c, 4, 5) and out.kl.shape == (2,) and out.kl_channels.shape == (2, c)
+    assert_close(out.z, z)
+    assert_close(out.kl_channels, kl)
+    assert_close(out.kl, kl.sum(1))
+    inputs = [t for t in (posterior, params) if t is not None]
+    weights = torch.randn_like(z)
+    got = grads((out.z * weights).sum() + layer.kl_loss(out.kl_channels), inputs)
+    want = grads((z * weights).sum() + kl.sum(1).mean(), inputs)
+    for g, w in zip(got, want):
+        assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_gaussian_latent_reports_the_true_kl_under_free_bits():
+    layer = ConvGaussianLatent(LATENT_CHANNELS, free_bits=1000.0)
+    posterior, params = conv_layer_inputs(torch.device("cpu"), "conditional")
+    out = layer(posterior, params)
+    _, kl = reparameterize_kl(*posterior.chunk(2, dim=1), prior_mu=params[:, :3], prior_logvar=params[:, 3:6],
+                              event_dims=3)
+    assert_close(out.kl, kl)  # the true KL, below the floor
+    assert out.kl_channels.max() < 1000.0
+    assert_close(layer.kl_loss(out.kl_channels), torch.tensor(1000.0 * LATENT_CHANNELS))
+
+
+def test_conv_gaussian_latent_samples_the_prior_at_a_temperature():
+    layer = ConvGaussianLatent(2, logvar_limit=2.0)
+    prior = torch.cat([torch.full((4000, 2, 3, 3), 1.5), torch.full((4000, 2, 3, 3), 5.0)], dim=1)  # logvar beyond 2
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(layer.sample(prior, temperature=0.0, generator=generator), prior[:, :2])
+    variance = math.exp(soft_clamp(torch.tensor(5.0), 2.0).item())
+    for temperature in (1.0, 0.5):
+        z = layer.sample(prior, temperature=temperature, generator=generator)
+        assert abs(z.mean().item() - 1.5) < 0.05
+        assert abs(z.var().item() / (temperature**2 * variance) - 1) < 0.05
+    again = layer.sample(prior, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, layer.sample(prior, generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("prior", ["conditional", "standard normal"])
+def test_conv_gaussian_latent_log_weight_is_log_p_minus_log_q(device, prior):
+    layer = ConvGaussianLatent(LATENT_CHANNELS, logvar_limit=3.0, backend="triton")
+    posterior, params = conv_layer_inputs(device, prior)
+    eps = torch.randn(2, LATENT_CHANNELS, 4, 5, device=device)
+    z, log_w = layer.log_weight(posterior.detach(), params.detach() if params is not None else None, eps)
+    c = LATENT_CHANNELS
+    q = torch.distributions.Normal(posterior[:, :c].detach(), torch.exp(0.5 * soft_clamp(posterior[:, c:].detach(), 3.0)))
+    if params is None:
+        p = torch.distributions.Normal(torch.zeros_like(z), torch.ones_like(z))
+    else:
+        p = torch.distributions.Normal(params[:, :c].detach(), torch.exp(0.5 * soft_clamp(params[:, c : 2 * c].detach(), 3.0)))
+    assert_close(z, q.mean + q.stddev * eps)
+    assert_close(log_w, (p.log_prob(z) - q.log_prob(z)).sum(dim=(1, 2, 3)), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_gaussian_latent_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="latent_channels"):
+        ConvGaussianLatent(0)
+    with pytest.raises(ValueError, match="free_bits"):
+        ConvGaussianLatent(2, free_bits=-1.0)
+    with pytest.raises(ValueError, match="logvar_limit"):
+        ConvGaussianLatent(2, logvar_limit=0.0)
+    with pytest.raises(ValueError, match="posterior"):
+        ConvGaussianLatent(3)(torch.zeros(2, 5, 4, 4))
+    with pytest.raises(ValueError, match="prior"):
+        ConvGaussianLatent(2)(torch.zeros(2, 4, 4, 4), torch.zeros(2, 3, 4, 4))
 
 
 @pytest.mark.parametrize("kind", ["mse", "bce", "l1"])

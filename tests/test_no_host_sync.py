@@ -73,6 +73,21 @@ def test_reparameterize_kl(device, noise, reduction):
         loss().backward()
 
 
+@pytest.mark.parametrize("prior", ["same shape", "shared"])
+def test_reparameterize_kl_with_a_prior_events_and_the_clamp(device, prior):
+    shape = (3, 2, 2, 3)
+    mu, logvar = (torch.randn(shape, device=device, requires_grad=True) for _ in range(2))
+    prior_shape = shape if prior == "same shape" else shape[1:]
+    prior_mu, prior_logvar = (torch.randn(prior_shape, device=device, requires_grad=True) for _ in range(2))
+
+    def loss():
+        z, kl = reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=3,
+                                  logvar_limit=5.0, backend="triton")
+        return (z**2).sum() + kl.sum()
+
+    with no_sync(device):
+        every_backward(loss, (mu, logvar, prior_mu, prior_logvar), None)
+        loss().backward()
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_discretized_logistic_mixture_nll(device, reduction):
     params = torch.randn(3, 20, 2, 2, device=device, requires_grad=True)  # C = 3, M = 2

@@ -3,6 +3,8 @@
 * :mod:`fastvae.models.base`: :class:`TrainableModel`, the interface the training engine speaks;
 * :mod:`fastvae.models.vae`: :class:`VAE` (loss, sampling, reconstruction, the
   importance-sampled log-likelihood) and the KL warm-up schedule :func:`kl_warmup_weight`;
+* :mod:`fastvae.models.hierarchical`: :class:`HierarchicalVAE`, a top-down hierarchical VAE (VDVAE/NVAE style)
+  whose stochastic layers sample and take their KL through the fused op on latent feature maps;
 * :mod:`fastvae.models.autoencoder`: the deterministic baseline :class:`Autoencoder`;
 * :mod:`fastvae.models.networks`: ready-made encoders and decoders, and the
   :func:`mlp_vae`, :func:`conv_vae`, :func:`mlp_autoencoder` and :func:`conv_autoencoder` builders.
@@ -13,7 +15,8 @@ is re-exported here). Everything public is importable from ``fastvae.models`` di
 
 from fastvae.likelihoods import LIKELIHOODS
 from fastvae.models.autoencoder import Autoencoder, AutoencoderOutput
-from fastvae.models.base import StepInputs, TrainableModel
+from fastvae.models.base import MetricPlot, StepInputs, TrainableModel
+from fastvae.models.hierarchical import HierarchicalVAE, HVAEOutput
 from fastvae.models.networks import (
     CONV_WIDTHS,
     conv_autoencoder,
@@ -32,8 +35,11 @@ __all__ = [
     "Autoencoder",
     "AutoencoderOutput",
     "CONV_WIDTHS",
+    "HVAEOutput",
+    "HierarchicalVAE",
     "LIKELIHOODS",
     "LOG_LIKELIHOOD_ROWS",
+    "MetricPlot",
     "StepInputs",
     "TrainableModel",
     "VAE",

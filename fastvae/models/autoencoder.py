@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastvae.likelihoods import Likelihood, make_likelihood
-from fastvae.models.base import TrainableModel, held_out_label, lerp_codes
+from fastvae.models.base import TrainableModel, check_temperature, held_out_label, lerp_codes
 
 
 class AutoencoderOutput(NamedTuple):
@@ -124,10 +124,11 @@ class Autoencoder(TrainableModel):
         self.code_std.copy_((squares / n - mean.square()).clamp_min(0).sqrt())
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` codes ``code_mean + code_std * N(0, I)`` decoded to the likelihood's
+    def sample(self, n: int, *, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` codes ``code_mean + temperature * code_std * N(0, I)`` decoded to the likelihood's
         :meth:`~fastvae.likelihoods.Likelihood.generate` (its mean; a draw for ``"dmol"``): ``(n, ...)``."""
-        noise = torch.randn((n, self.latent_dim), generator=generator, device=self.code_mean.device)
+        check_temperature(temperature)
+        noise = temperature * torch.randn((n, self.latent_dim), generator=generator, device=self.code_mean.device)
         return self.likelihood.generate(self.decode(self.code_mean + self.code_std * noise), generator=generator)
 
     def sample_note(self) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fastvae.likelihoods import Likelihood, bits_per_dim, make_likelihood
-from fastvae.models.base import StepInputs, TrainableModel, held_out_label, lerp_codes
+from fastvae.models.base import StepInputs, TrainableModel, check_temperature, held_out_label, lerp_codes
 from fastvae.nn import GaussianLatent
 
 # Rows (importance samples x images) decoded at once by log_likelihood when chunk_size is None. On the CPU a
@@ -40,7 +40,7 @@ class VAEOutput(NamedTuple):
     kl: torch.Tensor  # (B,) float32: KL(q(z | x) || N(0, I)), nats per image
     z: torch.Tensor  # (B, D) the sample decoded
     mu: torch.Tensor  # (B, D) posterior mean
-    logvar: torch.Tensor  # (B, D) posterior log-variance, log sigma**2
+    logvar: torch.Tensor  # (B, D) posterior log sigma**2 before the soft clamp, which the fused op applies (latent.clamp)
     x_hat: torch.Tensor  # (B, ...) decoder output: the likelihood's parameters
 
     @property
@@ -145,12 +145,14 @@ class VAE(TrainableModel):
         return self.encode(x)[0]
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` draws ``z ~ N(0, I)``, decoded to the likelihood's :meth:`~fastvae.likelihoods.Likelihood.generate`
-        (its mean; a draw from ``p(x | z)`` for ``"dmol"``, with ``generator`` too): ``(n, ...)``."""
+    def sample(self, n: int, *, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws ``z ~ N(0, temperature**2 I)`` decoded to the likelihood's
+        :meth:`~fastvae.likelihoods.Likelihood.generate` (its mean; a draw from ``p(x | z)`` for ``"dmol"``, with
+        ``generator`` too): ``(n, ...)``."""
+        check_temperature(temperature)
         device = next(self.parameters()).device
         z = torch.randn((n, self.latent_dim), generator=generator, device=device)
-        return self.likelihood.generate(self.decode(z), generator=generator)
+        return self.likelihood.generate(self.decode(z if temperature == 1.0 else temperature * z), generator=generator)
 
     @torch.no_grad()
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, points: int = 10) -> torch.Tensor:
@@ -243,30 +245,46 @@ class VAE(TrainableModel):
         eps = torch.randn((len(x), self.latent_dim), generator=generator, device=x.device)
         out = self(x, target=target, eps=eps, kl_weight=1.0)
         log_likelihood = self.log_likelihood(x, k, generator=generator, target=target)
-        results = {"elbo": -(out.recon + out.kl), "log_likelihood": log_likelihood}
-        if self.likelihood.discrete:
-            values = x[0].numel()
-            results["elbo_bits_per_dim"] = bits_per_dim(-results["elbo"], values)
-            results["bits_per_dim"] = bits_per_dim(-results["log_likelihood"], values)
-        return results
+        return elbo_results(self.likelihood, x, -(out.recon + out.kl), log_likelihood)
 
     def format_evaluation(
         self, results: dict[str, float], *, n_images: int, corruption: str | None = None, k: int = 1000
     ) -> str:
         """The held-out ELBO and log-likelihood (means of :meth:`evaluate`'s) in nats per image, in bits per dim
         for a likelihood of discrete values, and what they are comparable with."""
-        lines = [
-            f"{held_out_label('ELBO', corruption)}: {results['elbo']:.2f} nats/image ({n_images} images)",
-            f"{held_out_label(f'log-likelihood (importance-sampled, k={k})', corruption)}: "
-            f"{results['log_likelihood']:.2f} nats/image",
-        ]
-        if "bits_per_dim" in results:
-            lines.append(
-                f"in bits/dim (-nats / (values per image x ln 2)): {results['elbo_bits_per_dim']:.4f} from the ELBO, "
-                f"{results['bits_per_dim']:.4f} from the log-likelihood"
-            )
-        lines.append(f"comparable: {self.likelihood.comparable_with()}")
-        return "\n".join(lines)
+        return format_elbo_evaluation(self.likelihood, results, n_images=n_images, corruption=corruption, k=k)
+
+
+def elbo_results(
+    likelihood: Likelihood, x: torch.Tensor, elbo: torch.Tensor, log_likelihood: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """A VAE's per-image held-out metrics: ``elbo`` and ``log_likelihood`` in nats, and for a likelihood of
+    discrete values the same in bits per dim (``elbo_bits_per_dim``, ``bits_per_dim``) over ``x``'s values."""
+    results = {"elbo": elbo, "log_likelihood": log_likelihood}
+    if likelihood.discrete:
+        values = x[0].numel()
+        results["elbo_bits_per_dim"] = bits_per_dim(-elbo, values)
+        results["bits_per_dim"] = bits_per_dim(-log_likelihood, values)
+    return results
+
+
+def format_elbo_evaluation(
+    likelihood: Likelihood, results: dict[str, float], *, n_images: int, corruption: str | None, k: int
+) -> str:
+    """The lines a VAE prints for the means of :func:`elbo_results`: the held-out ELBO and importance-sampled
+    log-likelihood in nats per image, in bits per dim where given, and what they are comparable with."""
+    lines = [
+        f"{held_out_label('ELBO', corruption)}: {results['elbo']:.2f} nats/image ({n_images} images)",
+        f"{held_out_label(f'log-likelihood (importance-sampled, k={k})', corruption)}: "
+        f"{results['log_likelihood']:.2f} nats/image",
+    ]
+    if "bits_per_dim" in results:
+        lines.append(
+            f"in bits/dim (-nats / (values per image x ln 2)): {results['elbo_bits_per_dim']:.4f} from the ELBO, "
+            f"{results['bits_per_dim']:.4f} from the log-likelihood"
+        )
+    lines.append(f"comparable: {likelihood.comparable_with()}")
+    return "\n".join(lines)
 
 
 def kl_warmup_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:

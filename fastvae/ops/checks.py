@@ -37,6 +37,36 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
 
 
+def check_broadcasts_to(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``value`` must broadcast to ``ref``'s shape (without making it larger)."""
+    try:
+        shape = torch.broadcast_shapes(value.shape, ref.shape)
+    except RuntimeError:
+        shape = None
+    if shape != ref.shape:
+        raise ValueError(
+            f"{name} must broadcast to the shape of {ref_name}, {tuple(ref.shape)}, got {tuple(value.shape)}"
+        )
+
+
+def check_int_in_range(name: str, value: object, low: int, high: int) -> None:
+    """``value`` must be an ``int`` (not a bool) in ``[low, high]``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+
+
+def check_positive_number(name: str, value: object) -> None:
+    """``value`` must be ``None`` or a finite positive real number."""
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive number or None, got {type(value).__name__}")
+    if not (0 < value < float("inf")):
+        raise ValueError(f"{name} must be a positive finite number or None, got {value}")
+
+
 def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if not isinstance(value, str) or value not in choices:

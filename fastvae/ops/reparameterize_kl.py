@@ -1,17 +1,20 @@
-"""The reparameterization trick and the analytic KL term of a diagonal Gaussian posterior.
+"""The reparameterization trick and the analytic KL divergence of a diagonal Gaussian posterior to a prior.
 
 ``reparameterize_kl`` is the public op; ``reparameterize_kl_reference`` is its
 specification in plain PyTorch. The Triton path is a pair of custom ops
 (``fastvae::reparameterize_kl`` and its backward) joined by
 ``register_autograd``, so ``torch.compile(fullgraph=True)`` sees one opaque op
-and no graph break.
+and no graph break. The prior is N(0, I) by default, or any diagonal Gaussian
+that broadcasts to the posterior (a conditional prior per sample, as in
+hierarchical VAEs, or a learned one shared by the batch); ``event_dims`` says
+how many trailing dims one KL value sums over (3 for latent feature maps).
 
 The backward reads nothing on the host: in eager mode the Philox seed and
 counter of drawn noise are Python ints from the start (reserved before the op
 runs); only a traced graph, which cannot know them at trace time, passes them
 from the forward to the backward as a small CPU tensor. Under
-``create_graph=True`` the backward is computed in torch ops from ``mu``,
-``logvar`` and the noise (regenerated bit for bit into a tensor, only then), so
+``create_graph=True`` the backward is computed in torch ops from the saved
+inputs and the noise (regenerated bit for bit into a tensor, only then), so
 gradients of every order are exact.
 """
 from __future__ import annotations
@@ -21,9 +24,12 @@ import torch
 from fastvae.backend import resolve_backend
 from fastvae.ops.checks import (
     REDUCTIONS,
+    check_broadcasts_to,
     check_choice,
     check_float_tensor,
     check_generator,
+    check_int_in_range,
+    check_positive_number,
     check_same_device,
     check_same_shape,
     compute_dtype,
@@ -33,18 +39,54 @@ from fastvae.ops.grad_in_forward import Mode, add_grads, backward_mode, is_traci
 from fastvae.ops.rng import philox_seed_offset
 
 
+def soft_clamp(x: torch.Tensor, limit: float) -> torch.Tensor:
+    """``limit * tanh(x / limit)``: about ``x`` for ``|x|`` well below ``limit``, never beyond ``+-limit``.
+
+    Unlike a hard clamp it keeps a gradient everywhere. ``reparameterize_kl(..., logvar_limit=limit)`` applies it
+    to the log-variances inside its kernels.
+    """
+    return limit * torch.tanh(x / limit)
+
+
+def _event_sum(values: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """The sum over the last ``event_dims`` dims."""
+    return values.sum(dim=-1) if event_dims == 1 else values.sum(dim=tuple(range(-event_dims, 0)))
+
+
 def reparameterize_kl_reference(
-    mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, reduction: str = "none"
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    eps: torch.Tensor,
+    reduction: str = "none",
+    *,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    event_dims: int = 1,
+    logvar_limit: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The specification of :func:`reparameterize_kl` with ``eps`` given, in plain PyTorch.
 
     Computes in float32 (float64 when an input is float64), as the kernels do.
     """
-    acc = compute_dtype(mu.dtype, logvar.dtype)
+    priors = [t for t in (prior_mu, prior_logvar) if t is not None]
+    acc = compute_dtype(mu.dtype, logvar.dtype, *(t.dtype for t in priors))
     mu_, logvar_ = mu.to(acc), logvar.to(acc)
+    if logvar_limit is not None:
+        logvar_ = soft_clamp(logvar_, logvar_limit)
     z = (mu_ + torch.exp(0.5 * logvar_) * eps.to(acc)).to(mu.dtype)
-    kl = -0.5 * torch.sum(1 + logvar_ - mu_ * mu_ - torch.exp(logvar_), dim=-1)
-    return z, reduce_per_sample(kl, reduction)
+    if not priors:
+        kl = -0.5 * _event_sum(1 + logvar_ - mu_ * mu_ - torch.exp(logvar_), event_dims)
+        return z, reduce_per_sample(kl, reduction)
+    diff = mu_ - prior_mu.to(acc) if prior_mu is not None else mu_
+    if prior_logvar is None:
+        terms = torch.exp(logvar_) + diff * diff - 1 - logvar_
+    else:
+        prior_logvar_ = prior_logvar.to(acc)
+        if logvar_limit is not None:
+            prior_logvar_ = soft_clamp(prior_logvar_, logvar_limit)
+        log_ratio = logvar_ - prior_logvar_
+        terms = torch.exp(log_ratio) + diff * diff * torch.exp(-prior_logvar_) - 1 - log_ratio
+    return z, reduce_per_sample(0.5 * _event_sum(terms, event_dims), reduction)
 
 
 def _kernels():
@@ -55,18 +97,29 @@ def _kernels():
     return reparameterize_kl
 
 
-def _reserve_philox(generator: torch.Generator | None, mu: torch.Tensor) -> list[int]:
+def _reserve_philox(generator: torch.Generator | None, mu: torch.Tensor, event_dims: int) -> list[int]:
     """Philox ``[seed, first_counter]`` for the noise of one call on ``mu``, taken from ``generator``."""
-    return list(philox_seed_offset(generator, mu.device, _kernels().philox_rounds(mu.shape)))
+    return list(philox_seed_offset(generator, mu.device, _kernels().philox_rounds(mu.shape, event_dims)))
+
+
+def _kl_shape(mu: torch.Tensor, event_dims: int) -> torch.Size:
+    return mu.shape[: mu.dim() - event_dims]
 
 
 @torch.library.custom_op(
     "fastvae::reparameterize_kl", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
 )
 def _fused_forward(
-    mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None, philox: list[int] | None
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    eps: torch.Tensor | None,
+    philox: list[int] | None,
+    prior_mu: torch.Tensor | None,
+    prior_logvar: torch.Tensor | None,
+    event_dims: int,
+    logvar_limit: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``z``, the per-sample KL, and the Philox ``(seed, first_counter)`` as a CPU int64 tensor.
+    """Returns ``z``, the KL per event, and the Philox ``(seed, first_counter)`` as a CPU int64 tensor.
 
     ``philox`` is the reserved state of drawn noise (eager calls). Without
     ``eps`` and ``philox`` (a traced call) the noise comes from the device's
@@ -75,28 +128,39 @@ def _fused_forward(
     """
     seed, first_counter = 0, 0
     if eps is None:
-        seed, first_counter = philox if philox is not None else _reserve_philox(None, mu)
+        seed, first_counter = philox if philox is not None else _reserve_philox(None, mu, event_dims)
     philox_state = torch.tensor([seed, first_counter], dtype=torch.int64)
     if mu.numel() == 0:
         z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
-        return z, torch.zeros(mu.shape[:-1], dtype=torch.float32, device=mu.device), philox_state
-    z, kl = _kernels().reparameterize_kl_forward(mu, logvar, eps, seed, first_counter)
+        return z, torch.zeros(_kl_shape(mu, event_dims), dtype=torch.float32, device=mu.device), philox_state
+    z, kl = _kernels().reparameterize_kl_forward(
+        mu, logvar, eps, seed, first_counter,
+        prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims, logvar_limit=logvar_limit,
+    )
     return z, kl, philox_state
 
 
 @_fused_forward.register_fake
-def _(mu, logvar, eps, philox):
+def _(mu, logvar, eps, philox, prior_mu, prior_logvar, event_dims, logvar_limit):
     z = mu.new_empty(mu.shape)
-    kl = mu.new_empty(mu.shape[:-1], dtype=torch.float32)
+    kl = mu.new_empty(_kl_shape(mu, event_dims), dtype=torch.float32)
     return z, kl, torch.empty(2, dtype=torch.int64, device="cpu")
 
 
-def _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed: int, first_counter: int):
+def _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed: int, first_counter: int, prior_mu, prior_logvar,
+                     event_dims: int, logvar_limit: float | None, prior_grads: tuple[bool, bool]):
+    """The backward kernel's four gradients (``None`` for a prior gradient not asked for)."""
+    wanted = [p if (p is not None and needed and grad_kl is not None) else None
+              for p, needed in zip((prior_mu, prior_logvar), prior_grads)]
     if mu.numel() == 0:
-        return torch.zeros_like(mu, memory_format=torch.contiguous_format), torch.zeros_like(
-            logvar, memory_format=torch.contiguous_format
-        )
-    return _kernels().reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed, first_counter)
+        zeros = [torch.zeros_like(t, memory_format=torch.contiguous_format) if t is not None else None
+                 for t in (mu, logvar, *wanted)]
+        return tuple(zeros)
+    return _kernels().reparameterize_kl_backward(
+        grad_z, grad_kl, mu, logvar, eps, seed, first_counter,
+        prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims, logvar_limit=logvar_limit,
+        prior_grads=tuple(p is not None for p in wanted),
+    )
 
 
 @torch.library.custom_op("fastvae::reparameterize_kl_backward", mutates_args=())
@@ -107,64 +171,135 @@ def _fused_backward(
     logvar: torch.Tensor,
     eps: torch.Tensor | None,
     philox_state: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward kernel for a traced graph, which knows the Philox state only as the forward's CPU tensor."""
+    prior_mu: torch.Tensor | None,
+    prior_logvar: torch.Tensor | None,
+    event_dims: int,
+    logvar_limit: float | None,
+    grad_prior_mu: bool,
+    grad_prior_logvar: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernel for a traced graph, which knows the Philox state only as the forward's CPU tensor.
+
+    Returns the gradients of ``mu``, ``logvar``, ``prior_mu`` and ``prior_logvar``; a prior gradient not asked
+    for (or not defined: no prior, no ``grad_kl``) is an empty tensor.
+    """
     seed, first_counter = philox_state.tolist()  # a CPU tensor: no device sync
-    return _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed, first_counter)
+    grads = _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed, first_counter, prior_mu, prior_logvar,
+                             event_dims, logvar_limit, (grad_prior_mu, grad_prior_logvar))
+    return tuple(g if g is not None else mu.new_empty(0) for g in grads)
 
 
 @_fused_backward.register_fake
-def _(grad_z, grad_kl, mu, logvar, eps, philox_state):
-    return mu.new_empty(mu.shape), logvar.new_empty(logvar.shape)
+def _(grad_z, grad_kl, mu, logvar, eps, philox_state, prior_mu, prior_logvar, event_dims, logvar_limit,
+      grad_prior_mu, grad_prior_logvar):
+    def prior_grad(prior, wanted):
+        defined = prior is not None and wanted and grad_kl is not None
+        return prior.new_empty(prior.shape) if defined else mu.new_empty(0)
+
+    return (mu.new_empty(mu.shape), logvar.new_empty(logvar.shape),
+            prior_grad(prior_mu, grad_prior_mu), prior_grad(prior_logvar, grad_prior_logvar))
 
 
 def _setup_context(ctx, inputs, output):
-    mu, logvar, eps, philox = inputs
+    mu, logvar, eps, philox, prior_mu, prior_logvar, event_dims, logvar_limit = inputs
     # Eager calls reserve the Philox state outside the op (see reparameterize_kl), so the backward has it as
     # Python ints; a traced one draws it inside, and its backward reads the CPU tensor the op returned.
     ctx.philox = (0, 0) if eps is not None else (tuple(philox) if philox is not None else None)
-    ctx.save_for_backward(mu, logvar, eps, output[2])
+    ctx.event_dims, ctx.logvar_limit = event_dims, logvar_limit
+    ctx.save_for_backward(mu, logvar, eps, prior_mu, prior_logvar, output[2])
     # An unused output gets no gradient tensor at all, rather than a buffer of zeros.
     ctx.set_materialize_grads(False)
 
 
-def _differentiable_backward(grad_z, grad_kl, mu, logvar, eps):
-    """``(grad_mu, grad_logvar, grad_eps)`` in float32 torch ops, which autograd records under ``create_graph``."""
+def _differentiable_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, event_dims, logvar_limit):
+    """``(grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar)`` in float32 torch ops, which autograd
+    records under ``create_graph`` (the formulas of :mod:`fastvae.kernels.reparameterize_kl`; ``None`` where
+    there is no gradient). The prior gradients are per element of ``mu``: the caller sums them to the prior's shape.
+    """
     logvar = logvar.float()
+    clamp_slope = prior_clamp_slope = None
+    if logvar_limit is not None:
+        logvar = soft_clamp(logvar, logvar_limit)
+        clamp_slope = 1.0 - (logvar / logvar_limit) ** 2
     std = torch.exp(0.5 * logvar)
-    grad_mu = grad_logvar = grad_eps = None
+    grad_mu = grad_logvar = grad_eps = grad_prior_mu = grad_prior_logvar = None
     if grad_z is not None:
         grad_z = grad_z.float()
         grad_mu, grad_logvar, grad_eps = grad_z, 0.5 * grad_z * eps.float() * std, grad_z * std
     if grad_kl is not None:
-        grad_kl = grad_kl.float().unsqueeze(-1)
-        grad_mu = add_grads(grad_mu, grad_kl * mu.float(), dtype=torch.float32)
-        grad_logvar = add_grads(grad_logvar, 0.5 * grad_kl * (std * std - 1.0), dtype=torch.float32)
-    return grad_mu, grad_logvar, grad_eps
+        grad_kl = grad_kl.float().reshape(grad_kl.shape + (1,) * event_dims)
+        diff = mu.float() - prior_mu.float() if prior_mu is not None else mu.float()
+        scaled, ratio = diff, std * std
+        if prior_logvar is not None:
+            prior_logvar = prior_logvar.float()
+            if logvar_limit is not None:
+                prior_logvar = soft_clamp(prior_logvar, logvar_limit)
+                prior_clamp_slope = 1.0 - (prior_logvar / logvar_limit) ** 2
+            scaled, ratio = diff * torch.exp(-prior_logvar), torch.exp(logvar - prior_logvar)
+        grad_mu = add_grads(grad_mu, grad_kl * scaled, dtype=torch.float32)
+        grad_logvar = add_grads(grad_logvar, 0.5 * grad_kl * (ratio - 1.0), dtype=torch.float32)
+        grad_prior_mu = -grad_kl * scaled
+        grad_prior_logvar = 0.5 * grad_kl * (1.0 - ratio - diff * scaled)
+        if prior_clamp_slope is not None:
+            grad_prior_logvar = grad_prior_logvar * prior_clamp_slope
+    if clamp_slope is not None:
+        grad_logvar = grad_logvar * clamp_slope
+    return grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar
+
+
+def _to_input(grad: torch.Tensor | None, tensor: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+    """``grad`` (per element of ``mu``) summed to ``tensor``'s shape, in its dtype; ``None`` if not needed."""
+    if grad is None or tensor is None or not needed:
+        return None
+    if grad.shape != tensor.shape:
+        grad = grad.sum_to_size(tensor.shape)
+    return grad.to(tensor.dtype)
 
 
 def _backward(ctx, grad_z, grad_kl, _grad_philox):
-    mu, logvar, eps, philox_state = ctx.saved_tensors
+    mu, logvar, eps, prior_mu, prior_logvar, philox_state = ctx.saved_tensors
+    event_dims, limit = ctx.event_dims, ctx.logvar_limit
+    needs = ctx.needs_input_grad
     if grad_z is None and grad_kl is None:
-        return None, None, None, None
+        return (None,) * 8
     mode = backward_mode(mu)
     if mode is Mode.DIFFERENTIABLE:
         # create_graph=True: plain torch ops, so that autograd can differentiate the backward again.
         noise = eps
         if eps is None and grad_z is not None:
             seed, first_counter = ctx.philox if ctx.philox is not None else philox_state.tolist()
-            noise = _kernels().draw_noise(mu.shape, mu.device, seed, first_counter)
-        grad_mu, grad_logvar, grad_eps = _differentiable_backward(grad_z, grad_kl, mu, logvar, noise)
-        grad_eps = grad_eps.to(eps.dtype) if grad_eps is not None and ctx.needs_input_grad[2] else None
-        return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype), grad_eps, None
+            noise = _kernels().draw_noise(mu.shape, mu.device, seed, first_counter, event_dims)
+        grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar = _differentiable_backward(
+            grad_z, grad_kl, mu, logvar, noise, prior_mu, prior_logvar, event_dims, limit
+        )
+        return (
+            grad_mu.to(mu.dtype),
+            grad_logvar.to(logvar.dtype),
+            _to_input(grad_eps, eps, needs[2]),
+            None,
+            _to_input(grad_prior_mu, prior_mu, needs[4]),
+            _to_input(grad_prior_logvar, prior_logvar, needs[5]),
+            None,
+            None,
+        )
+    prior_grads = (needs[4], needs[5])
     if mode is Mode.TRACED or ctx.philox is None:
-        grad_mu, grad_logvar = _fused_backward(grad_z, grad_kl, mu, logvar, eps, philox_state)
+        grads = _fused_backward(grad_z, grad_kl, mu, logvar, eps, philox_state, prior_mu, prior_logvar, event_dims,
+                                limit, *prior_grads)
+        grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = (
+            g if wanted else None for g, wanted in zip(grads, (True, True, *prior_grads))
+        )
+        if grad_kl is None:
+            grad_prior_mu = grad_prior_logvar = None
     else:
-        grad_mu, grad_logvar = _launch_backward(grad_z, grad_kl, mu, logvar, eps, *ctx.philox)
+        grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = _launch_backward(
+            grad_z, grad_kl, mu, logvar, eps, *ctx.philox, prior_mu, prior_logvar, event_dims, limit, prior_grads
+        )
     grad_eps = None
-    if eps is not None and ctx.needs_input_grad[2] and grad_z is not None:
-        grad_eps = (grad_z * torch.exp(0.5 * logvar.float())).to(eps.dtype)
-    return grad_mu, grad_logvar, grad_eps, None
+    if eps is not None and needs[2] and grad_z is not None:
+        clamped = logvar.float() if limit is None else soft_clamp(logvar.float(), limit)
+        grad_eps = _to_input(grad_z * torch.exp(0.5 * clamped), eps, True)
+    return grad_mu, grad_logvar, grad_eps, None, grad_prior_mu, grad_prior_logvar, None, None
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -175,26 +310,48 @@ def reparameterize_kl(
     logvar: torch.Tensor,
     eps: torch.Tensor | None = None,
     *,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    event_dims: int = 1,
+    logvar_limit: float | None = None,
     reduction: str = "none",
     generator: torch.Generator | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Sample ``z ~ N(mu, exp(logvar))`` by reparameterization, with ``KL(N(mu, exp(logvar)) || N(0, I))``.
+    r"""Sample ``z ~ N(mu, exp(logvar))`` by reparameterization, with ``KL(N(mu, exp(logvar)) || prior)``.
+
+    The prior is ``N(prior_mu, exp(prior_logvar))`` (``N(0, I)`` by default).
+    With ``lv = logvar`` and ``plv = prior_logvar`` (after the soft clamp, if
+    ``logvar_limit`` is given), summed over the event:
 
     .. math::
-        z = \mu + e^{\log\sigma^2 / 2} \, \epsilon, \qquad
-        \mathrm{KL} = -\tfrac12 \sum_d \left(1 + \log\sigma^2_d - \mu_d^2 - e^{\log\sigma^2_d}\right)
+        z = \mu + e^{lv / 2} \, \epsilon, \qquad
+        \mathrm{KL} = \tfrac12 \sum \left(plv - lv + \frac{e^{lv} + (\mu - \mu_p)^2}{e^{plv}} - 1\right)
+
+    which for ``N(0, I)`` is :math:`-\tfrac12 \sum (1 + lv - \mu^2 - e^{lv})`.
 
     Args:
-        mu: ``(..., D)`` posterior means; any leading dims, any ``D >= 1``.
-            float16, bfloat16, float32 (float64 on the reference path).
-        logvar: ``(..., D)`` posterior log-variances (``log sigma**2``, not ``log sigma``),
+        mu: ``(*lead, *event)`` posterior means: ``event`` is the last
+            ``event_dims`` dims (``(D,)`` by default; ``(C, H, W)`` for latent
+            feature maps with ``event_dims=3``). float16, bfloat16, float32
+            (float64 on the reference path); any strides: the channel slices of
+            a conv output (``h.chunk(2, dim=1)``, ``h[:, :C]``) are read in place.
+        logvar: posterior log-variances (``log sigma**2``, not ``log sigma``),
             same shape and device as ``mu``.
-        eps: optional ``(..., D)`` standard-normal noise, used as is. ``None``
-            draws it: in the Triton kernels with Philox (never stored; the
-            backward regenerates it), on the reference path with ``torch.randn``.
-            If ``eps`` requires grad it gets ``grad_z * exp(logvar / 2)``.
-        reduction: ``"none"`` (KL per sample), ``"sum"`` or ``"mean"`` (over samples).
+        eps: optional standard-normal noise of ``mu``'s shape, used as is.
+            ``None`` draws it: in the Triton kernels with Philox (never stored;
+            the backward regenerates it), on the reference path with
+            ``torch.randn``. If ``eps`` requires grad it gets ``grad_z * exp(lv / 2)``.
+        prior_mu, prior_logvar: the prior's mean and log-variance, each
+            ``None`` (0) or a tensor that broadcasts to ``mu``'s shape: of
+            ``mu``'s shape (a conditional prior per sample) or fewer elements (a
+            learned prior shared by the batch, ``(D,)`` or ``(C, H, W)``).
+            They get gradients, summed over the dims they are broadcast along.
+        event_dims: how many trailing dims one KL value sums over, ``1..mu.dim()``.
+        logvar_limit: ``L > 0``: ``logvar`` and ``prior_logvar`` pass through
+            the soft clamp ``L * tanh(x / L)`` (:func:`soft_clamp`) inside the op;
+            ``z`` is drawn with the clamped value and gradients go through the clamp.
+        reduction: ``"none"`` (KL per event), ``"sum"`` or ``"mean"`` (over the events).
         generator: the generator to draw ``eps`` from (default: torch's default
             generator of the tensors' device), so ``torch.manual_seed`` makes
             runs reproducible.
@@ -203,8 +360,8 @@ def reparameterize_kl(
 
     Returns:
         ``(z, kl)``: ``z`` with ``mu``'s shape and dtype; ``kl`` of shape
-        ``mu.shape[:-1]`` (``"none"``) or a scalar, in float32 (float64 for
-        float64 inputs). Gradients flow to ``mu`` and ``logvar`` from both.
+        ``mu.shape[:-event_dims]`` (``"none"``) or a scalar, in float32 (float64
+        for float64 inputs). Gradients flow to ``mu``, ``logvar`` and the prior from both.
     """
     check_float_tensor("mu", mu)
     check_float_tensor("logvar", logvar)
@@ -214,22 +371,33 @@ def reparameterize_kl(
     if eps is not None:
         check_float_tensor("eps", eps)
         check_same_shape("eps", eps, "mu", mu)
-    check_same_device(mu=mu, logvar=logvar, eps=eps)
+    for name, prior in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if prior is not None:
+            check_float_tensor(name, prior)
+            check_broadcasts_to(name, prior, "mu", mu)
+    check_same_device(mu=mu, logvar=logvar, eps=eps, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    check_int_in_range("event_dims", event_dims, 1, mu.dim())
+    check_positive_number("logvar_limit", logvar_limit)
+    logvar_limit = float(logvar_limit) if logvar_limit is not None else None
     check_choice("reduction", reduction, REDUCTIONS)
     check_generator(generator, mu.device)
-    dtypes = {"mu": mu.dtype, "logvar": logvar.dtype, **({"eps": eps.dtype} if eps is not None else {})}
+    tensors = {"mu": mu, "logvar": logvar, "eps": eps, "prior_mu": prior_mu, "prior_logvar": prior_logvar}
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
 
     if resolve_backend(backend, mu.device, dtypes) == "torch":
         if eps is None:
             acc = compute_dtype(mu.dtype, logvar.dtype)
             eps = torch.randn(mu.shape, generator=generator, dtype=acc, device=mu.device)
-        return reparameterize_kl_reference(mu, logvar, eps, reduction)
+        return reparameterize_kl_reference(
+            mu, logvar, eps, reduction,
+            prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims, logvar_limit=logvar_limit,
+        )
 
     # The op's schema takes no generator, so an explicit one's Philox state is read here. So is the default
     # generator's in eager mode, which gives the backward the state as Python ints; a traced call must read it
     # inside the op (at run time, not once at trace time).
     philox = None
     if eps is None and (generator is not None or not is_tracing(mu)):
-        philox = _reserve_philox(generator, mu)
-    z, kl, _ = _fused_forward(mu, logvar, eps, philox)
+        philox = _reserve_philox(generator, mu, event_dims)
+    z, kl, _ = _fused_forward(mu, logvar, eps, philox, prior_mu, prior_logvar, event_dims, logvar_limit)
     return z, reduce_per_sample(kl, reduction)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from fastvae.errors import ConfigError
 from fastvae.likelihoods import make_likelihood
-from fastvae.models import TrainableModel, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
+from fastvae.models import HierarchicalVAE, TrainableModel, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
 
 if TYPE_CHECKING:
     from fastvae.training.config import TrainConfig
@@ -80,8 +80,22 @@ def _conv(config: TrainConfig, image_shape: tuple[int, int, int], **common) -> T
     return OBJECTIVES[config.objective].conv(channels, height, widths=config.hidden, **common)
 
 
+def _hvae(config: TrainConfig, image_shape: tuple[int, int, int], *, latent_dim, **common) -> HierarchicalVAE:
+    if config.hidden is not None and len(config.hidden) != 1:
+        raise ValueError(f"model 'hvae' takes one hidden size, its width, got {len(config.hidden)}")
+    options = {
+        "layers_per_resolution": config.layers_per_resolution,
+        "latent_channels": config.latent_channels,
+        "width": config.hidden[0] if config.hidden else None,
+    }
+    # latent_dim is the flat models' size of z; the hierarchy's is latent_channels per layer.
+    return HierarchicalVAE(
+        image_shape, free_bits=config.free_bits, **{k: v for k, v in options.items() if v is not None}, **common
+    )
+
+
 # config.model -> the function building it; its keys are the choices of --model.
-MODELS = {"mlp": _mlp, "conv": _conv}
+MODELS = {"mlp": _mlp, "conv": _conv, "hvae": _hvae}
 
 
 def build_model(config: TrainConfig, image_shape: tuple[int, int, int], backend: str | None = None) -> TrainableModel:
@@ -134,6 +148,12 @@ def check_options_apply(
 def describe_model(config: TrainConfig, model: TrainableModel) -> str:
     """The ``model`` that ``config`` built, in words, for the lines printed about the run (``"mlp VAE"``)."""
     return f"{config.model} {type(model).__name__}"
+
+
+def grad_clip(config: TrainConfig, model: TrainableModel) -> float | None:
+    """The gradient norm to clip to: ``config.grad_clip``, else the model's default; ``None`` for no clipping."""
+    clip = config.grad_clip if config.grad_clip is not None else model.default_grad_clip
+    return clip or None
 
 
 def evaluation_options(config: TrainConfig) -> dict:

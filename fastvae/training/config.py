@@ -44,8 +44,13 @@ class TrainConfig:
     num_mixtures: int | None = None
     num_bits: int | None = None
     logvar_limit: float | None = 10.0  # 0 or None: no clamp
+    # The hierarchical VAE's (model "hvae"); None: the model's defaults.
+    layers_per_resolution: tuple[int, ...] | None = None
+    latent_channels: int | None = None
     # How it is trained.
     beta: float = 1.0
+    free_bits: float = 0.0  # hvae: nats per latent channel of each layer that the KL term counts at least
+    grad_clip: float | None = None  # clip the gradient norm to this; None: the model's default; 0: no clipping
     kl_warmup: int = 0
     denoise: str | None = None  # "gaussian:SIGMA" or "mask:FRACTION": corrupt the inputs, score the clean images
     batch_size: int = 128
@@ -73,6 +78,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.hidden is not None:
             self.hidden = tuple(self.hidden)
+        if self.layers_per_resolution is not None:
+            self.layers_per_resolution = tuple(self.layers_per_resolution)
         if self.likelihood is None:
             self.likelihood = default_likelihood(self.objective)
         # The likelihood's own defaults for the settings it takes and that are not given, so that a checkpoint
@@ -83,6 +90,8 @@ class TrainConfig:
                 setattr(self, field, default)
 
 
+# The hierarchical VAE's fields: an error with any other model.
+HVAE_FIELDS = ("layers_per_resolution", "latent_channels", "free_bits")
 # The fields that hold a likelihood's settings (fastvae.likelihoods.Likelihood.options), under the same names.
 LIKELIHOOD_OPTION_FIELDS = ("num_mixtures", "num_bits")
 # Fields of the command, not of the run: a resume never takes them from the checkpoint.
@@ -160,6 +169,20 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(f"beta must be a non-negative number, got {config.beta}")
     if config.logvar_limit is not None and not config.logvar_limit >= 0:
         raise ConfigError(f"logvar_limit must be non-negative (0 turns the clamp off), got {config.logvar_limit}")
+    if config.layers_per_resolution is not None and (
+        not config.layers_per_resolution or min(config.layers_per_resolution) < 0 or sum(config.layers_per_resolution) < 1
+    ):
+        raise ConfigError(
+            f"layers_per_resolution must list non-negative counts, at least one layer in all, got "
+            f"{config.layers_per_resolution}"
+        )
+    at_least("latent_channels", 1, allow_none=True)
+    if not config.free_bits >= 0 or not math.isfinite(config.free_bits):
+        raise ConfigError(f"free_bits must be a non-negative number, got {config.free_bits}")
+    if config.grad_clip is not None and (not config.grad_clip >= 0 or not math.isfinite(config.grad_clip)):
+        raise ConfigError(f"grad_clip must be a non-negative number (0 turns clipping off), got {config.grad_clip}")
+    if not config.resume:  # a resumed run's model comes from its checkpoint: its fields are checked by resumed_config
+        check_model_fields(config)
     try:
         parse_corruption(config.denoise)
     except ValueError as err:
@@ -168,6 +191,17 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError("resume needs out: the folder of the run to continue")
     if not config.resume:  # a resumed run's likelihood comes from its checkpoint: checked by resumed_config
         likelihood_options(config)
+
+
+def check_model_fields(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for a field of the hierarchical VAE given to another model, or an hvae with
+    an objective other than the VAE's."""
+    if config.model != "hvae":
+        for name in HVAE_FIELDS:
+            if getattr(config, name) != getattr(TrainConfig, name):
+                raise ConfigError(f"{option_name(name)} applies to model 'hvae' only, not {config.model!r}")
+    elif config.objective != "vae":
+        raise ConfigError(f"model 'hvae' trains objective 'vae' only, not {config.objective!r}")
 
 
 def likelihood_options(config: TrainConfig, likelihood: str | None = None) -> dict:

@@ -5,7 +5,10 @@
 ``interpolate`` (:class:`~fastvae.models.base.TrainableModel`), and where they
 apply ``denoising.png`` (:func:`denoising_grid`) and ``latents.png``
 (:func:`save_latent_scatter`, from ``codes``); :func:`save_loss_curve` writes
-``loss.png`` from ``metrics.jsonl``.
+``loss.png`` from ``metrics.jsonl``, and :func:`save_metric_plots` the figures
+of logged metrics a model asks for
+(:meth:`~fastvae.models.base.TrainableModel.metric_plots`: the hierarchical
+VAE's ``kl_layers.png``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from fastvae.corruption import Corruption
 from fastvae.data import to_unit_float
 from fastvae.errors import ConfigError
-from fastvae.models import TrainableModel
+from fastvae.models import MetricPlot, TrainableModel
 from fastvae.training.evaluate import batched_codes
 from fastvae.training.files import write_atomic
 
@@ -125,6 +128,28 @@ def save_latent_scatter(path: str, codes: torch.Tensor, labels: torch.Tensor | N
     ax.set(xlabel="z[0]", ylabel="z[1]", title=f"codes of {len(codes)} held-out images")
     ax.grid(alpha=0.3)
     write_atomic(path, lambda f: figure.savefig(f, dpi=100, format=image_format(path)))
+
+
+def save_metric_plots(folder: str, plots: dict[str, Sequence[MetricPlot]], records: Sequence[dict]) -> list[str]:
+    """For each ``stem: panels`` of ``plots``, draw the panels' metrics over the steps of ``records``
+    (``metrics.jsonl`` lines) side by side into ``folder/<stem>.png``; returns the paths written."""
+    from matplotlib.figure import Figure
+
+    steps = [r["step"] for r in records]
+    paths = []
+    for stem, panels in plots.items():
+        figure = Figure(figsize=(4.5 * len(panels), 3.5), layout="constrained")
+        for ax, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+            for name in panel.metrics:
+                ax.plot(steps, [r.get(name, math.nan) for r in records], label=name, linewidth=1)
+            ax.set(xlabel="step", ylabel=panel.ylabel, title=panel.title)
+            if len(panel.metrics) > 1:
+                ax.legend(fontsize="small")
+            ax.grid(alpha=0.3)
+        path = os.path.join(folder, f"{stem}.png")
+        write_atomic(path, lambda f, figure=figure: figure.savefig(f, dpi=100, format="png"))
+        paths.append(path)
+    return paths
 
 
 @torch.no_grad()

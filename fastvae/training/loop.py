@@ -30,7 +30,7 @@ from fastvae.corruption import parse_corruption
 from fastvae.data import ImageData, data_source, fingerprint, load_images, loading_message, to_unit_float
 from fastvae.errors import ConfigError, NonFiniteLossError, RunError
 from fastvae.models import TrainableModel
-from fastvae.training.builders import build_model, check_options_apply, describe_model, evaluation_options
+from fastvae.training.builders import build_model, check_options_apply, describe_model, evaluation_options, grad_clip
 from fastvae.training.checkpoint import (
     CHECKPOINT_FORMAT,
     check_checkpoint_data,
@@ -50,7 +50,7 @@ from fastvae.training.config import (
 from fastvae.training.distributed import Distributed, start_distributed, stop_distributed
 from fastvae.training.evaluate import evaluate_held_out, format_held_out, write_evaluation
 from fastvae.training.files import describe_os_error, interrupts_deferred
-from fastvae.training.figures import MODEL_FIGURES, save_loss_curve, save_model_figures
+from fastvae.training.figures import MODEL_FIGURES, save_loss_curve, save_metric_plots, save_model_figures
 from fastvae.training.metrics import MetricsLog, read_metrics, truncate_metrics
 from fastvae.training.progress import Progress
 from fastvae.training.rundir import (
@@ -208,6 +208,7 @@ class _Run:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.model = build_model(config, data.image_shape, backend).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.grad_clip = grad_clip(config, self.model)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "fp16")
         self.autocast = torch.autocast(
             ctx.device.type, dtype=_AUTOCAST_DTYPES.get(config.precision), enabled=config.precision != "fp32"
@@ -383,11 +384,19 @@ class _Run:
             out = self.trained(x, **arguments, **inputs.forward)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
+        metrics = out.metrics
+        if self.grad_clip is not None:
+            # Every step is taken, with the gradient scaled down to the limit where it is above it (never
+            # skipped: skipping steps above a threshold can stall a run for good). The norm before clipping is
+            # logged; it stays on the device.
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            metrics = {**metrics, "grad_norm": norm}
         self.scaler.step(self.optimizer)
         self.scaler.update()
         epoch = self.step // self.steps_per_epoch
         info = {"step": self.step + 1, "epoch": epoch, **inputs.log, "lr": lr}
-        self.metrics.add(info, out.loss, out.metrics)
+        self.metrics.add(info, out.loss, metrics)
 
     def _set_learning_rate(self) -> float:
         """Give the optimizer the schedule's learning rate for the current step, and return it."""
@@ -484,12 +493,20 @@ def _finish_run(
         progress=progress.bars,
     )
     labels = data.subset("test").labels
-    with progress.bar(total=len(MODEL_FIGURES) + 1, desc="figures", unit="file") as bar:
+    metric_plots = model.metric_plots()
+    # loss.png draws the loss and the per-image metrics in the model's units; the figures the model asks for
+    # draw the rest (a hierarchical VAE's KL per layer), and the gradient norm is in no unit of an image.
+    in_plots = {name for panels in metric_plots.values() for panel in panels for name in panel.metrics}
+    curve_names = tuple(name for name in metric_names if name not in in_plots and name != "grad_norm")
+    with progress.bar(total=len(MODEL_FIGURES) + 1 + len(metric_plots), desc="figures", unit="file") as bar:
         save_model_figures(
             paths, model, data.test, generator, corruption=corruption, labels=labels, written=lambda key: bar.update()
         )
-        save_loss_curve(paths["loss_curve"], read_metrics(paths["metrics"]), metric_names, model.units)
+        records = read_metrics(paths["metrics"])
+        save_loss_curve(paths["loss_curve"], records, curve_names, model.units)
         bar.update()
+        save_metric_plots(os.path.dirname(paths["checkpoint"]), metric_plots, records)
+        bar.update(len(metric_plots))
     write_evaluation(paths["eval"], results, step=step, n_images=n_images, options=options, corruption=corruption)
     if tensorboard is not None:
         tensorboard.add_images(model, step)

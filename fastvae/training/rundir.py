@@ -3,8 +3,11 @@
 * ``metrics.jsonl``: one JSON line per optimizer step: ``step``, ``epoch``,
   ``loss`` and the model's metrics (for a VAE ``recon`` and ``kl``; means over
   the global batch, nats per image), the values the model logs with the step
-  (a VAE's ``kl_weight``), ``lr`` and ``samples_per_s`` (global, averaged over
-  the ``log_every`` steps it was measured on);
+  (a VAE's ``kl_weight``), ``lr``, ``grad_norm`` (the gradient norm before
+  clipping, when gradients are clipped: ``--grad-clip``, or the model's default)
+  and ``samples_per_s`` (global, averaged over the ``log_every`` steps it was
+  measured on); the hierarchical VAE adds the KL of each stochastic layer
+  (``kl_0`` is the top one) and ``active_channels``;
 * ``checkpoint.pt``: model, optimizer, grad scaler, step, config, every
   rank's RNG state and the data's fingerprint, written atomically (a temporary file, then a rename)
   every ``checkpoint_every`` steps and at the end;
@@ -12,7 +15,9 @@
   reconstructions), ``samples.png`` (decoded draws from the prior),
   ``interpolation.png`` (decodes along a line between two encoded held-out
   images, each row framed by the two originals), ``loss.png`` (the loss and each
-  of the model's metrics per step) and ``eval.json`` (the model's held-out
+  of the model's metrics per step), the figures of logged metrics the model asks
+  for (the hierarchical VAE's ``kl_layers.png``: the KL of each layer and the
+  active latent channels over training) and ``eval.json`` (the model's held-out
   evaluation, also printed: for a VAE the ELBO and the importance-sampled
   log-likelihood, for an autoencoder the reconstruction error; a denoising run
   adds the same measured from corrupted inputs against the clean images, under

@@ -1,0 +1,492 @@
+"""reparameterize_kl with a prior, multi-dimensional events and the fused soft clamp, against its reference,
+through the Triton kernels; and the N(0, I) path, which must not have moved by a bit."""
+import hashlib
+import math
+
+import pytest
+import torch
+
+from fastvae.functional import reparameterize_kl
+from fastvae.ops.reparameterize_kl import reparameterize_kl_reference, soft_clamp
+from tests.utils import TOLERANCES, assert_close, gradients_up_to_third, pick
+
+
+def gaussian(shape, device, dtype=torch.float32, scale=0.5):
+    """A mean and a log-variance of ``shape`` that require grad."""
+    mu = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    logvar = (scale * torch.randn(shape, device=device)).to(dtype).requires_grad_()
+    return mu, logvar
+
+
+def check_against_reference(mu, logvar, eps, *, reduction="none", use_z=True, use_kl=True, **options):
+    """Outputs and every input's gradient (random upstream gradients, not all ones) against the reference."""
+    z, kl = reparameterize_kl(mu, logvar, eps, reduction=reduction, backend="triton", **options)
+    z_ref, kl_ref = reparameterize_kl_reference(mu, logvar, eps, reduction, **options)
+    assert z.shape == mu.shape and z.dtype == mu.dtype and z.is_contiguous()
+    assert kl.shape == kl_ref.shape and kl.dtype == torch.float32
+    assert_close(z, z_ref)
+    kl_tolerance = dict(rtol=1e-4, atol=1e-4) if mu.dtype == torch.float32 else {}  # sums of many terms
+    assert_close(kl, kl_ref, dtype=mu.dtype, **kl_tolerance)
+    inputs = [t for t in (mu, logvar, eps, options.get("prior_mu"), options.get("prior_logvar"))
+              if t is not None and t.requires_grad]
+    grad_z = torch.randn_like(z) if use_z else None
+    grad_kl = torch.rand_like(kl) + 0.5 if use_kl else None
+
+    def grads(z, kl):
+        total = sum((out.float() * g).sum() for out, g in ((z, grad_z), (kl, grad_kl)) if g is not None)
+        return torch.autograd.grad(total, inputs, allow_unused=True, materialize_grads=True)
+
+    for t, g, w in zip(inputs, grads(z, kl), grads(z_ref, kl_ref)):
+        assert g.shape == t.shape and g.dtype == t.dtype
+        scale = max(1.0, w.abs().max().item())  # sums over many elements: a relative tolerance
+        assert_close(g, w, atol=TOLERANCES[t.dtype]["atol"] * scale)
+
+
+# ---- the prior's forms and event_dims --------------------------------------------------------------
+
+B, C, H, W = 3, 4, 5, 6
+PRIOR_SHAPES = {  # for mu of shape (B, C, H, W), event_dims=3
+    "same shape": (B, C, H, W),
+    "per channel and position": (C, H, W),
+    "leading 1": (1, C, H, W),
+    "per channel": (C, 1, 1),
+    "per row": (W,),
+    "scalar": (),
+    "per sample": (B, 1, 1, 1),
+    "per sample and channel": (B, C, 1, 1),
+}
+
+
+@pytest.mark.parametrize("which", ["both", "mu only", "logvar only"])
+@pytest.mark.parametrize("prior_shape", PRIOR_SHAPES.values(), ids=PRIOR_SHAPES.keys())
+def test_every_prior_form(device, prior_shape, which):
+    mu, logvar = gaussian((B, C, H, W), device)
+    prior_mu, prior_logvar = gaussian(prior_shape, device)
+    options = {"prior_mu": prior_mu if which != "logvar only" else None,
+               "prior_logvar": prior_logvar if which != "mu only" else None}
+    check_against_reference(mu, logvar, torch.randn_like(mu), event_dims=3, **options)
+
+
+@pytest.mark.parametrize("event_dims", [1, 2, 3, 4])
+@pytest.mark.parametrize("prior", ["none", "same shape", "shared"])
+def test_event_dims(device, event_dims, prior):
+    shape = (2, 3, 4, 5)
+    mu, logvar = gaussian(shape, device)
+    options = {}
+    if prior != "none":
+        prior_shape = shape if prior == "same shape" else shape[len(shape) - event_dims:]
+        options["prior_mu"], options["prior_logvar"] = gaussian(prior_shape, device)
+    check_against_reference(mu, logvar, torch.randn_like(mu), event_dims=event_dims, **options)
+    z, kl = reparameterize_kl(mu, logvar, event_dims=event_dims, backend="triton", **options)
+    assert kl.shape == shape[: 4 - event_dims]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_dtypes_and_mixed_prior_dtype(device, dtype):
+    mu, logvar = gaussian((2, 3, 4, 4), device, dtype)
+    prior_mu, prior_logvar = gaussian((3, 4, 4), device, torch.bfloat16 if dtype == torch.float32 else torch.float32)
+    check_against_reference(mu, logvar, torch.randn(mu.shape, device=device), event_dims=3, prior_mu=prior_mu,
+                            prior_logvar=prior_logvar)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("used", ["both", "z only", "kl only"])
+def test_reductions_and_unused_outputs(device, reduction, used):
+    mu, logvar = gaussian((3, 2, 3, 5), device)
+    prior_mu, prior_logvar = gaussian((3, 2, 3, 5), device)
+    check_against_reference(mu, logvar, torch.randn_like(mu), reduction=reduction, use_z=used != "kl only",
+                            use_kl=used != "z only", event_dims=2, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                            logvar_limit=3.0)
+
+
+def test_shared_prior_over_many_row_tiles_and_column_splits(device):
+    """The per-tile column sums of a shared prior's gradient: rows beyond one tile, columns beyond one block."""
+    rows, cols = pick(device, (37, 70), (1000, 5000))
+    mu, logvar = gaussian((rows, cols), device)
+    prior_mu, prior_logvar = gaussian((cols,), device)
+    check_against_reference(mu, logvar, torch.randn_like(mu), prior_mu=prior_mu, prior_logvar=prior_logvar)
+    rows, cols = pick(device, (3, 4500), (4, 70001))  # few rows, so each row splits into column ranges
+    mu, logvar = gaussian((rows, cols), device)
+    prior_mu, prior_logvar = gaussian((cols,), device)
+    check_against_reference(mu, logvar, torch.randn_like(mu), prior_mu=prior_mu, prior_logvar=prior_logvar)
+
+
+def test_prior_that_needs_no_gradient(device):
+    mu, logvar = gaussian((4, 6), device)
+    prior_mu, prior_logvar = torch.randn(4, 6, device=device), torch.randn(6, device=device)
+    check_against_reference(mu, logvar, torch.randn_like(mu), prior_mu=prior_mu, prior_logvar=prior_logvar)
+
+
+def test_kl_matches_torch_distributions(device):
+    mu, logvar = gaussian((3, 2, 4, 4), device, scale=1.0)
+    prior_mu, prior_logvar = gaussian((3, 2, 4, 4), device, scale=1.0)
+    _, kl = reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=3,
+                              backend="triton")
+    q = torch.distributions.Normal(mu.detach(), torch.exp(0.5 * logvar.detach()))
+    p = torch.distributions.Normal(prior_mu.detach(), torch.exp(0.5 * prior_logvar.detach()))
+    want = torch.distributions.kl_divergence(q, p).sum(dim=(1, 2, 3))
+    assert_close(kl, want, rtol=1e-5, atol=1e-4)
+    # The N(0, I) prior is the default: the same as passing zeros.
+    _, kl_default = reparameterize_kl(mu, logvar, event_dims=3, backend="triton")
+    zeros = torch.zeros_like(mu)
+    _, kl_zeros = reparameterize_kl(mu, logvar, prior_mu=zeros, prior_logvar=zeros, event_dims=3, backend="triton")
+    assert_close(kl_default, kl_zeros)
+
+
+def test_equal_posterior_and_prior_give_zero_kl_and_zero_gradients(device):
+    mu, logvar = gaussian((2, 3, 4), device)
+    prior_mu, prior_logvar = (t.detach().clone().requires_grad_() for t in (mu, logvar))
+    _, kl = reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=2,
+                              logvar_limit=2.0, backend="triton")
+    assert_close(kl, torch.zeros_like(kl), atol=1e-6)
+    for g in torch.autograd.grad(kl.sum(), (mu, logvar, prior_mu, prior_logvar)):
+        assert_close(g, torch.zeros_like(g), atol=1e-6)
+
+
+# ---- channel slices read in place ----------------------------------------------------------------
+
+
+class LaunchSpy:
+    """Wraps a kernel: records the data pointers of the tensors each launch receives."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append([a.data_ptr() for a in args if isinstance(a, torch.Tensor)])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("event_dims", [1, 2, 3])
+def test_channel_slices_of_a_conv_output_are_read_in_place(device, monkeypatch, event_dims):
+    """VDVAE's layout: mu and logvar are channel slices of one conv output, beside other channels, and so is a
+    conditional prior. The kernels must read them where they lie: no copy, forward or backward."""
+    from fastvae.kernels import reparameterize_kl as kernels
+
+    zdim, width = 3, 5
+    posterior = torch.randn(2, 2 * zdim, 4, 5, device=device, requires_grad=True)
+    prior = torch.randn(2, 2 * zdim + width, 4, 5, device=device, requires_grad=True)
+    mu, logvar = posterior.chunk(2, dim=1)
+    prior_mu, prior_logvar = prior[:, :zdim], prior[:, zdim : 2 * zdim]
+    assert not mu.is_contiguous() and not prior_mu.is_contiguous()
+    spies = {name: LaunchSpy(getattr(kernels, name))
+             for name in ("_reparameterize_kl_forward_kernel", "_reparameterize_kl_backward_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(kernels, name, spy)
+    options = dict(prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims)
+    z, kl = reparameterize_kl(mu, logvar, backend="triton", **options)
+    torch.autograd.grad((z * torch.randn_like(z)).sum() + kl.sum(), (posterior, prior))
+    inputs = {t.data_ptr() for t in (mu, logvar, prior_mu, prior_logvar)}
+    for spy in spies.values():
+        (pointers,) = spy.launches
+        assert inputs <= set(pointers)
+    monkeypatch.undo()
+    eps = torch.randn_like(mu)
+    check_against_reference(mu, logvar, eps, **options)
+
+
+def test_strided_and_transposed_inputs(device):
+    mu = torch.randn(5, 4, 3, device=device).transpose(0, 2).requires_grad_()  # (3, 4, 5), no merged layout
+    logvar = torch.randn(3, 8, 5, device=device)[:, ::2].requires_grad_()
+    prior_mu = torch.randn(5, 4, device=device).t().requires_grad_()  # (4, 5) broadcast over the rows
+    prior_logvar = torch.randn(3, 1, 1, device=device).requires_grad_()
+    for event_dims in (1, 2, 3):
+        check_against_reference(mu, logvar, torch.randn(3, 4, 5, device=device), event_dims=event_dims,
+                                prior_mu=prior_mu, prior_logvar=prior_logvar)
+
+
+# ---- the soft clamp ---------------------------------------------------------------------------------
+
+
+def test_logvar_limit_far_beyond_the_limit(device):
+    """z is drawn with the clamped log-variance, and the gradient goes through the clamp, at any value."""
+    limit = 4.0
+    values = torch.tensor([-1e4, -80.0, -4.5, -0.05, 0.0, 1e-3, 0.3, 3.9, 4.0, 60.0, 1e4, -2.0], device=device)
+    mu = torch.randn(2, 12, device=device, requires_grad=True)
+    logvar = values.repeat(2, 1).requires_grad_()
+    prior_logvar = values.flip(0).requires_grad_()
+    eps = torch.randn_like(mu)
+    z, kl = reparameterize_kl(mu, logvar, eps, prior_logvar=prior_logvar, logvar_limit=limit, backend="triton")
+    clamped = soft_clamp(logvar.detach(), limit)
+    assert clamped.abs().max() <= limit
+    assert_close(z, mu.detach() + torch.exp(0.5 * clamped) * eps)
+    assert torch.isfinite(kl).all()
+    check_against_reference(mu, logvar, eps, prior_logvar=prior_logvar, logvar_limit=limit)
+    # The clamp's slope: 1 at 0, about 0 far out, and its exact value in between.
+    grad_logvar = torch.autograd.grad(kl.sum(), logvar)[0][0]
+    slope = 1 - torch.tanh(values / limit) ** 2
+    want = 0.5 * (torch.exp(clamped[0] - soft_clamp(prior_logvar.detach(), limit)) - 1) * slope
+    assert_close(grad_logvar, want, rtol=1e-5, atol=1e-6)
+    assert grad_logvar[0] == 0 and grad_logvar[10] == 0
+
+
+def test_logvar_limit_is_the_eager_clamp(device):
+    """Fused or applied before the op, the clamp gives the same z, KL and gradients (as GaussianLatent used to)."""
+    mu, logvar = gaussian((4, 7), device, scale=8.0)
+    eps = torch.randn_like(mu)
+    z, kl = reparameterize_kl(mu, logvar, eps, logvar_limit=5.0, backend="triton")
+    z_eager, kl_eager = reparameterize_kl(mu, soft_clamp(logvar, 5.0), eps, backend="triton")
+    assert_close(z, z_eager)
+    assert_close(kl, kl_eager)
+    g = torch.autograd.grad((z**2).sum() + kl.sum(), (mu, logvar))
+    g_eager = torch.autograd.grad((z_eager**2).sum() + kl_eager.sum(), (mu, logvar))
+    for a, b in zip(g, g_eager):
+        assert_close(a, b)
+
+
+# ---- noise ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event_dims", [2, 3])
+def test_noise_of_events_does_not_depend_on_tiling_or_strides(device, monkeypatch, event_dims):
+    from fastvae.kernels import launch
+    from fastvae.kernels.reparameterize_kl import draw_noise, philox_rounds
+    from fastvae.ops.rng import philox_seed_offset
+
+    h = torch.randn(3, 10, 3, 7, device=device)
+    mu, logvar = h[:, :4], h[:, 4:8]
+    prior_mu = torch.randn(4, 3, 7, device=device)
+    torch.manual_seed(99)
+    z, _ = reparameterize_kl(mu, logvar, prior_mu=prior_mu, event_dims=event_dims, backend="triton")
+    monkeypatch.setattr(launch, "BLOCK_ELEMENTS", 16)
+    monkeypatch.setattr(launch, "target_programs", lambda device: 1000)
+    torch.manual_seed(99)
+    z_small, _ = reparameterize_kl(mu.contiguous(), logvar.contiguous(), prior_mu=prior_mu, event_dims=event_dims,
+                                   backend="triton")
+    assert torch.equal(z, z_small)
+    monkeypatch.undo()
+    # draw_noise writes out the same noise, for the differentiable backward.
+    torch.manual_seed(99)
+    seed, first = philox_seed_offset(None, device, philox_rounds(mu.shape, event_dims))
+    eps = draw_noise(mu.shape, device, seed, first, event_dims)
+    assert_close(z, mu + torch.exp(0.5 * logvar) * eps)
+
+
+def test_event_noise_is_standard_normal(device):
+    n = pick(device, 1 << 14, 1 << 22)
+    zeros = torch.zeros(n // 256, 4, 8, 8, device=device)
+    eps = reparameterize_kl(zeros, zeros, event_dims=3, backend="triton")[0].double().flatten()
+    assert abs(eps.mean().item()) < 5 / n**0.5
+    assert abs(eps.var().item() - 1) < 10 * (2 / n) ** 0.5
+
+
+def test_empty_inputs_with_a_prior(device):
+    for shape, event_dims in (((0, 2, 3), 2), ((2, 0, 3), 2), ((2, 3, 0), 1)):
+        mu, logvar = gaussian(shape, device)
+        prior_mu, prior_logvar = gaussian(shape[1:], device)
+        z, kl = reparameterize_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims,
+                                  backend="triton")
+        assert z.shape == shape and kl.shape == shape[: 3 - event_dims]
+        grads = torch.autograd.grad(z.sum() + kl.sum(), (mu, logvar, prior_mu, prior_logvar))
+        assert [g.shape for g in grads] == [mu.shape, logvar.shape, prior_mu.shape, prior_logvar.shape]
+        assert all((g == 0).all() for g in grads)
+
+
+# ---- higher orders, torch.compile -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("noise", ["given", "drawn"])
+@pytest.mark.parametrize("prior", ["same shape", "shared"])
+def test_higher_orders_with_a_prior_and_the_clamp(device, prior, noise):
+    shape = (2, 3, 2, 3)
+    mu, logvar = gaussian(shape, device, scale=2.0)
+    prior_mu, prior_logvar = gaussian(shape if prior == "same shape" else shape[2:], device, scale=2.0)
+    options = dict(prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=2, logvar_limit=3.0)
+    if noise == "drawn":
+        torch.manual_seed(5)
+        zeros = torch.zeros(shape, device=device)
+        eps = reparameterize_kl(zeros, zeros, event_dims=2, backend="triton")[0]  # the noise of the next call
+        torch.manual_seed(5)
+        z, kl = reparameterize_kl(mu, logvar, reduction="mean", backend="triton", **options)
+    else:
+        eps = torch.randn(shape, device=device, requires_grad=True)
+        z, kl = reparameterize_kl(mu, logvar, eps, reduction="mean", backend="triton", **options)
+    z_ref, kl_ref = reparameterize_kl_reference(mu, logvar, eps, "mean", **options)
+    inputs = [mu, logvar, prior_mu, prior_logvar] + ([eps] if eps.requires_grad else [])
+    grad_z = torch.randn(shape, device=device)
+    directions = [torch.randn(t.shape, device=device) for t in inputs]
+
+    def total(z, kl):
+        return (z * grad_z).sum() + 1.5 * kl
+
+    got = gradients_up_to_third(total(z, kl), inputs, None, directions)
+    want = gradients_up_to_third(total(z_ref, kl_ref), inputs, None, directions)
+    for order, (got_order, want_order) in enumerate(zip(got, want), start=1):
+        for t, g, w in zip(inputs, got_order, want_order):
+            assert g.shape == t.shape and g.dtype == t.dtype
+            assert_close(g, w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()),
+                         msg=lambda m: f"order {order}: {m}")
+
+
+class TinyStochasticLayer(torch.nn.Module):
+    """A conv giving posterior and prior as channel slices, through the fused op: a hierarchical VAE's layer."""
+
+    def __init__(self, zdim=2):
+        super().__init__()
+        self.zdim = zdim
+        self.conv = torch.nn.Conv2d(3, 4 * zdim + 1, 1)
+        self.prior_logvar = torch.nn.Parameter(0.1 * torch.randn(zdim, 3, 3))
+
+    def forward(self, x, eps=None):
+        h = self.conv(x)
+        d = self.zdim
+        z, kl = reparameterize_kl(h[:, :d], h[:, d : 2 * d], eps, prior_mu=h[:, 2 * d : 3 * d],
+                                  prior_logvar=self.prior_logvar, event_dims=3, logvar_limit=4.0, reduction="mean",
+                                  backend="triton")
+        return (z**2).sum() + kl
+
+
+def test_torch_compile_fullgraph_with_a_prior(device):
+    torch._dynamo.reset()
+    model = TinyStochasticLayer().to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 3, 3, device=device)
+    eps = torch.randn(2, 2, 3, 3, device=device)
+    loss, loss_c = model(x, eps), compiled(x, eps)
+    assert_close(loss_c, loss)
+    params = list(model.parameters())
+    for g, g_c in zip(torch.autograd.grad(loss, params), torch.autograd.grad(loss_c, params)):
+        assert_close(g_c, g)
+    torch.manual_seed(5)
+    loss = model(x)
+    torch.manual_seed(5)
+    loss_c = compiled(x)
+    assert_close(loss_c, loss)
+    loss_c.backward()
+    assert all(torch.isfinite(p.grad).all() for p in params)
+
+
+# ---- the N(0, I) path is unchanged ----------------------------------------------------------------
+
+# sha256 (first 16 hex digits) of z, kl, grad_mu and grad_logvar, written by the op as it was before priors,
+# event_dims and logvar_limit existed (commit cc98d6e), under Triton 3.6's and 3.9's interpreters alike.
+BEFORE = {
+    ("triton", torch.float32, "given"): ("6713b98784017c44", "531865c8e7ffb423"),
+    ("triton", torch.float32, "drawn"): ("8598dbcba42d4086", "952575c32f773ee6"),
+    ("triton", torch.bfloat16, "given"): ("4a6684a20e39e21d", "93d5ef09695c8504"),
+    ("triton", torch.bfloat16, "drawn"): ("db3562fafc49b1b8", "dfb096274b5bb1c7"),
+    ("torch", torch.float32, "given"): ("6f6b5a9afceb7b31", "28a1f2c245f04e60"),
+    ("torch", torch.float32, "drawn"): ("32c1fe80a3ef4fb6", "846e5dfcd665553b"),
+    ("torch", torch.bfloat16, "given"): ("1fc75a020de6a7a4", "1425e6698a1b32c0"),
+    ("torch", torch.bfloat16, "drawn"): ("48fe066375065601", "2e11eaf622952d45"),
+}
+BEFORE_CHUNKS = {"triton": "71b54b6b872d4fd4", "torch": "e6654ff7a211ddbb"}
+
+
+def _digest(*tensors) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _n01_digest(backend, dtype, noise, reduction):
+    g = torch.Generator().manual_seed(20240610)
+    shape = (3, 2, 7)
+    mu = torch.randn(shape, generator=g).to(dtype).requires_grad_()
+    logvar = (0.7 * torch.randn(shape, generator=g)).to(dtype).requires_grad_()
+    eps = torch.randn(shape, generator=g) if noise == "given" else None
+    grad_z = torch.randn(shape, generator=g).to(dtype)
+    torch.manual_seed(77)
+    z, kl = reparameterize_kl(mu, logvar, eps, reduction=reduction, backend=backend)
+    grad_kl = torch.linspace(0.5, 2.0, kl.numel()).view(kl.shape)
+    grads = torch.autograd.grad((z * grad_z).sum() + (kl * grad_kl).sum(), (mu, logvar))
+    return _digest(z, kl, *grads)
+
+
+@pytest.mark.parametrize("key", BEFORE, ids=lambda key: "-".join(map(str, key)))
+def test_standard_normal_prior_is_bit_identical_to_before(device, key):
+    """Every bit of the N(0, I) path's outputs and gradients, on fixed inputs, as the op gave them before."""
+    if device.type != "cpu":
+        pytest.skip("the recorded bits are the CPU interpreter's and the reference path's on the CPU")
+    backend, dtype, noise = key
+    assert (_n01_digest(backend, dtype, noise, "none"), _n01_digest(backend, dtype, noise, "mean")) == BEFORE[key]
+
+
+@pytest.mark.parametrize("backend", BEFORE_CHUNKS)
+def test_standard_normal_prior_on_chunks_is_bit_identical_to_before(device, backend):
+    if device.type != "cpu":
+        pytest.skip("the recorded bits are the CPU interpreter's and the reference path's on the CPU")
+    h = torch.randn(5, 18, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    mu, logvar = h.chunk(2, dim=-1)
+    torch.manual_seed(3)
+    z, kl = reparameterize_kl(mu, logvar, reduction="sum", backend=backend)
+    (grad_h,) = torch.autograd.grad((z * torch.arange(9.0)).sum() + 0.5 * kl, h)
+    assert _digest(z, kl, grad_h) == BEFORE_CHUNKS[backend]
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+
+def _bad(**options):
+    return lambda: options
+
+
+BAD_INPUTS = {
+    "prior_mu does not broadcast": (_bad(prior_mu=torch.zeros(3)), ValueError, "prior_mu"),
+    "prior_logvar larger than mu": (_bad(prior_logvar=torch.zeros(5, 2, 4)), ValueError, "prior_logvar"),
+    "integer prior_mu": (_bad(prior_mu=torch.zeros(4, dtype=torch.int64)), TypeError, "prior_mu"),
+    "bool prior_logvar": (_bad(prior_logvar=torch.zeros(4, dtype=torch.bool)), TypeError, "prior_logvar"),
+    "prior not a tensor": (_bad(prior_mu=[0.0] * 4), TypeError, "prior_mu"),
+    "prior on another device": (_bad(prior_logvar=torch.zeros(4, device="meta")), ValueError, "prior_logvar"),
+    "event_dims 0": (_bad(event_dims=0), ValueError, "event_dims"),
+    "event_dims above mu.dim()": (_bad(event_dims=3), ValueError, "event_dims"),
+    "event_dims not an int": (_bad(event_dims=1.0), TypeError, "event_dims"),
+    "event_dims a bool": (_bad(event_dims=True), TypeError, "event_dims"),
+    "logvar_limit 0": (_bad(logvar_limit=0.0), ValueError, "logvar_limit"),
+    "logvar_limit negative": (_bad(logvar_limit=-1), ValueError, "logvar_limit"),
+    "logvar_limit nan": (_bad(logvar_limit=math.nan), ValueError, "logvar_limit"),
+    "logvar_limit inf": (_bad(logvar_limit=math.inf), ValueError, "logvar_limit"),
+    "logvar_limit a string": (_bad(logvar_limit="10"), TypeError, "logvar_limit"),
+    "float64 prior on triton": (_bad(prior_mu=torch.zeros(4, dtype=torch.float64), backend="triton"), TypeError,
+                                "prior_mu"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input(case):
+    make, error, name = case
+    with pytest.raises(error, match=name):
+        reparameterize_kl(torch.zeros(5, 4), torch.zeros(5, 4), **make())
+
+
+# ---- compiled for a GPU --------------------------------------------------------------------------
+
+
+def _job(kernel_name, dtype, int_type, constexprs, absent=()):
+    """A compile job: every pointer of ``dtype`` (float32 where the kernel keeps float32), the arguments in
+    ``absent`` as compile-time ``None`` (an input the call lacks)."""
+    from fastvae.kernels import reparameterize_kl as kernels
+
+    kernel = getattr(kernels, kernel_name)
+    float32 = ("kl_ptr", "grad_kl_ptr", "grad_prior_mu_ptr", "grad_prior_logvar_ptr")
+    signature, values = {}, dict(constexprs, BLOCK_ROWS=8, BLOCK_GROUPS=128)
+    for name in kernel.arg_names:
+        if name in absent:
+            signature[name], values[name] = "constexpr", None
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in float32 else f"*{dtype}"
+        elif name == "logvar_limit":
+            signature[name] = "fp32"
+        elif not name.isupper():
+            signature[name] = int_type
+    return kernels.__name__, kernel_name, signature, values, 8
+
+
+def test_prior_and_clamp_variants_compile_for_a_cuda_target():
+    from tests.utils import compile_for_cuda
+
+    forward, backward = "_reparameterize_kl_forward_kernel", "_reparameterize_kl_backward_kernel"
+    no_prior = ("prior_mu_ptr", "prior_logvar_ptr", "grad_prior_mu_ptr", "grad_prior_logvar_ptr")
+    jobs = []
+    for dtype, int_type in (("fp32", "i32"), ("bf16", "i64")):
+        for absent in ((), ("logvar_limit",), no_prior[::2] + no_prior[3:], no_prior + ("logvar_limit",)):
+            fwd_absent = tuple(name for name in absent if not name.startswith("grad_"))
+            jobs.append(_job(forward, dtype, int_type, dict(HAS_EPS=False), fwd_absent))
+            for grad_z, grad_kl in ((True, True), (False, True)):
+                flags = dict(HAS_GRAD_Z=grad_z, HAS_GRAD_KL=grad_kl, HAS_EPS=False)
+                jobs.append(_job(backward, dtype, int_type, flags, absent))
+    compile_for_cuda(jobs)

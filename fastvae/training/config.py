@@ -13,7 +13,7 @@ from fastvae.backend import BACKENDS, requested_backend, resolve_backend
 from fastvae.corruption import parse_corruption
 from fastvae.errors import ConfigError
 from fastvae.models import LIKELIHOODS
-from fastvae.training.builders import MODELS, OBJECTIVES, default_likelihood
+from fastvae.training.builders import MODELS, OBJECTIVES, default_eval_k, default_likelihood
 from fastvae.training.distributed import DEVICES
 from fastvae.training.schedule import LR_SCHEDULES
 
@@ -70,7 +70,7 @@ class TrainConfig:
     device: str = "auto"
     checkpoint_every: int = 500
     log_every: int = 10
-    eval_k: int = 1000
+    eval_k: int | None = None  # None: the model's default (default_eval_k), set on creation
     quiet: bool = False
     tensorboard: bool = False
     tensorboard_image_every: int = 500
@@ -82,6 +82,8 @@ class TrainConfig:
             self.layers_per_resolution = tuple(self.layers_per_resolution)
         if self.likelihood is None:
             self.likelihood = default_likelihood(self.objective)
+        if self.eval_k is None:
+            self.eval_k = default_eval_k(self.model)
         # The likelihood's own defaults for the settings it takes and that are not given, so that a checkpoint
         # records the values the run used.
         family = LIKELIHOODS.get(self.likelihood)

@@ -222,3 +222,66 @@ def test_graph_training_reaches_the_eager_loss_cuda(tmp_path):
         assert len(records) == 300
         finals[graphs] = sum(r["loss"] for r in records[-50:]) / 50
     assert abs(finals[True] - finals[False]) < 0.05 * abs(finals[False]), finals
+
+
+# ---- fastvae train --cuda-graphs ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_train_option_without_cuda_is_a_one_line_error(tmp_path):
+    from tests.test_cli import TINY, assert_one_line_error, run
+
+    status, _, stderr = run("train", *TINY, "--steps", "2", "--cuda-graphs", "--out", tmp_path / "run")
+    assert_one_line_error(status, stderr, "--cuda-graphs needs a CUDA GPU")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_graphs_is_kept_on_resume():
+    from fastvae.training.config import FIXED_ON_RESUME
+
+    assert "cuda_graphs" in FIXED_ON_RESUME
+
+
+def _replay_by_rerunning(step):
+    """A stand-in for :func:`capture_cuda_graph` on the CPU: each replay runs ``step()`` again and writes its values
+    into the one tensor the capture returned (as a graph's replay rewrites its outputs); the capture runs nothing."""
+    values = torch.empty(0)
+
+    def replay():
+        out = step()
+        values.resize_(out.shape).copy_(out)
+
+    return replay, values
+
+
+def test_graphed_step_feeds_each_steps_inputs_to_the_replays():
+    """The trainer's side of a graphed step, on the CPU: warm-up calls, then replays that read each step's inputs
+    from the static buffers and return a copy of their values; the training is the eager one, bit for bit."""
+    from fastvae.models import mlp_vae
+    from fastvae.training.cuda_graph import GraphedStep
+
+    def trainer():
+        torch.manual_seed(0)
+        model = mlp_vae((1, 4, 4), latent_dim=2, hidden=(8,), backend="triton")
+        optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))  # a tensor, as under graphs
+
+        def step(x, eps, kl_weight):
+            out = model(x, eps=eps, kl_weight=kl_weight)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            return torch.stack([out.loss.detach(), out.recon.mean(), out.kl.detach().mean()])
+
+        return model, step
+
+    batches = [{"x": torch.rand(6, 1, 4, 4).round(), "eps": torch.randn(6, 2), "kl_weight": torch.tensor(i / 8)}
+               for i in range(8)]
+    (eager_model, eager_step), (graphed_model, step) = trainer(), trainer()
+    graphed = GraphedStep(step, torch.device("cpu"), warmup=2, capture=_replay_by_rerunning)
+    for batch in batches:
+        want = eager_step(**batch)
+        got = graphed(batch)
+        assert torch.equal(got, want)
+    assert graphed.replay is not None and got.data_ptr() != graphed.values.data_ptr()  # a copy per step
+    for p, q in zip(eager_model.parameters(), graphed_model.parameters()):
+        assert torch.equal(p, q)

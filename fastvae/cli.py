@@ -273,6 +273,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the model (the fused ops stay whole, without graph breaks) (default: off)",
     )
     run.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="run each training step (forward, backward, optimizer step) as a replayed CUDA graph, after 3 eager "
+        "warm-up steps: no Python or launch overhead per kernel, for small, launch-bound models; a CUDA GPU only, "
+        "not with --compile or --precision fp16; kept on resume (default: off)",
+    )
+    run.add_argument(
         "--device",
         choices=DEVICES,
         help=f"auto: this process's GPU if there is one, else the CPU (default: {d.device})",

@@ -131,9 +131,9 @@ def vae_step_savings(batch: int, latent_dim: int, image_elements: int, likelihoo
     """Kernels and float32 bytes kept that one VAE training step saves with the fused ops, against the reference.
 
     The VAE calls ``reparameterize_kl`` on the halves of its linear head (noise
-    drawn) and the likelihood with ``reduction="none"``, then takes the mean
-    over the batch, so the loss's upstream gradient is 1/B, not 1 (a scaled
-    backward). Everything else in the step is the same code on both paths and
+    drawn) and the likelihood with ``reduction="mean"`` (the per-image values
+    come beside it, detached), so the loss's upstream gradient is 1 and the
+    saved gradient is handed over unscaled. Everything else in the step is the same code on both paths and
     cancels. An input kept by one path only counts against that path, except
     the image batch, which the encoder's first layer keeps anyway; mu is kept
     by both (the reference's mu * mu, the fused backward).
@@ -142,7 +142,7 @@ def vae_step_savings(batch: int, latent_dim: int, image_elements: int, likelihoo
     logvar = "scalar" if likelihood == "gaussian" else None  # the VAE's default learned variance
     parts = {
         "reparameterize_kl": (reparameterize_kl(eps_given=False), n_z, {"mu": n_z, "logvar": n_z}),
-        "reconstruction_loss": (reconstruction_loss(likelihood, logvar, upstream_one=False), n_x, {"x_hat": n_x}),
+        "reconstruction_loss": (reconstruction_loss(likelihood, logvar, upstream_one=True), n_x, {"x_hat": n_x}),
     }
     kernels = kept = 0
     for costs, n, input_elements in parts.values():

@@ -67,6 +67,9 @@ class TrainConfig:
     resume: bool = False
     backend: str = "auto"  # train() takes FASTVAE_BACKEND's value when this is not set explicitly
     compile: bool = False
+    # The training step as a CUDA graph (fastvae.training.cuda_graph); fixed on resume: it changes the optimizer
+    # (a capturable Adam with the learning rate on the device) and how the noise is drawn.
+    cuda_graphs: bool = False
     device: str = "auto"
     checkpoint_every: int = 500
     log_every: int = 10
@@ -193,6 +196,20 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError("resume needs out: the folder of the run to continue")
     if not config.resume:  # a resumed run's likelihood comes from its checkpoint: checked by resumed_config
         likelihood_options(config)
+
+
+def check_cuda_graphs(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for ``cuda_graphs`` where it cannot run: without a CUDA device, with
+    ``--compile`` or with fp16's gradient scaler (which reads its inf check on the host)."""
+    if not config.cuda_graphs:
+        return
+    if config.device == "cpu" or not torch.cuda.is_available():
+        raise ConfigError("--cuda-graphs needs a CUDA GPU, and there is none here (or --device cpu was given)")
+    if config.compile:
+        raise ConfigError("--cuda-graphs and --compile are two ways to cut launch overhead: choose one")
+    if config.precision == "fp16":
+        raise ConfigError("--cuda-graphs does not take --precision fp16 (its gradient scaler syncs with the host): "
+                          "use bf16 or fp32")
 
 
 def check_model_fields(config: TrainConfig) -> None:

@@ -321,7 +321,7 @@ class HierarchicalVAE(TrainableModel):
         return {
             "kl_layers": [
                 MetricPlot("KL per stochastic layer (0 = top)", "nats per image", layers),
-                MetricPlot(f"active latent channels (of {total}; mean KL > {ACTIVE_KL_NATS} nats)", "channels",
+                MetricPlot(f"active channels (of {total}: KL > {ACTIVE_KL_NATS} nats)", "channels",
                            ("active_channels",)),
             ]
         }

@@ -95,6 +95,22 @@ def _latent_head(batch, latent_dim):
     return run
 
 
+def _hvae_layer(batch, channels, size):
+    def run(dtype):
+        from fastvae.functional import reparameterize_kl
+
+        # The hvae's stochastic layer: one KL per image and channel over (B, C, H, W) channel slices.
+        posterior = torch.randn(batch, 2 * channels, size, size).to(dtype).requires_grad_()
+        prior = torch.randn(batch, 2 * channels + 32, size, size).to(dtype).requires_grad_()
+        z, kl = reparameterize_kl(
+            posterior[:, :channels], posterior[:, channels:], prior_mu=prior[:, :channels],
+            prior_logvar=prior[:, channels : 2 * channels], event_dims=2, logvar_limit=10.0, backend="triton",
+        )
+        torch.autograd.grad([z, kl], [posterior, prior], [torch.randn_like(z), torch.ones_like(kl)])
+
+    return run
+
+
 # Launches beyond the runner's cases and the training steps: one entry per scenario.
 EXTRA_SCENARIOS = [
     Scenario("gaussian, logvar per element, mean, 256x784", _gaussian((256, 784), "mean")),
@@ -102,6 +118,7 @@ EXTRA_SCENARIOS = [
     Scenario("bce, none, weighted, 256x784", _weighted("bce")),
     Scenario("reparameterize_kl of a linear head's halves, 4096x32", _latent_head(4096, 32)),
     Scenario("reparameterize_kl of a linear head's halves, 128x16", _latent_head(128, 16)),
+    Scenario("reparameterize_kl of an hvae layer, 8 channels of 7x7 maps, batch 64", _hvae_layer(64, 8, 7)),
 ]
 
 

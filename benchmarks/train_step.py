@@ -13,9 +13,10 @@ kernels and waiting for the device decide the speed):
 * ``compile reduce-overhead``: the reference under ``torch.compile(mode="reduce-overhead")``
   (Inductor's CUDA graphs);
 * ``fastvae+cuda-graphs``: the fused ops, the whole step (forward, backward,
-  capturable Adam) captured once as a CUDA graph and replayed. Capture needs
-  capture-safe in-kernel noise (issue 12 §3); where the op refuses capture,
-  or there is no GPU, the case records the reason and goes on.
+  fused capturable Adam) captured once as a CUDA graph and replayed, by the
+  machinery of ``fastvae train --cuda-graphs``
+  (:class:`fastvae.training.cuda_graph.GraphedStep`). Where capture fails, or
+  there is no GPU, the case records the reason and goes on.
 
 Each reports the median step time, samples/s and the peak memory of a step,
 and on a GPU the kernels launched per step (profiler) and the host syncs per
@@ -23,7 +24,6 @@ step (``torch.cuda.set_sync_debug_mode("warn")``).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -70,13 +70,6 @@ def build_model(model: str, backend: str) -> torch.nn.Module:
     return MODELS[model](backend)
 
 
-def cuda_graphs_option() -> bool:
-    """Whether ``fastvae train`` has its CUDA-graph option (``--cuda-graphs``, issue 12 §3) in this checkout."""
-    from fastvae.training.config import TrainConfig
-
-    return any(f.name in ("cuda_graphs", "cuda_graph") for f in dataclasses.fields(TrainConfig))
-
-
 def make_step(case: TrainCase, impl: str, device: torch.device):
     """A callable running one training step on the next of two prebuilt batches of binary images."""
     torch.manual_seed(0)
@@ -104,40 +97,37 @@ def make_step(case: TrainCase, impl: str, device: torch.device):
     return step
 
 
-def _graphed_step(model: torch.nn.Module, next_batch, dtype, device: torch.device, warmup: int = 3):
-    """The whole step (forward, backward, capturable Adam) captured as one CUDA graph; each call copies the next
-    batch into the graph's input and replays it. Raises :class:`Unavailable` without a GPU or where capture fails
-    (fastvae's in-kernel noise refuses capture until it reads its Philox state from the device)."""
+def _graphed_step(model: torch.nn.Module, next_batch, dtype, device: torch.device):
+    """The whole step (forward, backward, fused capturable Adam) captured as one CUDA graph by
+    :class:`fastvae.training.cuda_graph.GraphedStep`, as ``fastvae train --cuda-graphs`` captures it: eager
+    warm-up calls, then each call copies the next batch into the graph's input and replays. Raises
+    :class:`Unavailable` without a GPU, in a checkout without the option, or where capture fails."""
     if device.type != "cuda":
         raise Unavailable("CUDA graphs need a GPU")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
-    static_x = next_batch().clone()
+    try:
+        from fastvae.training.cuda_graph import GraphedStep
+    except ImportError as error:
+        raise Unavailable(f"this checkout has no fastvae.training.cuda_graph ({error})") from error
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True, fused=True)
 
-    def body():
+    def body(x):
+        optimizer.zero_grad(set_to_none=False)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
-            loss = model(static_x).loss
+            loss = model(x).loss
         loss.backward()
         optimizer.step()
+        return loss.detach()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires (Adam's state created here)
-        for _ in range(warmup):
-            optimizer.zero_grad(set_to_none=True)
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    optimizer.zero_grad(set_to_none=True)
-    try:
-        with torch.cuda.graph(graph):
-            body()
-    except Exception as error:  # noqa: BLE001 - the reason is the result
-        raise Unavailable(f"capture failed: {type(error).__name__}: {error}"[:300]) from error
+    graphed = GraphedStep(body, device)
 
     def step():
-        static_x.copy_(next_batch())
-        graph.replay()
+        graphed({"x": next_batch()})
 
+    try:
+        for _ in range(graphed.warmup + 1):  # the warm-up calls, then the capture and its first replay
+            step()
+    except Exception as error:  # noqa: BLE001 - the reason is the result
+        raise Unavailable(f"capture failed: {type(error).__name__}: {error}"[:300]) from error
     return step
 
 
@@ -151,8 +141,6 @@ def measure_train_case(case: TrainCase, device: torch.device, impls=None) -> lis
             "shape": [case.batch, *IMAGE_SHAPE], "elements": case.batch * 784, "dtype": case.precision,
             "impl": impl, "floor_bytes": None,
         }
-        if impl == "fastvae+cuda-graphs":
-            base["cuda_graphs_option"] = cuda_graphs_option()
         try:
             step = make_step(case, impl, device)
         except Unavailable as reason:

@@ -87,7 +87,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.data import DATASETS
     from fastvae.corruption import CORRUPTIONS
     from fastvae.models import LIKELIHOODS
-    from fastvae.training.builders import MLP_HIDDEN, MODELS, OBJECTIVES, default_likelihood
+    from fastvae.training.builders import (
+        DEFAULT_EVAL_K,
+        MLP_HIDDEN,
+        MODEL_EVAL_K,
+        MODELS,
+        OBJECTIVES,
+        default_likelihood,
+    )
     from fastvae.training.config import NOISE_MODES, PRECISIONS, TrainConfig
     from fastvae.training.distributed import DEVICES
     from fastvae.training.schedule import LR_SCHEDULES
@@ -266,6 +273,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the model (the fused ops stay whole, without graph breaks) (default: off)",
     )
     run.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="run each training step (forward, backward, optimizer step) as a replayed CUDA graph, after 3 eager "
+        "warm-up steps: no Python or launch overhead per kernel, for small, launch-bound models; a CUDA GPU only, "
+        "not with --compile or --precision fp16; kept on resume (default: off)",
+    )
+    run.add_argument(
         "--device",
         choices=DEVICES,
         help=f"auto: this process's GPU if there is one, else the CPU (default: {d.device})",
@@ -287,7 +301,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-k",
         type=_positive_int,
         metavar="K",
-        help=f"importance samples of the final held-out log-likelihood of a VAE (default: {d.eval_k})",
+        help=f"importance samples of the final held-out log-likelihood of a VAE (default: {DEFAULT_EVAL_K}; "
+        f"{', '.join(f'{k} for {model}' for model, k in MODEL_EVAL_K.items())})",
     )
     run.add_argument(
         "--quiet",
@@ -340,15 +355,15 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-DEFAULT_EVAL_K = 1000
-
-
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastvae.training.builders import DEFAULT_EVAL_K, MODEL_EVAL_K
+
     _checkpoint_arguments(parser)
     parser.add_argument(
         "--k",
         type=_positive_int,
-        help=f"a VAE's importance samples per image for the log-likelihood (default: {DEFAULT_EVAL_K})",
+        help=f"a VAE's importance samples per image for the log-likelihood (default: the model's, as for "
+        f"fastvae train --eval-k: {DEFAULT_EVAL_K}; {', '.join(f'{k} for {model}' for model, k in MODEL_EVAL_K.items())})",
     )
     parser.add_argument(
         "--denoise",
@@ -397,7 +412,7 @@ def _parse_corruption(spec: str | None):
 
 def _run_eval(args: argparse.Namespace) -> int:
     from fastvae.data import load_images, loading_message
-    from fastvae.training.builders import check_options_apply, describe_model, evaluation_options
+    from fastvae.training.builders import check_options_apply, default_eval_k, describe_model, evaluation_options
     from fastvae.training.checkpoint import check_checkpoint_data
     from fastvae.training.evaluate import evaluate_held_out, format_held_out
     from fastvae.training.progress import Progress
@@ -417,7 +432,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     seed = config.seed if args.seed is None else args.seed
     batch_size = args.batch_size or config.batch_size
-    options = evaluation_options(dataclasses.replace(config, eval_k=args.k or DEFAULT_EVAL_K))
+    options = evaluation_options(dataclasses.replace(config, eval_k=args.k or default_eval_k(config.model)))
     results = evaluate_held_out(
         model,
         data.test,

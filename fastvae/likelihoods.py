@@ -11,6 +11,11 @@ location); a :class:`Likelihood` turns them into numbers and images:
   float32, in nats, constants included, so that ``-(recon + kl)`` is the ELBO;
 * :meth:`~Likelihood.loss`: the fused op alone, without the constant terms, in
   ``loss_units`` (the squared error for ``"mse"``): what a plain autoencoder minimises;
+* :meth:`~Likelihood.batch_nll` and :meth:`~Likelihood.batch_loss`: the mean of
+  either over the batch (the training loss's term, differentiable) with the
+  per-image values beside it (detached, for the metrics); the fused families
+  take the mean inside the op (``reduction="mean"``), so that ``loss.backward()``
+  hands the gradient the forward wrote over without scaling it;
 * :meth:`~Likelihood.mean`: the mean of ``p(x | z)``, shaped like ``x`` (not for
   ``"dmol"``, where it has no closed form); :meth:`~Likelihood.sample`: a draw from it;
 * :meth:`~Likelihood.reconstruction` and :meth:`~Likelihood.generate`: the
@@ -58,7 +63,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fastvae.functional import reconstruction_loss
+from fastvae.functional import discretized_logistic_mixture_nll, reconstruction_loss
 from fastvae.nn import DiscretizedLogisticMixture
 
 
@@ -83,6 +88,20 @@ class Likelihood(nn.Module):
     def loss(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The fused loss per image, ``(B,)`` float32 in ``loss_units``: ``-log p`` up to constant terms."""
         return self(params, x)
+
+    def batch_nll(self, params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean over the batch of -log p(x | params), the per-image values)``: what a model's training loss
+        takes, ``()`` and ``(B,)`` float32 nats. Only the mean is differentiable; the per-image values are detached
+        (metrics). The fused families take the mean inside the op, so its backward under ``loss.backward()`` hands
+        the forward's gradient over without a pass; this default averages :meth:`forward`."""
+        per_image = self(params, x)
+        return per_image.mean(), per_image.detach()
+
+    def batch_loss(self, params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`batch_nll` of :meth:`loss`: the mean fused loss and the per-image values (detached), in
+        ``loss_units``."""
+        per_image = self.loss(params, x)
+        return per_image.mean(), per_image.detach()
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         """The mean of ``p(x | params)``, shaped like the images ``x``."""
@@ -129,6 +148,16 @@ class _FusedLikelihood(Likelihood):
 
     def loss(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return reconstruction_loss(params, x, self.kind, reduction="none", logvar=self.logvar, backend=self.backend)
+
+    def batch_nll(self, params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, per_image = self.batch_loss(params, x)
+        constant = self.nll_constant * x[0].numel()
+        return (mean + constant, per_image + constant) if constant else (mean, per_image)
+
+    def batch_loss(self, params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return reconstruction_loss(
+            params, x, self.kind, reduction="mean", logvar=self.logvar, backend=self.backend, return_per_sample=True
+        )
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return params
@@ -247,6 +276,16 @@ class DiscretizedLogisticMixtureLikelihood(Likelihood):
 
     def forward(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.mixture(params, x)
+
+    def batch_nll(self, params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mixture = self.mixture
+        return discretized_logistic_mixture_nll(
+            params, x, num_mixtures=mixture.num_mixtures, num_bits=mixture.num_bits, reduction="mean",
+            backend=mixture.backend, return_per_sample=True,
+        )
+
+    def batch_loss(self, params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch_nll(params, x)  # its fused loss is the exact nll
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(

@@ -41,6 +41,14 @@ the op always had. Only a backward that autograd must differentiate again
 (``create_graph=True``) needs the noise as a tensor: :func:`draw_noise` writes
 it out, bit for bit.
 
+The Philox state (key and first counter) comes as two scalar arguments, set
+on the host at launch (eager calls), or, under CUDA-graph capture, as a
+pointer ``philox_ptr`` to an int64 ``[key, first_counter]`` that a capture-aware
+torch RNG call wrote on the device inside the graph (:mod:`fastvae.ops.rng`),
+so that each replay draws fresh noise; each program loads those 16 bytes once.
+Without ``philox_ptr`` (a ``None`` constant) the kernels are compiled without
+that load, as they were before it existed.
+
 The prior's gradients come from the backward kernel, in one of two ways
 (per prior tensor, chosen by :func:`prior_grad_mode`):
 
@@ -128,6 +136,16 @@ def _program_span(n_cols, cols_per_split, BLOCK_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _philox_state(seed, first_counter, philox_ptr):
+    """The Philox key and first counter: the scalar arguments, or the two int64 at ``philox_ptr`` when it is
+    given (a state drawn on the device, which a CUDA graph replays anew; see :mod:`fastvae.ops.rng`)."""
+    if philox_ptr is not None:
+        seed = tl.load(philox_ptr)
+        first_counter = tl.load(philox_ptr + 1)
+    return seed, first_counter
+
+
+@triton.jit
 def standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row):
     """eps of a tile: lane k of group g in row r is normal k of Philox round first_counter + r * groups_per_row + g."""
     n0, n1, n2, n3 = tl.randn4x(seed, first_counter + rows * groups_per_row + groups)
@@ -205,12 +223,13 @@ def _reparameterize_kl_forward_kernel(
     stride_eps_outer, stride_eps_inner, stride_eps_col,
     stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
     stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
-    seed, first_counter, cols_per_split, logvar_limit,
+    seed, first_counter, philox_ptr, cols_per_split, logvar_limit,
     HAS_EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
     n_splits = tl.num_programs(1)
     groups_per_row = tl.cdiv(n_cols, 4)
+    seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
     mu_rows = split_row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner)
     logvar_rows = split_row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner)
     eps_rows = split_row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner)
@@ -267,12 +286,14 @@ def _reparameterize_kl_backward_kernel(
     stride_eps_outer, stride_eps_inner, stride_eps_col,
     stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
     stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
-    seed, first_counter, cols_per_split, logvar_limit, prior_mu_grad_by_columns, prior_logvar_grad_by_columns,
+    seed, first_counter, philox_ptr, cols_per_split, logvar_limit, prior_mu_grad_by_columns,
+    prior_logvar_grad_by_columns,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_EPS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
     groups_per_row = tl.cdiv(n_cols, 4)
+    seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
     grad_z_rows = split_row_starts(rows, n_inner, stride_grad_z_outer, stride_grad_z_inner)
     mu_rows = split_row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner)
     logvar_rows = split_row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner)
@@ -324,11 +345,12 @@ def _reparameterize_kl_backward_kernel(
 
 @triton.jit
 def _standard_normal_kernel(
-    eps_ptr, n_rows, n_cols, seed, first_counter, cols_per_split,
+    eps_ptr, n_rows, n_cols, seed, first_counter, philox_ptr, cols_per_split,
     BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
     groups_per_row = tl.cdiv(n_cols, 4)
+    seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
     while group_start < group_end:
         groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
         cols = groups * 4 + lanes
@@ -338,13 +360,21 @@ def _standard_normal_kernel(
 
 
 def draw_noise(
-    shape: torch.Size, device: torch.device, seed: int, first_counter: int, event_dims: int = 1
+    shape: torch.Size,
+    device: torch.device,
+    seed: int,
+    first_counter: int,
+    event_dims: int = 1,
+    *,
+    philox_state: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The noise the kernels draw for a call on ``shape`` with this Philox state, as a contiguous float32 tensor.
 
     Bit-identical to the ``eps`` the forward and backward kernels compute in
     registers (the same counters, the same float32 math). Only the
     differentiable backward (``create_graph=True``) needs it as a tensor.
+    ``philox_state``: the state as an int64 ``(2,)`` tensor ``[seed,
+    first_counter]`` on ``device``, read by the kernel (the scalars are then ignored).
     """
     eps = torch.empty(shape, dtype=torch.float32, device=device)
     if eps.numel() == 0:
@@ -354,7 +384,7 @@ def draw_noise(
     tiling = plan_rows(n_rows, n_cols, device, min_block_cols=GROUP)
     with device_guard(eps):
         _standard_normal_kernel[tiling.grid](
-            eps, n_rows, n_cols, seed, first_counter, tiling.cols_per_split,
+            eps, n_rows, n_cols, seed, first_counter, philox_state, tiling.cols_per_split,
             BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )
     return eps
@@ -392,12 +422,14 @@ def reparameterize_kl_forward(
     prior_logvar: torch.Tensor | None = None,
     event_dims: int = 1,
     logvar_limit: float | None = None,
+    philox_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on non-empty ``(*lead, *event)`` tensors (any strides; priors broadcast to ``mu``).
 
     Returns ``z`` (contiguous, ``mu``'s shape and dtype) and the KL per row
     (float32, shape ``mu.shape[:-event_dims]``). ``seed``/``first_counter`` are
-    ignored when ``eps`` is given.
+    ignored when ``eps`` is given, or when ``philox_state`` (int64 ``(2,)`` on
+    ``mu``'s device: ``[seed, first_counter]``) is, which the kernel reads instead.
     """
     shape = mu.shape
     n_cols = event_size(shape, event_dims)
@@ -414,7 +446,7 @@ def reparameterize_kl_forward(
             mu2.tensor, logvar2.tensor, eps2.pointer(mu2.tensor), prior_mu2.tensor, prior_logvar2.tensor, z, kl,
             n_rows, n_cols, n_inner,
             *mu2.strides, *logvar2.strides, *eps2.strides, *prior_mu2.strides, *prior_logvar2.strides,
-            seed, first_counter, tiling.cols_per_split, logvar_limit,
+            seed, first_counter, philox_state if eps is None else None, tiling.cols_per_split, logvar_limit,
             HAS_EPS=eps is not None, BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP,
             num_warps=tiling.num_warps,
         )
@@ -460,6 +492,7 @@ def reparameterize_kl_backward(
     event_dims: int = 1,
     logvar_limit: float | None = None,
     prior_grads: tuple[bool, bool] = (False, False),
+    philox_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel; returns new ``grad_mu`` and ``grad_logvar`` (contiguous), and the gradients of
     ``prior_mu`` and ``prior_logvar`` in their own shapes where ``prior_grads`` asks for them (else ``None``).
@@ -468,7 +501,8 @@ def reparameterize_kl_backward(
     dims (any strides: a stride-0 broadcast of a scalar gradient is read in
     place); either may be ``None`` (that output was unused; without
     ``grad_kl`` the priors get no gradient). Without ``eps`` the noise is
-    regenerated from ``seed`` and ``first_counter``.
+    regenerated from ``seed`` and ``first_counter``, or from ``philox_state``
+    when it is given (the forward's, read by the kernel).
     """
     shape = mu.shape
     n_cols = event_size(shape, event_dims)
@@ -499,7 +533,8 @@ def reparameterize_kl_backward(
             n_rows, n_cols, n_inner,
             *grad_z2.strides, grad_kl1.stride(0) if grad_kl1 is not None else 0,
             *mu2.strides, *logvar2.strides, *eps2.strides, *prior_mu2.strides, *prior_logvar2.strides,
-            seed, first_counter, tiling.cols_per_split, logvar_limit, *(int(mode == "columns") for mode in modes),
+            seed, first_counter, philox_state if eps is None and grad_z is not None else None, tiling.cols_per_split,
+            logvar_limit, *(int(mode == "columns") for mode in modes),
             HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None, HAS_EPS=eps is not None,
             BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )

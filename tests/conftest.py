@@ -2,15 +2,24 @@
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors; Triton
 reads ``TRITON_INTERPRET`` when a kernel is defined, so it is set here, before
-any test imports fastvae's kernels. With CUDA the kernels are compiled and the
+any test imports fastvae's kernels. torch.compile's on-disk cache is one per
+checkout (see below). With CUDA the kernels are compiled and the
 same tests run on the GPU at larger shapes; the CPU cases are then skipped.
 """
+import hashlib
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch.compile's caches are keyed on the traced graph, which names a custom op but not its schema: after a
+# fastvae op gains an output, a cache entry written by another checkout (or an older version) on this machine
+# would be replayed with the old outputs. Each checkout gets a cache of its own (unless one is set).
+_CHECKOUT = hashlib.sha1(os.path.dirname(os.path.dirname(os.path.abspath(__file__))).encode()).hexdigest()[:12]
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"fastvae-inductor-{_CHECKOUT}"))
 
 import pytest  # noqa: E402
 

@@ -123,8 +123,8 @@ def _prior_call(prior, event_dims, logvar_limit, reduction, dtype):
 
 def _dmol_call(reduction, weighted, dtype):
     def make():
-        params = torch.randn(3, 100, 8, 8, dtype=dtype, requires_grad=True)
-        x = torch.randint(0, 256, (3, 3, 8, 8)).float() / 255
+        params = torch.randn(2, 100, 4, 4, dtype=dtype, requires_grad=True)
+        x = torch.randint(0, 256, (2, 3, 4, 4)).float() / 255
 
         def forward():
             return discretized_logistic_mixture_nll(params, x, num_mixtures=10, reduction=reduction, backend="triton")

@@ -415,8 +415,8 @@ def test_gradient_written_only_when_asked(device, kernel_args):
     discretized_logistic_mixture_nll(params.detach(), x, num_mixtures=2, backend="triton")
     discretized_logistic_mixture_nll(params, x, num_mixtures=2, backend="triton")
     assert [kwargs["WRITE_GRAD"] for _, kwargs in kernel_args] == [False, False, True]
-    _, grad = torch.ops.fastvae.discretized_logistic_mixture_nll(params.detach(), x, 2, 8, "sum", False)
-    assert grad.numel() == 0
+    _, per_sample, grad = torch.ops.fastvae.discretized_logistic_mixture_nll(params.detach(), x, 2, 8, "sum", False)
+    assert grad.numel() == 0 and per_sample.shape == (2,)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -493,6 +493,34 @@ def test_second_order_gradients_through_the_kernels(device, reduction):
         results.append((grad, *torch.autograd.grad((grad * direction).sum(), (params, grad_loss))))
     for got, want in zip(*results):
         assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_return_per_sample(device, reduction, backend, backward_calls):
+    """The nll as without the flag, bit for bit, with its first and second derivatives; beside it the per-sample
+    nll, detached; and for ``"mean"``, ``loss.backward()`` scales the saved gradient by exactly 1 (no traffic)."""
+    params = make_params(3, 3, 2, (2, 3), device)
+    x = make_images(3, 3, (2, 3), 8, device)
+    loss, per_sample = discretized_logistic_mixture_nll(params, x, num_mixtures=2, reduction=reduction,
+                                                        backend=backend, return_per_sample=True)
+    plain = discretized_logistic_mixture_nll(params, x, num_mixtures=2, reduction=reduction, backend=backend)
+    assert torch.equal(loss, plain) and not per_sample.requires_grad
+    assert_close(per_sample, discretized_logistic_mixture_nll_reference(params, x, 2, 8).detach())
+    grad_loss = (torch.rand(3, device=device) + 0.5) if reduction == "none" else torch.tensor(1.5, device=device)
+    direction = torch.randn_like(params)
+    derivatives = []
+    for out in (loss, plain):
+        (grad,) = torch.autograd.grad(out, params, grad_loss, create_graph=True)
+        derivatives.append((grad, *torch.autograd.grad((grad * direction).sum(), params)))
+    for got, want in zip(*derivatives):
+        assert torch.equal(got, want)
+    if backend == "triton" and reduction == "mean":
+        backward_calls["scale"].clear()
+        discretized_logistic_mixture_nll(params, x, num_mixtures=2, reduction="mean", backend=backend,
+                                         return_per_sample=True)[0].backward()
+        (how, _, weight), = backward_calls["scale"]
+        assert how == "in place" and torch.equal(weight, torch.ones_like(weight))
 
 
 # ---- no host sync, torch.compile, the custom op --------------------------------------------------------
@@ -692,6 +720,8 @@ BAD_INPUTS = {
     "params not a tensor": (([[0.0]], torch.zeros(1, 1)), {}, TypeError, "params"),
     "devices differ": ((torch.zeros(2, P3), torch.zeros(2, 3, device="meta")), {}, ValueError, "x is on meta"),
     "reduction": ((torch.zeros(2, P3), torch.zeros(2, 3)), {"reduction": "batchmean"}, ValueError, "reduction"),
+    "return_per_sample": ((torch.zeros(2, P3), torch.zeros(2, 3)), {"return_per_sample": "yes"}, TypeError,
+                          "return_per_sample"),
     "float64 on triton": ((torch.zeros(2, P3, dtype=torch.float64), torch.zeros(2, 3)), {"backend": "triton"},
                           TypeError, "params"),
 }

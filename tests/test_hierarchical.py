@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastvae.nn
+from fastvae.training.config import TrainConfig
 from fastvae.models import HierarchicalVAE
 from fastvae.models.hierarchical import resolutions
 from fastvae.training import loop
@@ -175,6 +176,11 @@ def test_train_hvae_writes_the_run_folder_with_the_kl_of_each_layer(hvae_run):
     assert "held-out log-likelihood" in stdout
 
 
+def test_the_default_k_of_the_evaluation_is_the_models():
+    assert TrainConfig().eval_k == 1000 and TrainConfig(model="conv").eval_k == 1000
+    assert TrainConfig(model="hvae").eval_k == 100 and TrainConfig(model="hvae", eval_k=7).eval_k == 7
+
+
 def test_gradient_clipping_caps_the_update_and_never_skips_one(tmp_path):
     """With a tiny limit every step still moves the weights, and the logged norm is the one before clipping."""
     status, _, stderr = run("train", *HVAE, "--steps", 3, "--grad-clip", "1e-6", "--out", tmp_path / "r", "--quiet")
@@ -194,6 +200,9 @@ def test_eval_and_sample_at_a_temperature_read_the_checkpoint(hvae_run, tmp_path
     status, stdout, stderr = run("eval", out, "--k", 3)
     assert status == 0, stderr
     assert "hvae HierarchicalVAE" in stdout and "k=3" in stdout
+    status, stdout, stderr = run("eval", out)  # the hvae's own default k
+    assert status == 0, stderr
+    assert "k=100)" in stdout
     status, stdout, stderr = run("sample", out, "--n", 9, "--temperature", 0.6)
     assert status == 0, stderr
     assert (out / "samples-9-seed0-t0.6.png").exists()

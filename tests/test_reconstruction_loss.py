@@ -221,10 +221,10 @@ def test_no_gradient_written_without_autograd(device, kind, kernel_calls):
     assert kernel_calls["forward"][-1]["grad_x_hat"] is True
     assert kernel_calls["forward"][-1]["logvar_grad"] == "none"
     # The op itself hands back empty tensors for the gradients it was not asked for.
-    _, grad_x_hat, grad_x, grad_logvar = torch.ops.fastvae.reconstruction_loss(
+    _, per_sample, grad_x_hat, grad_x, grad_logvar = torch.ops.fastvae.reconstruction_loss(
         x_hat.detach(), x, logvar, kind, "sum", False, False, False
     )
-    assert grad_x_hat.numel() == grad_x.numel() == grad_logvar.numel() == 0
+    assert grad_x_hat.numel() == grad_x.numel() == grad_logvar.numel() == 0 and per_sample.shape == x.shape[:1]
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none then sum"])
@@ -583,6 +583,8 @@ BAD_INPUTS = {
                             "logvar"),
     "devices differ": ((torch.zeros(2, 3), torch.zeros(2, 3, device="meta")), {}, ValueError, "x is on meta"),
     "backend": ((torch.zeros(2, 3), torch.zeros(2, 3)), {"backend": "cuda"}, ValueError, "backend"),
+    "return_per_sample not a bool": ((torch.zeros(2, 3), torch.zeros(2, 3)), {"return_per_sample": 1}, TypeError,
+                                     "return_per_sample"),
     "float64 on triton": ((torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3)), {"backend": "triton"},
                           TypeError, "x_hat"),
     "float64 logvar on triton": ((torch.zeros(2, 3), torch.zeros(2, 3), "gaussian"),
@@ -665,6 +667,42 @@ def test_higher_orders_gaussian(device, logvar_shape, reduction):
     for requires_grad in REQUIRES_GRAD.values():
         for dtype in (torch.float32, torch.bfloat16):
             check_higher_orders("gaussian", reduction, shape, device, dtype, requires_grad, logvar_shape(*shape))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_return_per_sample(device, kind, reduction, backend):
+    """The loss as without the flag, bit for bit, with every order of its gradient; beside it the per-sample
+    values, detached, as the reference gives them."""
+    x_hat, x, logvar = make_inputs(kind, (3, 2, pick(device, 5, 300)), device)
+    x.requires_grad_()
+    inputs = [t for t in (x_hat, x, logvar) if t is not None]
+    loss, per_sample = reconstruction_loss(x_hat, x, kind, reduction=reduction, logvar=logvar, backend=backend,
+                                           return_per_sample=True)
+    plain = reconstruction_loss(x_hat, x, kind, reduction=reduction, logvar=logvar, backend=backend)
+    assert torch.equal(loss, plain) and not per_sample.requires_grad
+    assert_close(per_sample, reconstruction_loss_reference(x_hat, x, kind, "none", logvar).detach())
+    grad_loss = upstream(reduction, 3, device)
+    directions = [torch.randn(t.shape, device=device) for t in inputs]
+    got = gradients_up_to_third(loss, inputs, grad_loss, directions)
+    want = gradients_up_to_third(plain, inputs, grad_loss, directions)
+    for got_order, want_order in zip(got, want):
+        for g, w in zip(got_order, want_order):
+            assert torch.equal(g, w)
+
+
+def test_return_per_sample_of_a_mean_loss_needs_no_scaling_pass(device, kernel_calls):
+    """``reduction="mean"`` with the per-sample values: ``loss.backward()`` scales by exactly 1 (no traffic), where
+    the per-sample loss followed by ``.mean()`` scales every row by 1 / B."""
+    x_hat, x, _ = make_inputs("bce", (4, pick(device, 9, 500)), device)
+    loss, per_sample = reconstruction_loss(x_hat, x, "bce", reduction="mean", backend="triton",
+                                           return_per_sample=True)
+    loss.backward()
+    reconstruction_loss(x_hat, x, "bce", backend="triton").mean().backward()
+    (how, _, unit), (_, _, quarter) = kernel_calls["scale"]
+    assert how == "in place" and torch.equal(unit, torch.ones_like(unit))
+    assert torch.equal(quarter.expand(4), torch.full((4,), 0.25, device=device))
 
 
 def test_gradient_penalty_through_the_loss(device):

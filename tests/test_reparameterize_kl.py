@@ -356,17 +356,22 @@ def test_philox_state_from_a_cuda_generator_reserves_disjoint_counters():
     assert second == 17  # the next call starts where this one ended
 
 
-def _kernel_job(kernel_name, dtype, int_type, constexprs):
+def _kernel_job(kernel_name, dtype, int_type, constexprs, device_state=None):
+    """A compile job; ``device_state``: the Philox state read from memory (``True``) or scalar arguments."""
     from fastvae.kernels import reparameterize_kl as kernels
 
     kernel = getattr(kernels, kernel_name)
     signature = {}
     for name in kernel.arg_names:
-        if name.endswith("_ptr"):
+        if name == "philox_ptr" and device_state is None:
+            signature[name] = "constexpr"
+        elif name == "philox_ptr":
+            signature[name] = "*i64"
+        elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in ("kl_ptr", "grad_kl_ptr") else f"*{dtype}"
         elif not name.isupper():
             signature[name] = int_type
-    constexprs = dict(constexprs, BLOCK_ROWS=8, BLOCK_GROUPS=128)
+    constexprs = dict(constexprs, BLOCK_ROWS=8, BLOCK_GROUPS=128, **({} if device_state else {"philox_ptr": None}))
     return kernels.__name__, kernel_name, signature, constexprs, 8
 
 
@@ -382,6 +387,12 @@ def test_kernels_compile_for_a_cuda_target():
                 flags = dict(HAS_GRAD_Z=grad_z, HAS_GRAD_KL=grad_kl, HAS_EPS=has_eps)
                 jobs.append(_kernel_job("_reparameterize_kl_backward_kernel", dtype, int_type, flags))
     jobs += [_kernel_job("_standard_normal_kernel", "fp32", int_type, {}) for int_type in ("i32", "i64")]
+    # The state read from memory (under CUDA-graph capture), noise drawn.
+    for dtype in ("fp32", "bf16"):
+        jobs.append(_kernel_job("_reparameterize_kl_forward_kernel", dtype, "i32", dict(HAS_EPS=False), True))
+        flags = dict(HAS_GRAD_Z=True, HAS_GRAD_KL=True, HAS_EPS=False)
+        jobs.append(_kernel_job("_reparameterize_kl_backward_kernel", dtype, "i32", flags, True))
+    jobs.append(_kernel_job("_standard_normal_kernel", "fp32", "i32", {}, True))
     compile_for_cuda(jobs)
 
 

@@ -467,6 +467,8 @@ def _job(kernel_name, dtype, int_type, constexprs, absent=()):
     for name in kernel.arg_names:
         if name in absent:
             signature[name], values[name] = "constexpr", None
+        elif name == "philox_ptr":  # the Philox state read from memory (under CUDA-graph capture)
+            signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in float32 else f"*{dtype}"
         elif name == "logvar_limit":
@@ -483,7 +485,10 @@ def test_prior_and_clamp_variants_compile_for_a_cuda_target():
     no_prior = ("prior_mu_ptr", "prior_logvar_ptr", "grad_prior_mu_ptr", "grad_prior_logvar_ptr")
     jobs = []
     for dtype, int_type in (("fp32", "i32"), ("bf16", "i64")):
-        for absent in ((), ("logvar_limit",), no_prior[::2] + no_prior[3:], no_prior + ("logvar_limit",)):
+        # The state from memory with everything present; as scalar arguments (eager calls) otherwise.
+        eager = ("philox_ptr",)
+        for absent in ((), eager + ("logvar_limit",), eager + no_prior[::2] + no_prior[3:],
+                       eager + no_prior + ("logvar_limit",)):
             fwd_absent = tuple(name for name in absent if not name.startswith("grad_"))
             jobs.append(_job(forward, dtype, int_type, dict(HAS_EPS=False), fwd_absent))
             for grad_z, grad_kl in ((True, True), (False, True)):

@@ -69,6 +69,8 @@ KERNELS = [
             "eps_ptr": "HAS_EPS",
             "prior_mu_ptr": _GIVEN.format("prior_mu_ptr"),
             "prior_logvar_ptr": _GIVEN.format("prior_logvar_ptr"),
+            # The Philox key and counter from device memory (under CUDA-graph capture), else scalar arguments.
+            "philox_ptr": _GIVEN.format("philox_ptr"),
         },
         writes={"z_ptr": ALWAYS, "kl_ptr": ALWAYS},
         elements="n_rows * n_cols",
@@ -86,6 +88,7 @@ KERNELS = [
             # The priors are read for the KL's gradient only.
             "prior_mu_ptr": "HAS_GRAD_KL and " + _GIVEN.format("prior_mu_ptr"),
             "prior_logvar_ptr": "HAS_GRAD_KL and " + _GIVEN.format("prior_logvar_ptr"),
+            "philox_ptr": _GIVEN.format("philox_ptr"),
         },
         writes={
             "grad_mu_ptr": ALWAYS,
@@ -112,7 +115,7 @@ KERNELS = [
     KernelSpec(
         _REPARAM,
         "_standard_normal_kernel",
-        reads={},
+        reads={"philox_ptr": _GIVEN.format("philox_ptr")},
         writes={"eps_ptr": ALWAYS},
         elements="n_rows * n_cols",
         tile="BLOCK_ROWS * BLOCK_GROUPS * 4",

@@ -24,6 +24,9 @@ PHILOX_STATE_BYTES = 16  # the (seed, first counter) int64 pair reparameterize_k
 # An ATen call beside a fused kernel counts as "small" when it reads at most this fraction of a unit:
 # partial sums over column splits or row tiles, a shared logvar's gradient, the reduction over samples.
 SMALL_FRACTION = 1 / 8
+# The models' loss is the batch mean of the likelihood (``reduction="mean"``): the fused op folds 1 / B into its
+# forward, the reference takes a mean whose backward is one more kernel.
+MEAN_BACKWARD = 1
 # Eager costs quoted to two decimals (the DMOL reference's): their checks allow this much more.
 QUOTED = 0.01
 
@@ -223,10 +226,10 @@ def vae_step_savings(
 
     The VAE calls ``reparameterize_kl`` on the halves of its linear head (noise
     drawn; with the soft clamp when ``logvar_limit``, as fastvae's VAEs do by
-    default) and the likelihood with ``reduction="none"``, then takes the mean
-    over the batch, so the loss's upstream gradient is 1/B, not 1 (a scaled
-    backward). Everything else in the step is the same code on both paths and
-    cancels. Inputs kept count by storage: the linear head's output (``mu`` and
+    default) and the likelihood with ``reduction="mean"`` (the per-image values
+    come beside it, detached), so the loss's upstream gradient is 1 and the
+    saved gradient is handed over unscaled. Everything else in the step is the
+    same code on both paths and cancels. Inputs kept count by storage: the linear head's output (``mu`` and
     ``logvar`` are its halves) is kept by both paths, the image batch by the
     encoder's first layer anyway, the decoder's output by the eager BCE and by
     both DMOL paths. The fused DMOL forward adds a small sum of partial
@@ -245,11 +248,12 @@ def vae_step_savings(
         extra_kernels = dmol_split_sums(batch, pixels, channels, num_mixtures)
     else:
         logvar = "scalar" if likelihood == "gaussian" else None  # the VAE's default learned variance
-        loss = reconstruction_loss(likelihood, logvar, upstream_one=False)
+        loss = reconstruction_loss(likelihood, logvar, upstream_one=True)
         n_x = batch * channels * pixels
         inputs = {"x_hat": n_x}
     parts = [(reparameterize_kl(eps_given=False, logvar_limit=logvar_limit), n_z, {}), (loss, n_x, inputs)]
-    kernels, kept = -extra_kernels, 0
+    # The batch mean: a mean kernel on both paths, whose backward (a div) only the reference launches.
+    kernels, kept = MEAN_BACKWARD - extra_kernels, 0
     for costs, n, input_elements in parts:
         eager, fused = costs["eager"], costs["fastvae"]
         kernels += eager.forward_kernels + eager.backward_kernels - fused.forward_kernels - fused.backward_kernels
@@ -264,8 +268,8 @@ def hvae_step_kernels_saved(layers: int, likelihood: str = "bce") -> int:
     conditional prior (:func:`reparameterize_kl_prior`), and the likelihood's loss, as in :func:`vae_step_savings`
     (the kept bytes are not modelled: which storages each path keeps depends on the layers' views)."""
     per_layer = reparameterize_kl_prior("conditional")
-    loss = reconstruction_loss(likelihood, "scalar" if likelihood == "gaussian" else None, upstream_one=False)
-    total = 0
+    loss = reconstruction_loss(likelihood, "scalar" if likelihood == "gaussian" else None, upstream_one=True)
+    total = MEAN_BACKWARD
     for costs, count in ((per_layer, layers), (loss, 1)):
         eager, fused = costs["eager"], costs["fastvae"]
         total += count * (eager.forward_kernels + eager.backward_kernels - fused.forward_kernels - fused.backward_kernels)

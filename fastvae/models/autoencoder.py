@@ -24,7 +24,7 @@ class AutoencoderOutput(NamedTuple):
     """What :meth:`Autoencoder.forward` returns."""
 
     loss: torch.Tensor  # () float32: mean over the batch of recon
-    recon: torch.Tensor  # (B,) float32: the likelihood's loss per image (||target - x_hat||^2 for "mse")
+    recon: torch.Tensor  # (B,) float32: the likelihood's loss per image (||target - x_hat||^2 for "mse"), detached
     z: torch.Tensor  # (B, D) the code
     x_hat: torch.Tensor  # (B, ...) the decoder's output (the reconstruction for "mse")
 
@@ -93,8 +93,9 @@ class Autoencoder(TrainableModel):
         """Encode and decode ``x`` ``(B, ...)``; ``recon`` scores the output against ``target`` (default ``x``)."""
         z = self.encode(x)
         x_hat = self.decode(z)
-        recon = self.likelihood.loss(x_hat, x if target is None else target)
-        return AutoencoderOutput(recon.mean(), recon, z, x_hat)
+        # The batch mean inside the fused op: loss.backward() hands its gradient over without a scaling pass.
+        loss, recon = self.likelihood.batch_loss(x_hat, x if target is None else target)
+        return AutoencoderOutput(loss, recon, z, x_hat)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -134,7 +134,7 @@ class HVAEOutput(NamedTuple):
     """What :meth:`HierarchicalVAE.forward` returns (``B`` images, ``L`` stochastic layers)."""
 
     loss: torch.Tensor  # () float32: mean_B(recon) + kl_weight * sum_l (free-bits) KL term of layer l
-    recon: torch.Tensor  # (B,) float32: -log p(x | z), nats per image
+    recon: torch.Tensor  # (B,) float32: -log p(x | z), nats per image; detached (a metric: loss has the gradient)
     kl: torch.Tensor  # (B,) float32: sum over the layers of KL(q(z_l | x, z_<l) || p(z_l | z_<l)), nats per image
     kl_layers: tuple[torch.Tensor, ...]  # L x (B,) float32: each layer's KL, top (coarsest) first
     active_channels: torch.Tensor  # () float32: latent channels whose batch-mean KL is above 0.01 nats
@@ -292,10 +292,11 @@ class HierarchicalVAE(TrainableModel):
             return sample.z
 
         x_hat = self._top_down(len(x), posterior_sample)
-        recon = self.likelihood(x_hat, x if target is None else target)
+        # The batch mean inside the fused op: loss.backward() hands its gradient over without a scaling pass.
+        recon_mean, recon = self.likelihood.batch_nll(x_hat, x if target is None else target)
         weight = self.beta if kl_weight is None else kl_weight
         kl_term = sum(layer.latent.kl_loss(s.kl_channels) for layer, s in zip(self.layers, samples))
-        loss = recon.mean() + weight * kl_term
+        loss = recon_mean + weight * kl_term
         kl_layers = tuple(s.kl for s in samples)
         channel_means = torch.cat([s.kl_channels.detach().mean(dim=0) for s in samples])
         active = (channel_means > ACTIVE_KL_NATS).float().sum()
@@ -320,7 +321,7 @@ class HierarchicalVAE(TrainableModel):
         return {
             "kl_layers": [
                 MetricPlot("KL per stochastic layer (0 = top)", "nats per image", layers),
-                MetricPlot(f"active latent channels (of {total}; mean KL > {ACTIVE_KL_NATS} nats)", "channels",
+                MetricPlot(f"active channels (of {total}: KL > {ACTIVE_KL_NATS} nats)", "channels",
                            ("active_channels",)),
             ]
         }

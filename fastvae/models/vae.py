@@ -36,7 +36,7 @@ class VAEOutput(NamedTuple):
     """What :meth:`VAE.forward` returns (``B`` images, latent size ``D``)."""
 
     loss: torch.Tensor  # () float32: mean over the batch of recon + kl_weight * kl
-    recon: torch.Tensor  # (B,) float32: -log p(x | z), nats per image
+    recon: torch.Tensor  # (B,) float32: -log p(x | z), nats per image; detached (a metric: loss has the gradient)
     kl: torch.Tensor  # (B,) float32: KL(q(z | x) || N(0, I)), nats per image
     z: torch.Tensor  # (B, D) the sample decoded
     mu: torch.Tensor  # (B, D) posterior mean
@@ -123,13 +123,20 @@ class VAE(TrainableModel):
         ``recon`` is ``-log p(target | z)`` (``target`` defaults to ``x``; a
         denoising run encodes a corrupted ``x`` and scores the clean ``target``).
         ``kl_weight`` (default ``self.beta``) weights the KL in ``loss``; ``recon``
-        and ``kl`` are returned unweighted.
+        and ``kl`` are returned unweighted, ``recon`` detached.
+
+        The batch mean of ``recon`` is taken inside the likelihood's fused op
+        (:meth:`~fastvae.likelihoods.Likelihood.batch_nll`), so the gradient its
+        forward wrote reaches ``loss.backward()`` with an upstream gradient of
+        exactly 1 and is handed over without a scaling pass. The KL weight costs
+        nothing there: the KL's backward kernel reads its upstream gradient per
+        row anyway.
         """
         latent = self.latent(self.encoder(x), eps)
         x_hat = self.decoder(latent.z)
-        recon = self.likelihood(x_hat, x if target is None else target)
+        recon_mean, recon = self.likelihood.batch_nll(x_hat, x if target is None else target)
         weight = self.beta if kl_weight is None else kl_weight
-        loss = (recon + weight * latent.kl).mean()
+        loss = recon_mean + weight * latent.kl.mean()
         return VAEOutput(loss, recon, latent.kl, latent.z, latent.mu, latent.logvar, x_hat)
 
     @torch.no_grad()

@@ -91,6 +91,12 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return acc
 
 
+def check_flag(name: str, value: object) -> None:
+    """``value`` must be a ``bool``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+
+
 def reduce_per_sample(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     """Apply ``reduction`` to a tensor of per-sample values.
 
@@ -102,3 +108,11 @@ def reduce_per_sample(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_sample.mean()
     return per_sample
+
+
+def reduced_with_per_sample(
+    loss: torch.Tensor, per_sample: torch.Tensor, reduction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, per-sample values)`` for a loss op's ``return_per_sample=True``: the values ``loss`` was reduced
+    from, detached (``loss`` itself, detached, for ``reduction="none"``): values to log, never differentiated."""
+    return loss, (loss if reduction == "none" else per_sample).detach()

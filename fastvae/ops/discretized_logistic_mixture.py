@@ -32,11 +32,13 @@ from fastvae.ops.grad_in_forward import Mode, apply_upstream, backward_mode
 from fastvae.ops.checks import (
     REDUCTIONS,
     check_choice,
+    check_flag,
     check_float_tensor,
     check_generator,
     check_same_device,
     compute_dtype,
     reduce_per_sample,
+    reduced_with_per_sample,
 )
 
 MIN_LOG_SCALE = -7.0
@@ -191,8 +193,9 @@ def _kernels():
 @torch.library.custom_op("fastvae::discretized_logistic_mixture_nll", mutates_args=())
 def _fused_forward(
     params: torch.Tensor, x: torch.Tensor, num_mixtures: int, num_bits: int, reduction: str, grad_params: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reduced nll and, if ``grad_params``, its gradient in ``params`` (contiguous; else an empty tensor).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reduced nll, the per-sample nll it was reduced from (``(B,)``, not differentiable; an empty tensor for
+    ``reduction="none"``), and, if ``grad_params``, its gradient in ``params`` (contiguous; else an empty tensor).
 
     The gradient is that of the nll as returned (``1 / B`` folded in for
     ``reduction="mean"``), before the upstream gradient.
@@ -207,13 +210,18 @@ def _fused_forward(
             # The mean over samples is folded into the gradient here, for free.
             grad_scale=1.0 / batch if reduction == "mean" else 1.0,
         )
-    return reduce_per_sample(per_sample, reduction), grad if grad_params else params.new_empty(0)
+    return (
+        reduce_per_sample(per_sample, reduction),
+        per_sample if reduction != "none" else per_sample.new_empty(0),
+        grad if grad_params else params.new_empty(0),
+    )
 
 
 @_fused_forward.register_fake
 def _(params, x, num_mixtures, num_bits, reduction, grad_params):
     loss = params.new_empty(() if reduction != "none" else params.shape[:1], dtype=torch.float32)
-    return loss, params.new_empty(params.shape) if grad_params else params.new_empty(0)
+    per_sample = params.new_empty(params.shape[:1] if reduction != "none" else (0,), dtype=torch.float32)
+    return loss, per_sample, params.new_empty(params.shape) if grad_params else params.new_empty(0)
 
 
 def _differentiable_grad(ctx, params: torch.Tensor, x: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -230,16 +238,16 @@ def _differentiable_grad(ctx, params: torch.Tensor, x: torch.Tensor, grad_loss: 
 
 def _setup_context(ctx, inputs, output):
     params, x, num_mixtures, num_bits, reduction, _ = inputs
-    _, grad = output
+    _, per_sample, grad = output
     # References, not copies: params and x only for a backward under create_graph=True.
     ctx.save_for_backward(grad, params, x)
-    ctx.mark_non_differentiable(grad)
+    ctx.mark_non_differentiable(per_sample, grad)
     # The gradient output is never used: no zero-filled gradient for it.
     ctx.set_materialize_grads(False)
     ctx.num_mixtures, ctx.num_bits, ctx.reduction = num_mixtures, num_bits, reduction
 
 
-def _backward(ctx, grad_loss, _unused):
+def _backward(ctx, grad_loss, _grad_per_sample, _unused):
     saved_grad, params, x = ctx.saved_tensors
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
@@ -262,7 +270,8 @@ def discretized_logistic_mixture_nll(
     num_bits: int = 8,
     reduction: str = "none",
     backend: str | None = None,
-) -> torch.Tensor:
+    return_per_sample: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Negative log-likelihood of images ``x`` under a discretized mixture of logistics, in nats per sample.
 
     Each value of ``x`` is read as the level ``k = clamp(round(x (2^b - 1)), 0, 2^b - 1)``
@@ -298,6 +307,10 @@ def discretized_logistic_mixture_nll(
         reduction: ``"none"``: the nll per sample, ``(B,)``; ``"sum"``: its sum;
             ``"mean"``: its mean over samples.
         backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"``; see :mod:`fastvae.backend`.
+        return_per_sample: also return the per-sample nll the loss was reduced
+            from, ``(B,)``, detached: ``(nll, per_sample)``, as
+            :func:`~fastvae.functional.reconstruction_loss` does (with
+            ``reduction="mean"``, a model's loss whose backward needs no pass).
 
     Returns:
         float32 nll in nats (float64 on the reference path for float64 inputs).
@@ -317,11 +330,15 @@ def discretized_logistic_mixture_nll(
     """
     _check_nll_inputs(params, x, num_mixtures, num_bits)
     check_choice("reduction", reduction, REDUCTIONS)
+    check_flag("return_per_sample", return_per_sample)
     if resolve_backend(backend, params.device, {"params": params.dtype, "x": x.dtype}) == "torch":
-        return discretized_logistic_mixture_nll_reference(params, x, num_mixtures, num_bits, reduction)
+        if not return_per_sample:
+            return discretized_logistic_mixture_nll_reference(params, x, num_mixtures, num_bits, reduction)
+        per_sample = discretized_logistic_mixture_nll_reference(params, x, num_mixtures, num_bits, "none")
+        return reduced_with_per_sample(reduce_per_sample(per_sample, reduction), per_sample, reduction)
     grad_params = torch.is_grad_enabled() and params.requires_grad
-    loss, _ = _fused_forward(params, x, num_mixtures, num_bits, reduction, grad_params)
-    return loss
+    loss, per_sample, _ = _fused_forward(params, x, num_mixtures, num_bits, reduction, grad_params)
+    return reduced_with_per_sample(loss, per_sample, reduction) if return_per_sample else loss
 
 
 # ---- drawing images ----------------------------------------------------------------------------------

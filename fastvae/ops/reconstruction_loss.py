@@ -27,11 +27,13 @@ from fastvae.ops.grad_in_forward import add_grads, apply_upstream, backward_mode
 from fastvae.ops.checks import (
     REDUCTIONS,
     check_choice,
+    check_flag,
     check_float_tensor,
     check_same_device,
     check_same_shape,
     compute_dtype,
     reduce_per_sample,
+    reduced_with_per_sample,
 )
 
 KINDS = ("mse", "bce", "gaussian", "l1")
@@ -213,8 +215,10 @@ def _fused_forward(
     grad_x_hat: bool,
     grad_x: bool,
     grad_logvar: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reduced loss and the gradients of the loss in each flagged input (an empty tensor for the others).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reduced loss, the per-sample losses it was reduced from (``(B,)``, not differentiable; an empty tensor
+    for ``reduction="none"``, where they are the loss), and the gradients of the loss in each flagged input (an
+    empty tensor for the others).
 
     The gradients are those of the loss as returned, before the upstream
     gradient: ``x_hat``'s and ``x``'s in their shape and dtype; ``logvar``'s
@@ -243,6 +247,7 @@ def _fused_forward(
         grad_logvar_out = broadcast.sum_back(grad_logvar_out, mode).to(logvar.dtype)
     return (
         reduce_per_sample(per_sample, reduction),
+        per_sample if reduction != "none" else per_sample.new_empty(0),
         grad_x_hat_out if grad_x_hat else x_hat.new_empty(0),
         grad_x_out if grad_x else x.new_empty(0),
         grad_logvar_out,
@@ -252,12 +257,14 @@ def _fused_forward(
 @_fused_forward.register_fake
 def _(x_hat, x, logvar, kind, reduction, grad_x_hat, grad_x, grad_logvar):
     loss = x_hat.new_empty(() if reduction != "none" else x_hat.shape[:1], dtype=torch.float32)
+    per_sample = x_hat.new_empty(x_hat.shape[:1] if reduction != "none" else (0,), dtype=torch.float32)
     grad_logvar_out = x_hat.new_empty(0)
     if grad_logvar:
         shape, dtype = _LogvarBroadcast(logvar.shape, x.shape).grad_spec(reduction, logvar.dtype)
         grad_logvar_out = x_hat.new_empty(shape, dtype=dtype)
     return (
         loss,
+        per_sample,
         x_hat.new_empty(x_hat.shape) if grad_x_hat else x_hat.new_empty(0),
         x.new_empty(x.shape) if grad_x else x.new_empty(0),
         grad_logvar_out,
@@ -266,10 +273,10 @@ def _(x_hat, x, logvar, kind, reduction, grad_x_hat, grad_x, grad_logvar):
 
 def _setup_context(ctx, inputs, output):
     x_hat, x, logvar, kind, reduction, *asked = inputs
-    saved_grads = output[1:]
+    per_sample, saved_grads = output[1], output[2:]
     # The gradients asked for stay differentiable outputs, which is what carries higher orders (see _backward);
-    # the others are empty placeholders.
-    ctx.mark_non_differentiable(*(g for g, wanted in zip(saved_grads, asked) if not wanted))
+    # the others are empty placeholders. The per-sample losses are values to log, never differentiated.
+    ctx.mark_non_differentiable(per_sample, *(g for g, wanted in zip(saved_grads, asked) if not wanted))
     # An output that no gradient reaches gets None, not a buffer of zeros.
     ctx.set_materialize_grads(False)
     # What the second derivatives need beyond the saved gradients: references to inputs, no copies. Only a
@@ -375,7 +382,7 @@ def _combine(a, b, alpha, beta):
     return alpha * a if b is None else alpha * a + beta * b
 
 
-def _backward(ctx, grad_loss, *vectors):
+def _backward(ctx, grad_loss, _grad_per_sample, *vectors):
     saved_x_hat, saved_x, saved_logvar, x, logvar, x_hat = ctx.saved_tensors
     double_backward = any(v is not None for v in vectors)
     if grad_loss is None and not double_backward:
@@ -406,7 +413,8 @@ def reconstruction_loss(
     reduction: str = "none",
     logvar: torch.Tensor | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+    return_per_sample: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Negative log-likelihood of ``x`` under the decoder output ``x_hat``, summed per sample.
 
     Per element, summed over every dim but the first (the batch):
@@ -435,6 +443,13 @@ def reconstruction_loss(
         logvar: the Gaussian log-variance, for ``kind="gaussian"`` only; any
             float dtype the backend takes, same device.
         backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"``; see :mod:`fastvae.backend`.
+        return_per_sample: also return the per-sample values the loss was
+            reduced from, ``(B,)``, detached (values to log; only the loss is
+            differentiated): ``(loss, per_sample)``. With ``reduction="mean"``
+            this is what a model's training loss wants: the loss's gradient comes
+            with ``1 / B`` folded in, so ``loss.backward()`` hands it over
+            without a pass, where ``reduction="none"`` followed by ``.mean()``
+            pays one, and the per-image values come at no cost.
 
     Returns:
         float32 loss (float64 for float64 inputs). Gradients flow to ``x_hat``,
@@ -466,14 +481,18 @@ def reconstruction_loss(
     check_same_shape("x", x, "x_hat", x_hat)
     check_choice("kind", kind, KINDS)
     check_choice("reduction", reduction, REDUCTIONS)
+    check_flag("return_per_sample", return_per_sample)
     _check_logvar(logvar, kind, x)
     check_same_device(x_hat=x_hat, x=x, logvar=logvar)
     dtypes = {"x_hat": x_hat.dtype, "x": x.dtype, **({"logvar": logvar.dtype} if logvar is not None else {})}
     if resolve_backend(backend, x_hat.device, dtypes) == "torch":
-        return reconstruction_loss_reference(x_hat, x, kind, reduction, logvar)
+        if not return_per_sample:
+            return reconstruction_loss_reference(x_hat, x, kind, reduction, logvar)
+        per_sample = reconstruction_loss_reference(x_hat, x, kind, "none", logvar)
+        return reduced_with_per_sample(reduce_per_sample(per_sample, reduction), per_sample, reduction)
 
     # The forward writes a gradient only for inputs that autograd will ask about.
     grad_enabled = torch.is_grad_enabled()
     needs_grad = [grad_enabled and t is not None and t.requires_grad for t in (x_hat, x, logvar)]
-    loss, *_ = _fused_forward(x_hat, x, logvar, kind, reduction, *needs_grad)
-    return loss
+    loss, per_sample, *_ = _fused_forward(x_hat, x, logvar, kind, reduction, *needs_grad)
+    return reduced_with_per_sample(loss, per_sample, reduction) if return_per_sample else loss

@@ -12,7 +12,9 @@ how many trailing dims one KL value sums over (3 for latent feature maps).
 The backward reads nothing on the host: in eager mode the Philox seed and
 counter of drawn noise are Python ints from the start (reserved before the op
 runs); only a traced graph, which cannot know them at trace time, passes them
-from the forward to the backward as a small CPU tensor. Under
+from the forward to the backward as a small CPU tensor. Under CUDA-graph
+capture they are drawn on the device instead (:mod:`fastvae.ops.rng`): a
+16-byte device tensor that the kernels read, kept for the backward. Under
 ``create_graph=True`` the backward is computed in torch ops from the saved
 inputs and the noise (regenerated bit for bit into a tensor, only then), so
 gradients of every order are exact.
@@ -36,7 +38,7 @@ from fastvae.ops.checks import (
     reduce_per_sample,
 )
 from fastvae.ops.grad_in_forward import Mode, add_grads, backward_mode, is_tracing
-from fastvae.ops.rng import philox_seed_offset
+from fastvae.ops.rng import device_philox_state, needs_device_state, philox_seed_offset
 
 
 def soft_clamp(x: torch.Tensor, limit: float) -> torch.Tensor:
@@ -114,6 +116,7 @@ def _fused_forward(
     logvar: torch.Tensor,
     eps: torch.Tensor | None,
     philox: list[int] | None,
+    philox_device: torch.Tensor | None,
     prior_mu: torch.Tensor | None,
     prior_logvar: torch.Tensor | None,
     event_dims: int,
@@ -121,13 +124,15 @@ def _fused_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``z``, the KL per event, and the Philox ``(seed, first_counter)`` as a CPU int64 tensor.
 
-    ``philox`` is the reserved state of drawn noise (eager calls). Without
-    ``eps`` and ``philox`` (a traced call) the noise comes from the device's
-    default generator, read here, inside the op, so that torch.compile traces
-    no generator state (the tag keeps compiled graphs from merging two calls).
+    ``philox`` is the reserved state of drawn noise (eager calls);
+    ``philox_device`` one drawn on the device (under CUDA-graph capture), which
+    the kernel reads. Without ``eps`` and either (a traced call) the noise
+    comes from the device's default generator, read here, inside the op, so
+    that torch.compile traces no generator state (the tag keeps compiled graphs
+    from merging two calls).
     """
     seed, first_counter = 0, 0
-    if eps is None:
+    if eps is None and philox_device is None:
         seed, first_counter = philox if philox is not None else _reserve_philox(None, mu, event_dims)
     philox_state = torch.tensor([seed, first_counter], dtype=torch.int64)
     if mu.numel() == 0:
@@ -136,20 +141,23 @@ def _fused_forward(
     z, kl = _kernels().reparameterize_kl_forward(
         mu, logvar, eps, seed, first_counter,
         prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims, logvar_limit=logvar_limit,
+        philox_state=philox_device,
     )
     return z, kl, philox_state
 
 
 @_fused_forward.register_fake
-def _(mu, logvar, eps, philox, prior_mu, prior_logvar, event_dims, logvar_limit):
+def _(mu, logvar, eps, philox, philox_device, prior_mu, prior_logvar, event_dims, logvar_limit):
     z = mu.new_empty(mu.shape)
     kl = mu.new_empty(_kl_shape(mu, event_dims), dtype=torch.float32)
     return z, kl, torch.empty(2, dtype=torch.int64, device="cpu")
 
 
 def _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed: int, first_counter: int, prior_mu, prior_logvar,
-                     event_dims: int, logvar_limit: float | None, prior_grads: tuple[bool, bool]):
-    """The backward kernel's four gradients (``None`` for a prior gradient not asked for)."""
+                     event_dims: int, logvar_limit: float | None, prior_grads: tuple[bool, bool],
+                     philox_device: torch.Tensor | None = None):
+    """The backward kernel's four gradients (``None`` for a prior gradient not asked for); the noise's state is
+    ``philox_device`` when given, else ``seed`` and ``first_counter``."""
     wanted = [p if (p is not None and needed and grad_kl is not None) else None
               for p, needed in zip((prior_mu, prior_logvar), prior_grads)]
     if mu.numel() == 0:
@@ -159,7 +167,7 @@ def _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed: int, first_counter:
     return _kernels().reparameterize_kl_backward(
         grad_z, grad_kl, mu, logvar, eps, seed, first_counter,
         prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims, logvar_limit=logvar_limit,
-        prior_grads=tuple(p is not None for p in wanted),
+        prior_grads=tuple(p is not None for p in wanted), philox_state=philox_device,
     )
 
 
@@ -171,6 +179,7 @@ def _fused_backward(
     logvar: torch.Tensor,
     eps: torch.Tensor | None,
     philox_state: torch.Tensor,
+    philox_device: torch.Tensor | None,
     prior_mu: torch.Tensor | None,
     prior_logvar: torch.Tensor | None,
     event_dims: int,
@@ -178,20 +187,21 @@ def _fused_backward(
     grad_prior_mu: bool,
     grad_prior_logvar: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward kernel for a traced graph, which knows the Philox state only as the forward's CPU tensor.
+    """The backward kernel for a traced graph, which knows the Philox state only as the forward's CPU tensor
+    (or as the device tensor that the forward read, when it was drawn on the device).
 
     Returns the gradients of ``mu``, ``logvar``, ``prior_mu`` and ``prior_logvar``; a prior gradient not asked
     for (or not defined: no prior, no ``grad_kl``) is an empty tensor.
     """
-    seed, first_counter = philox_state.tolist()  # a CPU tensor: no device sync
+    seed, first_counter = philox_state.tolist() if philox_device is None else (0, 0)  # a CPU tensor: no sync
     grads = _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed, first_counter, prior_mu, prior_logvar,
-                             event_dims, logvar_limit, (grad_prior_mu, grad_prior_logvar))
+                             event_dims, logvar_limit, (grad_prior_mu, grad_prior_logvar), philox_device)
     return tuple(g if g is not None else mu.new_empty(0) for g in grads)
 
 
 @_fused_backward.register_fake
-def _(grad_z, grad_kl, mu, logvar, eps, philox_state, prior_mu, prior_logvar, event_dims, logvar_limit,
-      grad_prior_mu, grad_prior_logvar):
+def _(grad_z, grad_kl, mu, logvar, eps, philox_state, philox_device, prior_mu, prior_logvar, event_dims,
+      logvar_limit, grad_prior_mu, grad_prior_logvar):
     def prior_grad(prior, wanted):
         defined = prior is not None and wanted and grad_kl is not None
         return prior.new_empty(prior.shape) if defined else mu.new_empty(0)
@@ -201,12 +211,16 @@ def _(grad_z, grad_kl, mu, logvar, eps, philox_state, prior_mu, prior_logvar, ev
 
 
 def _setup_context(ctx, inputs, output):
-    mu, logvar, eps, philox, prior_mu, prior_logvar, event_dims, logvar_limit = inputs
+    mu, logvar, eps, philox, philox_device, prior_mu, prior_logvar, event_dims, logvar_limit = inputs
     # Eager calls reserve the Philox state outside the op (see reparameterize_kl), so the backward has it as
-    # Python ints; a traced one draws it inside, and its backward reads the CPU tensor the op returned.
-    ctx.philox = (0, 0) if eps is not None else (tuple(philox) if philox is not None else None)
+    # Python ints, or (under CUDA-graph capture) as the device tensor the kernels read; a traced one draws it
+    # inside, and its backward reads the CPU tensor the op returned.
+    ctx.philox = (0, 0) if eps is not None or philox_device is not None else (
+        tuple(philox) if philox is not None else None
+    )
     ctx.event_dims, ctx.logvar_limit = event_dims, logvar_limit
-    ctx.save_for_backward(mu, logvar, eps, prior_mu, prior_logvar, output[2])
+    ctx.save_for_backward(mu, logvar, eps, prior_mu, prior_logvar, output[2],
+                          philox_device if eps is None else None)
     # An unused output gets no gradient tensor at all, rather than a buffer of zeros.
     ctx.set_materialize_grads(False)
 
@@ -257,18 +271,19 @@ def _to_input(grad: torch.Tensor | None, tensor: torch.Tensor | None, needed: bo
 
 
 def _backward(ctx, grad_z, grad_kl, _grad_philox):
-    mu, logvar, eps, prior_mu, prior_logvar, philox_state = ctx.saved_tensors
+    mu, logvar, eps, prior_mu, prior_logvar, philox_state, philox_device = ctx.saved_tensors
     event_dims, limit = ctx.event_dims, ctx.logvar_limit
     needs = ctx.needs_input_grad
     if grad_z is None and grad_kl is None:
-        return (None,) * 8
+        return (None,) * 9
     mode = backward_mode(mu)
     if mode is Mode.DIFFERENTIABLE:
         # create_graph=True: plain torch ops, so that autograd can differentiate the backward again.
         noise = eps
         if eps is None and grad_z is not None:
             seed, first_counter = ctx.philox if ctx.philox is not None else philox_state.tolist()
-            noise = _kernels().draw_noise(mu.shape, mu.device, seed, first_counter, event_dims)
+            noise = _kernels().draw_noise(mu.shape, mu.device, seed, first_counter, event_dims,
+                                          philox_state=philox_device)
         grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar = _differentiable_backward(
             grad_z, grad_kl, mu, logvar, noise, prior_mu, prior_logvar, event_dims, limit
         )
@@ -277,15 +292,16 @@ def _backward(ctx, grad_z, grad_kl, _grad_philox):
             grad_logvar.to(logvar.dtype),
             _to_input(grad_eps, eps, needs[2]),
             None,
-            _to_input(grad_prior_mu, prior_mu, needs[4]),
-            _to_input(grad_prior_logvar, prior_logvar, needs[5]),
+            None,
+            _to_input(grad_prior_mu, prior_mu, needs[5]),
+            _to_input(grad_prior_logvar, prior_logvar, needs[6]),
             None,
             None,
         )
-    prior_grads = (needs[4], needs[5])
+    prior_grads = (needs[5], needs[6])
     if mode is Mode.TRACED or ctx.philox is None:
-        grads = _fused_backward(grad_z, grad_kl, mu, logvar, eps, philox_state, prior_mu, prior_logvar, event_dims,
-                                limit, *prior_grads)
+        grads = _fused_backward(grad_z, grad_kl, mu, logvar, eps, philox_state, philox_device, prior_mu,
+                                prior_logvar, event_dims, limit, *prior_grads)
         grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = (
             g if wanted else None for g, wanted in zip(grads, (True, True, *prior_grads))
         )
@@ -293,13 +309,14 @@ def _backward(ctx, grad_z, grad_kl, _grad_philox):
             grad_prior_mu = grad_prior_logvar = None
     else:
         grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = _launch_backward(
-            grad_z, grad_kl, mu, logvar, eps, *ctx.philox, prior_mu, prior_logvar, event_dims, limit, prior_grads
+            grad_z, grad_kl, mu, logvar, eps, *ctx.philox, prior_mu, prior_logvar, event_dims, limit, prior_grads,
+            philox_device,
         )
     grad_eps = None
     if eps is not None and needs[2] and grad_z is not None:
         clamped = logvar.float() if limit is None else soft_clamp(logvar.float(), limit)
         grad_eps = _to_input(grad_z * torch.exp(0.5 * clamped), eps, True)
-    return grad_mu, grad_logvar, grad_eps, None, grad_prior_mu, grad_prior_logvar, None, None
+    return grad_mu, grad_logvar, grad_eps, None, None, grad_prior_mu, grad_prior_logvar, None, None
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -342,6 +359,10 @@ def reparameterize_kl(
             ``None`` draws it: in the Triton kernels with Philox (never stored;
             the backward regenerates it), on the reference path with
             ``torch.randn``. If ``eps`` requires grad it gets ``grad_z * exp(lv / 2)``.
+            Under CUDA-graph capture (``torch.cuda.graph``) the Philox state is
+            drawn on the device by one ``torch.randint`` (16 bytes, kept for the
+            backward), which each replay redraws: replays draw fresh noise
+            (see :mod:`fastvae.ops.rng`). Outside capture nothing changes.
         prior_mu, prior_logvar: the prior's mean and log-variance, each
             ``None`` (0) or a tensor that broadcasts to ``mu``'s shape: of
             ``mu``'s shape (a conditional prior per sample) or fewer elements (a
@@ -395,9 +416,13 @@ def reparameterize_kl(
 
     # The op's schema takes no generator, so an explicit one's Philox state is read here. So is the default
     # generator's in eager mode, which gives the backward the state as Python ints; a traced call must read it
-    # inside the op (at run time, not once at trace time).
-    philox = None
-    if eps is None and (generator is not None or not is_tracing(mu)):
+    # inside the op (at run time, not once at trace time). Under CUDA-graph capture the state is drawn on the
+    # device, by a capture-aware torch call, so that every replay draws anew.
+    philox = philox_device = None
+    if eps is None and needs_device_state(mu.device):
+        philox_device = device_philox_state(generator, mu.device)
+    elif eps is None and (generator is not None or not is_tracing(mu)):
         philox = _reserve_philox(generator, mu, event_dims)
-    z, kl, _ = _fused_forward(mu, logvar, eps, philox, prior_mu, prior_logvar, event_dims, logvar_limit)
+    z, kl, _ = _fused_forward(mu, logvar, eps, philox, philox_device, prior_mu, prior_logvar, event_dims,
+                              logvar_limit)
     return z, reduce_per_sample(kl, reduction)

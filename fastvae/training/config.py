@@ -13,7 +13,7 @@ from fastvae.backend import BACKENDS, requested_backend, resolve_backend
 from fastvae.corruption import parse_corruption
 from fastvae.errors import ConfigError
 from fastvae.models import LIKELIHOODS
-from fastvae.training.builders import MODELS, OBJECTIVES, default_likelihood
+from fastvae.training.builders import MODELS, OBJECTIVES, default_eval_k, default_likelihood
 from fastvae.training.distributed import DEVICES
 from fastvae.training.schedule import LR_SCHEDULES
 
@@ -67,10 +67,13 @@ class TrainConfig:
     resume: bool = False
     backend: str = "auto"  # train() takes FASTVAE_BACKEND's value when this is not set explicitly
     compile: bool = False
+    # The training step as a CUDA graph (fastvae.training.cuda_graph); fixed on resume: it changes the optimizer
+    # (a capturable Adam with the learning rate on the device) and how the noise is drawn.
+    cuda_graphs: bool = False
     device: str = "auto"
     checkpoint_every: int = 500
     log_every: int = 10
-    eval_k: int = 1000
+    eval_k: int | None = None  # None: the model's default (default_eval_k), set on creation
     quiet: bool = False
     tensorboard: bool = False
     tensorboard_image_every: int = 500
@@ -82,6 +85,8 @@ class TrainConfig:
             self.layers_per_resolution = tuple(self.layers_per_resolution)
         if self.likelihood is None:
             self.likelihood = default_likelihood(self.objective)
+        if self.eval_k is None:
+            self.eval_k = default_eval_k(self.model)
         # The likelihood's own defaults for the settings it takes and that are not given, so that a checkpoint
         # records the values the run used.
         family = LIKELIHOODS.get(self.likelihood)
@@ -191,6 +196,20 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError("resume needs out: the folder of the run to continue")
     if not config.resume:  # a resumed run's likelihood comes from its checkpoint: checked by resumed_config
         likelihood_options(config)
+
+
+def check_cuda_graphs(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for ``cuda_graphs`` where it cannot run: without a CUDA device, with
+    ``--compile`` or with fp16's gradient scaler (which reads its inf check on the host)."""
+    if not config.cuda_graphs:
+        return
+    if config.device == "cpu" or not torch.cuda.is_available():
+        raise ConfigError("--cuda-graphs needs a CUDA GPU, and there is none here (or --device cpu was given)")
+    if config.compile:
+        raise ConfigError("--cuda-graphs and --compile are two ways to cut launch overhead: choose one")
+    if config.precision == "fp16":
+        raise ConfigError("--cuda-graphs does not take --precision fp16 (its gradient scaler syncs with the host): "
+                          "use bf16 or fp32")
 
 
 def check_model_fields(config: TrainConfig) -> None:

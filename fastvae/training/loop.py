@@ -43,10 +43,12 @@ from fastvae.training.config import (
     TrainConfig,
     backend_from_environment,
     check_backend,
+    check_cuda_graphs,
     checkpoint_config,
     resumed_config,
     validate_config,
 )
+from fastvae.training.cuda_graph import GraphedStep
 from fastvae.training.distributed import Distributed, start_distributed, stop_distributed
 from fastvae.training.evaluate import evaluate_held_out, format_held_out, write_evaluation
 from fastvae.training.files import describe_os_error, interrupts_deferred
@@ -118,6 +120,7 @@ def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> Tr
         checkpoint, path = checkpoint_to_resume(config.out)
         config, changes = resumed_config(config, checkpoint_config(checkpoint, path), explicit)
     check_options_apply(config, explicit)
+    check_cuda_graphs(config)
     if config.tensorboard:
         require_tensorboard()
     ctx = start_distributed(config.device)
@@ -189,6 +192,8 @@ class _Run:
                 f"batch size {config.batch_size} is larger than the {n_train} training images of {config.data}; "
                 "use a smaller --batch-size"
             )
+        if config.cuda_graphs and ctx.world_size > 1:
+            raise ConfigError("--cuda-graphs runs in one process: it does not capture DistributedDataParallel's steps")
         if config.batch_size % ctx.world_size:
             raise ConfigError(
                 f"batch size {config.batch_size} (the global batch) must divide evenly among "
@@ -207,11 +212,14 @@ class _Run:
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.model = build_model(config, data.image_shape, backend).to(ctx.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.optimizer = _optimizer(self.model, config, ctx.device)
         self.grad_clip = grad_clip(config, self.model)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "fp16")
         self.autocast = torch.autocast(
-            ctx.device.type, dtype=_AUTOCAST_DTYPES.get(config.precision), enabled=config.precision != "fp32"
+            ctx.device.type,
+            dtype=_AUTOCAST_DTYPES.get(config.precision),
+            enabled=config.precision != "fp32",
+            cache_enabled=not config.cuda_graphs,  # a captured step must not reuse casts cached outside it
         )
         self.noise_generator = None
         if config.noise == "global":
@@ -256,6 +264,7 @@ class _Run:
             self.trained = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile:
             self.trained = torch.compile(self.trained)
+        self.graphed = GraphedStep(self._step, ctx.device) if config.cuda_graphs else None
         self.local_batch = config.batch_size // ctx.world_size
         self.metrics = MetricsLog(self.paths["metrics"] if ctx.is_main else None, ctx, self.local_batch)
         self.tensorboard = None
@@ -291,6 +300,7 @@ class _Run:
         states = checkpoint["rng"]
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            _learning_rate_on_device(self.optimizer, self.config, self.ctx.device)
             self.scaler.load_state_dict(checkpoint["scaler"])
             if len(states) == self.ctx.world_size:
                 set_rng_state(
@@ -380,8 +390,17 @@ class _Run:
         x, arguments = self._batch()
         inputs = self.model.step_inputs(self.step)
         lr = self._set_learning_rate()
+        step_inputs = {"x": x, **arguments, **inputs.forward}
+        values = self.graphed(step_inputs) if self.graphed is not None else self._step(**step_inputs)
+        epoch = self.step // self.steps_per_epoch
+        info = {"step": self.step + 1, "epoch": epoch, **inputs.log, "lr": lr}
+        self.metrics.hold(info, values)
+
+    def _step(self, x: torch.Tensor, **forward: torch.Tensor) -> torch.Tensor:
+        """Forward, backward and optimizer step on a batch: the part a CUDA graph captures (no host read). Returns
+        the step's logged values on the device (:meth:`MetricsLog.step_values`)."""
         with self.autocast:
-            out = self.trained(x, **arguments, **inputs.forward)
+            out = self.trained(x, **forward)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         metrics = out.metrics
@@ -394,15 +413,17 @@ class _Run:
             metrics = {**metrics, "grad_norm": norm}
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        epoch = self.step // self.steps_per_epoch
-        info = {"step": self.step + 1, "epoch": epoch, **inputs.log, "lr": lr}
-        self.metrics.add(info, out.loss, metrics)
+        return self.metrics.step_values(out.loss, metrics)
 
     def _set_learning_rate(self) -> float:
-        """Give the optimizer the schedule's learning rate for the current step, and return it."""
+        """Give the optimizer the schedule's learning rate for the current step, and return it (written into the
+        device tensor that a captured step reads, under ``--cuda-graphs``)."""
         lr = learning_rate(self.config.lr, self.config.lr_schedule, self.step, self.total_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lr
 
     def _flush_metrics(self) -> None:
@@ -465,6 +486,23 @@ class _Run:
             ) from None
         if self.tensorboard is not None:
             self.tensorboard.flush()
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam at ``config.lr``; under ``--cuda-graphs`` a fused, capturable one (step count and learning rate on the
+    device, so that a captured step can be replayed with each step's rate)."""
+    if not config.cuda_graphs:
+        return torch.optim.Adam(model.parameters(), lr=config.lr)
+    lr = torch.tensor(config.lr, dtype=torch.float32, device=device)
+    return torch.optim.Adam(model.parameters(), lr=lr, capturable=True, fused=True)
+
+
+def _learning_rate_on_device(optimizer: torch.optim.Optimizer, config: TrainConfig, device: torch.device) -> None:
+    """Under ``--cuda-graphs``, the learning rate of a restored optimizer as a float32 tensor on ``device`` (a
+    checkpoint may hold it on another device); the schedule sets its value each step."""
+    if config.cuda_graphs:
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
 
 
 def _finish_run(

@@ -72,9 +72,18 @@ class MetricsLog:
 
     def add(self, info: dict, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
         """Hold one step's ``info`` (plain values), ``loss`` ``()`` and the batch means of ``metrics`` (``(B,)`` each)."""
+        self.hold(info, self.step_values(loss, metrics))
+
+    def step_values(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[loss, batch mean of each metric]`` as one float tensor on the device (what :meth:`hold` takes):
+        computed inside a captured step too, whose replays rewrite it."""
         self.names = tuple(metrics)
         means = [value.detach().mean() for value in metrics.values()]
-        self.pending.append((info, torch.stack([loss.detach(), *means])))
+        return torch.stack([loss.detach(), *means])
+
+    def hold(self, info: dict, values: torch.Tensor) -> None:
+        """Hold one step's ``info`` and its :meth:`step_values` (on the device; read at the next flush)."""
+        self.pending.append((info, values))
 
     def flush(self, last_good: str) -> list[dict]:
         if not self.pending:

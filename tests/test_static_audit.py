@@ -252,7 +252,13 @@ def _calls_covering_every_kernel_flag():
 
     calls += [lambda s=s, lim=lim, k=k: prior(s, lim, k) for s in (False, True) for lim in (None, 4.0)
               for k in (False, True)]
-    calls += [second_order]
+    def device_state():  # the Philox key and counter read from device memory, as under CUDA-graph capture
+        from fastvae.ops.rng import philox_state_on_device
+
+        with philox_state_on_device():
+            reparam(False, True, True)
+
+    calls += [second_order, device_state]
     calls += [lambda g=g, r=r: dmol(g, r) for g, r in ((False, False), (True, False), (True, True))]
     calls += [lambda k=k: loss(k, None, "sum", False, True) for k in ("mse", "bce", "l1")]
     calls += [

@@ -1,8 +1,10 @@
 """The benchmark runner: ``python -m benchmarks [--budget-s S] [--grid default] [--out DIR]``; ``--static`` without a GPU.
 
 On a CUDA GPU it measures the copy bandwidth, then every op case (eager
-reference, ``torch.compile`` of it, fastvae), the training steps of the MLP and
-conv VAEs and the in-kernel noise generators, in order of importance and within
+reference, ``torch.compile`` of it, fastvae), the training steps of fastvae's
+models (MLP, conv, hierarchical, MLP with the DMOL likelihood; the
+launch-bound small batches with CUDA graphs) and the in-kernel noise
+generators, in order of importance and within
 ``--budget-s`` seconds (see :mod:`benchmarks.plan`), and writes
 ``results.json``, ``results.md`` and PNG plots into
 ``benchmarks/results/<gpu-name>/``. ``--dry-run`` prints that plan and runs
@@ -25,7 +27,6 @@ import torch
 from benchmarks.harness import copy_bandwidth, device_name, provenance
 from benchmarks.ops import measure_case, op_cases
 from benchmarks.plan import (
-    TARGET_BATCH,
     CompileTimes,
     Item,
     describe,
@@ -35,9 +36,9 @@ from benchmarks.plan import (
     run_within,
     simulate,
     train_estimate,
+    train_tier,
 )
 from benchmarks.report import derive, write_json, write_results
-from benchmarks.train_step import IMPLS as TRAIN_IMPLS
 from benchmarks.train_step import measure_train_case, train_cases
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -54,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="sizes to run (default: 'default' on a GPU or with --dry-run, 'smoke' without one)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
     parser.add_argument("--ops", default=None,
-                        help="comma-separated subset of reparameterize_kl,mse,bce,gaussian,l1 (default: all)")
+                        help="comma-separated subset of reparameterize_kl,mse,bce,gaussian,l1,"
+                             "discretized_logistic_mixture_nll (default: all)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile implementations")
     parser.add_argument("--skip", default="", help="comma-separated suites to skip: ops,noise,train")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -127,14 +129,12 @@ def build_plan(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> 
         items.append(Item("noise", "tl.randn vs tl.randn4x vs torch.randn", NOISE_ESTIMATE_S, noise))
     if "train" not in skip:
         precisions = [PRECISIONS[name] for name in args.dtypes.split(",")]
-        train_impls = tuple(i for i in TRAIN_IMPLS if not (args.no_compile and i.endswith("compile")))
-        train_impls = train_impls if on_gpu else ("eager",)
         for case in train_cases(grid, precisions):
-            tier = "train target" if case.batch == TARGET_BATCH else "train"
-            items.append(Item(tier, f"{case.model} VAE step, batch {case.batch}, {case.precision}",
-                              train_estimate(case, train_impls, compile_times),
+            train_impls = tuple(i for i in case.impls if not (args.no_compile and "compile" in i))
+            train_impls = train_impls if on_gpu else ("eager",)
+            items.append(Item(train_tier(case), case.name, train_estimate(case, train_impls, compile_times),
                               functools.partial(measure_train_case, case, device, train_impls),
-                              compiles=any(i.endswith("compile") for i in train_impls)))
+                              compiles=any("compile" in i for i in train_impls)))
     return order(items)
 
 

@@ -70,8 +70,8 @@ tiers = [p["tier"] for p in runs]
 assert runs and tiers[0] == "headline", "the first cases must be the headline ratios"
 headline = [p for p in plan if p["tier"] == "headline"]
 assert all(p["status"] == "would run" for p in headline), "every headline case must fit the budget"
-assert tiers == sorted(tiers, key=["headline", "train target", "headline, more shapes", "train", "noise",
-                                   "sweep"].index), "cases must run tier by tier"
+from benchmarks.plan import TIERS
+assert tiers == sorted(tiers, key=TIERS.index), "cases must run tier by tier"
 target = [p["case"] for p in runs if p["tier"] == "train target"]
 print(f"plan checked: {len(runs)} of {len(plan)} cases fit, every headline ratio among them, and "
       f"{len(target)} training-step target cases ({', '.join(target) or 'none'}); the rest are recorded as skipped: "

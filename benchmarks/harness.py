@@ -110,6 +110,29 @@ def kernel_count(fn: Callable[[], object], device: torch.device) -> int | None:
     return sum(1 for e in kernels if not e.name.lower().startswith(("memcpy", "memset")))
 
 
+def host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
+    """How many times one call of ``fn`` makes the host wait for the device (CUDA only; ``fn`` warmed up).
+
+    Counted by CUDA's sync debug mode, which warns at each synchronizing call
+    (a device-to-host copy, ``.item()``, ``nonzero``, a stream synchronize).
+    """
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    synchronize(device)
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    synchronize(device)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def device_name(device: torch.device) -> str:
     """A folder-friendly name: ``nvidia-h100-80gb-hbm3`` or ``cpu``."""
     if device.type == "cuda":

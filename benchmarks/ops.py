@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmarks.harness import kernel_count, median_ms, median_ms_after_setup, rotating, synchronize
-from fastvae.functional import reconstruction_loss, reparameterize_kl
+from fastvae.functional import discretized_logistic_mixture_nll, reconstruction_loss, reparameterize_kl
+from fastvae.ops.discretized_logistic_mixture import discretized_logistic_mixture_nll_reference, params_per_component
 from fastvae.ops.reconstruction_loss import reconstruction_loss_reference
 from fastvae.ops.reparameterize_kl import reparameterize_kl_reference
 
@@ -63,8 +64,14 @@ def _nbytes(shape, dtype) -> int:
 # ---- reparameterize + KL --------------------------------------------------------------------------
 
 
-def reparameterize_case(rows: int, d: int, dtype: torch.dtype, eps_given: bool) -> OpCase:
-    """``reparameterize_kl`` on ``(rows, d)``: z gets a random upstream gradient, the summed KL a gradient of 1."""
+def reparameterize_case(
+    rows: int, d: int, dtype: torch.dtype, eps_given: bool, logvar_limit: float | None = None
+) -> OpCase:
+    """``reparameterize_kl`` on ``(rows, d)``: z gets a random upstream gradient, the summed KL a gradient of 1.
+
+    ``logvar_limit``: the soft clamp fused in, as :class:`fastvae.nn.GaussianLatent` (and so every VAE of
+    :mod:`fastvae.models`) calls the op by default; the reference computes it as separate ops.
+    """
     shape = (rows, d)
 
     def make_inputs(device):
@@ -75,25 +82,134 @@ def reparameterize_case(rows: int, d: int, dtype: torch.dtype, eps_given: bool) 
 
     def eager(t):
         eps = t["eps"] if eps_given else torch.randn_like(t["mu"])
-        return reparameterize_kl_reference(t["mu"], t["logvar"], eps, "sum")
+        return reparameterize_kl_reference(t["mu"], t["logvar"], eps, "sum", logvar_limit=logvar_limit)
 
     def fastvae(t):
-        return reparameterize_kl(t["mu"], t["logvar"], t["eps"], reduction="sum", backend="triton")
+        return reparameterize_kl(
+            t["mu"], t["logvar"], t["eps"], reduction="sum", logvar_limit=logvar_limit, backend="triton"
+        )
 
     n = _nbytes(shape, dtype)
     per_row = rows * 4
     reads_eps = n if eps_given else 0
     forward = 2 * n + reads_eps + n + per_row  # mu, logvar (, eps) -> z, kl
     backward = 3 * n + reads_eps + 2 * n  # grad_z, mu, logvar (, eps) -> grad_mu, grad_logvar
+    variant = "eps given" if eps_given else "eps drawn"
     return OpCase(
         op="reparameterize_kl",
-        variant="eps given" if eps_given else "eps drawn",
+        variant=variant if logvar_limit is None else f"logvar_limit={logvar_limit:g}, {variant}",
         shape=shape,
         dtype=dtype,
         make_inputs=make_inputs,
         impls={"eager": eager, "fastvae": fastvae},
         floor_bytes={"forward": forward, "backward": backward, "forward+backward": forward + backward},
         grad_wrt=("mu", "logvar"),
+    )
+
+
+# ---- reparameterize + KL against a Gaussian prior, on latent feature maps ---------------------------------------
+
+LATENT_CHANNELS = 16  # VDVAE's zdim
+STATE_WIDTH = 32  # the prior net's features for the state beside its 2 * 16 prior channels (the hvae's default)
+LOGVAR_LIMIT = 10.0  # the soft clamp of fastvae's VAEs (and the hvae's) by default
+
+
+def latent_map_case(batch: int, size: int, dtype: torch.dtype, prior: str) -> OpCase:
+    """One VDVAE-style stochastic layer: ``reparameterize_kl`` on ``(B, 16, H, W)`` latent maps, one KL per image.
+
+    ``mu`` and ``logvar`` are the channel halves of the posterior net's ``(B, 32, H, W)`` output, read in place
+    (strided views, never copied), with ``event_dims=3`` and ``logvar_limit=10``; noise drawn. ``prior``:
+
+    * ``"conditional"``: ``prior_mu`` and ``prior_logvar`` are channel slices of the prior net's
+      ``(B, 2 * 16 + width, H, W)`` output (VDVAE, NVAE, fastvae's hvae), of ``mu``'s shape;
+    * ``"shared"``: a learned prior ``(16, H, W)`` shared by the batch (its gradient summed over the rows).
+
+    z gets a random upstream gradient, the summed KL a gradient of 1; gradients flow into every view.
+    """
+    c = LATENT_CHANNELS
+    shape = (batch, c, size, size)
+
+    def make_inputs(device):
+        # Names starting with "_": the conv outputs whose views the op reads (they hold the storage, not inputs).
+        posterior = torch.randn(batch, 2 * c, size, size, device=device).to(dtype).requires_grad_()
+        t = {"_posterior": posterior, "grad_z": torch.randn(shape, device=device, dtype=dtype)}
+        t["mu"], t["logvar"] = posterior[:, :c], posterior[:, c:]
+        if prior == "conditional":
+            prior_out = torch.randn(batch, 2 * c + STATE_WIDTH, size, size, device=device).to(dtype).requires_grad_()
+            t["_prior_out"], t["prior_mu"], t["prior_logvar"] = prior_out, prior_out[:, :c], prior_out[:, c : 2 * c]
+        else:
+            t["prior_mu"] = torch.randn(shape[1:], device=device).to(dtype).requires_grad_()
+            t["prior_logvar"] = (0.5 * torch.randn(shape[1:], device=device)).to(dtype).requires_grad_()
+        return t
+
+    def eager(t):
+        return reparameterize_kl_reference(
+            t["mu"], t["logvar"], torch.randn_like(t["mu"]), "sum", prior_mu=t["prior_mu"],
+            prior_logvar=t["prior_logvar"], event_dims=3, logvar_limit=LOGVAR_LIMIT,
+        )
+
+    def fastvae(t):
+        return reparameterize_kl(
+            t["mu"], t["logvar"], prior_mu=t["prior_mu"], prior_logvar=t["prior_logvar"], event_dims=3,
+            logvar_limit=LOGVAR_LIMIT, reduction="sum", backend="triton",
+        )
+
+    n = _nbytes(shape, dtype)
+    prior_n = n if prior == "conditional" else _nbytes(shape[1:], dtype)
+    forward = 2 * n + 2 * prior_n + n + batch * 4  # mu, logvar, the prior -> z, kl
+    backward = 3 * n + 2 * prior_n + 2 * n + 2 * prior_n  # grad_z, mu, logvar, the prior -> their gradients
+    return OpCase(
+        op="reparameterize_kl",
+        variant=f"feature maps, {prior} prior",
+        shape=shape,
+        dtype=dtype,
+        make_inputs=make_inputs,
+        impls={"eager": eager, "fastvae": fastvae},
+        floor_bytes={"forward": forward, "backward": backward, "forward+backward": forward + backward},
+        grad_wrt=("mu", "logvar", "prior_mu", "prior_logvar"),
+        notes={"event_dims": 3, "logvar_limit": LOGVAR_LIMIT, "prior": prior},
+    )
+
+
+# ---- the discretized mixture of logistics -----------------------------------------------------------------------
+
+NUM_MIXTURES = 10
+
+
+def dmol_case(batch: int, image_shape: tuple[int, ...], dtype: torch.dtype, num_mixtures: int = NUM_MIXTURES) -> OpCase:
+    """``discretized_logistic_mixture_nll`` summed over the batch: ``params`` ``(B, P, H, W)`` (``P = 10 M`` for RGB)
+    in ``dtype``, 8-bit images ``x`` ``(B, C, H, W)`` in float32. The size of a case is ``params``' elements."""
+    channels, *pixels = image_shape
+    p = num_mixtures * params_per_component(channels)
+    shape = (batch, p, *pixels)
+
+    def make_inputs(device):
+        params = torch.randn(shape, device=device).to(dtype).requires_grad_()
+        x = torch.randint(0, 256, (batch, *image_shape), device=device).float() / 255
+        return {"params": params, "x": x}
+
+    def eager(t):
+        return (discretized_logistic_mixture_nll_reference(t["params"], t["x"], num_mixtures, 8, "sum"),)
+
+    def fastvae(t):
+        return (
+            discretized_logistic_mixture_nll(
+                t["params"], t["x"], num_mixtures=num_mixtures, reduction="sum", backend="triton"
+            ),
+        )
+
+    n = _nbytes(shape, dtype)
+    forward = n + _nbytes((batch, *image_shape), torch.float32) + n + batch * 4  # params, x -> gradient, nll
+    return OpCase(
+        op="discretized_logistic_mixture_nll",
+        variant=f"M={num_mixtures}",
+        shape=shape,
+        dtype=dtype,
+        make_inputs=make_inputs,
+        impls={"eager": eager, "fastvae": fastvae},
+        floor_bytes={"forward": forward, "backward": 0, "forward+backward": forward},
+        grad_wrt=("params",),
+        notes={"image_shape": tuple(image_shape), "num_mixtures": num_mixtures},
     )
 
 
@@ -266,6 +382,10 @@ LATENT_D = 256
 LAUNCH_BOUND_D = 32
 SAMPLE_SHAPES = {"784": (784,), "3x64x64": (3, 64, 64), "3x256x256": (3, 256, 256)}
 LOSS_KINDS = ("mse", "bce", "gaussian", "l1")
+# Latent map sizes H = W of the VDVAE-like layers (issue 10: 1 to 64), the headline one first.
+LATENT_MAP_SIZES = (32, 64, 8, 1)
+PRIORS = ("conditional", "shared")
+DMOL_IMAGES = {"3x32x32": (3, 32, 32), "3x256x256": (3, 256, 256)}
 
 
 def op_cases(grid: str, dtypes: list[torch.dtype], ops: set[str] | None = None) -> list[OpCase]:
@@ -273,18 +393,33 @@ def op_cases(grid: str, dtypes: list[torch.dtype], ops: set[str] | None = None) 
     if grid == "smoke":
         latent_exps, launch_batches, loss_totals = (10, 14), (256,), (1 << 14,)
         shapes = {"784": (784,), "3x32x32": (3, 32, 32)}
+        map_sizes, map_totals, dmol_images, clamp_exps = (4,), (1 << 12,), {"3x8x8": (3, 8, 8)}, (14,)
     elif grid == "default":
         latent_exps, launch_batches, loss_totals = (14, 18, 22, 24, 26, 28), (256, 1024, 4096, 16384), (1 << 24,)
         shapes = SAMPLE_SHAPES
+        map_sizes, map_totals, dmol_images, clamp_exps = LATENT_MAP_SIZES, (1 << 24,), DMOL_IMAGES, (24,)
     else:
         latent_exps = tuple(range(14, 29, 2))
         launch_batches, loss_totals = (256, 1024, 4096, 16384), (1 << 20, 1 << 24, 1 << 26)
         shapes = SAMPLE_SHAPES
+        map_sizes, map_totals, dmol_images, clamp_exps = LATENT_MAP_SIZES, (1 << 20, 1 << 24), DMOL_IMAGES, (20, 24)
     cases = []
     for dtype in dtypes:
         for exp in latent_exps:
             for eps_given in (True, False):
                 cases.append(reparameterize_case((1 << exp) // LATENT_D, LATENT_D, dtype, eps_given))
+        for exp in clamp_exps:  # the soft clamp every VAE of fastvae.models fuses in
+            cases.append(reparameterize_case((1 << exp) // LATENT_D, LATENT_D, dtype, False, LOGVAR_LIMIT))
+        for prior in PRIORS:
+            for size in map_sizes:
+                for total in map_totals:
+                    cases.append(latent_map_case(max(1, total // (LATENT_CHANNELS * size * size)), size, dtype, prior))
+        for image_shape in dmol_images.values():
+            per_sample = NUM_MIXTURES * params_per_component(image_shape[0]) * math.prod(image_shape[1:])
+            for total in loss_totals:
+                case = dmol_case(max(1, total // per_sample), image_shape, dtype)
+                case.notes["nominal_elements"] = max(total, case.elements)
+                cases.append(case)
         for batch in launch_batches:
             case = reparameterize_case(batch, LAUNCH_BOUND_D, dtype, eps_given=False)
             case.variant = f"eps drawn, launch-bound D={LAUNCH_BOUND_D}"

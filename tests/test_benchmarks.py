@@ -79,7 +79,9 @@ def test_runner_smoke_mode_writes_results(tmp_path, monkeypatch):
     payload = json.loads((tmp_path / "results.json").read_text())
     assert "smoke run" in payload["notes"][0]
     assert {r["op"] for r in payload["records"] if r["suite"] == "op"} == {"reparameterize_kl", "l1"}
-    assert {r["op"] for r in payload["records"] if r["suite"] == "train"} == {"mlp", "conv"}
+    from benchmarks.train_step import MODELS
+
+    assert {r["op"] for r in payload["records"] if r["suite"] == "train"} == set(MODELS)
     assert (tmp_path / "results.md").exists() and (tmp_path / "reparameterize_kl.png").exists()
 
 
@@ -90,6 +92,21 @@ def test_every_train_step_implementation_runs(device):
     records = measure_train_case(TrainCase("mlp", 8, "fp32"), device, impls=IMPLS)
     assert [r["impl"] for r in records] == list(IMPLS)
     assert all(r["samples_per_s"] > 0 and math.isfinite(r["ms"]) for r in records)
+
+
+def test_launch_bound_implementations_without_a_gpu_are_recorded_as_skipped():
+    """CUDA graphs (reduce-overhead, the captured fastvae step) need a GPU: the case says so and goes on."""
+    from benchmarks.report import derive, markdown
+    from benchmarks.train_step import LAUNCH_BOUND_IMPLS, TrainCase, measure_train_case
+
+    case = TrainCase("mlp", 4, "fp32", "launch-bound")
+    assert case.impls == LAUNCH_BOUND_IMPLS
+    records = measure_train_case(case, torch.device("cpu"), impls=("eager", "compile reduce-overhead",
+                                                                   "fastvae+cuda-graphs"))
+    assert [r["impl"] for r in records] == ["eager", "compile reduce-overhead", "fastvae+cuda-graphs"]
+    assert records[0]["ms"] > 0 and all("GPU" in r["skipped"] for r in records[1:])
+    text = markdown({"device": "test"}, 100.0, derive(records, 100.0), [], [])
+    assert "could not run" in text and "fastvae+cuda-graphs: CUDA graphs need a GPU" in text
 
 
 # ---- the plan: order of importance, a time budget ---------------------------------------------------------------
@@ -135,10 +152,14 @@ def test_plan_runs_headline_ratios_first_then_training_then_sweeps():
     tiers = [i.tier for i in items]
     assert tiers == sorted(tiers, key=TIERS.index) and set(tiers) == set(TIERS)
     headline = [i.name for i in items if i.tier == "headline"]
-    for op in ("reparameterize_kl (eps drawn)", "reparameterize_kl (eps given)", "mse", "bce", "gaussian", "l1"):
+    for op in ("reparameterize_kl (eps drawn)", "reparameterize_kl (eps given)", "mse", "bce", "gaussian", "l1",
+               "reparameterize_kl (logvar_limit=10", "reparameterize_kl (feature maps, conditional prior)",
+               "reparameterize_kl (feature maps, shared prior)", "discretized_logistic_mixture_nll"):
         for dtype in ("float32", "bfloat16"):
             assert any(n.startswith(op) and n.endswith(dtype) for n in headline), (op, dtype)
     assert all(i.estimate_s > 0 for i in items)
+    launch_bound = [i.name for i in items if i.tier == "launch-bound target"]
+    assert launch_bound == ["mlp step (launch-bound), batch 128, fp32", "mlp step (launch-bound), batch 128, bf16"]
 
 
 def test_dry_run_prints_and_writes_the_plan(tmp_path, capsys):

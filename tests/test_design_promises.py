@@ -3,30 +3,25 @@
 Counts come from ``benchmarks/static`` (the Triton path's launches recorded on
 CPU tensors, the launch planner sized for an H100) and the compiled sm_90
 cubins of every variant the ops launch (the session fixture ``sm90_variants``).
-Where a promise does not hold today the test says so with a strict xfail.
 """
 
 import pytest
 import torch
 
-from benchmarks.ops import loss_case, reparameterize_case
+from benchmarks.ops import dmol_case, latent_map_case, loss_case, reparameterize_case
 from benchmarks.static import model
 from benchmarks.static.capture import SavedTensors
 from benchmarks.static.counts import count_op, count_train_step, events_of
 from fastvae.backend import kernels_interpreted
-from fastvae.functional import reconstruction_loss, reparameterize_kl
+from fastvae.functional import discretized_logistic_mixture_nll, reconstruction_loss, reparameterize_kl
 
 pytestmark = pytest.mark.skipif(not kernels_interpreted(), reason="counts the Triton path on CPU tensors")
 
 DTYPES = [torch.float32, torch.bfloat16]
-IS_ONE = (
-    "the loss backward decides whether the upstream gradient is 1 on the host (_is_one): an eq and an all "
-    "kernel and a device-to-host sync before the scaling kernel; the ops helper is replacing it"
-)
 # ATen calls beside a fused kernel that the docs name: partial sums over column splits or row tiles, a shared
-# logvar's gradient summed (and converted to logvar's dtype), and the reduction over samples (its sum or mean,
-# and the mean's backward).
-DOCUMENTED_SMALL = {"sum", "mean", "div", "sum_to_size", "to", "_to_copy"}
+# logvar's or prior's gradient summed (and converted to its dtype), a logvar's per-sample sums times the per-sample
+# upstream weights, and the reduction over samples (its sum or mean, and the mean's backward).
+DOCUMENTED_SMALL = {"sum", "mean", "div", "mul", "sum_to_size", "to", "_to_copy"}
 
 
 # ---- reparameterize_kl keeps no noise --------------------------------------------------------------------------
@@ -97,10 +92,73 @@ def _reparam_call(eps_given, reduction, dtype):
     return make
 
 
+def _prior_call(prior, event_dims, logvar_limit, reduction, dtype):
+    """A stochastic layer on (32, 8, 8, 8) maps: mu, logvar channel slices of a conv output, a conditional or
+    shared prior (the shared one's gradient is summed over the batch: documented small sums beside the kernel)."""
+
+    def make():
+        h = torch.randn(32, 16, 8, 8, dtype=dtype, requires_grad=True)
+        mu, logvar = h[:, :8], h[:, 8:]
+        if prior == "conditional":
+            p = torch.randn(32, 24, 8, 8, dtype=dtype, requires_grad=True)
+            prior_mu, prior_logvar = p[:, :8], p[:, 8:16]
+        else:
+            prior_mu = torch.randn(8, 8, 8, dtype=dtype, requires_grad=True)
+            prior_logvar = torch.randn(8, 8, 8, dtype=dtype, requires_grad=True)
+
+        def forward():
+            return reparameterize_kl(
+                mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims,
+                logvar_limit=logvar_limit, reduction=reduction, backend="triton",
+            )
+
+        def upstream(out):
+            return [torch.randn_like(out[0]), torch.ones_like(out[1])]
+
+        # Gradients of the views, not of the conv outputs (whose slice backward is the same on every path).
+        return forward, [mu, logvar, prior_mu, prior_logvar], upstream, mu.numel() * mu.element_size()
+
+    return make
+
+
+def _dmol_call(reduction, weighted, dtype):
+    def make():
+        params = torch.randn(2, 100, 4, 4, dtype=dtype, requires_grad=True)
+        x = torch.randint(0, 256, (2, 3, 4, 4)).float() / 255
+
+        def forward():
+            return discretized_logistic_mixture_nll(params, x, num_mixtures=10, reduction=reduction, backend="triton")
+
+        def upstream(loss):
+            return torch.rand_like(loss) + 0.5 if weighted else torch.ones_like(loss)
+
+        return forward, [params], upstream, params.numel() * params.element_size()
+
+    return make
+
+
 def _calls():
     calls = []
     for dtype in DTYPES:
         name = str(dtype).replace("torch.", "")
+        for prior, event_dims, limit, reduction in (
+            ("conditional", 3, 10.0, "sum"),
+            ("conditional", 2, None, "none"),
+            ("shared", 3, 10.0, "mean"),
+        ):
+            calls.append(
+                pytest.param(
+                    _prior_call(prior, event_dims, limit, reduction, dtype),
+                    id=f"reparameterize_kl-{prior}-prior-event_dims={event_dims}-limit={limit}-{reduction}-{name}",
+                )
+            )
+        for reduction, weighted in (("sum", False), ("mean", False), ("none", True)):
+            calls.append(
+                pytest.param(
+                    _dmol_call(reduction, weighted, dtype),
+                    id=f"discretized_logistic_mixture_nll-{reduction}{'-weighted' if weighted else ''}-{name}",
+                )
+            )
         for eps_given in (False, True):
             for reduction in ("none", "sum", "mean"):
                 calls.append(
@@ -149,13 +207,19 @@ def test_fused_op_launches_one_kernel_forward(make):
 
 @pytest.mark.parametrize("make", _calls())
 def test_fused_op_launches_at_most_one_kernel_backward(request, make):
-    if "reparameterize_kl" not in request.node.name:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=IS_ONE))
+    """One backward kernel; the Gaussian loss with a learned logvar scales each of its two saved gradients
+    (x_hat's, logvar's) with a launch of its own: two (a launch each and no traffic under an upstream 1). A logvar
+    shared by the batch under ``reduction="none"`` gets its gradient as the weights times the per-element gradient
+    the forward kept (one ``mm``, as ``kernels/reconstruction_loss.py`` documents)."""
     forward, wrt, upstream, unit = make()
     out = forward()
     grads = upstream(out)
     fused, _, other = _split(events_of(lambda: torch.autograd.grad(out, wrt, grads)), unit)
-    assert len(fused) <= 1 and not other, [e.name for e in other]
+    name = request.node.name
+    allowed = 2 if "gaussian" in name else 1
+    if "logvar[784]-none" in name:
+        other = [e for e in other if e.name != "mm"]
+    assert len(fused) <= allowed and not other, ([e.name for e in fused], [e.name for e in other])
 
 
 def test_the_kernel_count_sees_an_extra_pass():
@@ -176,12 +240,30 @@ def test_the_audit_compiled_every_kernel_in_both_dtypes(sm90_variants):
         "_reparameterize_kl_backward_kernel",
         "_reconstruction_loss_forward_kernel",
         "_scale_rows_kernel",
+        "_dmol_forward_kernel",
     ):
         assert {(name, "fp32"), (name, "bf16")} <= kernels
 
 
+def _spills(r) -> bool:
+    return bool(
+        r["ptxas"] is None
+        or r["ptxas"]["spill_stores"]
+        or r["ptxas"]["spill_loads"]
+        or r["local_bytes"]
+        or r["spill_instructions"]
+    )
+
+
+def _with_prior(r) -> bool:
+    """A reparameterize_kl kernel compiled with a prior (its prior pointers are not the constant None)."""
+    c = r["constexprs"]
+    return r["kernel"].startswith("_reparameterize_kl_") and "prior_mu_ptr" not in c
+
+
 def test_no_kernel_spills_registers(sm90_variants):
-    """ptxas reports no spill stores or loads, and the executed path has no local-memory instruction.
+    """ptxas reports no spill stores or loads, and the executed path has no local-memory instruction, in every
+    variant but those known to spill (below).
 
     A stack frame alone is not a spill: Triton 3.6's libdevice keeps the sin/cos slow path's table of
     2/pi digits there, off the executed path.
@@ -189,13 +271,21 @@ def test_no_kernel_spills_registers(sm90_variants):
     spilling = [
         (r["kernel"], r["dtype"], r["constexprs"], r["ptxas"], r["local_bytes"], r["spill_instructions"])
         for r in sm90_variants
-        if r["ptxas"] is None
-        or r["ptxas"]["spill_stores"]
-        or r["ptxas"]["spill_loads"]
-        or r["local_bytes"]
-        or r["spill_instructions"]
+        if _spills(r) and not _with_prior(r)
     ]
     assert not spilling
+    assert any(_with_prior(r) for r in sm90_variants)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="reparameterize_kl's kernels with a prior take 214 to 255 registers at 4096-element tiles and 8 warps; "
+    "the backward with a prior shared by the batch spills (108 bytes in float32 under Triton 3.9), and the hvae's "
+    "layers (8 channels of 7x7 maps: rows of 49 columns) spill about 1 KB per thread forward and backward",
+)
+def test_reparameterize_kl_with_a_prior_does_not_spill(sm90_variants):
+    rows = [r for r in sm90_variants if _with_prior(r)]
+    assert rows and not any(_spills(r) for r in rows)
 
 
 def _loss_rows(sm90_variants):
@@ -229,47 +319,59 @@ def test_fused_loss_loads_and_stores_of_aligned_data_are_128_bits(sm90_variants)
         assert sum(n for bits, n in stores.items() if int(bits) < 128) <= 1, name
 
 
-# ---- a VAE training step ---------------------------------------------------------------------------------------
+# ---- a training step of each model -----------------------------------------------------------------------------
+
+STEP_MODELS = ("mlp", "conv", "hvae", "mlp-dmol")
 
 
 @pytest.fixture(scope="module")
 def vae_step_counts():
     counts = {}
-    for name in ("mlp", "conv"):
+    for name in STEP_MODELS:
         counts[name] = {impl: count_train_step(name, 16, impl) for impl in ("eager", "fastvae")}
     return counts
 
 
-def _predicted(name):
-    from benchmarks.train_step import IMAGE_SHAPE, MODELS
+def _record(vae_step_counts, name):
+    from benchmarks.train_step import IMAGE_SHAPE
 
-    vae = MODELS[name]("torch")
-    pixels = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
-    return model.vae_step_savings(16, vae.latent_dim, pixels, vae.likelihood.kind)
-
-
-@pytest.mark.parametrize("name", ["mlp", "conv"])
-def test_vae_step_keeps_fewer_bytes_by_what_the_model_predicts(vae_step_counts, name):
-    eager, fused = vae_step_counts[name]["eager"], vae_step_counts[name]["fastvae"]
-    predicted = _predicted(name)
-    assert predicted["kept_bytes"] > 0
-    assert eager["saved_bytes"] - fused["saved_bytes"] == predicted["kept_bytes"]
+    return {"model": name, "batch": 16, "precision": "fp32", "image_shape": list(IMAGE_SHAPE),
+            "impls": vae_step_counts[name]}
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=IS_ONE)) for n in ("mlp", "conv")]
-)
-def test_vae_step_launches_fewer_kernels_by_what_the_model_predicts(vae_step_counts, name):
-    eager, fused = vae_step_counts[name]["eager"], vae_step_counts[name]["fastvae"]
-    predicted = _predicted(name)
-    assert predicted["kernels"] > 0
-    assert eager["step"]["kernels"] - fused["step"]["kernels"] == predicted["kernels"]
+@pytest.mark.parametrize("name", STEP_MODELS)
+def test_step_saves_the_kernels_and_kept_bytes_the_model_predicts(vae_step_counts, name):
+    """Kernels saved (every model) and bytes kept saved (the flat VAEs), as the byte model predicts."""
+    checks = model.check_train(_record(vae_step_counts, name))
+    assert len(checks) == (1 if name == "hvae" else 2)
+    assert all(c["model"] > 0 for c in checks)
+    assert all(c["agree"] for c in checks), checks
 
 
-def test_vae_step_launches_fewer_kernels(vae_step_counts):
+def test_step_launches_fewer_kernels_and_moves_fewer_bytes(vae_step_counts):
     for counts in vae_step_counts.values():
         assert counts["fastvae"]["step"]["kernels"] < counts["eager"]["step"]["kernels"]
         assert counts["fastvae"]["step"]["bytes"] < counts["eager"]["step"]["bytes"]
+        assert counts["fastvae"]["saved_bytes"] < counts["eager"]["saved_bytes"]
+
+
+def test_step_makes_no_host_sync(vae_step_counts):
+    """Issue 12: no fastvae op, layer or model reads a value on the host in a training step."""
+    for name, counts in vae_step_counts.items():
+        assert counts["fastvae"]["step"]["host_syncs"] == 0, (name, counts["fastvae"]["step"]["host_reads"])
+
+
+def test_the_sync_count_sees_a_host_read():
+    """The count behind the test above finds an .item(), a bool() and a .cpu() in a step: it can fail."""
+    from benchmarks.static.capture import counting
+
+    events, syncs = [], []
+    t = torch.randn(4)
+    with counting(events, syncs=syncs):
+        t.sum().item()
+        bool((t > 0).any())
+        t.cpu()
+    assert len(syncs) == 3, syncs
 
 
 # ---- the byte model of each op ---------------------------------------------------------------------------------
@@ -279,6 +381,9 @@ def _model_cases():
     cases = []
     for dtype in DTYPES:
         cases += [reparameterize_case(64, 256, dtype, eps_given=False), reparameterize_case(64, 256, dtype, True)]
+        cases += [reparameterize_case(64, 256, dtype, False, logvar_limit=10.0)]
+        cases += [latent_map_case(256, 4, dtype, prior) for prior in ("conditional", "shared")]
+        cases += [dmol_case(4, (3, 16, 16), dtype)]
         cases += [loss_case(kind, 256, (3, 32, 32), dtype) for kind in ("mse", "bce", "gaussian", "l1")]
     return [pytest.param(c, id=f"{c.op}-{c.variant or 'plain'}-{str(c.dtype)[6:]}") for c in cases]
 
@@ -294,5 +399,5 @@ def test_op_moves_and_keeps_what_the_byte_model_says(case):
         "unit_bytes": case.elements * case.dtype.itemsize,
         "impls": {impl: count_op(case, impl) for impl in ("eager", "fastvae")},
     }
-    checks = [c for c in model.check_op(record) if "kernels, backward" not in c["check"] or "eager" in c["check"]]
+    checks = model.check_op(record)
     assert checks and all(c["agree"] for c in checks), [c for c in checks if not c["agree"]]

@@ -12,7 +12,7 @@ from benchmarks.static.counts import events_of
 from benchmarks.static.kernels import KERNELS
 from benchmarks.static.sass import analyse, executed_path, parse_sass
 from fastvae.backend import kernels_interpreted
-from fastvae.functional import reconstruction_loss, reparameterize_kl
+from fastvae.functional import discretized_logistic_mixture_nll, reconstruction_loss, reparameterize_kl
 
 interpreted = pytest.mark.skipif(not kernels_interpreted(), reason="runs the Triton path on CPU tensors")
 
@@ -229,6 +229,37 @@ def _calls_covering_every_kernel_flag():
         for e in (False, True)
         for z, k in ((True, True), (True, False), (False, True))
     ]
+    def prior(shared, limit, only_kl):
+        h = torch.randn(4, 6, 3, 3, requires_grad=True)
+        mu, logvar = h[:, :3], h[:, 3:]
+        p = torch.randn(3, 3, 3, requires_grad=True) if shared else torch.randn(4, 3, 3, 3, requires_grad=True)
+        z, kl = reparameterize_kl(mu, logvar, prior_mu=p, prior_logvar=p * 0.5, event_dims=3, logvar_limit=limit,
+                                  backend="triton")
+        outs = [kl] if only_kl else [z, kl]
+        torch.autograd.grad(outs, [h, p], [torch.randn_like(o) for o in outs])
+
+    def second_order():  # create_graph with drawn noise: the noise written out by _standard_normal_kernel
+        mu, logvar = torch.randn(5, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True)
+        z, kl = reparameterize_kl(mu, logvar, backend="triton")
+        torch.autograd.grad([z, kl], [mu, logvar], [torch.randn_like(z), torch.ones_like(kl)], create_graph=True)
+
+    def dmol(grad, retain):
+        params = torch.randn(3, 6, 2, 3, requires_grad=grad)
+        nll = discretized_logistic_mixture_nll(params, torch.rand(3, 1, 2, 3), num_mixtures=2, backend="triton")
+        if grad:  # retained: scaled out of place; then in place, with weights that are and are not 1
+            torch.autograd.grad(nll, [params], torch.rand_like(nll), retain_graph=retain)
+            torch.autograd.grad(nll, [params], torch.ones_like(nll)) if retain else None
+
+    calls += [lambda s=s, lim=lim, k=k: prior(s, lim, k) for s in (False, True) for lim in (None, 4.0)
+              for k in (False, True)]
+    def device_state():  # the Philox key and counter read from device memory, as under CUDA-graph capture
+        from fastvae.ops.rng import philox_state_on_device
+
+        with philox_state_on_device():
+            reparam(False, True, True)
+
+    calls += [second_order, device_state]
+    calls += [lambda g=g, r=r: dmol(g, r) for g, r in ((False, False), (True, False), (True, True))]
     calls += [lambda k=k: loss(k, None, "sum", False, True) for k in ("mse", "bce", "l1")]
     calls += [
         lambda s=s, r=r: loss("gaussian", s, r, r == "none", False)
@@ -294,9 +325,15 @@ def test_static_run_writes_its_results(tmp_path, sm90_variants):
         max_elements=1 << 14,
         op_impls=("eager", "fastvae"),
         train_impls=("eager", "fastvae"),
+        launch_bound_cases=(("mlp", 4),),
     )
+    from benchmarks.train_step import MODELS
+
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["audit"] and saved["ops"] and {r["model"] for r in saved["train"]} == {"mlp", "conv"}
+    assert saved["audit"] and saved["ops"] and {r["model"] for r in saved["train"]} == set(MODELS)
+    assert [(r["model"], r["precision"]) for r in saved["launch_bound"]] == [("mlp", "fp32"), ("mlp", "bf16")]
+    assert all(r["impls"]["fastvae"]["step"]["host_syncs"] == 0 for r in saved["launch_bound"])
     text = (tmp_path / "results.md").read_text()
     assert "## Kernel variants compiled for sm_90" in text and "tl.randn4x" in text
+    assert "## The launch-bound regime (issue 12)" in text
     assert payload["checks"] and any(c["agree"] for c in payload["checks"])

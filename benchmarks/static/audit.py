@@ -33,13 +33,20 @@ from benchmarks.static.counts import (
     TRAIN_IMPLS,
     _as_on_a_gpu,
     count_ops,
+    count_train_cases,
     count_train_steps,
     headline_cases,
 )
 from benchmarks.static.kernels import kernel_spec
+from benchmarks.train_step import LAUNCH_BOUND_BATCHES
 
 DTYPES = (torch.float32, torch.bfloat16)
 TRAIN_BATCHES = {"*": 128}  # the training command's default batch
+# Issue 12's launch-bound regime: (model, batch) of the runner's launch-bound cases, counted in both precisions.
+LAUNCH_BOUND_CASES = tuple(
+    (model, batch) for model, batches in LAUNCH_BOUND_BATCHES.items() for batch in batches
+)
+LAUNCH_BOUND_PRECISIONS = ("fp32", "bf16")
 NOISE_ELEMENTS = HEADLINE_ELEMENTS
 
 
@@ -88,6 +95,22 @@ def _latent_head(batch, latent_dim):
     return run
 
 
+def _hvae_layer(batch, channels, size):
+    def run(dtype):
+        from fastvae.functional import reparameterize_kl
+
+        # The hvae's stochastic layer: one KL per image and channel over (B, C, H, W) channel slices.
+        posterior = torch.randn(batch, 2 * channels, size, size).to(dtype).requires_grad_()
+        prior = torch.randn(batch, 2 * channels + 32, size, size).to(dtype).requires_grad_()
+        z, kl = reparameterize_kl(
+            posterior[:, :channels], posterior[:, channels:], prior_mu=prior[:, :channels],
+            prior_logvar=prior[:, channels : 2 * channels], event_dims=2, logvar_limit=10.0, backend="triton",
+        )
+        torch.autograd.grad([z, kl], [posterior, prior], [torch.randn_like(z), torch.ones_like(kl)])
+
+    return run
+
+
 # Launches beyond the runner's cases and the training steps: one entry per scenario.
 EXTRA_SCENARIOS = [
     Scenario("gaussian, logvar per element, mean, 256x784", _gaussian((256, 784), "mean")),
@@ -95,6 +118,7 @@ EXTRA_SCENARIOS = [
     Scenario("bce, none, weighted, 256x784", _weighted("bce")),
     Scenario("reparameterize_kl of a linear head's halves, 4096x32", _latent_head(4096, 32)),
     Scenario("reparameterize_kl of a linear head's halves, 128x16", _latent_head(128, 16)),
+    Scenario("reparameterize_kl of an hvae layer, 8 channels of 7x7 maps, batch 64", _hvae_layer(64, 8, 7)),
 ]
 
 
@@ -115,8 +139,9 @@ def noise_launches() -> dict[str, list[Launch]]:
 
 
 def small_cases(dtypes) -> list:
-    """Op cases small enough for the tests, with the tile shapes of the headline grid's (one per block shape)."""
-    from benchmarks.ops import loss_case, reparameterize_case
+    """Op cases small enough for the tests, with the tile shapes of the headline grid's (one per block shape)
+    and every kernel variant the headline cases launch (priors, the clamp, the DMOL's gradient)."""
+    from benchmarks.ops import dmol_case, latent_map_case, loss_case, reparameterize_case
 
     cases = []
     for dtype in dtypes:
@@ -124,6 +149,10 @@ def small_cases(dtypes) -> list:
             reparameterize_case(64, 256, dtype, eps_given=False),
             reparameterize_case(64, 256, dtype, True),
             reparameterize_case(256, 32, dtype, eps_given=False),
+            reparameterize_case(64, 256, dtype, False, logvar_limit=10.0),
+            latent_map_case(32, 16, dtype, "conditional"),
+            latent_map_case(32, 16, dtype, "shared"),
+            dmol_case(2, (3, 32, 32), dtype),
         ]
         for kind in ("mse", "bce", "gaussian", "l1"):
             cases += [loss_case(kind, 32, (784,), dtype), loss_case(kind, 2, (3, 64, 64), dtype)]
@@ -264,6 +293,8 @@ def run_static(
     max_elements: int = HEADLINE_ELEMENTS,
     op_impls=IMPLS,
     train_impls=TRAIN_IMPLS,
+    launch_bound_cases=LAUNCH_BOUND_CASES,
+    launch_bound_precisions=LAUNCH_BOUND_PRECISIONS,
 ) -> dict:
     """Count, compile, audit, check, and write ``results.json`` and ``results.md`` into ``out_dir``.
 
@@ -279,18 +310,27 @@ def run_static(
     ops = count_ops(headline_cases(list(dtypes), max_elements), op_impls, launches=launches, log=log)
     log("counting the training steps ...")
     train = count_train_steps(train_batches, train_impls, launches=launches, log=log)
+    log("counting the launch-bound regime's steps (eager, fastvae; fp32 and bf16) ...")
+    launch_bound = count_train_cases(
+        [(m, b, p) for p in launch_bound_precisions for m, b in launch_bound_cases],
+        ("eager", "fastvae"),
+        launches=launches,
+        log=log,
+        regime="launch-bound",
+    )
     launches.update(record_extra(dtypes))
     launches.update(noise_launches())
     n = sum(len(v) for v in launches.values())
     log(f"compiling the variants of {n} launches for sm_90 ...")
     variants = audit_variants(launches, workers)
-    checks = model.check_all(ops, train)
+    checks = model.check_all(ops, train + launch_bound)
     payload = {
         "provenance": provenance(command),
         "seconds": round(time.perf_counter() - start, 1),
         "audit": variants,
         "ops": ops,
         "train": train,
+        "launch_bound": launch_bound,
         "checks": checks,
         "notes": NOTES,
     }

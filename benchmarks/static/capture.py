@@ -63,6 +63,11 @@ NO_KERNEL_OPS = {
     "dim",
     "numel",
 }
+# ATen ops that read a tensor's value on the host: on a GPU each makes the host wait for the device (a sync).
+# (``item()``, ``bool()``, ``int()`` and ``float()`` of a tensor reach the dispatcher as ``_local_scalar_dense``.)
+HOST_READ_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "masked_select", "unique"}
+# Tensor methods that copy to the host without reaching the dispatcher on CPU tensors (counted in Python).
+HOST_COPY_METHODS = ("cpu", "numpy", "tolist")
 # Ops that write their first argument without reading it.
 WRITE_ONLY_OPS = {
     "fill_",
@@ -150,10 +155,11 @@ class KernelCounter(TorchDispatchMode):
     optimizer's step counters): calls on those alone are left out.
     """
 
-    def __init__(self, events: list[Event], host: set[int] | None = None):
+    def __init__(self, events: list[Event], host: set[int] | None = None, syncs: list[str] | None = None):
         super().__init__()
         self.events = events
         self.host = host or set()
+        self.syncs = syncs if syncs is not None else []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -161,9 +167,11 @@ class KernelCounter(TorchDispatchMode):
             return self._open_custom_op(func, args, kwargs)
         out = func(*args, **kwargs)
         name = func._schema.name.split("::")[-1]
+        inputs, outputs = _tensors((args, kwargs)), _tensors(out)
+        if name in HOST_READ_OPS and not all(id(t) in self.host for t in inputs):
+            self.syncs.append(name)
         if name in NO_KERNEL_OPS:
             return out
-        inputs, outputs = _tensors((args, kwargs)), _tensors(out)
         if not any(t.numel() for t in inputs + outputs):
             return out
         if inputs + outputs and all(id(t) in self.host for t in inputs + outputs):
@@ -283,7 +291,8 @@ class LaunchRecorder:
         values = {k: v for k, v in bound.items() if k not in constexprs}
         options = {k: v for k, v in kwargs.items() if k not in params}
         spec = kernel_spec(fn.__module__, fn.__name__)
-        reads, writes = spec.accessed(constexprs, values)
+        with _disable_current_modes():  # a condition that reads the arguments (scale_rows' weights) is not a kernel
+            reads, writes = spec.accessed(constexprs, values)
         launch = Launch(
             fn.__module__,
             fn.__name__,
@@ -359,10 +368,49 @@ def summarise(events: list[Event]) -> dict:
 
 @contextlib.contextmanager
 def counting(
-    events: list[Event], launches: list[Launch] | None = None, *, execute: bool = False, host: set[int] | None = None
+    events: list[Event],
+    launches: list[Launch] | None = None,
+    *,
+    execute: bool = False,
+    host: set[int] | None = None,
+    syncs: list[str] | None = None,
 ):
-    """Record ATen kernels and Triton launches into ``events`` (and ``launches``)."""
-    with LaunchRecorder(events, launches, execute=execute), KernelCounter(events, host):
+    """Record ATen kernels and Triton launches into ``events`` (and ``launches``), and host reads into ``syncs``.
+
+    A host read (what would be a sync on a GPU) is an ATen call of :data:`HOST_READ_OPS`, or a call of
+    :data:`HOST_COPY_METHODS` or ``.to("cpu")`` on a tensor from code outside torch (on CPU tensors those
+    return without reaching the dispatcher); tensors in ``host`` (an optimizer's step counters, which live on
+    the host on a GPU too) are left out.
+    """
+    syncs = syncs if syncs is not None else []
+    with _host_copies(syncs, host or set()), LaunchRecorder(events, launches, execute=execute), KernelCounter(
+        events, host, syncs
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def _host_copies(syncs: list[str], host: set[int]):
+    """Count calls of :data:`HOST_COPY_METHODS` and ``.to("cpu")`` made by code outside torch into ``syncs``."""
+    import sys
+
+    def wrap(name, method):
+        def counted(tensor, *args, **kwargs):
+            to_host = name != "to" or any(
+                isinstance(v, (str, torch.device)) and torch.device(v).type == "cpu"
+                for v in (*args, kwargs.get("device"))
+            )
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            # torch's internals, and Triton's interpreter running a kernel on the CPU, are not the step's code.
+            if to_host and id(tensor) not in host and caller.split(".")[0] not in ("torch", "triton"):
+                syncs.append(name)
+            return method(tensor, *args, **kwargs)
+
+        return counted
+
+    with contextlib.ExitStack() as stack:
+        for name in (*HOST_COPY_METHODS, "to"):
+            stack.enter_context(_patched(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name))))
         yield
 
 

@@ -41,7 +41,7 @@ from benchmarks.static.capture import (
     planning_for_h100,
     summarise,
 )
-from benchmarks.train_step import IMAGE_SHAPE, MODELS, build_model
+from benchmarks.train_step import IMAGE_SHAPE, MODELS, PRECISIONS, build_model
 
 HEADLINE_ELEMENTS = 1 << 24
 IMPLS = ("eager", "compile", "fastvae")
@@ -149,8 +149,11 @@ def count_op(case: OpCase, impl_name: str, launches: list[Launch] | None = None,
 
 
 def wrt_or_read(case: OpCase, inputs: dict) -> list[torch.Tensor]:
-    """The tensors a forward reads: every tensor input but the upstream gradient kept for the backward."""
-    return [t for name, t in inputs.items() if isinstance(t, torch.Tensor) and name != "grad_z"]
+    """The tensors a forward reads: every tensor input but the upstream gradient kept for the backward and the
+    tensors whose views are the inputs (named with a leading ``_``)."""
+    return [
+        t for name, t in inputs.items() if isinstance(t, torch.Tensor) and name != "grad_z" and not name.startswith("_")
+    ]
 
 
 def case_name(case: OpCase) -> str:
@@ -189,17 +192,25 @@ def count_ops(
 
 
 def count_train_step(
-    model_name: str, batch: int, impl: str, launches: list[Launch] | None = None, execute: bool = False
+    model_name: str,
+    batch: int,
+    impl: str,
+    launches: list[Launch] | None = None,
+    execute: bool = False,
+    precision: str = "fp32",
 ) -> dict:
-    """Counts of one steady-state fp32 training step (forward, backward, Adam) of a model of :data:`MODELS`.
+    """Counts of one steady-state training step (forward, backward, Adam) of a model of :data:`MODELS`.
 
     Adam runs with ``foreach=True``, its default on CUDA (one launch per
     ``_foreach`` call for these parameter sizes); its step counters live on
     the host there and are left out. The step counted is the second: the first
-    creates Adam's state.
+    creates Adam's state. ``precision="bf16"`` runs the step under CPU
+    autocast to bfloat16, whose lists of ops cast are close to CUDA's, not the
+    same. Host reads (what on a GPU would be syncs) are counted per phase.
     """
     torch.manual_seed(0)
     backend = "triton" if impl.startswith("fastvae") else "torch"
+    dtype = PRECISIONS[precision]
     with _as_on_a_gpu(), LaunchRecorder(execute=execute):  # launches outside the counted phases
         model = build_model(model_name, backend)
         forward_fn = torch.compile(model) if impl.endswith("compile") else model
@@ -211,29 +222,36 @@ def count_train_step(
             which a dispatch mode would send back to eager)."""
             optimizer.zero_grad(set_to_none=True)
             phases = {phase: [] for phase in ("forward", "backward", "optimizer")}
+            syncs = {phase: [] for phase in phases}
 
             def count(phase, **kw):
-                return counting(phases[phase], launches, execute=execute, **kw) if record else contextlib.nullcontext()
+                if not record:
+                    return contextlib.nullcontext()
+                return counting(phases[phase], launches, execute=execute, syncs=syncs[phase], **kw)
 
             with SavedTensors() as saved, count("forward"):
-                loss = forward_fn(x).loss
+                with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                    loss = forward_fn(x).loss
             with count("backward"):
                 loss.backward()
             host = {id(s["step"]) for s in optimizer.state.values() if "step" in s}
             with count("optimizer", host=host):
                 optimizer.step()
-            return phases, saved
+            return phases, syncs, saved
 
         start = time.perf_counter()
         step(record=False)
         first_s = time.perf_counter() - start
-        phases, saved = step(record=not impl.endswith("compile"))
+        phases, syncs, saved = step(record=not impl.endswith("compile"))
     params = list(model.parameters())
     result = {"saved_bytes": saved.bytes(), "saved_beyond_inputs": saved.bytes(exclude=params + [x])}
     if not impl.endswith("compile"):
         for phase, events in phases.items():
             result[phase] = summarise(events)
+            result[phase]["host_syncs"] = len(syncs[phase])
         result["step"] = summarise([e for events in phases.values() for e in events])
+        result["step"]["host_syncs"] = sum(len(v) for v in syncs.values())
+        result["step"]["host_reads"] = [name for v in syncs.values() for name in v]
     else:
         result["compile_s"] = round(first_s, 2)
     return result
@@ -242,23 +260,39 @@ def count_train_step(
 def count_train_steps(
     batches: dict[str, int], impls=TRAIN_IMPLS, launches: dict[str, list[Launch]] | None = None, log=print
 ) -> list[dict]:
-    """One record per model of :data:`MODELS` (batch ``batches[model]`` or ``batches["*"]``)."""
+    """One record per model of :data:`MODELS` (batch ``batches[model]`` or ``batches["*"]``), fp32."""
+    return count_train_cases(
+        [(name, batches.get(name, batches["*"]), "fp32") for name in MODELS], impls, launches, log
+    )
+
+
+def count_train_cases(
+    cases: list[tuple[str, int, str]],
+    impls=TRAIN_IMPLS,
+    launches: dict[str, list[Launch]] | None = None,
+    log=print,
+    regime: str = "throughput",
+) -> list[dict]:
+    """One record per ``(model, batch, precision)`` with the counts of each implementation."""
     records = []
-    for model_name in MODELS:
-        batch = batches.get(model_name, batches["*"])
+    for model_name, batch, precision in cases:
         record = {
             "model": model_name,
             "batch": batch,
-            "precision": "fp32",
+            "precision": precision,
+            "regime": regime,
             "image_shape": list(IMAGE_SHAPE),
             "impls": {},
         }
         for impl in impls:
             start = time.perf_counter()
-            name = f"{model_name} VAE training step, batch {batch}, fp32"
+            name = f"{model_name} training step, batch {batch}, {precision}"
             recorded = launches.setdefault(name, []) if launches is not None and impl == "fastvae" else None
-            record["impls"][impl] = count_train_step(model_name, batch, impl, recorded)
-            log(f"  counted the {model_name} VAE step at batch {batch} {impl} in {time.perf_counter() - start:.1f} s")
+            record["impls"][impl] = count_train_step(model_name, batch, impl, recorded, precision=precision)
+            log(
+                f"  counted the {model_name} step at batch {batch} {precision} {impl} "
+                f"in {time.perf_counter() - start:.1f} s"
+            )
         records.append(record)
     return records
 

@@ -18,6 +18,15 @@ from dataclasses import dataclass
 ALWAYS = "True"
 
 
+def _scales_a_row(weight) -> bool:
+    """Whether an in-place scaling moves any row: only rows whose weight is not exactly 1 are read and written."""
+    return bool((weight != 1).any())
+
+
+# Names the conditions may use besides the launch's arguments and constexprs.
+_HELPERS = {"scales_a_row": _scales_a_row}
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     module: str
@@ -32,7 +41,7 @@ class KernelSpec:
         names = {**(args or {}), **constexprs}
 
         def live(table):
-            return [arg for arg, when in table.items() if eval(when, {}, names)]  # noqa: S307
+            return [arg for arg, when in table.items() if eval(when, dict(_HELPERS), names)]  # noqa: S307
 
         return live(self.reads), live(self.writes)
 
@@ -45,12 +54,24 @@ class KernelSpec:
 
 _REPARAM = "fastvae.kernels.reparameterize_kl"
 _LOSS = "fastvae.kernels.reconstruction_loss"
+_SCALE = "fastvae.kernels.scale_rows"
+_DMOL = "fastvae.kernels.discretized_logistic_mixture"
+# A prior tensor is passed as None when absent (Triton compiles None as a constant: a kernel of its own).
+_GIVEN = "{} is not None"
 
 KERNELS = [
     KernelSpec(
         _REPARAM,
         "_reparameterize_kl_forward_kernel",
-        reads={"mu_ptr": ALWAYS, "logvar_ptr": ALWAYS, "eps_ptr": "HAS_EPS"},
+        reads={
+            "mu_ptr": ALWAYS,
+            "logvar_ptr": ALWAYS,
+            "eps_ptr": "HAS_EPS",
+            "prior_mu_ptr": _GIVEN.format("prior_mu_ptr"),
+            "prior_logvar_ptr": _GIVEN.format("prior_logvar_ptr"),
+            # The Philox key and counter from device memory (under CUDA-graph capture), else scalar arguments.
+            "philox_ptr": _GIVEN.format("philox_ptr"),
+        },
         writes={"z_ptr": ALWAYS, "kl_ptr": ALWAYS},
         elements="n_rows * n_cols",
         tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
@@ -64,8 +85,17 @@ KERNELS = [
             "mu_ptr": ALWAYS,
             "logvar_ptr": ALWAYS,
             "eps_ptr": "HAS_GRAD_Z and HAS_EPS",
+            # The priors are read for the KL's gradient only.
+            "prior_mu_ptr": "HAS_GRAD_KL and " + _GIVEN.format("prior_mu_ptr"),
+            "prior_logvar_ptr": "HAS_GRAD_KL and " + _GIVEN.format("prior_logvar_ptr"),
+            "philox_ptr": _GIVEN.format("philox_ptr"),
         },
-        writes={"grad_mu_ptr": ALWAYS, "grad_logvar_ptr": ALWAYS},
+        writes={
+            "grad_mu_ptr": ALWAYS,
+            "grad_logvar_ptr": ALWAYS,
+            "grad_prior_mu_ptr": "HAS_GRAD_KL and " + _GIVEN.format("grad_prior_mu_ptr"),
+            "grad_prior_logvar_ptr": "HAS_GRAD_KL and " + _GIVEN.format("grad_prior_logvar_ptr"),
+        },
         elements="n_rows * n_cols",
         tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
     ),
@@ -83,12 +113,33 @@ KERNELS = [
         tile="BLOCK_ROWS * BLOCK_COLS",
     ),
     KernelSpec(
-        _LOSS,
+        _REPARAM,
+        "_standard_normal_kernel",
+        reads={"philox_ptr": _GIVEN.format("philox_ptr")},
+        writes={"eps_ptr": ALWAYS},
+        elements="n_rows * n_cols",
+        tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
+    ),
+    KernelSpec(
+        _SCALE,
         "_scale_rows_kernel",
-        reads={"src_ptr": ALWAYS, "weight_ptr": ALWAYS},
-        writes={"out_ptr": ALWAYS},
+        # In place (SKIP_UNIT_ROWS), rows of weight exactly 1 are neither read nor written: all of them under
+        # loss.backward() of a "sum" or "mean" loss, which then moves only the weights. (A mix of weights is counted
+        # as moving every row.)
+        reads={"src_ptr": "not SKIP_UNIT_ROWS or scales_a_row(weight_ptr)", "weight_ptr": ALWAYS},
+        writes={"out_ptr": "not SKIP_UNIT_ROWS or scales_a_row(weight_ptr)"},
         elements="n_rows * n_cols",
         tile="BLOCK_ROWS * BLOCK_COLS",
+    ),
+    # Elements are pixel-components (B x pixels x M): a program covers BLOCK_ROWS x BLOCK_COLS pixels times the M_PAD
+    # components (the padding masked off), and a pixel-component reads and writes (1 + 2C + C(C-1)/2) parameters.
+    KernelSpec(
+        _DMOL,
+        "_dmol_forward_kernel",
+        reads={"params_ptr": ALWAYS, "x_ptr": ALWAYS},
+        writes={"nll_ptr": ALWAYS, "grad_ptr": "WRITE_GRAD"},
+        elements="n_rows * n_cols * n_mix",
+        tile="BLOCK_ROWS * BLOCK_COLS * M_PAD",
     ),
     # The in-kernel noise benchmark (benchmarks/noise.py): tl.randn against tl.randn4x.
     KernelSpec("benchmarks.noise", "_randn_kernel", reads={}, writes={"out_ptr": ALWAYS}, elements="n", tile="BLOCK"),

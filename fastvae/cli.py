@@ -87,14 +87,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.data import DATASETS
     from fastvae.corruption import CORRUPTIONS
     from fastvae.models import LIKELIHOODS
-    from fastvae.training.builders import (
-        DEFAULT_EVAL_K,
-        MLP_HIDDEN,
-        MODEL_EVAL_K,
-        MODELS,
-        OBJECTIVES,
-        default_likelihood,
-    )
+    from fastvae.training.builders import MLP_HIDDEN, MODELS, OBJECTIVES, default_likelihood, describe_default_eval_k
     from fastvae.training.config import NOISE_MODES, PRECISIONS, TrainConfig
     from fastvae.training.distributed import DEVICES
     from fastvae.training.schedule import LR_SCHEDULES
@@ -301,8 +294,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-k",
         type=_positive_int,
         metavar="K",
-        help=f"importance samples of the final held-out log-likelihood of a VAE (default: {DEFAULT_EVAL_K}; "
-        f"{', '.join(f'{k} for {model}' for model, k in MODEL_EVAL_K.items())})",
+        help=f"importance samples of the final held-out log-likelihood of a VAE (default: {describe_default_eval_k()})",
     )
     run.add_argument(
         "--quiet",
@@ -356,14 +348,14 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastvae.training.builders import DEFAULT_EVAL_K, MODEL_EVAL_K
+    from fastvae.training.builders import describe_default_eval_k
 
     _checkpoint_arguments(parser)
     parser.add_argument(
         "--k",
         type=_positive_int,
-        help=f"a VAE's importance samples per image for the log-likelihood (default: the model's, as for "
-        f"fastvae train --eval-k: {DEFAULT_EVAL_K}; {', '.join(f'{k} for {model}' for model, k in MODEL_EVAL_K.items())})",
+        help="a VAE's importance samples per image for the log-likelihood (default: the model's, as for "
+        f"fastvae train --eval-k: {describe_default_eval_k()})",
     )
     parser.add_argument(
         "--denoise",

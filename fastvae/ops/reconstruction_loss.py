@@ -26,6 +26,7 @@ from fastvae.backend import resolve_backend
 from fastvae.ops.grad_in_forward import add_grads, apply_upstream, backward_mode
 from fastvae.ops.checks import (
     REDUCTIONS,
+    check_broadcasts_to,
     check_choice,
     check_flag,
     check_float_tensor,
@@ -95,14 +96,7 @@ def _check_logvar(logvar: object, kind: str, x: torch.Tensor) -> None:
     if logvar is None:
         raise ValueError("kind='gaussian' needs logvar: a scalar tensor, one value per feature, or one per element")
     check_float_tensor("logvar", logvar)
-    try:
-        shape = torch.broadcast_shapes(logvar.shape, x.shape)
-    except RuntimeError:
-        shape = None
-    if shape != x.shape:
-        raise ValueError(
-            f"logvar of shape {tuple(logvar.shape)} does not broadcast to x's shape {tuple(x.shape)}"
-        )
+    check_broadcasts_to("logvar", logvar, "x", x)
 
 
 @dataclass(frozen=True)

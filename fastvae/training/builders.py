@@ -126,6 +126,11 @@ def default_eval_k(model: str) -> int:
     return MODEL_EVAL_K.get(model, DEFAULT_EVAL_K)
 
 
+def describe_default_eval_k() -> str:
+    """The default of ``--eval-k`` in words, for help texts: ``"1000; 100 for hvae"``."""
+    return "; ".join([str(DEFAULT_EVAL_K), *(f"{k} for {model}" for model, k in MODEL_EVAL_K.items())])
+
+
 def default_likelihood(objective: str) -> str:
     """The likelihood an ``objective`` trains with when none is given (``"bce"`` for ``"vae"``, ``"mse"`` for ``"ae"``)."""
     return OBJECTIVES[objective].default_likelihood if objective in OBJECTIVES else OBJECTIVES["vae"].default_likelihood

@@ -285,3 +285,26 @@ def test_bad_hvae_options_are_one_line_errors_that_write_nothing(tmp_path, monke
     status, _, stderr = run("train", *argv)
     assert_one_line_error(status, stderr, *fragments)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_target_is_what_the_output_is_scored_against():
+    """Denoising: the encoder sees ``x``, the likelihood scores ``target``; evaluation follows."""
+    model = small_model().eval()
+    x, target = torch.rand(3, *SHAPE), torch.rand(3, *SHAPE)
+    eps = model.noise_inputs(3, generator=torch.Generator().manual_seed(0), device=x.device)["eps"]
+    out = model(x, target=target, eps=eps)
+    x_hat = model(x, eps=eps).x_hat
+    assert_close(out.recon, model.likelihood(x_hat, target))
+    assert not torch.allclose(out.recon, model.likelihood(x_hat, x))
+    scored = model.evaluate(x, generator=torch.Generator().manual_seed(1), target=target, k=2)
+    clean = model.evaluate(x, generator=torch.Generator().manual_seed(1), k=2)
+    assert not torch.allclose(scored["elbo"], clean["elbo"])
+
+
+def test_codes_are_every_layers_posterior_mean_flattened_top_first():
+    model = small_model().eval()
+    x = torch.rand(2, *SHAPE)
+    means = model.posterior_means(x)
+    codes = model.codes(x)
+    assert codes.shape == (2, sum(m[0].numel() for m in means))
+    assert_close(codes, torch.cat([m.flatten(1) for m in means], dim=1))

@@ -449,3 +449,14 @@ def make_dmol(**options):
     from fastvae.likelihoods import make_likelihood
 
     return make_likelihood("dmol", **options)
+
+
+@pytest.mark.parametrize("model", ["vae", "ae"])
+def test_sampling_at_temperature_zero_decodes_the_prior_mean(model):
+    """``temperature`` scales the draws' spread: at 0 every sample decodes the centre (0 for the VAE's prior,
+    the codes' mean for an autoencoder); a negative one is refused."""
+    built = small_vae() if model == "vae" else mlp_autoencoder(SHAPE, latent_dim=3, hidden=(8,))
+    samples = built.sample(4, temperature=0.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(samples, samples[0].expand_as(samples))
+    with pytest.raises(ValueError, match="temperature"):
+        built.sample(2, temperature=-1.0)

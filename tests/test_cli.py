@@ -85,14 +85,14 @@ def test_train_writes_the_run_folder_with_finite_falling_metrics(tiny_run):
     assert f"log-likelihood (importance-sampled, k=4): {results['log_likelihood']:.2f}" in stdout
     from matplotlib import image
 
-    from fastvae.training.figures import ROW_LABEL_PIXELS
+    from fastvae.training.figures import row_label_pixels
 
     # 16 held-out images and their reconstructions: 4 rows of 8 digits, each 8x8 enlarged to 32x32 plus borders,
     # below a title (of one or more lines) and, where the rows differ, beside row labels.
     for name, rows, columns, labels in [("reconstructions", 4, 8, True), ("samples", 8, 8, False),
                                         ("interpolation", 8, 12, False)]:
         height, width = image.imread(out / FILES[name]).shape[:2]
-        assert height > rows * 34 + 2 and width == columns * 34 + 2 + labels * ROW_LABEL_PIXELS, name
+        assert height > rows * 34 + 2 and width == columns * 34 + 2 + labels * row_label_pixels(["reconstructed"]), name
     assert image.imread(out / FILES["loss_curve"]).ndim == 3
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from matplotlib import image
 
-from fastvae.training.figures import ROW_LABEL_PIXELS, image_grid, save_image_grid
+from fastvae.training.figures import image_grid, row_label_pixels, save_image_grid
 
 
 def test_a_labelled_grid_keeps_every_pixel_of_the_grid_and_labels_the_margins(tmp_path):
@@ -15,14 +15,15 @@ def test_a_labelled_grid_keeps_every_pixel_of_the_grid_and_labels_the_margins(tm
     plain, labelled = image.imread(tmp_path / "plain.png"), image.imread(tmp_path / "labelled.png")
     assert plain.shape[:2] == grid.shape == (3 * 34 + 2, 4 * 34 + 2)
     top = labelled.shape[0] - grid.shape[0]
-    assert labelled.shape[1] == grid.shape[1] + ROW_LABEL_PIXELS and top > 0
+    left = row_label_pixels(("data", "model"))
+    assert labelled.shape[1] == grid.shape[1] + left and top > 0
     # One pixel of the file per pixel of the grid: the plain grid's pixels exactly, which are the grid's values
     # through the grey colour map's 256 levels (floor(256 v) / 255, within a level after rounding).
-    np.testing.assert_array_equal(labelled[top:, ROW_LABEL_PIXELS:], plain)
+    np.testing.assert_array_equal(labelled[top:, left:], plain)
     np.testing.assert_allclose(plain[..., 0], np.minimum(np.floor(grid * 256), 255) / 255, atol=1.01 / 255)
     ink = lambda region: (region[..., :3] < 0.5).any(axis=-1)  # noqa: E731
     assert ink(labelled[:top]).any()  # the title
-    label_rows = ink(labelled[top:, :ROW_LABEL_PIXELS]).any(axis=1)
+    label_rows = ink(labelled[top:, :left]).any(axis=1)
     for row in range(3):  # a label beside each row of tiles, none beside the borders between them
         assert label_rows[2 + row * 34 : 2 + row * 34 + 32].any()
         assert not label_rows[row * 34 : row * 34 + 2].any()

@@ -47,9 +47,9 @@ IMAGE_FORMATS = {
 # Tiles smaller than this many pixels are enlarged (nearest neighbour) so that 8x8 digits stay visible.
 MIN_TILE_PIXELS = 32
 PAD = 2
-# A labelled grid's margins, in pixels of the saved image (one pixel of the grid each, at LABEL_DPI), and its
-# font: about 7 pixels a character, 14 a line, at 9 points.
-ROW_LABEL_PIXELS, LABEL_DPI, LABEL_FONT_SIZE, CHAR_PIXELS, LINE_PIXELS = 92, 100, 9, 7, 14
+# A labelled grid is drawn at LABEL_DPI, one pixel of the grid per pixel of the file; its font takes about
+# CHAR_PIXELS a character (at most: DejaVu Sans at 9 points) and LINE_PIXELS a line.
+LABEL_DPI, LABEL_FONT_SIZE, CHAR_PIXELS, LINE_PIXELS = 100, 9, 8, 14
 
 
 def image_grid(images: torch.Tensor, ncols: int) -> np.ndarray:
@@ -102,13 +102,18 @@ def save_image_grid(
     write_atomic(path, lambda f: figure.savefig(f, dpi=LABEL_DPI, format=kind))
 
 
+def row_label_pixels(row_labels: Sequence[str]) -> int:
+    """The width of the margin that holds ``row_labels`` left of a grid (0 for none), in pixels."""
+    return 12 + CHAR_PIXELS * max(map(len, row_labels)) if row_labels else 0
+
+
 def _labelled_grid(grid: np.ndarray, rows: int, title: str | None, row_labels: Sequence[str]):
     """A matplotlib figure of the :func:`image_grid` ``grid`` (``rows`` rows of tiles) at its own pixel size, with
     ``title`` above it and ``row_labels`` beside its rows."""
     from matplotlib.figure import Figure
 
     height, width = grid.shape[:2]
-    left = ROW_LABEL_PIXELS if row_labels else 0
+    left = row_label_pixels(row_labels)
     fig_width = width + left
     title = "\n".join(textwrap.wrap(title or "", max(16, fig_width // CHAR_PIXELS)))  # a narrow grid: more lines
     top = 10 + LINE_PIXELS * (title.count("\n") + 1) if title else 0

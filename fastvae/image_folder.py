@@ -230,7 +230,7 @@ def _image_size(root: str, names: list[str], headers: list[_Header], image_size:
         width, height = next(iter(sizes))
         return height, width
     common = sorted(sizes.items(), key=lambda item: -len(item[1]))
-    listed = "; ".join(f"{w}x{h}: {_count(len(n), 'image')} ({n[0]}...)" for (w, h), n in common[:SIZES_LISTED])
+    listed = "; ".join(f"{w}x{h}: {_count(len(n), 'image')}, such as {n[0]}" for (w, h), n in common[:SIZES_LISTED])
     more = f"; and {len(common) - SIZES_LISTED} more sizes" if len(common) > SIZES_LISTED else ""
     raise ConfigError(
         f"{root} holds images of {len(sizes)} sizes (width x height: {listed}{more}); pass --image-size S to "

@@ -103,7 +103,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to train")
     what.add_argument(
         "--data",
-        metavar="NAME|FILE",
+        metavar="NAME|PATH",
         help=f"dataset: {', '.join(DATASETS)}, a .npy/.npz file of images, or a folder of PNG, JPEG, BMP, GIF or "
         f"WebP files (read recursively) (default: {d.data})",
     )
@@ -383,8 +383,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data",
-        metavar="NAME|FILE",
-        help="the run's data, where its file has moved (it must match the checkpoint's fingerprint) "
+        metavar="NAME|PATH",
+        help="the run's data, where its file or folder has moved (it must match the checkpoint's fingerprint) "
         "(default: the run's)",
     )
 
@@ -508,7 +508,7 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint_arguments(parser)
     parser.add_argument(
         "--data",
-        metavar="NAME|FILE",
+        metavar="NAME|PATH",
         help="the dataset to encode, of the run's image shape (default: the run's, with its --num-images)",
     )
     parser.add_argument(

@@ -275,6 +275,10 @@ def test_a_folder_of_mixed_sizes_trains_at_image_size_and_keeps_it(tmp_path):
     status, _, stderr = run("train", "--data", tmp_path / "mixed", "--image-size", 8, *QUICK, "--out", out)
     assert status == 0 and "greyscale 8x8 from 21 files, 1 of them resized and cropped to 8x8" in stderr, stderr
     assert run("eval", out, "--k", 2)[0] == 0  # the run's --image-size, kept
+    status, _, stderr = run("encode", out, "--out", tmp_path / "z.npz")
+    assert status == 0 and np.load(tmp_path / "z.npz")["codes"].shape == (21, 2), stderr
+    status, _, stderr = run("encode", out, "--image-size", 16, "--out", tmp_path / "z16.npz")
+    assert_one_line_error(status, stderr, "holds 1x16x16 images", "trained on 1x8x8 images")
     status, _, stderr = run("train", "--out", out, "--resume", "--steps", 3, "--image-size", 16)
     assert_one_line_error(status, stderr, "image_size=8, not 16")
 

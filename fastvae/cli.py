@@ -81,6 +81,11 @@ def _number(text: str, kind, valid, what: str):
 
 # --- fastvae train -----------------------------------------------------------------------------
 
+_IMAGE_SIZE_HELP = (
+    "a folder of images: resize each image's shorter side to S and crop its centre to S x S (needed where its "
+    "images differ in size)"
+)
+
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.backend import BACKENDS
@@ -98,15 +103,18 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to train")
     what.add_argument(
         "--data",
-        metavar="NAME|FILE",
-        help=f"dataset: {', '.join(DATASETS)}, or a .npy/.npz file of images (default: {d.data})",
+        metavar="NAME|PATH",
+        help=f"dataset: {', '.join(DATASETS)}, a .npy/.npz file of images, or a folder of PNG, JPEG, BMP, GIF or "
+        f"WebP files (read recursively) (default: {d.data})",
     )
+    what.add_argument("--image-size", type=_positive_int, metavar="S", help=_IMAGE_SIZE_HELP)
     what.add_argument(
         "--num-images",
         type=_positive_int,
         metavar="N",
-        help="use the first N images (training and held-out together; for mnist, sorted by label, a fixed random "
-        "N of them); for shapes, generate N (default: all; 20000 shapes)",
+        help="use the first N images (training and held-out together; for mnist, N/10 of each digit, one more of "
+        "each of the first N%%10 digits; for a folder, a fixed random N of its files); for shapes, generate N "
+        "(default: all; 20000 shapes)",
     )
     what.add_argument(
         "--objective",
@@ -375,8 +383,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data",
-        metavar="NAME|FILE",
-        help="the run's data, where its file has moved (it must match the checkpoint's fingerprint) "
+        metavar="NAME|PATH",
+        help="the run's data, where its file or folder has moved (it must match the checkpoint's fingerprint) "
         "(default: the run's)",
     )
 
@@ -419,7 +427,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     message = loading_message(source, num_images=config.num_images)
     if message:
         progress.working(message)
-    data = load_images(source, num_images=config.num_images)
+    data = load_images(source, num_images=config.num_images, image_size=config.image_size, bar=progress.bar)
     check_checkpoint_data(checkpoint, path, data, source)
     device = next(model.parameters()).device
     seed = config.seed if args.seed is None else args.seed
@@ -500,7 +508,7 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint_arguments(parser)
     parser.add_argument(
         "--data",
-        metavar="NAME|FILE",
+        metavar="NAME|PATH",
         help="the dataset to encode, of the run's image shape (default: the run's, with its --num-images)",
     )
     parser.add_argument(
@@ -508,6 +516,9 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         metavar="N",
         help="use the first N images of --data (default: all; without --data, the run's)",
+    )
+    parser.add_argument(
+        "--image-size", type=_positive_int, metavar="S", help=_IMAGE_SIZE_HELP + " (default: the run's)"
     )
     parser.add_argument(
         "--split",
@@ -532,11 +543,13 @@ def _run_encode(args: argparse.Namespace) -> int:
     from fastvae.data import load_images
     from fastvae.training.checkpoint import save_atomic
     from fastvae.training.evaluate import batched_codes
+    from fastvae.training.progress import Progress
 
     model, config, checkpoint, path = _open_checkpoint(args)
     source = args.data or config.data
     num_images = args.num_images if args.data or args.num_images else config.num_images
-    data = load_images(source, num_images=num_images)
+    image_size = args.image_size or config.image_size
+    data = load_images(source, num_images=num_images, image_size=image_size, bar=Progress(quiet=not _watched()).bar)
     out = args.out or os.path.join(os.path.dirname(path), f"latents-{data.name}-{args.split}.npz")
     if not out.endswith(".npz"):
         raise ConfigError(f"--out must name a .npz file, got {out}")
@@ -555,6 +568,8 @@ def _run_encode(args: argparse.Namespace) -> int:
     if subset.factors is not None:
         arrays["factors"] = subset.factors.numpy()
         arrays["factor_names"] = np.array(data.factor_names)
+    if data.files is not None:
+        arrays["files"] = np.array([data.files.names[i] for i in subset.index.tolist()])
     save_atomic(arrays, out, save=lambda values, f: np.savez(f, **values))
     which = {"train": "the training images", "test": "the held-out images", "all": "all the images"}[args.split]
     print(f"wrote the codes {codes.shape} of {which} of {data.name} ({', '.join(arrays)}) to {out}")
@@ -589,6 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, sub in SUBCOMMANDS.items():
         sub_parser = commands.add_parser(name, help=sub.help, description=sub.help[0].upper() + sub.help[1:] + ".")
         sub.add_arguments(sub_parser)
+        sub_parser.add_argument(
+            "--threads",
+            type=_positive_int,
+            metavar="N",
+            help="CPU threads of torch's ops and of reading a folder of images (torch.set_num_threads); on a busy "
+            "machine fewer than the cores run faster (default: $OMP_NUM_THREADS, else one per core)",
+        )
         sub_parser.set_defaults(run=sub.run)
     return parser
 
@@ -632,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, prefix: str) -> int:
     # ConfigError and RunError arise alike on every rank of a torchrun job; one copy of the line is enough.
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.run(args)
     except ConfigError as err:

@@ -14,6 +14,7 @@ from fastvae.data import load_images, to_unit_float
 from fastvae.models import Autoencoder
 from fastvae.training import builders, loop
 from fastvae.training.checkpoint import load_checkpoint, model_from_checkpoint
+from fastvae.training.figures import row_label_pixels
 from fastvae.training.rundir import FILES, OPTIONAL_FILES
 from fastvae.training.seeds import corruption_generator, epoch_order, eval_generator
 from tests.test_cli import TINY, assert_one_line_error, metrics, run, snapshot, weights
@@ -52,8 +53,10 @@ def test_an_autoencoder_run_writes_its_folder_in_its_own_units(ae_run):
     ]
     from matplotlib import image
 
-    # Rows of 8: 16 held-out digits, their corrupted versions, and the outputs: 6 rows of 8x8 digits shown at 32x32.
-    assert image.imread(out / OPTIONAL_FILES["denoising"]).shape[:2] == (6 * 34 + 2, 8 * 34 + 2)
+    # Rows of 8: 16 held-out digits, their corrupted versions, and the outputs: 6 rows of 8x8 digits shown at 32x32,
+    # below a title and beside row labels.
+    height, width = image.imread(out / OPTIONAL_FILES["denoising"]).shape[:2]
+    assert height > 6 * 34 + 2 and width == 8 * 34 + 2 + row_label_pixels(["corrupted"])
     assert image.imread(out / OPTIONAL_FILES["latent_scatter"]).ndim == 3
     assert image.imread(out / FILES["loss_curve"]).ndim == 3
 

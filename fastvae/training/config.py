@@ -34,6 +34,7 @@ class TrainConfig:
     # What is trained.
     data: str = "mnist"
     num_images: int | None = None
+    image_size: int | None = None  # a folder of images: resize the shorter side to this, crop the centre square
     objective: str = "vae"  # "vae", or "ae": the deterministic autoencoder
     model: str = "mlp"
     latent_dim: int = 20
@@ -158,6 +159,7 @@ def validate_config(config: TrainConfig) -> None:
     at_least("tensorboard_image_every", 1)
     at_least("steps", 1, allow_none=True)
     at_least("num_images", 2, allow_none=True)
+    at_least("image_size", 1, allow_none=True)
     at_least("kl_warmup", 0)
     at_least("seed", 0)
     if config.seed > MAX_SEED:

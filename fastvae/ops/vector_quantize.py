@@ -63,8 +63,9 @@ def check_beta(beta: object) -> None:
         raise ValueError(f"beta must be a finite number >= 0, got {beta}")
 
 
-def _check_inputs(z: object, codebook: object, dim: object) -> int:
-    """Check ``z`` and ``codebook``; returns ``dim`` as a non-negative axis of ``z``."""
+def check_inputs(z: object, codebook: object, dim: object) -> int:
+    """Check ``z``, ``codebook`` and ``dim`` (``ValueError``/``TypeError`` naming the argument); returns ``dim`` as a
+    non-negative axis of ``z``."""
     check_float_tensor("z", z)
     check_float_tensor("codebook", codebook)
     if codebook.dim() != 2:
@@ -102,10 +103,11 @@ def nearest_codes(rows: torch.Tensor, codebook: torch.Tensor, chunk_elements: in
     code_sq = (codebook * codebook).sum(dim=1)
     indices = torch.empty(n, dtype=torch.int64, device=rows.device)
     step = max(1, chunk_elements // k)
-    for start in range(0, n, step):
-        distance = torch.addmm(code_sq, rows[start : start + step], codebook.t(), alpha=-2)
-        distance.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)
-        indices[start : start + step] = distance.argmin(dim=1)
+    with torch.autocast(rows.device.type, enabled=False):  # autocast would take the products in 16 bits
+        for start in range(0, n, step):
+            distance = torch.addmm(code_sq, rows[start : start + step], codebook.t(), alpha=-2)
+            distance.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+            indices[start : start + step] = distance.argmin(dim=1)
     return indices
 
 
@@ -380,7 +382,7 @@ def vector_quantize(
     ``z_q`` and the indices for the backward (and to the codebook when it
     requires grad); its backward is one kernel. No host sync.
     """
-    axis = _check_inputs(z, codebook, dim)
+    axis = check_inputs(z, codebook, dim)
     check_beta(beta)
     check_choice("reduction", reduction, REDUCTIONS)
     dtypes = {"z": z.dtype, "codebook": codebook.dtype}

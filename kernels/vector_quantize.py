@@ -22,8 +22,8 @@ codes ``e_k`` (``(K, D)``):
   index (int64) and the loss ``(1 + beta) ||z - e||^2`` (float32), the
   distance recomputed from the difference, so that it has no cancellation.
   Nothing of size ``N x K`` exists at any time: the distance tile lives in
-  registers. The squared norms of the codes (``K`` floats) come from one small
-  torch reduction before the launch.
+  registers. The squared norms of the codes (``K`` floats) come from a small
+  kernel before the search (:func:`_code_norms_kernel`), which reads the codebook once.
 * **backward** (:func:`vector_quantize_backward`): elementwise over the
   vectors: ``z``'s gradient ``g_zq + 2 beta g (z - e)`` (``g_zq`` the upstream
   gradient of ``z_q``, passed straight through; ``g`` that of each vector's
@@ -43,6 +43,7 @@ traffic):
 ==========  ==========================================================  ===================================
 pass        reads -> writes                                             bytes
 ==========  ==========================================================  ===================================
+norms       codebook -> its squared norms                               ``K D s + 4 K``
 forward     z, codebook, its norms -> z_q, indices, loss                ``2 N D s + K D s + 4 K + 12 N``
 backward    g_zq, z, z_q, g, indices -> grad_z (+ codebook's, atomic)   ``4 N D s + 12 N`` (``+ 4 K D``)
 ==========  ==========================================================  ===================================
@@ -64,10 +65,14 @@ from .launch import device_guard, row_offsets, split_row_starts, split_rows
 BLOCK_N = 64
 BLOCK_K = 64
 MIN_BLOCK_D = 16
-MAX_BLOCK_D = 128
-SEARCH_WARPS = 4
+MAX_BLOCK_D = 64
+SEARCH_WARPS = 8
+SEARCH_STAGES = 1
+# The codes' squared norms: tiles of this many values.
+NORMS_ELEMENTS = 2048
 # The backward is elementwise: tiles of about this many values.
-BACKWARD_ELEMENTS = 4096
+BACKWARD_ELEMENTS = 2048
+BACKWARD_WARPS = 8
 BACKWARD_MAX_BLOCK_D = 256
 
 
@@ -75,6 +80,24 @@ BACKWARD_MAX_BLOCK_D = 256
 def _load_rows(ptr, starts, cols, stride_col, mask):
     """Values ``cols`` of the rows that start at ``starts`` (``[BLOCK_N]`` offsets), in their own dtype; 0 masked off."""
     return tl.load(ptr + starts[:, None] + cols[None, :] * stride_col, mask=mask, other=0.0)
+
+
+@triton.jit
+def _code_norms_kernel(codebook_ptr, code_sq_ptr, n_codes, dim, stride_code_row, stride_code_col,
+                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``||e_k||^2`` of each code, in float32: read once, before the search (a program per ``BLOCK_K`` codes)."""
+    codes = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_D)
+    squares = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    d_start = 0
+    while d_start < dim:
+        d = d_start + cols
+        mask = (codes < n_codes)[:, None] & (d < dim)[None, :]
+        e = tl.load(codebook_ptr + codes[:, None] * stride_code_row + d[None, :] * stride_code_col, mask=mask,
+                    other=0.0).to(tl.float32)
+        squares += e * e
+        d_start += BLOCK_D
+    tl.store(code_sq_ptr + codes, tl.sum(squares, axis=1), mask=codes < n_codes)
 
 
 @triton.jit
@@ -105,7 +128,7 @@ def _vector_quantize_forward_kernel(
         code_ok = codes < n_codes
         code_offsets = codes.to(tl.int64) * stride_code_row
         dots = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for chunk in tl.static_range(D_CHUNKS):
+        for chunk in range(D_CHUNKS):
             d = chunk * BLOCK_D + cols
             e = tl.load(codebook_ptr + code_offsets[:, None] + d[None, :] * stride_code_col,
                         mask=code_ok[:, None] & (d < dim)[None, :], other=0.0)
@@ -131,7 +154,7 @@ def _vector_quantize_forward_kernel(
     zq_starts = split_row_starts(rows, n_inner, stride_zq_outer, stride_zq_inner)
     chosen = index.to(tl.int64) * stride_code_row
     squares = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for chunk in tl.static_range(D_CHUNKS):
+    for chunk in range(D_CHUNKS):
         d = chunk * BLOCK_D + cols
         mask = row_ok[:, None] & (d < dim)[None, :]
         e = tl.load(codebook_ptr + chosen[:, None] + d[None, :] * stride_code_col, mask=mask, other=0.0)
@@ -176,7 +199,7 @@ def _vector_quantize_backward_kernel(
         gz_starts = split_row_starts(rows, n_inner, stride_gz_outer, stride_gz_inner)
         if HAS_GRAD_ZQ:
             gzq_starts = split_row_starts(rows, n_inner, stride_gzq_outer, stride_gzq_inner)
-    for chunk in tl.static_range(D_CHUNKS):
+    for chunk in range(D_CHUNKS):
         d = chunk * BLOCK_D + cols
         mask = row_ok[:, None] & (d < dim)[None, :]
         if HAS_GRAD_LOSS:
@@ -239,10 +262,14 @@ def vector_quantize_forward(
     n_rows, n_inner = rows.numel() // size, rows.shape[1:-1].numel()
     indices = torch.empty(n_rows, dtype=torch.int64, device=z.device)
     loss = torch.empty(n_rows, dtype=torch.float32, device=z.device)
-    codes32 = codebook.float()
-    code_sq = (codes32 * codes32).sum(dim=1)
+    code_sq = torch.empty(n_codes, dtype=torch.float32, device=z.device)
     block_d, chunks = _tiles_of_dim(size, MAX_BLOCK_D)
     with device_guard(z):
+        norm_cols = min(triton.next_power_of_2(size), NORMS_ELEMENTS)
+        norm_rows = NORMS_ELEMENTS // norm_cols
+        _code_norms_kernel[(triton.cdiv(n_codes, norm_rows),)](
+            codebook, code_sq, n_codes, size, *codebook.stride(), BLOCK_K=norm_rows, BLOCK_D=norm_cols, num_warps=4,
+        )
         _vector_quantize_forward_kernel[(triton.cdiv(n_rows, BLOCK_N),)](
             rows, codebook, code_sq, out, indices, loss,
             n_rows, n_inner, n_codes, size,
@@ -250,6 +277,7 @@ def vector_quantize_forward(
             1.0 + beta,
             INPUT_PRECISION=dot_precision(z.dtype, codebook.dtype),
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block_d, D_CHUNKS=chunks, num_warps=SEARCH_WARPS,
+            num_stages=SEARCH_STAGES,
         )
     return indices, loss
 
@@ -293,5 +321,5 @@ def vector_quantize_backward(
             2.0 * beta, 2.0,
             HAS_GRAD_ZQ=grad_z_q is not None, HAS_GRAD_LOSS=grad_loss is not None,
             GRAD_Z=grad_z is not None, GRAD_CODEBOOK=grad_codebook is not None,
-            BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNKS=chunks, num_warps=4 if block_n * block_d <= 2048 else 8,
+            BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNKS=chunks, num_warps=BACKWARD_WARPS,
         )

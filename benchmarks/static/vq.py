@@ -259,6 +259,71 @@ def count_compiled(distances: str, dtype: torch.dtype, codes=CODES) -> dict[int,
     return out
 
 
+# ---- the sm_90 audit of the kernels --------------------------------------------------------------------------------
+
+_TENSOR_CORE = re.compile(r"\b((?:HGMMA|HMMA|IMMA)\.[A-Z0-9x_.]+)")
+
+
+def tensor_core_instructions(key: str) -> dict[str, int]:
+    """The tensor-core instructions (``HGMMA`` is Hopper's warpgroup MMA, ``HMMA`` the older warp MMA) in the SASS of
+    the audited variant ``key``, by opcode with its shape and types, from the audit's cache."""
+    from collections import Counter
+
+    from benchmarks.static.compile_sm90 import cache_dir
+
+    return dict(Counter(_TENSOR_CORE.findall((cache_dir() / f"{key}.sass").read_text())))
+
+
+def audit_rows() -> list[dict]:
+    """The vector quantizer's kernels as the audit compiles them for sm_90 (its scenarios in
+    :data:`benchmarks.static.audit.EXTRA_SCENARIOS`, both dtypes): resources, spills, and the MMA instructions."""
+    from benchmarks.static.audit import EXTRA_SCENARIOS, audit_variants
+    from benchmarks.static.capture import LaunchRecorder
+    from benchmarks.static.counts import _as_on_a_gpu
+
+    launches: dict = {}
+    with _as_on_a_gpu():
+        for scenario in (s for s in EXTRA_SCENARIOS if s.name.startswith("vector_quantize")):
+            for dtype in DTYPES:
+                name = f"{scenario.name} {str(dtype).removeprefix('torch.')}"
+                with LaunchRecorder(launches=launches.setdefault(name, []), execute=False):
+                    scenario.run(dtype)
+    rows = []
+    for r in audit_variants(launches):
+        flags = {k: v for k, v in r["constexprs"].items() if k.isupper()}
+        spilled = r["ptxas"] is None or r["ptxas"]["spill_stores"] or r["ptxas"]["spill_loads"]
+        rows.append({
+            "kernel": r["kernel"], "dtype": r["dtype"], "constexprs": flags, "num_warps": r["num_warps"],
+            "registers": r["registers"], "spills": bool(spilled or r["local_bytes"] or r["spill_instructions"]),
+            "shared_bytes": r["shared_bytes"], "occupancy": r["occupancy"]["occupancy"],
+            "tensor_core": tensor_core_instructions(r["key"]), "used_by": r["used_by"], "key": r["key"],
+        })
+    return rows
+
+
+def audit_markdown(rows: list[dict]) -> str:
+    lines = [
+        "## The kernels compiled for sm_90",
+        "",
+        "Each variant that the scenarios of `benchmarks/static/audit.py` launch (4,096 vectors of 64 against 512 "
+        "codes, codebook by gradient; 1,024 vectors of 200 against 300 codes; a VQ-VAE's 7x7 map slice of 16 "
+        "channels at batch 128 with an EMA codebook), as the launcher specialises it, compiled by Triton for sm_90 "
+        "and read with `cuobjdump`: registers per thread, spills (ptxas's report and the executed path), shared "
+        "memory, occupancy, and the tensor-core instructions in its SASS.",
+        "",
+        "| kernel | dtype | constexprs | warps | registers | spills | shared | occupancy | tensor-core instructions |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        flags = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
+        mma = ", ".join(f"{n} x `{op}`" for op, n in r["tensor_core"].items()) or "none"
+        lines.append(
+            f"| `{r['kernel']}` | {r['dtype']} | {flags} | {r['num_warps']} | {r['registers']} | "
+            f"{'yes' if r['spills'] else 'no'} | {r['shared_bytes']} | {r['occupancy']:.3f} | {mma} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ---- the table -----------------------------------------------------------------------------------------------------
 
 
@@ -313,11 +378,15 @@ def main(argv=None) -> int:
 
     os.environ["TRITON_INTERPRET"] = "1"  # the fused op's launches are recorded on CPU tensors
     command = "python -m benchmarks.static.vq"
+    import triton
+
     records = run_counts()
+    audit = audit_rows()
     OUT.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "torch": torch.__version__, "records": records}
+    payload = {"command": command, "torch": torch.__version__, "triton": triton.__version__, "records": records,
+               "audit": audit}
     (OUT / "vector_quantize.json").write_text(json.dumps(payload, indent=1))
-    (OUT / "vector_quantize.md").write_text(markdown(records, command))
+    (OUT / "vector_quantize.md").write_text(markdown(records, command) + "\n" + audit_markdown(audit))
     print(f"wrote {OUT}/vector_quantize.md and .json")
     return 0
 

@@ -148,7 +148,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="hvae: latent channels of each stochastic layer (default: 8)",
     )
     # The VQ-VAE's (model vqvae only).
-    what.add_argument("--num-codes", type=_positive_int, metavar="K", help="vqvae: codes in the codebook (default: 512)")
+    what.add_argument(
+        "--num-codes", type=_positive_int, metavar="K", help="vqvae: codes in the codebook (default: 512)"
+    )
     what.add_argument("--code-dim", type=_positive_int, metavar="D", help="vqvae: values per code (default: 64)")
     what.add_argument(
         "--likelihood",

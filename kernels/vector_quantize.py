@@ -78,7 +78,7 @@ BACKWARD_MAX_BLOCK_D = 256
 
 @triton.jit
 def _load_rows(ptr, starts, cols, stride_col, mask):
-    """Values ``cols`` of the rows that start at ``starts`` (``[BLOCK_N]`` offsets), in their own dtype; 0 masked off."""
+    """Values ``cols`` of the rows that start at ``starts`` (``[BLOCK_N]`` offsets), in their dtype; 0 masked off."""
     return tl.load(ptr + starts[:, None] + cols[None, :] * stride_col, mask=mask, other=0.0)
 
 

@@ -9,9 +9,8 @@ import torch
 
 from fastvae.models import VQVAE
 from fastvae.nn import VectorQuantizer
-from fastvae.training import loop
 from fastvae.training.rundir import FILES
-from tests.test_cli import assert_one_line_error, metrics, run, weights
+from tests.test_cli import assert_one_line_error, metrics, run, train_interrupted_and_resumed
 from tests.test_no_host_sync import no_sync
 from tests.test_vector_quantize import separated
 from tests.utils import assert_close
@@ -185,7 +184,8 @@ def test_evaluation_elbos_state_their_priors_and_the_prior_is_fitted_after_train
     assert_close(results["elbo_uniform_prior"], -(results["recon"] + 16 * math.log(16)))
     # Before any fit the prior is uniform: both ELBOs agree.
     assert_close(results["elbo_fitted_prior"], results["elbo_uniform_prior"])
-    assert results["code_counts"].shape == (6, 16) and torch.equal(results["code_counts"].sum(1), torch.full((6,), 16.0))
+    counts = results["code_counts"]
+    assert counts.shape == (6, 16) and torch.equal(counts.sum(1), torch.full((6,), 16.0))
     model.after_training([x[:4], x[4:]])
     assert model.prior_counts.sum() == 6 * 16 and model.prior_fitted()
     fitted = model.evaluate(x)["elbo_fitted_prior"]
@@ -282,20 +282,7 @@ def test_encode_writes_integer_code_maps_and_sample_explains_its_prior(vq_run, t
 
 def test_resuming_keeps_the_codebook_and_its_ema_state(tmp_path, monkeypatch):
     common = [*VQ, "--steps", 8, "--checkpoint-every", 3, "--quiet"]
-    assert run("train", *common, "--out", tmp_path / "straight")[0] == 0
-    original_step = loop._Run._train_step
-
-    def interrupted_step(self):
-        if self.step == 5:
-            raise KeyboardInterrupt
-        original_step(self)
-
-    monkeypatch.setattr(loop._Run, "_train_step", interrupted_step)
-    assert run("train", *common, "--out", tmp_path / "resumed")[0] == 130
-    monkeypatch.setattr(loop._Run, "_train_step", original_step)
-    status, _, stderr = run("train", "--out", tmp_path / "resumed", "--resume", "--quiet")
-    assert status == 0, stderr
-    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    straight, resumed = train_interrupted_and_resumed(monkeypatch, common, tmp_path, stop_at=5)
     assert {"quantizer.codebook", "quantizer.ema_sum", "quantizer.cluster_size", "prior_counts"} <= straight.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name

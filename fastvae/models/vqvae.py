@@ -302,7 +302,8 @@ class VQVAE(TrainableModel):
             f"{held_out_label('reconstruction -log p(x|z_q)', corruption)}: {results['recon']:.2f} nats/image "
             f"({n_images} images)",
             f"{held_out_label('ELBO', corruption)} under a uniform prior over the {self.num_codes} codes (recon + "
-            f"{h}x{w} log {self.num_codes} = recon + {uniform:.1f} nats): {results['elbo_uniform_prior']:.2f} nats/image",
+            f"{h}x{w} log {self.num_codes} = recon + {uniform:.1f} nats): "
+            f"{results['elbo_uniform_prior']:.2f} nats/image",
             f"{held_out_label('ELBO', corruption)} under the per-position prior fitted to the training codes: "
             f"{results['elbo_fitted_prior']:.2f} nats/image",
         ]

@@ -66,6 +66,7 @@ BLOCK_N = 64
 BLOCK_K = 64
 MIN_BLOCK_D = 16
 MAX_BLOCK_D = 64
+CHUNK_BLOCK_D = 32
 SEARCH_WARPS = 8
 SEARCH_STAGES = 1
 # The codes' squared norms: tiles of this many values.
@@ -222,9 +223,12 @@ def _vector_quantize_backward_kernel(
 # ---- launch helpers ---------------------------------------------------------------------------------------------
 
 
-def _tiles_of_dim(dim: int, max_block: int) -> tuple[int, int]:
-    """``(BLOCK_D, D_CHUNKS)``: chunks of a power of two, at least 16 (``tl.dot``'s least), at most ``max_block``."""
-    block = min(max(triton.next_power_of_2(dim), MIN_BLOCK_D), max_block)
+def _tiles_of_dim(dim: int, max_block: int, chunk_block: int | None = None) -> tuple[int, int]:
+    """``(BLOCK_D, D_CHUNKS)``: one chunk of a power of two, at least 16 (``tl.dot``'s least), up to ``max_block``;
+    beyond that, chunks of ``chunk_block`` (default ``max_block``)."""
+    block = max(triton.next_power_of_2(dim), MIN_BLOCK_D)
+    if block > max_block:
+        block = chunk_block or max_block
     return block, triton.cdiv(dim, block)
 
 
@@ -263,7 +267,7 @@ def vector_quantize_forward(
     indices = torch.empty(n_rows, dtype=torch.int64, device=z.device)
     loss = torch.empty(n_rows, dtype=torch.float32, device=z.device)
     code_sq = torch.empty(n_codes, dtype=torch.float32, device=z.device)
-    block_d, chunks = _tiles_of_dim(size, MAX_BLOCK_D)
+    block_d, chunks = _tiles_of_dim(size, MAX_BLOCK_D, CHUNK_BLOCK_D)
     with device_guard(z):
         norm_cols = min(triton.next_power_of_2(size), NORMS_ELEMENTS)
         norm_rows = NORMS_ELEMENTS // norm_cols

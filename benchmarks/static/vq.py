@@ -24,6 +24,7 @@ bytes allocated in the pass and alive at once (beyond the inputs, the outputs in
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import re
@@ -131,6 +132,7 @@ def count_pass(impl: str, k: int, dtype: torch.dtype, n: int = VQ_VECTORS, d: in
     eager implementations (``"fastvae"``, ``"cdist"``, ``"einsum"``)."""
     from benchmarks.static.counts import _as_on_a_gpu
 
+    gc.collect()  # what earlier counts left in reference cycles goes now, not in the middle of this one
     torch.manual_seed(0)
     t = _inputs("cpu" if impl == "fastvae" else "meta", dtype, n, k, d)
     run = _fastvae if impl == "fastvae" else (lambda t: vq_distance_matrix(t["z"], t["codebook"], impl))

@@ -317,3 +317,15 @@ def test_eval_of_a_vqvae_takes_no_k(vq_run):
     status, stdout, stderr = run("eval", out)
     assert status == 0, stderr
     assert "vqvae VQVAE" in stdout and "perplexity" in stdout
+
+
+def test_two_processes_train_a_vqvae(tmp_path):
+    """torchrun with two Gloo processes: the EMA's counts and sums are summed over the ranks and the restarted
+    codes broadcast from rank 0 (collectives inside the forward, in the same order on each rank): the run ends."""
+    from tests.test_distributed import train
+
+    args = ["--model", "vqvae", "--num-codes", "32", "--code-dim", "4", "--hidden", "8", "--steps", "4"]
+    base = ["--data", "digits", "--num-images", "200", "--batch-size", "16", "--quiet", "--device", "cpu"]
+    done = train(tmp_path / "two", *args, nproc=2, base=base)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("codebook on the held-out images") == 1  # printed by rank 0 only

@@ -126,7 +126,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         choices=MODELS,
         help="mlp: fully connected; conv: convolutional, for square images; hvae: a top-down hierarchical VAE "
-        f"(VDVAE/NVAE style) with stochastic layers on latent feature maps (default: {d.model})",
+        "(VDVAE/NVAE style) with stochastic layers on latent feature maps; vqvae: a VQ-VAE, discrete codes on a "
+        f"latent map through the fused nearest-code search (default: {d.model})",
     )
     what.add_argument(
         "--latent-dim", type=_positive_int, metavar="D", help=f"size of the latent z (default: {d.latent_dim})"
@@ -154,6 +155,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="C",
         help="hvae: latent channels of each stochastic layer (default: 8)",
     )
+    # The VQ-VAE's (model vqvae only).
+    what.add_argument(
+        "--num-codes", type=_positive_int, metavar="K", help="vqvae: codes in the codebook (default: 512)"
+    )
+    what.add_argument("--code-dim", type=_positive_int, metavar="D", help="vqvae: values per code (default: 64)")
     what.add_argument(
         "--likelihood",
         choices=LIKELIHOODS,
@@ -561,7 +567,8 @@ def _run_encode(args: argparse.Namespace) -> int:
             f"{data.name} holds {shape} images, but {path} was trained on {'x'.join(map(str, trained_on))} images"
         )
     subset = data.subset(args.split)
-    codes = batched_codes(model, subset.images, args.batch_size or config.batch_size).float().cpu().numpy()
+    codes = batched_codes(model, subset.images, args.batch_size or config.batch_size).cpu()
+    codes = (codes.float() if codes.is_floating_point() else codes).numpy()  # a VQ-VAE's code maps stay integers
     arrays = {"codes": codes, "index": subset.index.numpy()}
     if subset.labels is not None:
         arrays["labels"] = subset.labels.numpy()
@@ -578,7 +585,7 @@ def _run_encode(args: argparse.Namespace) -> int:
 
 register(
     "train",
-    "train a VAE or an autoencoder and write a run folder (metrics, checkpoint, figures)",
+    "train a VAE, a VQ-VAE or an autoencoder and write a run folder (metrics, checkpoint, figures)",
     _train_arguments,
     _run_train,
 )
@@ -592,7 +599,8 @@ register(
 register("sample", "write a grid of samples from a checkpoint", _sample_arguments, _run_sample)
 register(
     "encode",
-    "write the latent codes of a dataset (a VAE's posterior means) with their labels to a .npz file",
+    "write the latent codes of a dataset (a VAE's posterior means; a VQ-VAE's integer code maps) with their labels "
+    "to a .npz file",
     _encode_arguments,
     _run_encode,
 )

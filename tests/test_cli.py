@@ -133,6 +133,19 @@ def interrupt_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(loop._Run, "_train_step", interrupted_step)
 
 
+def train_interrupted_and_resumed(monkeypatch, common, tmp_path, stop_at: int) -> tuple[dict, dict]:
+    """``fastvae train *common`` run straight into ``tmp_path/"straight"``, and into ``tmp_path/"resumed"``
+    interrupted as step ``stop_at`` begins (:func:`interrupt_at`) and resumed; returns both runs' final weights."""
+    assert run("train", *common, "--out", tmp_path / "straight")[0] == 0
+    original_step = loop._Run._train_step
+    interrupt_at(monkeypatch, stop_at)
+    assert run("train", *common, "--out", tmp_path / "resumed")[0] == 130
+    monkeypatch.setattr(loop._Run, "_train_step", original_step)
+    status, _, stderr = run("train", "--out", tmp_path / "resumed", "--resume", "--quiet")
+    assert status == 0, stderr
+    return weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+
+
 @pytest.mark.parametrize("noise", ["rank", "global"])
 def test_resume_after_an_interruption_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, noise):
     common = [*TINY, "--steps", 24, "--log-every", 5, "--checkpoint-every", 7, "--kl-warmup", 10, "--noise", noise]

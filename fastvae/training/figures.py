@@ -284,8 +284,8 @@ def save_model_figures(
             row_labels=("clean", "corrupted", "output"),
         )
     try:
-        latent_size = model.codes(images[:1]).shape[1]
+        code = model.codes(images[:1])
     except NotImplementedError:  # a model without codes has no scatter
         return
-    if latent_size == 2:
+    if code.shape == (1, 2) and code.is_floating_point():  # 2-D codes (a VQ-VAE's integer code maps are not)
         save_latent_scatter(paths["latent_scatter"], batched_codes(model, held_out), labels)

@@ -807,6 +807,24 @@ def test_bad_input_to_the_sampler():
         discretized_logistic_mixture_mode(torch.zeros(2, 3, 3), num_mixtures=1, num_bits=20)
 
 
+def test_sampler_and_mode_check_the_image_channels_when_given():
+    """30 channels are RGB at M = 3 or greyscale at M = 10: channels= says which, and a mismatch is an error."""
+    params = torch.randn(2, 30, 4)
+    for draw in (sample_discretized_logistic_mixture, discretized_logistic_mixture_mode):
+        assert draw(params, num_mixtures=3, channels=3).shape == (2, 3, 4)
+        assert draw(params, num_mixtures=10, channels=1).shape == (2, 1, 4)
+        assert draw(params, num_mixtures=10).shape == (2, 1, 4)  # without channels=, C follows from P and M
+        with pytest.raises(ValueError, match="params has 30 channels, but num_mixtures=10 with channels=3 needs .* 100"):
+            draw(params, num_mixtures=10, channels=3)
+        with pytest.raises(ValueError, match="params has 30 channels, but num_mixtures=3 with channels=1 needs .* 9"):
+            draw(params, num_mixtures=3, channels=1)
+        with pytest.raises(ValueError, match="channels must be at least 1, got 0"):
+            draw(params, num_mixtures=3, channels=0)
+        for bad in ("3", 3.0, True):
+            with pytest.raises(TypeError, match="channels must be an int"):
+                draw(params, num_mixtures=3, channels=bad)
+
+
 def test_auto_backend_runs_the_reference_on_cpu():
     params = make_params(2, 1, 1, (3,), "cpu")
     loss = discretized_logistic_mixture_nll(params, make_images(2, 1, (3,), 8, "cpu"), num_mixtures=1)
@@ -922,6 +940,22 @@ def test_module_is_the_op(device, reduction):
                                                                  generator=torch.Generator(device).manual_seed(0)))
     assert torch.equal(likelihood.mode(params), discretized_logistic_mixture_mode(params, num_mixtures=3, num_bits=5))
     assert "num_mixtures=3" in repr(likelihood)
+
+
+def test_module_with_image_channels_checks_them_everywhere():
+    likelihood = DiscretizedLogisticMixture(num_mixtures=10, num_bits=5, channels=3)
+    assert likelihood.params_channels(3) == 100 and "channels=3" in repr(likelihood)
+    with pytest.raises(ValueError, match="is for images of 3 channels, got params_channels\\(1\\)"):
+        likelihood.params_channels(1)
+    greyscale = torch.randn(2, 30, 4, 4)  # M = 10 greyscale parameters: not this module's
+    with pytest.raises(ValueError, match="with channels=3 needs"):
+        likelihood.sample(greyscale)
+    with pytest.raises(ValueError, match="with channels=3 needs"):
+        likelihood.mode(greyscale)
+    with pytest.raises(ValueError, match="is for images of 3 channels, got x of shape \\(2, 1, 4, 4\\)"):
+        likelihood(greyscale, torch.rand(2, 1, 4, 4))
+    params = torch.randn(2, 100, 4, 4)
+    assert likelihood.sample(params).shape == likelihood.mode(params).shape == (2, 3, 4, 4)
 
 
 def test_module_rejects_bad_settings():

@@ -161,6 +161,24 @@ def test_the_mixture_is_the_fused_op_and_shows_its_mode_and_draws():
         assert f"{name}: " in make_likelihood(name).comparable_with()
 
 
+def test_the_mixture_told_its_image_channels_checks_them_and_the_builder_tells_it():
+    likelihood = make_likelihood("dmol", num_mixtures=10, channels=3)
+    assert likelihood.mixture.channels == 3 and likelihood.params_channels(3) == 100
+    greyscale = torch.randn(2, 30, 4, 4)  # greyscale parameters at M = 10, which would read as RGB at M = 3
+    for show in (likelihood.sample, likelihood.mode, likelihood.reconstruction, likelihood.generate):
+        with pytest.raises(ValueError, match="with channels=3 needs"):
+            show(greyscale)
+    for score in (likelihood, likelihood.loss, likelihood.batch_nll, likelihood.batch_loss):
+        with pytest.raises(ValueError, match="is for images of 3 channels, got x of shape"):
+            score(greyscale, torch.rand(2, 1, 4, 4))
+    assert make_likelihood("mse", channels=3).params_channels(3) == 3  # the others take channels= and ignore it
+    from fastvae.training.builders import build_model
+    from fastvae.training.config import TrainConfig
+
+    model = build_model(TrainConfig(likelihood="dmol", num_mixtures=3, latent_dim=2), (3, 8, 8), "torch")
+    assert model.likelihood.mixture.channels == 3
+
+
 def test_the_other_families_show_their_mean():
     params = torch.randn(2, *SHAPE)
     for name in ("bce", "gaussian", "mse", "l1"):

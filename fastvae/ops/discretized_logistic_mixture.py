@@ -66,6 +66,11 @@ def _check_positive_int(name: str, value: object, high: int | None = None) -> No
         raise ValueError(f"{name} must be {bounds}, got {value}")
 
 
+def check_image_channels(channels: object) -> None:
+    """``channels``, a count of image channels, must be an int >= 1."""
+    _check_positive_int("channels", channels)
+
+
 def check_settings(num_mixtures: object, num_bits: object) -> None:
     """``num_mixtures`` must be an int >= 1 and ``num_bits`` one from 1 to 16."""
     _check_positive_int("num_mixtures", num_mixtures)
@@ -100,18 +105,24 @@ def _check_nll_inputs(params: object, x: object, num_mixtures: object, num_bits:
     channels = x.shape[1]
     if channels < 1:
         raise ValueError("x must have at least one channel, got C = 0")
-    expected = num_mixtures * params_per_component(channels)
     if params.dim() != x.dim() or params.shape[0] != x.shape[0] or params.shape[2:] != x.shape[2:]:
-        want = (x.shape[0], expected, *x.shape[2:])
+        want = (x.shape[0], num_mixtures * params_per_component(channels), *x.shape[2:])
         raise ValueError(
             f"params must have shape (B, P, ...) with x's batch and trailing dims, {want}, got {tuple(params.shape)}"
         )
+    _check_params_channels(params, num_mixtures, channels, f"x's C = {channels}")
+    check_same_device(params=params, x=x)
+
+
+def _check_params_channels(params: torch.Tensor, num_mixtures: int, channels: int, said_by: str) -> None:
+    """``params`` ``(B, P, ...)`` must hold ``P = M (1 + 2C + C(C-1)/2)`` channels for ``C = channels`` image
+    channels (as ``said_by`` gives them, for the message)."""
+    expected = num_mixtures * params_per_component(channels)
     if params.shape[1] != expected:
         raise ValueError(
-            f"params has {params.shape[1]} channels, but num_mixtures={num_mixtures} with x's C = {channels} "
+            f"params has {params.shape[1]} channels, but num_mixtures={num_mixtures} with {said_by} "
             f"needs P = M * (1 + 2C + C(C-1)/2) = {expected}"
         )
-    check_same_device(params=params, x=x)
 
 
 def _split(params: torch.Tensor, num_mixtures: int, channels: int):
@@ -366,10 +377,17 @@ def discretized_logistic_mixture_nll(
 # ---- drawing images ----------------------------------------------------------------------------------
 
 
-def _check_draw_inputs(params: object, num_mixtures: object, num_bits: object) -> int:
+def _check_draw_inputs(params: object, num_mixtures: object, num_bits: object, channels: object) -> int:
+    """The image channels ``C`` to draw: ``channels`` checked against ``params``, or, if ``None``, read off them."""
     check_float_tensor("params", params)
     check_settings(num_mixtures, num_bits)
-    return image_channels(params, num_mixtures)
+    if channels is None:
+        return image_channels(params, num_mixtures)
+    check_image_channels(channels)
+    if params.dim() < 2:
+        raise ValueError(f"params must have shape (B, P, ...), got {tuple(params.shape)}")
+    _check_params_channels(params, num_mixtures, channels, f"channels={channels}")
+    return channels
 
 
 def _draw_levels(
@@ -408,7 +426,12 @@ def _draw_levels(
 
 @torch.no_grad()
 def sample_discretized_logistic_mixture(
-    params: torch.Tensor, *, num_mixtures: int, num_bits: int = 8, generator: torch.Generator | None = None
+    params: torch.Tensor,
+    *,
+    num_mixtures: int,
+    num_bits: int = 8,
+    channels: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw images from the mixture: ``(B, C, ...)`` in [0, 1] on the level grid ``k / (2**num_bits - 1)``.
 
@@ -419,12 +442,15 @@ def sample_discretized_logistic_mixture(
     scores. float32 (float64 for float64 ``params``); no gradient.
 
     Args:
-        params: ``(B, P, ...)`` as for :func:`discretized_logistic_mixture_nll`;
-            ``C`` follows from ``P`` and ``num_mixtures``.
+        params: ``(B, P, ...)`` as for :func:`discretized_logistic_mixture_nll`.
         num_mixtures, num_bits: as for the nll.
+        channels: the image channels ``C``, checked against ``P`` (``ValueError``
+            if ``P != M (1 + 2C + C(C-1)/2)``). ``None``: ``C`` follows from ``P``
+            and ``num_mixtures``, which cannot tell a wrong ``num_mixtures``
+            (30 channels are RGB at M = 3 and greyscale at M = 10).
         generator: the random generator (default: torch's, of ``params``' device).
     """
-    channels = _check_draw_inputs(params, num_mixtures, num_bits)
+    channels = _check_draw_inputs(params, num_mixtures, num_bits, channels)
     check_generator(generator, params.device)
     p = _as_pixels(params, compute_dtype(params.dtype))
     batch, n = p.shape[0], p.shape[2]
@@ -442,7 +468,9 @@ def sample_discretized_logistic_mixture(
 
 
 @torch.no_grad()
-def discretized_logistic_mixture_mode(params: torch.Tensor, *, num_mixtures: int, num_bits: int = 8) -> torch.Tensor:
+def discretized_logistic_mixture_mode(
+    params: torch.Tensor, *, num_mixtures: int, num_bits: int = 8, channels: int | None = None
+) -> torch.Tensor:
     """A deterministic image from the mixture: ``(B, C, ...)`` in [0, 1], for showing reconstructions.
 
     Per pixel: the component with the largest logit, then channel by channel
@@ -450,9 +478,10 @@ def discretized_logistic_mixture_mode(params: torch.Tensor, *, num_mixtures: int
     probable level of that logistic). This is the mode of the most probable
     component, not the exact mode of the mixture (which has no closed form);
     unlike the mixture's mean it never averages components into a colour none
-    of them predicts, the blur the mixture is there to avoid.
+    of them predicts, the blur the mixture is there to avoid. ``channels``: as
+    for :func:`sample_discretized_logistic_mixture`.
     """
-    channels = _check_draw_inputs(params, num_mixtures, num_bits)
+    channels = _check_draw_inputs(params, num_mixtures, num_bits, channels)
     p = _as_pixels(params, compute_dtype(params.dtype))
     component = p[:, :num_mixtures].argmax(dim=1, keepdim=True)
     x = _draw_levels(p, num_mixtures, num_bits, channels, component, None)

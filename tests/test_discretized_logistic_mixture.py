@@ -798,6 +798,37 @@ def test_bad_input(case):
         discretized_logistic_mixture_nll(*args, **kwargs)
 
 
+def levels_read_back(dtype, num_bits):
+    """Whether every level ``k / (2^b - 1)``, rounded to ``dtype``, is read back as ``k`` (as both paths read x)."""
+    max_level = 2**num_bits - 1
+    k = torch.arange(max_level + 1, dtype=torch.float64)
+    read = torch.round((k / max_level).to(dtype).float() * max_level)
+    return torch.equal(read.double(), k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_x_in_a_dtype_too_coarse_for_its_levels_is_refused(device, dtype):
+    """bfloat16 holds the levels of up to 8 bits apart, float16 those of up to 11: beyond that, x is refused on
+    both paths (it would be scored as other images), and up to it, it is read exactly."""
+    from fastvae.ops.discretized_logistic_mixture import MAX_BITS_OF_X
+
+    limit = MAX_BITS_OF_X[dtype]
+    assert limit == {torch.bfloat16: 8, torch.float16: 11}[dtype]
+    assert levels_read_back(dtype, limit) and not levels_read_back(dtype, limit + 1)
+    params = make_params(2, 1, 2, (3,), device)
+    for backend in ("triton", "torch"):
+        x = make_images(2, 1, (3,), limit, device)
+        levels = (x * (2**limit - 1)).round() / (2**limit - 1)  # on the grid, then in dtype: exact
+        got = discretized_logistic_mixture_nll(params, levels.to(dtype), num_mixtures=2, num_bits=limit,
+                                               backend=backend)
+        assert torch.equal(got, discretized_logistic_mixture_nll(params, levels, num_mixtures=2, num_bits=limit,
+                                                                 backend=backend))
+        with pytest.raises(ValueError, match=f"x is {str(dtype)[6:]}, which cannot hold the {2**(limit + 1)} "
+                                             f"levels of num_bits={limit + 1} apart .* float32"):
+            discretized_logistic_mixture_nll(params, levels.to(dtype), num_mixtures=2, num_bits=limit + 1,
+                                             backend=backend)
+
+
 def test_bad_input_to_the_sampler():
     with pytest.raises(ValueError, match="params has 7 channels.*30 for C = 3"):
         sample_discretized_logistic_mixture(torch.zeros(2, 7, 3), num_mixtures=3)

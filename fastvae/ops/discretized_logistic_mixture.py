@@ -43,6 +43,10 @@ from fastvae.ops.checks import (
 
 MIN_LOG_SCALE = -7.0
 MAX_NUM_BITS = 16
+# The most bits whose levels k / (2^b - 1) an x of this dtype holds apart: each, rounded to the dtype, is read
+# back as k. bfloat16 (8 significant bits) misreads 511 of the 1,024 levels of 10 bits; float16 (11) those of 12.
+# float32 and float64 hold all 16.
+MAX_BITS_OF_X = {torch.bfloat16: 8, torch.float16: 11}
 # torch's softplus returns z itself above its threshold (20 by default, off by e^-20 = 2e-9: exact in float32,
 # not in float64); above 40 the gap, e^-40 < 1e-17 z, is below float64's rounding too.
 SOFTPLUS_THRESHOLD = 40.0
@@ -100,6 +104,7 @@ def _check_nll_inputs(params: object, x: object, num_mixtures: object, num_bits:
     check_float_tensor("params", params)
     check_float_tensor("x", x)
     check_settings(num_mixtures, num_bits)
+    _check_levels_fit(x.dtype, num_bits)
     if x.dim() < 2:
         raise ValueError(f"x must have shape (B, C, ...) with the channels second, got {tuple(x.shape)}")
     channels = x.shape[1]
@@ -112,6 +117,18 @@ def _check_nll_inputs(params: object, x: object, num_mixtures: object, num_bits:
         )
     _check_params_channels(params, num_mixtures, channels, f"x's C = {channels}")
     check_same_device(params=params, x=x)
+
+
+def _check_levels_fit(x_dtype: torch.dtype, num_bits: int) -> None:
+    """``x``'s dtype must hold the ``2**num_bits`` levels apart (:data:`MAX_BITS_OF_X`), or its nll would be that
+    of other images."""
+    limit = MAX_BITS_OF_X.get(x_dtype)
+    if limit is not None and num_bits > limit:
+        name = str(x_dtype).removeprefix("torch.")
+        raise ValueError(
+            f"x is {name}, which cannot hold the {2**num_bits} levels of num_bits={num_bits} apart (it holds those "
+            f"of up to {limit} bits; nearby levels would be read as one): pass x as float32"
+        )
 
 
 def _check_params_channels(params: torch.Tensor, num_mixtures: int, channels: int, said_by: str) -> None:
@@ -334,7 +351,9 @@ def discretized_logistic_mixture_nll(
             float16, bfloat16, float32 (float64 on the reference path); any
             strides: a channel slice of a larger conv output is read in place.
         x: ``(B, C, ...)`` images with ``params``' trailing dims, floats in [0, 1];
-            any float dtype. ``x`` gets no gradient (its level is a step function of it).
+            any float dtype that holds the levels apart (``ValueError`` otherwise:
+            bfloat16 up to 8 bits, float16 up to 11, float32 and float64 all).
+            ``x`` gets no gradient (its level is a step function of it).
         num_mixtures: ``M >= 1``.
         num_bits: bits per value, 1 to 16 (8 for 256 levels).
         reduction: ``"none"``: the nll per sample, ``(B,)``; ``"sum"``: its sum;

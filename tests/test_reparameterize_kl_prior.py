@@ -143,6 +143,29 @@ def test_equal_posterior_and_prior_give_zero_kl_and_zero_gradients(device):
         assert_close(g, torch.zeros_like(g), atol=1e-6)
 
 
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_huge_means_against_a_wide_prior_do_not_overflow(device, backend, create_graph):
+    """(mu - prior_mu)^2 overflows float32 where (mu - prior_mu)^2 e^-prior_logvar does not: the KL and its
+    gradients are the float64 values (1e3 to 1e5 nats per element here), on both paths, in every backward."""
+    mu = torch.tensor([[1e20, -1e20, 3e19, 2.0], [1e19, 1.0, -1e20, 0.0]], device=device, requires_grad=True)
+    logvar = torch.zeros_like(mu, requires_grad=True)
+    prior_mu = torch.tensor([0.0, 1e19, 0.0, 0.0], device=device, requires_grad=True)
+    prior_logvar = torch.tensor([80.0, 80.0, 85.0, 80.0], device=device, requires_grad=True)
+    inputs = (mu, logvar, prior_mu, prior_logvar)
+    options = dict(prior_mu=prior_mu, prior_logvar=prior_logvar)
+    _, kl = reparameterize_kl(mu, logvar, torch.zeros_like(mu), backend=backend, **options)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    _, want = reparameterize_kl_reference(wide[0], wide[1], torch.zeros_like(wide[0]), prior_mu=wide[2],
+                                          prior_logvar=wide[3])
+    assert want.min() > 1e3 and want.max() < 1e6  # no float32 overflow in the true values
+    assert_close(kl.double(), want, rtol=1e-5, atol=0)
+    got = torch.autograd.grad(kl.sum(), inputs, create_graph=create_graph)
+    for g, w in zip(got, torch.autograd.grad(want.sum(), wide)):
+        assert torch.isfinite(g).all()
+        assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
 # ---- channel slices read in place ----------------------------------------------------------------
 
 

@@ -87,7 +87,9 @@ def reparameterize_kl_reference(
         if logvar_limit is not None:
             prior_logvar_ = soft_clamp(prior_logvar_, logvar_limit)
         log_ratio = logvar_ - prior_logvar_
-        terms = torch.exp(log_ratio) + diff * diff * torch.exp(-prior_logvar_) - 1 - log_ratio
+        # Scaled before it is squared: (mu - prior_mu)^2 alone overflows where its ratio to the prior's variance fits.
+        scaled_diff = diff * torch.exp(-0.5 * prior_logvar_)
+        terms = torch.exp(log_ratio) + scaled_diff * scaled_diff - 1 - log_ratio
     return z, reduce_per_sample(0.5 * _event_sum(terms, event_dims), reduction)
 
 
@@ -249,11 +251,17 @@ def _differentiable_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_l
             if logvar_limit is not None:
                 prior_logvar = soft_clamp(prior_logvar, logvar_limit)
                 prior_clamp_slope = 1.0 - (prior_logvar / logvar_limit) ** 2
-            scaled, ratio = diff * torch.exp(-prior_logvar), torch.exp(logvar - prior_logvar)
+            # (mu - pmu)^2 e^-plv as the square of (mu - pmu) e^(-plv / 2): no overflow of (mu - pmu)^2 in it, or in
+            # its derivatives.
+            inv_prior_std = torch.exp(-0.5 * prior_logvar)
+            half_scaled = diff * inv_prior_std
+            scaled, ratio = half_scaled * inv_prior_std, torch.exp(logvar - prior_logvar)
+        else:
+            half_scaled = diff
         grad_mu = add_grads(grad_mu, grad_kl * scaled, dtype=torch.float32)
         grad_logvar = add_grads(grad_logvar, 0.5 * grad_kl * (ratio - 1.0), dtype=torch.float32)
         grad_prior_mu = -grad_kl * scaled
-        grad_prior_logvar = 0.5 * grad_kl * (1.0 - ratio - diff * scaled)
+        grad_prior_logvar = 0.5 * grad_kl * (1.0 - ratio - half_scaled * half_scaled)
         if prior_clamp_slope is not None:
             grad_prior_logvar = grad_prior_logvar * prior_clamp_slope
     if clamp_slope is not None:

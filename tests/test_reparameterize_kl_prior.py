@@ -117,6 +117,39 @@ def test_prior_that_needs_no_gradient(device):
     check_against_reference(mu, logvar, torch.randn_like(mu), prior_mu=prior_mu, prior_logvar=prior_logvar)
 
 
+@pytest.mark.parametrize("noise", ["given", "drawn"])
+def test_outputs_require_grad_exactly_where_the_reference_s_do(device, noise):
+    """z depends on mu, logvar and eps; the KL on mu, logvar and the prior: an output requires grad only when an
+    input it depends on does (with only the prior requiring grad, z does not), for every subset of inputs."""
+    import itertools
+
+    names = ("mu", "logvar", "eps", "prior_mu", "prior_logvar")
+    for flags in itertools.product((False, True), repeat=5):
+        if noise == "drawn" and flags[2]:
+            continue
+        tensors = {name: torch.randn(2, 3, device=device).requires_grad_(flag) for name, flag in zip(names, flags)}
+        eps = tensors["eps"]
+        if noise == "drawn":  # the noise the next call draws
+            torch.manual_seed(7)
+            eps = reparameterize_kl(torch.zeros(2, 3, device=device), torch.zeros(2, 3, device=device),
+                                    backend="triton")[0]
+            torch.manual_seed(7)
+        options = dict(prior_mu=tensors["prior_mu"], prior_logvar=tensors["prior_logvar"], logvar_limit=3.0)
+        z, kl = reparameterize_kl(tensors["mu"], tensors["logvar"], eps if noise == "given" else None,
+                                  backend="triton", **options)
+        z_ref, kl_ref = reparameterize_kl_reference(tensors["mu"], tensors["logvar"], eps, **options)
+        assert (z.requires_grad, kl.requires_grad) == (z_ref.requires_grad, kl_ref.requires_grad), flags
+        if z.requires_grad or kl.requires_grad:  # and the gradients of what does are those of the reference
+            wanted = [t for t in tensors.values() if t.requires_grad]
+            outputs = [(o, r) for o, r in ((z, z_ref), (kl, kl_ref)) if o.requires_grad]
+            got = torch.autograd.grad(sum(o.sum() for o, _ in outputs), wanted, allow_unused=True,
+                                      materialize_grads=True)
+            want = torch.autograd.grad(sum(r.sum() for _, r in outputs), wanted, allow_unused=True,
+                                       materialize_grads=True)
+            for g, w in zip(got, want):
+                assert_close(g, w, atol=1e-5 * max(1.0, w.abs().max().item()))
+
+
 def test_kl_matches_torch_distributions(device):
     mu, logvar = gaussian((3, 2, 4, 4), device, scale=1.0)
     prior_mu, prior_logvar = gaussian((3, 2, 4, 4), device, scale=1.0)

@@ -223,6 +223,15 @@ def _setup_context(ctx, inputs, output):
     ctx.event_dims, ctx.logvar_limit = event_dims, logvar_limit
     ctx.save_for_backward(mu, logvar, eps, prior_mu, prior_logvar, output[2],
                           philox_device if eps is None else None)
+    # Autograd would have every output require grad when any input does; as in the reference, z requires grad only
+    # through mu, logvar and eps, and the KL only through mu, logvar and the prior.
+    def any_requires_grad(*tensors):
+        return any(t is not None and t.requires_grad for t in tensors)
+
+    if not any_requires_grad(mu, logvar, eps):
+        ctx.mark_non_differentiable(output[0])
+    if not any_requires_grad(mu, logvar, prior_mu, prior_logvar):
+        ctx.mark_non_differentiable(output[1])
     # An unused output gets no gradient tensor at all, rather than a buffer of zeros.
     ctx.set_materialize_grads(False)
 

@@ -364,7 +364,8 @@ def _layout_names() -> str:
 
 def _channels_first(path: str, array: np.ndarray, layout: str | None) -> bool:
     """Whether a 4-dim ``array`` is ``(N, C, H, W)`` rather than ``(N, H, W, C)``: as ``layout`` says, or as its
-    dims' sizes say (at most :data:`MAX_CHANNELS` channels); an array that reads both ways needs a ``layout``."""
+    dims' sizes say (channels last only where the last dim can be channels: at most :data:`MAX_CHANNELS`); an
+    array that reads both ways needs a ``layout``."""
     if layout is not None:
         return layout == "NCHW"
     first, last = array.shape[1] <= MAX_CHANNELS, array.shape[3] <= MAX_CHANNELS
@@ -375,7 +376,7 @@ def _channels_first(path: str, array: np.ndarray, layout: str | None) -> bool:
             f"(N, C, H, W) and as {c} channels of {a}x{b} images (N, H, W, C); save it in an .npz file that names "
             f"its layout: np.savez(path, images=array, layout='NHWC') (or 'NCHW')"
         )
-    return first
+    return not last
 
 
 def _images_from_array(path: str, array: np.ndarray, layout: str | None = None) -> np.ndarray:

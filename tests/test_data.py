@@ -157,7 +157,7 @@ def test_npz_files_by_key_or_single_array(tmp_path):
     [
         (np.zeros((4, 3), dtype=np.uint8), "expected images of shape"),
         (np.zeros((4, 2, 3, 5, 5), dtype=np.uint8), "expected images of shape"),
-        (np.zeros((4, 8, 6, 6), dtype=np.uint8), "expected images of shape"),  # 8 channels first and 6 last
+        (np.zeros((4, 8, 6, 6), dtype=np.uint8), "got an array of shape \\(4, 8, 6, 6\\)"),  # 8 channels first, 6 last
         (np.zeros((4, 5, 5), dtype=np.int32), "dtype int32"),
         (np.full((4, 5, 5), 2.0), "in \\[0, 1\\]"),
         (np.full((4, 5, 5), np.nan), "in \\[0, 1\\]"),

@@ -177,6 +177,14 @@ def test_the_mixture_told_its_image_channels_checks_them_and_the_builder_tells_i
 
     model = build_model(TrainConfig(likelihood="dmol", num_mixtures=3, latent_dim=2), (3, 8, 8), "torch")
     assert model.likelihood.mixture.channels == 3
+    from fastvae.models import HierarchicalVAE, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
+
+    dmol = dict(likelihood="dmol")
+    models = {1: (mlp_vae((1, 8, 8), latent_dim=2, **dmol), mlp_autoencoder((1, 8, 8), latent_dim=2, **dmol)),
+              3: (conv_vae(3, 8, latent_dim=2, **dmol), conv_autoencoder(3, 8, latent_dim=2, **dmol),
+                  HierarchicalVAE((3, 8, 8), **dmol))}
+    for channels, built in models.items():
+        assert all(model.likelihood.mixture.channels == channels for model in built)
 
 
 def test_the_other_families_show_their_mean():

@@ -68,9 +68,9 @@ graph); see :mod:`fastvae.ops.grad_in_forward` and :mod:`fastvae.kernels.scale_r
 A backward under ``create_graph=True`` runs the eager reference instead.
 The eager reference, counted per ATen call on the CPU (each call's tensor
 inputs read and its outputs written once, views free) for ``(4, 100, 8, 8)``
-RGB parameters at M = 10 with ``reduction="mean"``, moves 21.3 units in its
-forward (51 calls) and 37.2 in its backward (65): 58.5 against the fused 2 (4
-scaled). For bfloat16 ``params``, which it computes in float32, 45.5 + 77.4 = 122.9.
+RGB parameters at M = 10 with ``reduction="mean"``, moves 22.2 units in its
+forward (53 calls) and 37.0 in its backward (66): 59.2 against the fused 2 (4
+scaled). For bfloat16 ``params``, which it computes in float32, 47.5 + 76.9 = 124.4.
 
 Kept from the forward for the backward: the gradient (1 unit, a new buffer)
 and references to ``params`` and ``x`` (no copies; they cost memory only where
@@ -87,16 +87,16 @@ for ``(B, 100, H, W)`` RGB parameters at M = 10 (the counts scale with ``B H W``
 =====================  ===================================  ==============================  =========
 params dtype           eager keeps                          fused keeps                     ratio
 =====================  ===================================  ==============================  =========
-float32                4.33: 3.33 new + params              2.03: 1 new + params + x        2.1x
-bfloat16, float16      8.66, all new (a float32 copy of     2.06: 1 new + params + x        4.2x
+float32                3.73: 2.73 new + params              2.03: 1 new + params + x        1.8x
+bfloat16, float16      7.46, all new (a float32 copy of     2.06: 1 new + params + x        3.6x
                        params, and float32 temporaries)
-new memory only        float32 3.33, half 8.66              1                               3.3x, 8.7x
+new memory only        float32 2.73, half 7.46              1                               2.7x, 7.5x
 =====================  ===================================  ==============================  =========
 
 "New memory only" leaves out the inputs, which a caller that keeps the decoder
 output (as a VAE returning it does) holds anyway. The issue's goal of 5x less
 is met only there, for half-precision parameters; in float32 the compact
-reference keeps 3.33 units of its own, so one unit of gradient cannot be 5x
+reference keeps 2.73 units of its own, so one unit of gradient cannot be 5x
 less, and the reference to ``params`` (for ``create_graph``) costs a second
 unit wherever nothing else keeps ``params`` alive.
 """

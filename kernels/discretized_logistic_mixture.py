@@ -108,10 +108,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import device_guard, expm1, log1p, plan_rows, row_offsets, sum_splits
+from .launch import device_guard, fast_rcp, plan_rows, row_offsets, sum_splits
 
 MIN_LOG_SCALE = tl.constexpr(-7.0)
 LOG_2 = tl.constexpr(math.log(2.0))
+LOG2_E = tl.constexpr(1.0 / math.log(2.0))
+# Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude below 2**22 to an integer, half to even.
+ROUNDING_SHIFT = tl.constexpr(1.5 * 2.0**23)
 NUM_WARPS = 4
 
 
@@ -128,46 +131,42 @@ def tile_slots(channels: int) -> int:
 
 
 @triton.jit
-def _softplus_and_sigmoid(z):
-    """``softplus(z) = log(1 + e^z)`` and ``sigmoid(z)`` from one exponential, stable for any ``z``."""
-    e = tl.exp(-tl.abs(z))
-    return tl.maximum(z, 0.0) + log1p(e), tl.where(z >= 0, 1.0, e) / (1.0 + e)
+def _exp(x):
+    """``e^x`` as one ``ex2.approx.ftz`` (results below 2^-126 flush to 0, which no term here needs)."""
+    return tl.exp2(x * LOG2_E)
 
 
 @triton.jit
 def _tanh_and_derivative(z):
-    """``tanh(z)`` and ``1 - tanh(z)**2``, both to float32's relative accuracy (no ``1 - t*t`` cancellation)."""
-    e = tl.exp(-2.0 * tl.abs(z))
-    one_minus_e = -expm1(-2.0 * tl.abs(z))
-    t = one_minus_e / (1.0 + e)
-    return tl.where(z < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
+    """``tanh(z)`` to float32's absolute accuracy (all the mean needs of it) and ``1 - tanh(z)**2`` to its relative
+    accuracy (no ``1 - t*t`` cancellation), from one exponential and one reciprocal."""
+    e = _exp(-2.0 * tl.abs(z))
+    inv_one_plus_e = fast_rcp(1.0 + e)
+    t = (1.0 - e) * inv_one_plus_e
+    return tl.where(z < 0, -t, t), 4.0 * e * inv_one_plus_e * inv_one_plus_e
 
 
 @triton.jit
-def _log_one_minus_exp(u, log_minus_u):
-    """``log(1 - e^u)`` for ``u < 0``, given ``log(-u)``, and ``u * d/du`` of it (``-u / expm1(-u)``).
-
-    ``r = (1 - e^u) / -u`` is in (0, 1]; Kahan's ``(e - 1) / log(e)`` keeps it
-    accurate where ``e = e^u`` rounds near 1, and it never divides by ``u``, so a
-    ``u`` that underflows (a huge scale) still gives ``log(-u)``, from ``log_minus_u``.
-    """
-    e = tl.exp(u)
-    near = u > -LOG_2
-    kahan = near & (e != 1.0)
-    log_e = tl.where(kahan, tl.log(tl.where(kahan, e, 0.5)), u)  # u itself where e^u is far from 1
-    r = tl.where(e == 1.0, 1.0, (e - 1.0) / log_e)
-    value = tl.where(near, log_minus_u + tl.log(r), log1p(-tl.where(near, 0.5, e)))
-    return value, e / r
+def _one_minus_exp_over(w):
+    """``(1 - e^-w) / w`` for ``0 <= w < log 2``, in (0.72, 1]: its Taylor series to ``w^9`` (the rest is below
+    1e-9), which has no cancellation, where ``1 - e^-w`` itself would lose ``w``'s digits."""
+    r = 1.0 / 3628800.0
+    r = r * w - 1.0 / 362880.0
+    r = r * w + 1.0 / 40320.0
+    r = r * w - 1.0 / 5040.0
+    r = r * w + 1.0 / 720.0
+    r = r * w - 1.0 / 120.0
+    r = r * w + 1.0 / 24.0
+    r = r * w - 1.0 / 6.0
+    r = r * w + 0.5
+    return 1.0 - r * w
 
 
 @triton.jit
 def _level(x, max_level):
     """``clamp(round(x * max_level), 0, max_level)``, rounding half to even as torch.round does; NaN stays NaN."""
     v = _clamp(x * max_level, -1.0, max_level + 1.0)  # inf rounds to the edge, as in torch
-    f = tl.floor(v)
-    d = v - f
-    f_is_odd = f - 2.0 * tl.floor(0.5 * f)
-    return _clamp(tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + f_is_odd)), 0.0, max_level)
+    return _clamp((v + ROUNDING_SHIFT) - ROUNDING_SHIFT, 0.0, max_level)
 
 
 @triton.jit
@@ -179,25 +178,39 @@ def _clamp(x, low, high):
 
 @triton.jit
 def _log_bin_mass(level, y, mean, log_scale, max_level, half_width, log_bin_width):
-    """log of the bin's mass for one channel, and its derivatives in the mean and in the raw log-scale."""
+    """log of the bin's mass for one channel, and its derivatives in the mean and in the raw log-scale.
+
+    Three exponentials (``e^-|a|``, ``e^-|b|``, ``e^-w``), one reciprocal and one log, shared by the value and
+    both derivatives: ``L = lin + base + log(G / (P_a P_b))`` (see the module docstring).
+    """
     s = tl.maximum(log_scale, MIN_LOG_SCALE, propagate_nan=tl.PropagateNan.ALL)
-    inv = tl.exp(-s)
+    inv = _exp(-s)
     a = inv * (y - half_width - mean)
     b = inv * (y + half_width - mean)
-    softplus_a, sigmoid_a = _softplus_and_sigmoid(a)  # log(1 - F(y - h)) = -softplus(a)
-    softplus_neg_b, sigmoid_neg_b = _softplus_and_sigmoid(-b)  # log F(y + h) = -softplus(-b)
-    log_width = log_bin_width - s  # log(-u) = log(2 h inv), exact even where inv underflows
-    log_gap, u_d_gap = _log_one_minus_exp(-tl.exp(log_width), log_width)
     lower_open = level == 0.0  # the lowest bin reaches -inf: no F(y - h) term
     upper_open = level == max_level  # the highest reaches +inf: no F(y + h) term
     interior = (~lower_open) & (~upper_open)
-    log_mass = tl.where(upper_open, 0.0, -softplus_neg_b) + tl.where(lower_open, 0.0, -softplus_a)
-    log_mass += tl.where(interior, log_gap, 0.0)
-    d_a = tl.where(lower_open, 0.0, -sigmoid_a)
-    d_b = tl.where(upper_open, 0.0, sigmoid_neg_b)
+    e_a = _exp(-tl.abs(a))
+    e_b = _exp(-tl.abs(b))
+    p_a = tl.where(lower_open, 1.0, 1.0 + e_a)  # 1 / sigmoid(-a) = 1 + e^a, over e^max(a, 0)
+    p_b = tl.where(upper_open, 1.0, 1.0 + e_b)  # 1 / sigmoid(b) = 1 + e^-b, over e^-min(b, 0)
+    # The gap 1 - e^-w, w = -u = 2 h inv, as w r (r from a series) where it would cancel, else directly.
+    w = (2.0 * half_width) * inv
+    e_w = _exp(-w)
+    near = w < LOG_2
+    gap = tl.where(interior, tl.where(near, _one_minus_exp_over(w), 1.0 - e_w), 1.0)
+    inv_all = fast_rcp(gap * p_a * p_b)
+    inv_p = gap * inv_all  # 1 / (P_a P_b)
+    lin = tl.where(upper_open, 0.0, tl.minimum(b, 0.0)) - tl.where(lower_open, 0.0, tl.maximum(a, 0.0))
+    base = tl.where(interior & near, log_bin_width - s, 0.0)  # log w, exact even where inv underflows
+    log_mass = lin + base + tl.log(gap * inv_p)
+    d_a = tl.where(lower_open, 0.0, -tl.where(a >= 0.0, 1.0, e_a) * p_b * inv_p)  # -sigmoid(a)
+    d_b = tl.where(upper_open, 0.0, tl.where(b <= 0.0, 1.0, e_b) * p_a * inv_p)  # sigmoid(-b)
     d_mean = -inv * (d_a + d_b)
-    # a, b and u all scale with inv = e^-s; the clamp passes the gradient where log_scale >= -7.
+    # a, b and u all scale with inv = e^-s: u d/du log(1 - e^u) = w e^-w / (1 - e^-w) = e^-w / r near, w e^-w / gap.
+    u_d_gap = tl.where(near, e_w, w * e_w) * (p_a * p_b * inv_all)
     d_log_scale = -(a * d_a + b * d_b) - tl.where(interior, u_d_gap, 0.0)
+    # The clamp passes the gradient where log_scale >= -7.
     d_log_scale = tl.where(log_scale >= MIN_LOG_SCALE, d_log_scale, 0.0)
     return log_mass, d_mean, d_log_scale
 
@@ -273,19 +286,20 @@ def _dmol_forward_kernel(
 
         # log_softmax of the logits, then logsumexp over the components (padding at -inf drops out).
         logit_max = tl.max(logits, axis=2)[:, :, None]
-        prior = tl.exp(logits - logit_max)
+        prior = _exp(logits - logit_max)
         prior_sum = tl.sum(prior, axis=2)[:, :, None]
-        joint = logits - logit_max - tl.log(prior_sum) + log_mass_sum
+        joint = logits - logit_max + log_mass_sum  # log prior + log mass, up to log(prior_sum)
         joint_max = tl.max(joint, axis=2)[:, :, None]
-        posterior = tl.exp(joint - joint_max)
+        posterior = _exp(joint - joint_max)
         posterior_sum = tl.sum(posterior, axis=2)[:, :, None]
-        log_p = joint_max + tl.log(posterior_sum)
+        inv_prior_sum = fast_rcp(prior_sum)
+        log_p = joint_max + tl.log(posterior_sum * inv_prior_sum)
         nll += tl.sum(tl.where(pixel_ok, -log_p, 0.0), axis=2)
 
         if WRITE_GRAD:
             out = rows * stride_grad_row + cols * stride_grad_col
-            responsibility = posterior / posterior_sum
-            grad_logits = (prior / prior_sum - responsibility) * grad_scale
+            responsibility = posterior * fast_rcp(posterior_sum)
+            grad_logits = (prior * inv_prior_sum - responsibility) * grad_scale
             _store_block(grad_ptr, grad_logits, out, 0, components, stride_grad_channel, mask)
             weight = -responsibility * grad_scale
             for c in tl.static_range(C):

@@ -191,6 +191,23 @@ def sum_splits(partial: torch.Tensor) -> torch.Tensor:
 
 # ---- float32 math that stays accurate where the plain formula cancels ----------------------------------
 
+# Whether the kernels run in Triton's interpreter, as a constexpr a kernel can branch on: the interpreter cannot
+# run inline PTX, so the helpers below that use it take a plain formula there (see fast_rcp).
+INTERPRETED = tl.constexpr(is_interpreted())
+
+
+@triton.jit
+def fast_rcp(x):
+    """``1 / x`` in one SFU instruction (``rcp.approx.ftz.f32``: within 1 ulp for normal ``x``, subnormal ``x`` and
+    results flushed to zero); Triton's ``/`` is ``div.full.f32`` (2 ulp), whose range scaling costs 6 more
+    instructions. The interpreter divides."""
+    if INTERPRETED:
+        return 1.0 / x
+    else:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+
 
 @triton.jit
 def log1p(u):

@@ -216,17 +216,25 @@ def _log_bin_mass(level, y, mean, log_scale, max_level, half_width, log_bin_widt
 
 
 @triton.jit
-def _load_block(ptr, pixel_offsets, first_channel, components, stride_channel, mask):
-    """The ``M_PAD`` channels from ``first_channel`` on at each pixel of the tile, as float32 (0 where masked)."""
-    offsets = pixel_offsets + (first_channel + components) * stride_channel
-    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+def _load_block(ptr, block, block_stride, slots, mask):
+    """Parameter block ``block`` (channels ``block * M`` on) at the tile's ``slots``, as float32 (0 where masked).
+
+    The block's offset is one scalar per program, added to the pointer before the per-thread ``slots``: each
+    access costs one 64-bit add, and no per-block offsets wait in registers."""
+    return tl.load(ptr + block * block_stride + slots, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_block(ptr, value, pixel_offsets, first_channel, components, stride_channel, mask):
-    """Write ``value`` to the ``M_PAD`` channels from ``first_channel`` on, in ``ptr``'s dtype."""
-    offsets = pixel_offsets + (first_channel + components) * stride_channel
-    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+def _store_block(ptr, value, block, block_stride, slots, mask):
+    """Write ``value`` to parameter block ``block`` at the tile's ``slots``, in ``ptr``'s dtype."""
+    tl.store(ptr + block * block_stride + slots, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _coef_block(c, j, C: tl.constexpr):
+    """The block of channel ``c``'s coefficient on channel ``j < c``: pairs (1,0), (2,0), (2,1), (3,0), ... after the
+    logits, the means and the log-scales."""
+    return 1 + 2 * C + c * (c - 1) // 2 + j
 
 
 @triton.jit
@@ -246,7 +254,11 @@ def _dmol_forward_kernel(
     rows = row_offsets(tl.program_id(0), BLOCK_ROWS)[:, None, None]
     components = tl.arange(0, M_PAD).to(tl.int64)[None, None, :]
     component_ok = components < n_mix
-    # Channel blocks: logits at 0, means at M (1 + c), log-scales at M (1 + C + c), coefficients at M (1 + 2C + pair).
+    # Blocks of M channels: logits at 0, means at 1 + c, log-scales at 1 + C + c, coefficients at 1 + 2C + pair.
+    params_block = n_mix * stride_params_channel.to(tl.int64)
+    grad_block = n_mix * stride_grad_channel.to(tl.int64)
+    params_components = components * stride_params_channel
+    grad_components = components * stride_grad_channel
     nll = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
     # A while loop: Triton 3.6's interpreter cannot take a kernel argument as a range() bound (numpy 2 refuses
     # to read its 1-element array as an int).
@@ -255,9 +267,9 @@ def _dmol_forward_kernel(
         cols = split * cols_per_split + tile * BLOCK_COLS + tl.arange(0, BLOCK_COLS)[None, :, None]
         pixel_ok = (rows < n_rows) & (cols < n_cols)
         mask = pixel_ok & component_ok
-        pixel = rows * stride_params_row + cols * stride_params_col
+        slots = rows * stride_params_row + cols * stride_params_col + params_components
 
-        logits = _load_block(params_ptr, pixel, 0, components, stride_params_channel, mask)
+        logits = _load_block(params_ptr, 0, params_block, slots, mask)
         logits = tl.where(component_ok, logits, float("-inf"))
         ys = ()
         d_means = ()
@@ -269,14 +281,13 @@ def _dmol_forward_kernel(
                           mask=pixel_ok, other=0.0).to(tl.float32)
             level = _level(x_c, max_level)
             y = level * (2.0 * half_width) - 1.0
-            mean = _load_block(params_ptr, pixel, n_mix * (1 + c), components, stride_params_channel, mask)
+            mean = _load_block(params_ptr, 1 + c, params_block, slots, mask)
             for j in tl.static_range(c):
-                coef_channel = n_mix * (1 + 2 * C + c * (c - 1) // 2 + j)
-                coef = _load_block(params_ptr, pixel, coef_channel, components, stride_params_channel, mask)
+                coef = _load_block(params_ptr, _coef_block(c, j, C), params_block, slots, mask)
                 t, slope = _tanh_and_derivative(coef)
                 mean += t * ys[j]
                 tanh_slopes = tanh_slopes + (slope,)
-            log_scale = _load_block(params_ptr, pixel, n_mix * (1 + C + c), components, stride_params_channel, mask)
+            log_scale = _load_block(params_ptr, 1 + C + c, params_block, slots, mask)
             log_mass, d_mean, d_log_scale = _log_bin_mass(level, y, mean, log_scale, max_level, half_width,
                                                           log_bin_width)
             log_mass_sum += log_mass
@@ -297,21 +308,19 @@ def _dmol_forward_kernel(
         nll += tl.sum(tl.where(pixel_ok, -log_p, 0.0), axis=2)
 
         if WRITE_GRAD:
-            out = rows * stride_grad_row + cols * stride_grad_col
+            out = rows * stride_grad_row + cols * stride_grad_col + grad_components
             responsibility = posterior * fast_rcp(posterior_sum)
             grad_logits = (prior * inv_prior_sum - responsibility) * grad_scale
-            _store_block(grad_ptr, grad_logits, out, 0, components, stride_grad_channel, mask)
+            _store_block(grad_ptr, grad_logits, 0, grad_block, out, mask)
             weight = -responsibility * grad_scale
             for c in tl.static_range(C):
                 grad_mean = weight * d_means[c]
-                _store_block(grad_ptr, grad_mean, out, n_mix * (1 + c), components, stride_grad_channel, mask)
+                _store_block(grad_ptr, grad_mean, 1 + c, grad_block, out, mask)
                 grad_log_scale = weight * d_log_scales[c]
-                _store_block(grad_ptr, grad_log_scale, out, n_mix * (1 + C + c), components, stride_grad_channel,
-                             mask)
+                _store_block(grad_ptr, grad_log_scale, 1 + C + c, grad_block, out, mask)
                 for j in tl.static_range(c):
-                    coef_channel = n_mix * (1 + 2 * C + c * (c - 1) // 2 + j)
                     grad_coef = grad_mean * tanh_slopes[c * (c - 1) // 2 + j] * ys[j]
-                    _store_block(grad_ptr, grad_coef, out, coef_channel, components, stride_grad_channel, mask)
+                    _store_block(grad_ptr, grad_coef, _coef_block(c, j, C), grad_block, out, mask)
         tile += 1
 
     row = row_offsets(tl.program_id(0), BLOCK_ROWS)

@@ -108,7 +108,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import device_guard, fast_rcp, plan_rows, row_offsets, sum_splits
+from .launch import device_guard, fast_log, fast_rcp, plan_rows, row_offsets, sum_splits
 
 MIN_LOG_SCALE = tl.constexpr(-7.0)
 LOG_2 = tl.constexpr(math.log(2.0))
@@ -203,7 +203,7 @@ def _log_bin_mass(level, y, mean, log_scale, max_level, half_width, log_bin_widt
     inv_p = gap * inv_all  # 1 / (P_a P_b)
     lin = tl.where(upper_open, 0.0, tl.minimum(b, 0.0)) - tl.where(lower_open, 0.0, tl.maximum(a, 0.0))
     base = tl.where(interior & near, log_bin_width - s, 0.0)  # log w, exact even where inv underflows
-    log_mass = lin + base + tl.log(gap * inv_p)
+    log_mass = lin + base + fast_log(gap * inv_p)
     d_a = tl.where(lower_open, 0.0, -tl.where(a >= 0.0, 1.0, e_a) * p_b * inv_p)  # -sigmoid(a)
     d_b = tl.where(upper_open, 0.0, tl.where(b <= 0.0, 1.0, e_b) * p_a * inv_p)  # sigmoid(-b)
     d_mean = -inv * (d_a + d_b)
@@ -304,7 +304,7 @@ def _dmol_forward_kernel(
         posterior = _exp(joint - joint_max)
         posterior_sum = tl.sum(posterior, axis=2)[:, :, None]
         inv_prior_sum = fast_rcp(prior_sum)
-        log_p = joint_max + tl.log(posterior_sum * inv_prior_sum)
+        log_p = joint_max + fast_log(posterior_sum * inv_prior_sum)
         nll += tl.sum(tl.where(pixel_ok, -log_p, 0.0), axis=2)
 
         if WRITE_GRAD:

@@ -191,6 +191,17 @@ def sum_splits(partial: torch.Tensor) -> torch.Tensor:
 
 # ---- float32 math that stays accurate where the plain formula cancels ----------------------------------
 
+
+@triton.jit
+def log1p(u):
+    """log(1 + u), accurate for small u (Kahan: the rounding of 1 + u cancels out)."""
+    w = 1.0 + u
+    exact = w == 1.0
+    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+
+
+# ---- float32 math in few instructions: the SFU where its accuracy is provably enough --------------------
+
 # Whether the kernels run in Triton's interpreter, as a constexpr a kernel can branch on: the interpreter cannot
 # run inline PTX, so the helpers below that use it take a plain formula there (see fast_rcp).
 INTERPRETED = tl.constexpr(is_interpreted())
@@ -232,20 +243,3 @@ def fast_log(x):
     e = (bits - 0x3F3504F3) >> 23  # 0x3F3504F3 is 1/sqrt(2)
     m = (bits - (e << 23)).to(tl.float32, bitcast=True)
     return tl.where(x == x, (e.to(tl.float32) + _lg2_approx(m)) * LOG_2, x)
-
-
-@triton.jit
-def log1p(u):
-    """log(1 + u), accurate for small u (Kahan: the rounding of 1 + u cancels out)."""
-    w = 1.0 + u
-    exact = w == 1.0
-    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
-
-
-@triton.jit
-def expm1(u):
-    """e^u - 1, accurate for small u (Kahan's (e - 1) u / log(e) where e = e^u rounds near 1)."""
-    e = tl.exp(u)
-    kahan = (e != 1.0) & (tl.abs(u) < 0.5)
-    ratio = u / tl.log(tl.where(kahan, e, 2.0))
-    return tl.where(kahan, (e - 1.0) * ratio, tl.where(e == 1.0, u, e - 1.0))

@@ -36,10 +36,11 @@ and the two logs :func:`~fastvae.kernels.launch.fast_log` (``lg2.approx`` on
 the mantissa, within 2^-22 there); the interpreter computes them exactly.
 The tests' tolerances hold with these functions' documented worst errors
 injected, all of one sign (``docs/performance-dmol.md``). Compiled for sm_90
-the forward takes 664 SASS instructions per pixel-component slot for RGB at
-M = 10 with the gradient (1,526 with libdevice's logs and IEEE-range
-divisions), under the memory time of its bytes on an H100 in float32 and
-bfloat16 alike (the static audit, ``python -m benchmarks --static``).
+the forward takes 540.5 SASS instructions per pixel-component slot for RGB
+at M = 10 with the gradient (1,526 with libdevice's logs, ``div.full``
+divisions and one slot per thread), under the memory time of its bytes on an
+H100 in float32 (0.60 of it) and bfloat16 (1.20): the static audit,
+``python -m benchmarks --static``.
 
 Gradient in the forward. With ``R_m`` the posterior responsibility of
 component ``m`` (the softmax of the summed log terms), the kernel writes, in

@@ -132,10 +132,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import device_guard, fast_log, fast_rcp, plan_rows, row_offsets, sum_splits
+from .launch import LOG_2, device_guard, fast_log, fast_rcp, plan_rows, row_offsets, sum_splits
 
 MIN_LOG_SCALE = tl.constexpr(-7.0)
-LOG_2 = tl.constexpr(math.log(2.0))
 LOG2_E = tl.constexpr(1.0 / math.log(2.0))
 # Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude below 2**22 to an integer, half to even.
 ROUNDING_SHIFT = tl.constexpr(1.5 * 2.0**23)
@@ -218,9 +217,10 @@ def _log_bin_mass(level, y, mean, log_scale, max_level, half_width, log_bin_widt
     interior = (~lower_open) & (~upper_open)
     e_a = _exp(-tl.abs(a))
     e_b = _exp(-tl.abs(b))
-    p_a = tl.where(lower_open, 1.0, 1.0 + e_a)  # 1 / sigmoid(-a) = 1 + e^a, over e^max(a, 0)
-    p_b = tl.where(upper_open, 1.0, 1.0 + e_b)  # 1 / sigmoid(b) = 1 + e^-b, over e^-min(b, 0)
-    # The gap 1 - e^-w, w = -u = 2 h inv, as w r (r from a series) where it would cancel, else directly.
+    p_a = tl.where(lower_open, 1.0, 1.0 + e_a)  # e^-max(a, 0) / sigmoid(-a)
+    p_b = tl.where(upper_open, 1.0, 1.0 + e_b)  # e^min(b, 0) / sigmoid(b)
+    # G: the gap 1 - e^-w (w = -u = 2 h inv), or (1 - e^-w) / w by a series where 1 - e^-w would cancel (its log w
+    # is in base); 1 at an edge.
     w = (2.0 * half_width) * inv
     e_w = _exp(-w)
     near = w < LOG_2

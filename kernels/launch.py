@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -205,7 +206,7 @@ def log1p(u):
 # Whether the kernels run in Triton's interpreter, as a constexpr a kernel can branch on: the interpreter cannot
 # run inline PTX, so the helpers below that use it take a plain formula there (see fast_rcp).
 INTERPRETED = tl.constexpr(is_interpreted())
-LOG_2 = tl.constexpr(0.6931471805599453)
+LOG_2 = tl.constexpr(math.log(2.0))
 
 
 @triton.jit

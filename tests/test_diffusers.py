@@ -176,13 +176,14 @@ def test_autoencoder_kl_matches_diffusers(device, backend, patched):
     (want, want_grads), (got, got_grads) = runs[False], runs[True]
     for name, w in want.items():
         g = got[name]
-        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert g.shape == w.shape and g.dtype == w.dtype and g.stride() == w.stride(), name
         if backend == "torch" and name in ("z", "mean", "logvar", "std", "var", "mode", "nll"):
             assert torch.equal(g, w), name  # the same float32 operations as diffusers'
         # KL sums of up to 256 terms of up to 1e10; z's noise scaled by up to e^10.
         assert_close(g, w, rtol=1e-5, atol=1e-6 * max(1.0, w.abs().max().item()), msg=lambda m: f"{name}: {m}")
     logvar = want["logvar"]
     assert logvar.max() == 20 and logvar.min() == -30  # the clamp did act
+    assert want["z"].is_contiguous(memory_format=torch.channels_last)  # the encoder's layout, from its attention
     scale = max(w.abs().max().item() for w in want_grads.values())
     for name, w in want_grads.items():
         # The gradients' scale: terms of the largest gradient cancel in some (an attention key's bias has a
@@ -221,7 +222,7 @@ def _compare(parameters, backend, prior=None, tol=None, check_grads=True):
     torch.manual_seed(0)
     weights = [torch.rand(out.shape, device=parameters.device) for out in results[0]]
     for want, got in zip(*results):
-        assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous() == want.is_contiguous()
+        assert got.shape == want.shape and got.dtype == want.dtype and got.stride() == want.stride()
         assert_close(got, want, **tol, msg=lambda m: f"{m}")
     if check_grads:
         inputs = [parameters] + ([prior] if prior is not None else [])
@@ -249,16 +250,46 @@ def test_clamp_ends_are_diffusers(device, backend):
     assert ((grad[:, 1] != 0) == want).all()
 
 
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": "channels_last"}
+
+
 @needs_diffusers
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_video_latents_are_diffusers(device, backend):
+def test_video_latents_are_diffusers(device, backend, layout):
     """5-D latents (B, 2C, T, H, W): diffusers sums its KL over dims 1, 2, 3 and keeps the last, and so does the
-    fused class (the op reads a permuted view); z comes back contiguous, as diffusers'."""
+    fused class (the op reads a permuted view); z comes back in diffusers' layout."""
     parameters = torch.randn(2, 6, 3, 4, 5, device=device) * 3
-    parameters = parameters.requires_grad_()
+    memory_format = torch.channels_last_3d if layout == "channels_last" else layout
+    parameters = parameters.contiguous(memory_format=memory_format).requires_grad_()
     prior = (torch.randn(2, 6, 3, 4, 5, device=device) * 3).requires_grad_()
     (_, kl, _, _), _ = _compare(parameters, backend, prior=prior)
     assert kl.shape == (2, 5)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_both_layouts_are_read_in_place(device, monkeypatch, layout):
+    """The channel halves of a contiguous and of a channels_last encoder output (AutoencoderKL's, its mid-block
+    attention reshaping to that layout) reach the kernels where they lie: no copy, forward or backward. Against
+    diffusers too, with a prior of the other layout."""
+    from fastvae.kernels import reparameterize_kl as kernels
+
+    copies = []
+
+    def spy(tensor, shape, event_dims):
+        view, strides = split_rows(tensor, shape, event_dims)
+        copies.append(view.data_ptr() != tensor.data_ptr())
+        return view, strides
+
+    split_rows = kernels.split_rows
+    monkeypatch.setattr(kernels, "split_rows", spy)
+    memory_format = torch.channels_last if layout == "channels_last" else layout
+    parameters = torch.randn(2, 8, 5, 6, device=device).contiguous(memory_format=memory_format).requires_grad_()
+    _compare(parameters, "triton")
+    assert copies and not any(copies)
+    prior = torch.randn(2, 8, 5, 6, device=device).requires_grad_()  # contiguous: read with strides where needed
+    _compare(parameters, "triton", prior=prior)
 
 
 @needs_diffusers
@@ -373,3 +404,38 @@ def test_finetune_converges_as_with_diffusers(device, backend, patched):
     assert (want_losses[1:] != want_losses[0]).all()  # it trained: every step moved the loss
     assert_close(got_losses, want_losses, rtol=1e-5, atol=1e-6)
     assert_close(got_params, want_params, rtol=1e-4, atol=1e-4)
+
+
+# ---- the counts docs/diffusers.md quotes ----------------------------------------------------------------------
+
+
+@needs_diffusers
+def test_posterior_counts_are_the_documented_ones():
+    """``python -m benchmarks.autoencoder_kl --counts``' posterior rows (SD's latent, batch 8, float32), as
+    docs/diffusers.md quotes them: kernels, units moved and kept, forward and backward, in both layouts.
+
+    diffusers, forward: clamp, mul, exp, exp, randn, mul, add, pow, add, sub, sub, sum (2+2+2+2+1+3+3+2+3+2+3+1 =
+    26 units) and a mul of the per-image sums; it keeps std, var and the noise (3 units). fastvae: randn (1) and
+    the kernel (mu, logvar, noise -> z: 4), a sum of the KL's partials; backward the kernel (grad_z, mu, logvar,
+    noise -> two gradients: 6) and the chunk's cat (4); it keeps the noise (1). channels_last: the kernel's KL
+    per pixel (1/C of a unit in float32) written and summed, and in the backward its gradient written out and
+    read: + 0.5 and + 0.5.
+    """
+    from fastvae.backend import kernels_interpreted
+
+    if not kernels_interpreted():
+        pytest.skip("records fastvae's launches on CPU tensors, which needs TRITON_INTERPRET=1")
+    from benchmarks.autoencoder_kl import count_posterior
+
+    want = {
+        ("diffusers", "channels_last"): ((13, 18), (26.0, 35.5), 3.0),
+        ("fastvae", "channels_last"): ((3, 3), (5.5, 10.5), 1.0),
+        ("diffusers", "contiguous"): ((13, 18), (26.0, 35.5), 3.0),
+        ("fastvae", "contiguous"): ((3, 2), (5.0, 10.0), 1.0),
+    }
+    for (impl, layout), (kernels, units, kept) in want.items():
+        counts = count_posterior((4, 64, 64), torch.float32, impl, batch=8, layout=layout)
+        unit = counts["unit_bytes"]
+        assert (counts["forward"]["kernels"], counts["backward"]["kernels"]) == kernels, impl
+        assert (round(counts["forward"]["bytes"] / unit, 2), round(counts["backward"]["bytes"] / unit, 2)) == units
+        assert round(counts["kept_bytes"] / unit, 2) == kept, impl

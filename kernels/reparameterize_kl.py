@@ -4,8 +4,9 @@ The inputs, of shape ``(*lead, *event)`` (the last ``event_dims`` dims are the
 event), are seen as an ``(n_rows, n_cols)`` matrix: one row per KL value (the
 leading dims, flattened), one column per element of the event. With ``c`` the
 optional clamp of the log-variances, soft ``c(x) = L tanh(x / L)``
-(``logvar_limit = L``) or hard ``c(x) = min(max(x, lo), hi)`` (``logvar_clamp
-= (lo, hi)``: ``logvar_min``, ``logvar_max`` in the kernels), ``lv = c(logvar)``, ``plv = c(prior_logvar)``, ``pmu = prior_mu`` (both 0 when
+(``logvar_limit = L``) or hard ``c(x) = min(max(x, lo), hi)``
+(``logvar_clamp = (lo, hi)``: ``logvar_min``, ``logvar_max`` in the kernels),
+``lv = c(logvar)``, ``plv = c(prior_logvar)``, ``pmu = prior_mu`` (both 0 when
 not given: the prior N(0, I)), ``r = exp(lv - plv)`` and
 ``s = (mu - pmu) exp(-plv)``::
 
@@ -483,7 +484,8 @@ def reparameterize_kl_forward(
             n_rows, n_cols, n_inner,
             *mu2.strides, *logvar2.strides, *eps2.strides, *prior_mu2.strides, *prior_logvar2.strides,
             seed, first_counter, philox_state if eps is None else None, tiling.cols_per_split, logvar_limit,
-            *_clamp_limits(logvar_clamp), HAS_EPS=eps is not None, BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP,
+            *_clamp_limits(logvar_clamp),
+            HAS_EPS=eps is not None, BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP,
             num_warps=tiling.num_warps,
         )
     kl = kl.sum(dim=1) if tiling.n_splits > 1 else kl.view(n_rows)

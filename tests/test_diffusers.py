@@ -6,8 +6,10 @@ clamp [-30, 20] included, and a short fine-tune whose loss must be the same at e
 patch. Skipped where diffusers is not installed (``pip install -e ".[test]"`` installs it).
 """
 import importlib.util
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,7 +88,8 @@ def test_patch_and_unpatch(device, patched):
     posterior = vae.encode(x).latent_dist
     assert isinstance(posterior, FusedDiagonalGaussianDistribution) and posterior.backend == "torch"
     unpatch_autoencoder_kl()
-    assert _posterior_class() is DiagonalGaussianDistribution and type(vae.encode(x).latent_dist) is DiagonalGaussianDistribution
+    assert _posterior_class() is DiagonalGaussianDistribution
+    assert type(vae.encode(x).latent_dist) is DiagonalGaussianDistribution
     unpatch_autoencoder_kl()  # a no-op when not patched
     assert _posterior_class() is DiagonalGaussianDistribution
 
@@ -99,7 +102,8 @@ def test_tiled_encode_is_patched_too(device, patched):
     vae.enable_tiling()
     vae.tile_sample_min_size, vae.tile_latent_min_size = 8, 4  # 16x16 images in 8x8 tiles
     patched(backend="torch")
-    assert isinstance(vae.encode(torch.rand(1, 3, 16, 16, device=device)).latent_dist, FusedDiagonalGaussianDistribution)
+    posterior = vae.encode(torch.rand(1, 3, 16, 16, device=device)).latent_dist
+    assert isinstance(posterior, FusedDiagonalGaussianDistribution)
 
 
 @needs_diffusers
@@ -439,3 +443,39 @@ def test_posterior_counts_are_the_documented_ones():
         assert (counts["forward"]["kernels"], counts["backward"]["kernels"]) == kernels, impl
         assert (round(counts["forward"]["bytes"] / unit, 2), round(counts["backward"]["bytes"] / unit, 2)) == units
         assert round(counts["kept_bytes"] / unit, 2) == kept, impl
+
+
+# ---- the example ---------------------------------------------------------------------------------------------
+
+EXAMPLE = str(Path(__file__).parents[1] / "examples" / "finetune_autoencoder_kl.py")
+TINY_EXAMPLE = ["--data", "digits", "--num-images", "24", "--image-size", "16", "--channels", "8,16", "--batch-size",
+                "4", "--steps", "3", "--log-every", "2"]
+
+
+def _example(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, EXAMPLE, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("patch", ["patched", "--no-patch"])
+def test_example_finetunes_and_saves(tmp_path, patch):
+    result = _example(*TINY_EXAMPLE, "--out", tmp_path, *(["--no-patch"] if patch == "--no-patch" else []))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step     2" in result.stdout and "step     3" in result.stdout and "held-out l1 error" in result.stdout
+    assert ("diffusers' own posterior" in result.stdout) == (patch == "--no-patch")
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "reconstructions.png"} <= {
+        p.name for p in tmp_path.iterdir()}
+
+
+@needs_diffusers
+@pytest.mark.parametrize("args, message", [
+    (["--channels", "8,x"], "--channels"),
+    (["--steps", "0"], "--steps"),
+    (["--data", "nowhere.npz"], "--data"),
+    (["--data", "digits", "--channels", "8,8,8,8,8", "--steps", "1"], "multiple of 16"),
+])
+def test_example_bad_input_is_one_line(args, message):
+    result = _example(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

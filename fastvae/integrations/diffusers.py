@@ -154,7 +154,9 @@ class FusedDiagonalGaussianDistribution(DiagonalGaussianDistribution):
         tensors = [self.mean, self._logvar_unclamped, noise]
         dtype = self.parameters.dtype
         if other is not None:
-            other_logvar = other._logvar_unclamped if isinstance(other, FusedDiagonalGaussianDistribution) else other.logvar
+            # A fused prior's raw log-variance (the kernel clamps it); another's is clamped already.
+            fused = isinstance(other, FusedDiagonalGaussianDistribution)
+            other_logvar = other._logvar_unclamped if fused else other.logvar
             tensors += [other.mean, other_logvar]
             dtype = torch.promote_types(dtype, torch.promote_types(other.mean.dtype, other_logvar.dtype))
         order, event_dims, sum_after = _read_in_place(self.mean)

@@ -360,6 +360,32 @@ def test_kl_before_sample_draws_no_noise(device, backend):
     assert_close(*grads)
 
 
+@needs_diffusers
+def test_torch_compile_fullgraph(device):
+    """The fused posterior compiles without a graph break; with Inductor drawing random numbers as eager torch
+    does (``fallback_random``), it gives eager's z, KL and gradient."""
+    import torch._inductor.config
+
+    from fastvae.integrations.diffusers import FusedDiagonalGaussianDistribution
+
+    def posterior(h):
+        distribution = FusedDiagonalGaussianDistribution(h, backend="triton")
+        return distribution.sample(), distribution.kl()
+
+    torch._dynamo.reset()
+    h = torch.randn(2, 8, 4, 4, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(0)
+        z, kl = torch.compile(posterior, fullgraph=True)(h)
+    torch.manual_seed(0)
+    z_eager, kl_eager = posterior(h)
+    assert_close(z, z_eager)
+    assert_close(kl, kl_eager)
+    grads = [torch.autograd.grad((a * torch.arange(a.numel(), device=device).view_as(a)).sum() + b.sum(), h)[0]
+             for a, b in ((z, kl), (z_eager, kl_eager))]
+    assert_close(*grads)
+
+
 # ---- the convergence test: a short fine-tune, with and without the patch ----------------------------------------
 
 FINETUNE_STEPS = 12

@@ -375,7 +375,8 @@ def _kernel_job(kernel_name, dtype, int_type, constexprs, device_state=None):
             signature[name] = "constexpr"
         elif not name.isupper():
             signature[name] = int_type
-    constexprs = dict(constexprs, BLOCK_ROWS=8, BLOCK_GROUPS=128, logvar_min=None, logvar_max=None,
+    clamps = {name: None for name in ("logvar_min", "logvar_max") if name in kernel.arg_names}
+    constexprs = dict(constexprs, BLOCK_ROWS=8, BLOCK_GROUPS=128, **clamps,
                       **({} if device_state else {"philox_ptr": None}))
     return kernels.__name__, kernel_name, signature, constexprs, 8
 

@@ -111,17 +111,50 @@ def _hvae_layer(batch, channels, size):
     return run
 
 
-def _diffusers_posterior(batch, channels, size, sampled=True):
+def _vector_quantize(n, k, d, learned_codebook):
+    def run(dtype):
+        from fastvae.functional import vector_quantize
+
+        z = torch.randn(n, d).to(dtype).requires_grad_()
+        codebook = torch.randn(k, d).to(dtype).requires_grad_(learned_codebook)
+        z_q, _, loss = vector_quantize(z, codebook, reduction="mean", backend="triton")
+        wrt = [z, codebook] if learned_codebook else [z]
+        torch.autograd.grad([z_q, loss], wrt, [torch.randn_like(z_q), torch.ones_like(loss)])
+
+    return run
+
+
+def _vq_feature_map(batch, d, size):
+    def run(dtype):
+        from fastvae.functional import vector_quantize
+
+        # A VQ-VAE's bottleneck: a channel slice of a conv output, an EMA codebook (no gradient).
+        h = torch.randn(batch, d + 8, size, size).to(dtype).requires_grad_()
+        z_q, _, loss = vector_quantize(h[:, :d], torch.randn(512, d).to(dtype), dim=1, reduction="mean",
+                                       backend="triton")
+        torch.autograd.grad([z_q, loss], [h], [torch.randn_like(z_q), torch.ones_like(loss)])
+
+    return run
+
+
+def _diffusers_posterior(batch, channels, size, sampled=True, channels_last=False):
     def run(dtype):
         from fastvae.functional import reparameterize_kl
 
         # diffusers' AutoencoderKL posterior as fastvae.integrations.diffusers computes it: the channel halves of
-        # the encoder's (B, 2C, H, W) output, the hard clamp to [-30, 20], the noise given (diffusers draws it),
-        # one KL per image; kl() before any sample() passes zero noise as one value (stride 0) and uses no z.
-        h = torch.randn(batch, 2 * channels, size, size).to(dtype).requires_grad_()
+        # the encoder's (B, 2C, H, W) output, the hard clamp to [-30, 20], the noise given (diffusers draws it);
+        # kl() before any sample() passes zero noise as one value (stride 0) and uses no z. Contiguous: one KL per
+        # image over (C, H, W); channels_last (AutoencoderKL's encoder output): one per pixel over C, summed after.
+        h = torch.randn(batch, 2 * channels, size, size).to(dtype)
+        h = h.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        h.requires_grad_()
         mean, logvar = h.chunk(2, dim=1)
         noise = torch.randn_like(mean) if sampled else mean.new_zeros(()).expand(mean.shape)
-        z, kl = reparameterize_kl(mean, logvar, noise, event_dims=3, logvar_clamp=(-30.0, 20.0), backend="triton")
+        order, event_dims = ((0, 2, 3, 1), 1) if channels_last else ((0, 1, 2, 3), 3)
+        mean, logvar, noise = (t.permute(order) for t in (mean, logvar, noise))
+        z, kl = reparameterize_kl(mean, logvar, noise, event_dims=event_dims, logvar_clamp=(-30.0, 20.0),
+                                  backend="triton")
+        kl = kl.sum(dim=(1, 2)) if channels_last else kl
         if sampled:
             torch.autograd.grad([z, kl], [h], [torch.randn_like(z), torch.ones_like(kl)])
         else:
@@ -138,8 +171,15 @@ EXTRA_SCENARIOS = [
     Scenario("reparameterize_kl of a linear head's halves, 4096x32", _latent_head(4096, 32)),
     Scenario("reparameterize_kl of a linear head's halves, 128x16", _latent_head(128, 16)),
     Scenario("reparameterize_kl of an hvae layer, 8 channels of 7x7 maps, batch 64", _hvae_layer(64, 8, 7)),
+    Scenario("vector_quantize, 4096 vectors of 64 against 512 codes, codebook by gradient",
+             _vector_quantize(4096, 512, 64, True)),
+    Scenario("vector_quantize, 1024 vectors of 200 against 300 codes", _vector_quantize(1024, 300, 200, False)),
+    Scenario("vector_quantize of a VQ-VAE's 7x7 map slice, 16 channels, batch 128, EMA codebook",
+             _vq_feature_map(128, 16, 7)),
     Scenario("diffusers' AutoencoderKL posterior, sample and KL, SD's 4x64x64 latents, batch 8",
              _diffusers_posterior(8, 4, 64)),
+    Scenario("diffusers' AutoencoderKL posterior, sample and KL, SD's 4x64x64 latents, batch 8, channels_last",
+             _diffusers_posterior(8, 4, 64, channels_last=True)),
     Scenario("diffusers' AutoencoderKL posterior, KL alone, SD's 4x64x64 latents, batch 8",
              _diffusers_posterior(8, 4, 64, sampled=False)),
 ]

@@ -11,13 +11,14 @@ On the CPU, at a tiny size, in a few minutes (64x64 binary shapes, a 0.7M-parame
 
     python examples/finetune_autoencoder_kl.py --data shapes --steps 300
 
-On a GPU, Stable Diffusion's VAE (weights from the Hugging Face Hub) on your images::
+On a GPU, Stable Diffusion's VAE (weights from the Hugging Face Hub) on a folder of your images::
 
     python examples/finetune_autoencoder_kl.py --pretrained stabilityai/sd-vae-ft-mse \\
-        --data my_images.npz --image-size 256 --batch-size 8 --steps 2000 --precision bf16 --out runs/sd-vae
+        --data my_images/ --image-size 256 --batch-size 8 --steps 2000 --precision bf16 --out runs/sd-vae
 
 ``--data`` takes what :func:`fastvae.data.load_images` takes (``shapes``,
-``mnist``, ``digits``, or an ``.npy``/``.npz`` file of images). ``--no-patch``
+``mnist``, ``digits``, an ``.npy``/``.npz`` file of images, or a folder of
+image files, read once and cut to ``--image-size`` squares). ``--no-patch``
 runs diffusers' own posterior and the loss in plain PyTorch, to compare. Needs
 diffusers: ``pip install -e ".[diffusers]"``.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,10 +43,12 @@ SHAPES_IMAGES = 2000  # shapes to generate by default: enough for a few hundred 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="shapes", help="a fastvae dataset name or an image file (default: shapes)")
+    parser.add_argument("--data", default="shapes",
+                        help="a fastvae dataset name, an image file or a folder of images (default: shapes)")
     parser.add_argument("--num-images", type=int, default=None,
                         help="images to load (for shapes: to generate; default 2000), default all")
-    parser.add_argument("--image-size", type=int, default=None, help="resize the images to this size (default: as is)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize the images to this size (a folder's: when read; default: as they are)")
     parser.add_argument("--pretrained", default=None,
                         help="a diffusers AutoencoderKL to start from (a Hub name or a folder), else a new one")
     parser.add_argument("--channels", default="16,32,64",
@@ -146,7 +150,7 @@ def save_figure(vae, images: torch.Tensor, args, channels: int, size: int | None
     x = prepare(images[:8], channels, size, torch.device(args.device))
     with torch.no_grad(), autocast(args):
         x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
-    figure, axes = plt.subplots(2, len(x), figsize=(1.5 * len(x), 3.2))
+    figure, axes = plt.subplots(2, len(x), figsize=(1.5 * len(x), 3.2), squeeze=False)
     for column in range(len(x)):
         for row, batch in enumerate((x, x_hat)):
             picture = ((batch[column].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu()
@@ -174,7 +178,8 @@ def main(argv=None) -> int:
     if message:
         print(message, "...")
     try:
-        data = load_images(args.data, num_images=args.num_images)
+        folder = os.path.isdir(args.data)  # resized when read, not batch by batch
+        data = load_images(args.data, num_images=args.num_images, image_size=args.image_size if folder else None)
     except ConfigError as error:
         print(f"--data: {error}", file=sys.stderr)
         return 2

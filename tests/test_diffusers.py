@@ -487,7 +487,20 @@ def _example(*args):
 @needs_diffusers
 @pytest.mark.parametrize("patch", ["patched", "--no-patch"])
 def test_example_finetunes_and_saves(tmp_path, patch):
-    result = _example(*TINY_EXAMPLE, "--out", tmp_path, *(["--no-patch"] if patch == "--no-patch" else []))
+    """The example trains and saves, patched on the digits, unpatched on a folder of RGB images."""
+    args = list(TINY_EXAMPLE)
+    if patch == "--no-patch":
+        from PIL import Image
+
+        folder = tmp_path / "images"
+        folder.mkdir()
+        for i in range(6):
+            Image.fromarray(torch.randint(0, 256, (20, 24, 3), dtype=torch.uint8).numpy()).save(folder / f"{i}.png")
+        args[args.index("--data") + 1] = str(folder)
+        args[args.index("--num-images") : args.index("--num-images") + 2] = []
+        args.append("--no-patch")
+    result = _example(*args, "--out", tmp_path / "run")
+    tmp_path = tmp_path / "run"
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step     2" in result.stdout and "step     3" in result.stdout and "held-out l1 error" in result.stdout
     assert ("diffusers' own posterior" in result.stdout) == (patch == "--no-patch")

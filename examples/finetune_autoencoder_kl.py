@@ -9,7 +9,7 @@ fused ``reconstruction_loss``, plus ``--kl-weight`` (1e-6) times the KL.
 
 On the CPU, at a tiny size, in a few minutes (64x64 binary shapes, a 0.7M-parameter model)::
 
-    python examples/finetune_autoencoder_kl.py --data shapes --steps 300
+    python examples/finetune_autoencoder_kl.py --data shapes --steps 300 --out runs/shapes
 
 On a GPU, Stable Diffusion's VAE (weights from the Hugging Face Hub) on a folder of your images::
 

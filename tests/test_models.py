@@ -160,6 +160,11 @@ def test_conv_vae_default_widths_fit_the_image(channels, size, widths):
 def test_builders_reject_shapes_they_cannot_build():
     with pytest.raises(ValueError, match="image_size 28 must be divisible by 2\\*\\*len\\(widths\\) = 8"):
         conv_vae(1, 28, widths=(8, 8, 8))
+    for size in (1, 7):  # odd: no number of widths fits, passed or not
+        for widths in (None, (8,)):
+            with pytest.raises(ValueError, match=f"image_size {size} is odd.*use an MLP") as raised:
+                conv_vae(1, size, widths=widths)
+            assert "fewer widths" not in str(raised.value)
     with pytest.raises(ValueError, match="hidden"):
         mlp_vae(SHAPE, hidden=())
     with pytest.raises(ValueError, match="likelihood must be one of"):
@@ -460,3 +465,27 @@ def test_sampling_at_temperature_zero_decodes_the_prior_mean(model):
     torch.testing.assert_close(samples, samples[0].expand_as(samples))
     with pytest.raises(ValueError, match="temperature"):
         built.sample(2, temperature=-1.0)
+
+
+def test_an_empty_batch_has_no_loss_but_has_empty_per_image_results():
+    """forward's loss is a mean over the batch: an empty batch is a ValueError saying so, for every model; per-image
+    results (log_likelihood, codes, reconstructions) of no images are empty, of the right shape."""
+    from fastvae.models import HierarchicalVAE
+
+    image = (1, 8, 8)
+    models = [
+        mlp_vae(image, latent_dim=3, hidden=(12,)),
+        conv_vae(1, 8, latent_dim=3, widths=(4,)),
+        mlp_autoencoder(image, latent_dim=3, hidden=(12,)),
+        HierarchicalVAE(image, layers_per_resolution=(1, 1), latent_channels=2, width=8),
+    ]
+    empty = torch.rand(0, *image)
+    for model in models:
+        model.eval()
+        with pytest.raises(ValueError, match=r"x must be a batch of at least one image.*got shape \(0, 1, 8, 8\)"):
+            model(empty)
+        if hasattr(model, "log_likelihood"):
+            estimate = model.log_likelihood(empty, 3)
+            assert estimate.shape == (0,) and estimate.dtype == torch.float32
+        assert model.codes(empty).shape[0] == 0
+        assert model.reconstruct(empty).shape == empty.shape

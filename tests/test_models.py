@@ -21,7 +21,7 @@ from fastvae.models import (
 )
 from fastvae.likelihoods import GaussianLikelihood
 from fastvae.nn import ReconstructionLoss
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_float32_sum_of_float64
 
 SHAPE = (1, 4, 5)
 
@@ -101,6 +101,27 @@ def test_log_likelihood_against_a_direct_computation(likelihood, k, chunk_size):
         expected = direct_log_likelihood(model, x, eps)
     assert estimate.shape == (4,)
     assert_close(estimate, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_one_sample_log_likelihood_is_the_sampled_elbo_of_forward_on_the_same_noise():
+    """k = 1 against the training path (the fused ops): on the noise forward is given, the estimate is
+    -recon + log N(z; 0, I) - log q(z | x), with q's log-variance soft-clamped as the op clamps it (the head's bias
+    pushes it past the clamp's knee, where an unclamped one would differ), in float64 from torch.distributions."""
+    model = small_vae(logvar_limit=2.0).eval()
+    with torch.no_grad():
+        model.latent.head.bias[3:].fill_(2.5)  # logvar = 2.5 + ...: the clamp gives about 2 tanh(1.25) = 1.7
+    x = torch.rand(4, *SHAPE).round()
+    generator = torch.Generator().manual_seed(5)
+    estimate = model.log_likelihood(x, 1, generator=generator)
+    eps = torch.randn((1, 4, 3), generator=generator.manual_seed(5))[0]  # the draw log_likelihood documents
+    with torch.no_grad():
+        out = model(x, eps=eps, kl_weight=1.0)
+    z, mu = out.z.double(), out.mu.double()
+    logvar = 2.0 * torch.tanh(out.logvar.double() / 2.0)
+    log_q = Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+    log_prior = Normal(0.0, 1.0).log_prob(z).sum(-1)
+    want = -out.recon.double() + log_prior - log_q
+    assert_float32_sum_of_float64(estimate, want, terms=math.prod(SHAPE) + 3, scale=10.0)
 
 
 def test_log_likelihood_bound_is_tighter_than_the_elbo_on_average():

@@ -1,13 +1,31 @@
-"""Test setup: where the Triton kernels run.
+"""Test setup: where the Triton kernels run, fresh random inputs per test, and the seed sweep.
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors; Triton
 reads ``TRITON_INTERPRET`` when a kernel is defined, so it is set here, before
 any test imports fastvae's kernels. torch.compile's on-disk cache is one per
 checkout (see below). With CUDA the kernels are compiled and the
 same tests run on the GPU at larger shapes; the CPU cases are then skipped.
+
+Random inputs. Every test starts with torch's generator seeded from
+``torch.seed()``, a fresh seed each run, printed with a failing test's output
+(``torch seed N``): each run searches new inputs. So **a randomized test must
+pass under any seed**: choose its tolerances from an error analysis of what
+the computations compared can differ by at the inputs' scale (as
+``tests/test_reparameterize_kl_prior.py::test_logvar_limit_is_the_eager_clamp``
+does), never by trying seeds until one passes; a test whose inputs must be
+fixed seeds them itself (``torch.manual_seed``, a ``torch.Generator``).
+
+The seed sweep checks that: ``pytest --seeds N [--seed-start S] tests/...``
+(or ``python -m tests.sweep N tests/...``) runs each test under seeds S, S+1,
+..., S+N-1 (ids ``[...-seedS]``). A test that draws nothing from torch's global
+generator before seeding it itself runs once, under the first seed; the other
+seeds of it are skipped as deterministic. A failure names its seed; rerun it
+alone with ``--seeds 1 --seed-start SEED``. Run it over a test module you add
+or change that draws random inputs (200 seeds for the op tests).
 """
 import hashlib
 import os
+import re
 import tempfile
 
 import torch
@@ -56,12 +74,82 @@ def sm90_variants():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    """Each test draws fresh random inputs, from a seed pytest reports if it fails."""
-    seed = torch.seed() % 2**31
+def _fresh_seed(request):
+    """Each test draws fresh random inputs, from a seed pytest reports if it fails (the sweep's, under --seeds)."""
+    sweep = request.config.getoption("seeds") is not None
+    seed = request.getfixturevalue("sweep_seed") if sweep else torch.seed() % 2**31
     torch.manual_seed(seed)
     print(f"torch seed {seed}")  # shown with a failing test's captured output
-    yield seed
+    if not sweep:
+        yield seed
+        return
+    draws = _GlobalDraws(request.node)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "manual_seed", draws.reseeding(torch.manual_seed))
+        yield seed
+    draws.finish()
+
+
+class _GlobalDraws:
+    """Under --seeds: whether a test drew from torch's global generator before seeding it itself (randomized), or
+    not (deterministic: the sweep runs it under its first seed only)."""
+
+    randomized: dict[str, bool] = {}  # the test without its seed -> whether it is randomized
+
+    def __init__(self, item):
+        self.key = _unseeded_id(item)
+        self.state = torch.get_rng_state()
+        self.drew = None
+
+    def reseeding(self, manual_seed):
+        def seeded(seed):
+            if self.drew is None:
+                self.drew = not torch.equal(torch.get_rng_state(), self.state)
+            return manual_seed(seed)
+
+        return seeded
+
+    def finish(self) -> None:
+        if self.drew is None:
+            self.drew = not torch.equal(torch.get_rng_state(), self.state)
+        _GlobalDraws.randomized.setdefault(self.key, self.drew)
+
+
+def _unseeded_id(item) -> str:
+    return re.sub(r"-?seed\d+(?=[\]-])", "", item.nodeid).replace("[]", "")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastvae")
+    group.addoption("--seeds", type=int, default=None, metavar="N",
+                    help="the seed sweep: run each randomized test under N seeds (see tests/conftest.py)")
+    group.addoption("--seed-start", type=int, default=0, metavar="S", help="the sweep's first seed (default: 0)")
+
+
+def pytest_generate_tests(metafunc):
+    seeds = metafunc.config.getoption("seeds")
+    if seeds is not None:
+        start = metafunc.config.getoption("seed_start")
+        metafunc.fixturenames.append("sweep_seed")
+        metafunc.parametrize("sweep_seed", range(start, start + seeds), ids=lambda seed: f"seed{seed}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under --seeds, each test's seeds one after another, the first first (it decides whether the rest run)."""
+    if config.getoption("seeds") is None:
+        return
+    first = {}
+    for item in items:
+        first.setdefault(_unseeded_id(item), len(first))
+    items.sort(key=lambda item: (first[_unseeded_id(item)], item.callspec.params["sweep_seed"]))
+
+
+def pytest_runtest_setup(item):
+    if item.config.getoption("seeds") is None or "sweep_seed" not in getattr(item, "callspec", None).params:
+        return
+    if item.callspec.params["sweep_seed"] != item.config.getoption("seed_start"):
+        if _GlobalDraws.randomized.get(_unseeded_id(item)) is False:
+            pytest.skip("deterministic: draws nothing from torch's global generator; ran under the first seed")
 
 
 def pytest_configure(config):

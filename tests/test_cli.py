@@ -318,7 +318,10 @@ def test_subcommands_plug_into_the_registry(monkeypatch):
 def test_the_installed_command_and_python_m_fail_cleanly(tmp_path):
     """A real process: exit status 2 and one line on stderr, with no traceback."""
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    for command in (["fastvae"], [sys.executable, "-m", "fastvae"]):
+    # The command installed beside this interpreter (a venv's bin/), whether or not that venv is activated.
+    installed = os.path.join(os.path.dirname(sys.executable), "fastvae")
+    assert os.access(installed, os.X_OK), f"no fastvae command beside {sys.executable}: pip install -e ."
+    for command in ([installed], [sys.executable, "-m", "fastvae"]):
         done = subprocess.run(
             [*command, "train", "--data", "cifar"], cwd=tmp_path, env=env, capture_output=True, text=True
         )

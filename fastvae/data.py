@@ -323,9 +323,8 @@ def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor
         raise
     except Exception as err:  # numpy raises ValueError, OSError, EOFError, zipfile errors ... on a bad file
         raise ConfigError(f"cannot read {path} as a numpy file: {err}") from None
-    if array.ndim not in (3, 4):  # before its values are checked: a single number is not an image of bad values
-        raise ConfigError(_layout_error(path, array.shape))
-    array = _first(array, num_images, path)
+    if array.ndim:
+        array = _first(array, num_images, path)
     # A copy in the final dtype, and the training and held-out copies of it.
     final_itemsize = 4 if np.issubdtype(array.dtype, np.floating) else 1
     check_fits_in_memory(array.size * (array.itemsize + 2 * final_itemsize), f"the images of {path}")
@@ -346,6 +345,8 @@ def _npz_images(path: str, archive) -> np.ndarray:
 
 def _images_from_array(path: str, array: np.ndarray) -> np.ndarray:
     """Check ``array``'s dtype, range and shape; return it as a contiguous ``(N, C, H, W)`` array."""
+    if array.ndim not in (3, 4) and (array.dtype in (np.bool_, np.uint8) or np.issubdtype(array.dtype, np.floating)):
+        raise ConfigError(_layout_error(path, array.shape))  # before the values: one number is no image of bad ones
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):

@@ -135,13 +135,14 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under --seeds, each test's seeds one after another, the first first (it decides whether the rest run)."""
+    """Under --seeds, every test under the first seed (which decides whether a test's other seeds run), then every
+    test under the next: a sweep stopped early has covered its first seeds completely."""
     if config.getoption("seeds") is None:
         return
-    first = {}
+    order = {}
     for item in items:
-        first.setdefault(_unseeded_id(item), len(first))
-    items.sort(key=lambda item: (first[_unseeded_id(item)], item.callspec.params["sweep_seed"]))
+        order.setdefault(_unseeded_id(item), len(order))
+    items.sort(key=lambda item: (item.callspec.params["sweep_seed"], order[_unseeded_id(item)]))
 
 
 def pytest_runtest_setup(item):

@@ -5,8 +5,9 @@ it; :func:`interrupts_deferred` holds Ctrl-C back while it does;
 :func:`describe_os_error` turns a failed write into words for a one-line error.
 A command's output file (``fastvae sample --out``, ``fastvae encode --out``) is
 checked by :func:`check_new_file` before any work and written by
-:func:`write_new_file`: both report a path that cannot be written as a
-:class:`~fastvae.errors.ConfigError` (one line, exit status 2), never a traceback.
+:func:`write_new_file`, an output folder by :func:`prepare_output_folder`: each
+reports a path that cannot be written as a :class:`~fastvae.errors.ConfigError`
+(one line, exit status 2), never a traceback.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def describe_os_error(err: OSError) -> str:
 
 def check_new_file(path: str) -> None:
     """Raise :class:`ConfigError` unless ``path`` can be written as a new file: it does not exist (not even as a
-    dangling link), its folder does, and a file can be created there (an unnamed one, tried and dropped)."""
+    dangling link), its folder does, and a file can be created there."""
     if os.path.lexists(path):
         raise ConfigError(f"{path} already exists; choose another --out")
     folder = os.path.dirname(path) or "."
@@ -100,11 +101,28 @@ def check_new_file(path: str) -> None:
         if os.path.exists(folder):
             raise ConfigError(f"cannot write {path}: {folder} is not a folder")
         raise ConfigError(f"the folder of {path} does not exist")
+    _check_writable(folder, path)
+
+
+def prepare_output_folder(folder: str) -> None:
+    """Create the folder ``folder`` (and its parents) where it is missing, and check that a file can be created in
+    it; :class:`ConfigError` otherwise. For a command that writes its results at the end (``python -m benchmarks
+    --out``): it fails before the work, not after."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the folder {folder}: {describe_os_error(err)}") from None
+    _check_writable(folder, f"into {folder}")
+
+
+def _check_writable(folder: str, what: str) -> None:
+    """Raise :class:`ConfigError` (``cannot write <what>``) unless a file can be created in ``folder``: an unnamed
+    one, tried and dropped."""
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:  # a read-only or full file system, no permission, /proc
-        raise ConfigError(f"cannot write {path}: {describe_os_error(err)}") from None
+        raise ConfigError(f"cannot write {what}: {describe_os_error(err)}") from None
 
 
 def write_new_file(path: str, write: Callable[[str], None]) -> None:

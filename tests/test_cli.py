@@ -484,6 +484,7 @@ def test_a_run_stopped_before_its_first_checkpoint_is_taken_over_by_the_next(tmp
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert_one_line_error(*run("train", *TINY, "--out", tmp_path / "mine")[:3:2], "holds files of its own", "notes.txt")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]  # not even a lock file
 
 
 def test_ctrl_c_in_the_final_evaluation_and_a_resume_that_finishes_it(tmp_path, monkeypatch):

@@ -99,7 +99,9 @@ def new_run_dir(config: TrainConfig, data_name: str, hold: Callable[[str], None]
 def _claim(out: str, hold: Callable[[str], None]) -> bool:
     """Create the folder ``out``, or empty one that held a run without a checkpoint; whether it existed."""
     existed = os.path.isdir(out)
-    if not existed:
+    if existed:
+        _claimable_files(out)  # refused before the lock is taken: a refused folder is left as it was
+    else:
         if os.path.lexists(out):
             raise ConfigError(f"{out} already exists and is not a folder; choose another --out")
         try:
@@ -107,6 +109,15 @@ def _claim(out: str, hold: Callable[[str], None]) -> bool:
         except OSError as err:
             raise ConfigError(f"cannot create the run folder {out}: {describe_os_error(err)}") from None
     hold(out)
+    for name in _claimable_files(out):  # again, now that no other command writes into it: what a run that stopped
+        with contextlib.suppress(FileNotFoundError):  # before its first checkpoint left (its metrics, its events)
+            os.remove(os.path.join(out, name))
+    return existed
+
+
+def _claimable_files(out: str) -> list[str]:
+    """The files in the folder ``out`` but its lock file; a ConfigError unless they are those of a run stopped
+    before its first checkpoint."""
     names = [name for name in _list(out) if name != LOCK_FILE]
     if CHECKPOINT_FILE in names:
         raise ConfigError(
@@ -119,10 +130,7 @@ def _claim(out: str, hold: Callable[[str], None]) -> bool:
             f"{out} already exists and holds files of its own ({', '.join(others[:3])}"
             f"{', ...' if len(others) > 3 else ''}); choose another --out"
         )
-    for name in names:  # what a run that stopped before its first checkpoint left: its metrics, its events
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out, name))
-    return existed
+    return names
 
 
 def _list(folder: str) -> list[str]:

@@ -20,8 +20,11 @@ The seed sweep checks that: ``pytest --seeds N [--seed-start S] tests/...``
 ..., S+N-1 (ids ``[...-seedS]``). A test that draws nothing from torch's global
 generator before seeding it itself runs once, under the first seed; the other
 seeds of it are skipped as deterministic. A failure names its seed; rerun it
-alone with ``--seeds 1 --seed-start SEED``. Run it over a test module you add
-or change that draws random inputs (200 seeds for the op tests).
+alone with ``--seeds 1 --seed-start SEED``. At the end the sweep lists the
+tests whose ``torch.testing.assert_close`` calls came closest to their
+tolerance (the worst ratio of error to tolerance, and its seed): a test near 1
+needs its error analysis redone, whatever the seeds showed. Run it over a test
+module you add or change that draws random inputs (200 seeds for the op tests).
 """
 import hashlib
 import os
@@ -86,8 +89,51 @@ def _fresh_seed(request):
     draws = _GlobalDraws(request.node)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "manual_seed", draws.reseeding(torch.manual_seed))
+        patch.setattr(torch.testing, "assert_close", _Margins.recording(torch.testing.assert_close, draws.key, seed))
         yield seed
     draws.finish()
+
+
+class _Margins:
+    """Under --seeds: how close each test's ``torch.testing.assert_close`` calls came to their tolerance, the
+    worst ``|actual - expected| / (atol + rtol |expected|)`` over its elements, calls and seeds (1 fails)."""
+
+    worst: dict[str, tuple[float, int]] = {}  # the test without its seed -> (ratio, seed)
+
+    @classmethod
+    def recording(cls, assert_close, key: str, seed: int):
+        def recorded(actual, expected, *args, **kwargs):
+            assert_close(actual, expected, *args, **kwargs)
+            ratio = _tolerance_ratio(actual, expected, kwargs.get("rtol"), kwargs.get("atol"))
+            if ratio is not None and ratio >= cls.worst.get(key, (-1.0, 0))[0]:
+                cls.worst[key] = (ratio, seed)
+
+        return recorded
+
+
+def _tolerance_ratio(actual, expected, rtol, atol) -> float | None:
+    if not (isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor)) or not actual.numel():
+        return None
+    if rtol is None or atol is None:
+        from torch.testing._comparison import default_tolerances
+
+        rtol, atol = default_tolerances(actual, expected)
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    error, allowed = (a - e).abs()[finite], (atol + rtol * e.abs())[finite]
+    if not error.numel():
+        return 0.0
+    return float(torch.where(allowed > 0, error / allowed, (error > 0) * float("inf")).max())
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Under --seeds: the tests whose comparisons came closest to their tolerance, with the seed."""
+    if config.getoption("seeds") is None or not _Margins.worst:
+        return
+    closest = sorted(_Margins.worst.items(), key=lambda item: -item[1][0])
+    terminalreporter.section("closest to their tolerance (worst |actual - expected| / (atol + rtol |expected|))")
+    for key, (ratio, seed) in closest[: config.getoption("margins")]:
+        terminalreporter.write_line(f"{ratio:8.3g}  seed {seed:<5d} {key}")
 
 
 class _GlobalDraws:
@@ -124,6 +170,8 @@ def pytest_addoption(parser):
     group.addoption("--seeds", type=int, default=None, metavar="N",
                     help="the seed sweep: run each randomized test under N seeds (see tests/conftest.py)")
     group.addoption("--seed-start", type=int, default=0, metavar="S", help="the sweep's first seed (default: 0)")
+    group.addoption("--margins", type=int, default=20, metavar="K",
+                    help="under --seeds: list the K tests that came closest to their tolerance (default: 20)")
 
 
 def pytest_generate_tests(metafunc):

@@ -29,6 +29,7 @@ module you add or change that draws random inputs (200 seeds for the op tests).
 import hashlib
 import os
 import re
+import signal
 import tempfile
 
 import torch
@@ -201,6 +202,15 @@ def pytest_runtest_setup(item):
             pytest.skip("deterministic: draws nothing from torch's global generator; ran under the first seed")
 
 
+def _stop_sweep(signum, frame):
+    raise KeyboardInterrupt
+
+
 def pytest_configure(config):
+    if config.getoption("seeds") is not None:
+        # A sweep is often stopped from outside: kill PID, or Ctrl-C, also where it was started in the background
+        # (which ignores SIGINT). Either ends it as Ctrl-C does, with the summary of what it covered.
+        signal.signal(signal.SIGTERM, _stop_sweep)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # torch.compile's own deprecation noise, not ours.
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")

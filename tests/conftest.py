@@ -163,7 +163,8 @@ class _GlobalDraws:
 
 
 def _unseeded_id(item) -> str:
-    return re.sub(r"-?seed\d+(?=[\]-])", "", item.nodeid).replace("[]", "")
+    """The test's id without its sweep seed: ``test[cpu-seed3-mse]`` -> ``test[cpu-mse]``."""
+    return re.sub(r"\[seed\d+\]|(?<=\[)seed\d+-|-seed\d+(?=[\]-])", "", item.nodeid)
 
 
 def pytest_addoption(parser):

@@ -17,6 +17,9 @@ that name.
 
 Under torchrun only rank 0, the process that writes the run's files, takes the
 lock (its other ranks never touch it), so a run never refuses its own ranks.
+Before any work every rank asks :func:`refuse_if_held` whether another job
+holds the folder: a shared lock, taken and dropped, which never conflicts with
+the other ranks asking at the same time.
 
 Where the file system has no locks (``flock`` fails: some network and FUSE
 file systems), the command warns once and goes on unguarded. An NFS mount with

@@ -124,7 +124,9 @@ def _tolerance_ratio(actual, expected, rtol, atol) -> float | None:
     error, allowed = (a - e).abs()[finite], (atol + rtol * e.abs())[finite]
     if not error.numel():
         return 0.0
-    return float(torch.where(allowed > 0, error / allowed, (error > 0) * float("inf")).max())
+    # A zero tolerance (atol=0 at an expected 0) allows exactly nothing: inf if missed, else 0 (not 0/0).
+    beyond = torch.where(error > 0, float("inf"), 0.0)
+    return float(torch.where(allowed > 0, error / allowed.clamp_min(torch.finfo(torch.float64).tiny), beyond).max())
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -26,6 +26,7 @@ tolerance (the worst ratio of error to tolerance, and its seed): a test near 1
 needs its error analysis redone, whatever the seeds showed. Run it over a test
 module you add or change that draws random inputs (200 seeds for the op tests).
 """
+import functools
 import hashlib
 import os
 import re
@@ -46,6 +47,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdi
 import pytest  # noqa: E402
 
 from fastvae.backend import kernels_interpreted  # noqa: E402
+from tests import utils as test_utils  # noqa: E402
 
 
 @pytest.fixture(params=["cpu", "cuda"])
@@ -91,6 +93,7 @@ def _fresh_seed(request):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "manual_seed", draws.reseeding(torch.manual_seed))
         patch.setattr(torch.testing, "assert_close", _Margins.recording(torch.testing.assert_close, draws.key, seed))
+        patch.setattr(test_utils, "MARGIN_OBSERVERS", [functools.partial(_Margins.record, draws.key, seed)])
         yield seed
     draws.finish()
 
@@ -105,11 +108,16 @@ class _Margins:
     def recording(cls, assert_close, key: str, seed: int):
         def recorded(actual, expected, *args, **kwargs):
             assert_close(actual, expected, *args, **kwargs)
-            ratio = _tolerance_ratio(actual, expected, kwargs.get("rtol"), kwargs.get("atol"))
-            if ratio is not None and ratio >= cls.worst.get(key, (-1.0, 0))[0]:
-                cls.worst[key] = (ratio, seed)
+            cls.record(key, seed, _tolerance_ratio(actual, expected, kwargs.get("rtol"), kwargs.get("atol")))
 
         return recorded
+
+    @classmethod
+    def record(cls, key: str, seed: int, ratio: float | None) -> None:
+        """A comparison of the test ``key`` under ``seed`` came to ``ratio`` of its tolerance (also
+        ``tests.utils.assert_within``'s error analyses)."""
+        if ratio is not None and ratio >= cls.worst.get(key, (-1.0, 0))[0]:
+            cls.worst[key] = (ratio, seed)
 
 
 def _tolerance_ratio(actual, expected, rtol, atol) -> float | None:

@@ -9,7 +9,7 @@ import torch
 
 from fastvae.functional import reparameterize_kl
 from fastvae.ops.reparameterize_kl import reparameterize_kl_reference, soft_clamp
-from tests.utils import TOLERANCES, assert_close, gradients_up_to_third, pick
+from tests.utils import TOLERANCES, assert_close, assert_within, gradients_up_to_third, pick
 
 
 def gaussian(shape, device, dtype=torch.float32, scale=0.5):
@@ -222,15 +222,6 @@ def test_logvar_limit_far_beyond_the_limit(device):
     want = 0.5 * (torch.exp(clamped[0] - soft_clamp(prior_logvar.detach(), limit)) - 1) * slope
     assert_close(grad_logvar, want, rtol=1e-5, atol=1e-6)
     assert grad_logvar[0] == 0 and grad_logvar[10] == 0
-
-
-def assert_within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, name: str) -> None:
-    """``|got - want| <= bound`` element by element (``bound`` from an error analysis, float64)."""
-    error = (got.double() - want.double()).abs()
-    worst = torch.argmax(error - bound)
-    assert (error <= bound).all(), (
-        f"{name}: off by {error.flatten()[worst]:.3g} where the analysis allows {bound.flatten()[worst]:.3g}"
-    )
 
 
 def test_logvar_limit_is_the_eager_clamp(device):

@@ -21,9 +21,10 @@ The seed sweep checks that: ``pytest --seeds N [--seed-start S] tests/...``
 generator before seeding it itself runs once, under the first seed; the other
 seeds of it are skipped as deterministic. A failure names its seed; rerun it
 alone with ``--seeds 1 --seed-start SEED``. At the end the sweep lists the
-tests whose ``torch.testing.assert_close`` calls came closest to their
-tolerance (the worst ratio of error to tolerance, and its seed): a test near 1
-needs its error analysis redone, whatever the seeds showed. Run it over a test
+tests whose comparisons (``torch.testing.assert_close``, and the error bounds
+of ``tests.utils.assert_within``) came closest to their tolerance (the worst
+ratio of error to tolerance, and its seed): a test near 1 needs its error
+analysis redone, whatever the seeds showed. Run it over a test
 module you add or change that draws random inputs (200 seeds for the op tests).
 """
 import functools

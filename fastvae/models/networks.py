@@ -112,6 +112,11 @@ def default_conv_widths(image_size: int) -> tuple[int, ...]:
 
 def _conv_final_size(image_size: int, widths: Sequence[int]) -> int:
     factor = 2 ** len(widths)
+    if image_size % 2:
+        raise ValueError(
+            f"image_size {image_size} is odd, and each stride-2 conv layer halves the image: the conv networks "
+            "need an even size; use an MLP for these images (mlp_vae, --model mlp)"
+        )
     if image_size % factor:
         raise ValueError(
             f"image_size {image_size} must be divisible by 2**len(widths) = {factor}: each of the "

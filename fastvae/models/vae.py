@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fastvae.likelihoods import Likelihood, bits_per_dim, make_likelihood
-from fastvae.models.base import StepInputs, TrainableModel, check_temperature, held_out_label, lerp_codes
+from fastvae.models.base import StepInputs, TrainableModel, check_batch, check_temperature, held_out_label, lerp_codes
 from fastvae.nn import GaussianLatent
 
 # Rows (importance samples x images) decoded at once by log_likelihood when chunk_size is None. On the CPU a
@@ -130,8 +130,9 @@ class VAE(TrainableModel):
         forward wrote reaches ``loss.backward()`` with an upstream gradient of
         exactly 1 and is handed over without a scaling pass. The KL weight costs
         nothing there: the KL's backward kernel reads its upstream gradient per
-        row anyway.
+        row anyway. An empty batch is a ``ValueError`` (its loss, a mean, is undefined).
         """
+        check_batch(x)
         latent = self.latent(self.encoder(x), eps)
         x_hat = self.decoder(latent.z)
         recon_mean, recon = self.likelihood.batch_nll(x_hat, x if target is None else target)
@@ -196,9 +197,12 @@ class VAE(TrainableModel):
         greyscale images), combined with a running
         ``logsumexp``, so a large ``k`` fits in memory. Noise: for each chunk of
         ``c`` samples, ``torch.randn((c, B, D), generator=generator)``.
+        An empty batch ``(0, ...)`` gives an empty ``(0,)`` result.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        if len(x) == 0:
+            return torch.empty(0, device=x.device)
         batch, channels = x.shape[:2]
         if chunk_size is None:
             rows = LOG_LIKELIHOOD_ROWS * channels // self.likelihood.params_channels(channels)

@@ -10,11 +10,13 @@ from fastvae.ops.discretized_logistic_mixture import (
 )
 from fastvae.ops.reconstruction_loss import reconstruction_loss
 from fastvae.ops.reparameterize_kl import reparameterize_kl
+from fastvae.ops.reparameterize_log_ratio import reparameterize_log_ratio
 
 __all__ = [
     "discretized_logistic_mixture_mode",
     "discretized_logistic_mixture_nll",
     "reconstruction_loss",
     "reparameterize_kl",
+    "reparameterize_log_ratio",
     "sample_discretized_logistic_mixture",
 ]

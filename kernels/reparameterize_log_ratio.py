@@ -79,6 +79,7 @@ from .reparameterize_kl import (
     COLUMN_BLOCK_ROWS,
     GROUP,
     _philox_state,
+    _prior_grad,
     _program_span,
     _soft_clamp,
     _store_prior_grad,
@@ -404,19 +405,6 @@ def prior_grad_buffer(mode: str, per_sample: bool, prior: torch.Tensor | None, s
     return torch.empty(elements, dtype=dtype, device=prior.device)
 
 
-def prior_grad(mode: str, buffer: torch.Tensor | None, prior: torch.Tensor | None, out_shape: torch.Size,
-               event_dims: int) -> torch.Tensor | None:
-    """The gradient of ``prior`` from the kernel's ``buffer``, summed over the dims the prior is broadcast along."""
-    if mode == "none":
-        return None
-    if mode == "columns":  # add up the row tiles: the event's shape, with a size-1 dim per leading dim
-        n_lead = len(out_shape) - event_dims
-        buffer = buffer.sum(dim=0).view((1,) * n_lead + tuple(out_shape[n_lead:]))
-    if buffer.shape != prior.shape:
-        buffer = buffer.sum_to_size(prior.shape)
-    return buffer.to(prior.dtype)
-
-
 def reparameterize_log_ratio_backward(
     grad_z: torch.Tensor | None,
     grad_log_ratio: torch.Tensor | None,
@@ -482,7 +470,7 @@ def reparameterize_log_ratio_backward(
             BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )
     grad_prior_mu, grad_prior_logvar = (
-        prior_grad(mode, buffer, prior, out_shape, event_dims)
+        _prior_grad(mode, buffer, prior, out_shape, event_dims)
         for mode, buffer, prior in zip(modes, buffers, (prior_mu, prior_logvar))
     )
     return grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar

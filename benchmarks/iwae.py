@@ -71,8 +71,9 @@ class UsualIWAE(nn.Module):
         if eps is None:
             eps = torch.randn(mu_k.shape, device=mu.device, dtype=mu.dtype)
         z = mu_k + std_k * eps
-        log_q = Normal(mu_k, std_k).log_prob(z).sum(-1)
-        log_p = Normal(torch.zeros_like(z), torch.ones_like(z)).log_prob(z).sum(-1)
+        # validate_args=False: the default checks the arguments on the host (6 syncs and 12 kernels a step).
+        log_q = Normal(mu_k, std_k, validate_args=False).log_prob(z).sum(-1)
+        log_p = Normal(torch.zeros_like(z), torch.ones_like(z), validate_args=False).log_prob(z).sum(-1)
         logits = vae.decoder(z.reshape(k * len(x), -1)).view(k, *x.shape)
         log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(2).sum(-1)
         bound = torch.logsumexp(log_px + log_p - log_q, dim=0) - math.log(k)

@@ -230,13 +230,13 @@ class VAE(TrainableModel):
         recon = self.likelihood(x_hat, scored.expand(k, *scored.shape).flatten(0, 1)).view(k, len(x))
         log_weights = samples.log_ratio - recon
         weight = self.beta if kl_weight is None else kl_weight
-        trained = log_weights if isinstance(weight, (int, float)) and weight == 1 else (
-            weight * samples.log_ratio - recon
-        )
+        unweighted = isinstance(weight, (int, float)) and weight == 1
+        trained = log_weights if unweighted else weight * samples.log_ratio - recon
         log_k = math.log(k)
-        loss = -(torch.logsumexp(trained, dim=0) - log_k).mean()
+        trained_bound = torch.logsumexp(trained, dim=0) - log_k
+        loss = -trained_bound.mean()
         log_weights = log_weights.detach()
-        bound = torch.logsumexp(log_weights, dim=0) - log_k
+        bound = trained_bound.detach() if unweighted else torch.logsumexp(log_weights, dim=0) - log_k
         x_hat = x_hat.view(k, len(x), *x_hat.shape[1:])
         return IWAEOutput(loss, bound, log_weights[0], log_weights, samples.z, samples.mu, samples.logvar, x_hat)
 
@@ -327,8 +327,11 @@ class VAE(TrainableModel):
     # --- the training engine's interface (see fastvae.models.base) ---
 
     def step_inputs(self, step: int) -> StepInputs:
-        """The KL weight of ``step`` (:func:`kl_warmup_weight`), for ``forward`` and for the log."""
+        """The KL weight of ``step`` (:func:`kl_warmup_weight`), for ``forward`` and for the log. The
+        importance-weighted bound without a warm-up or beta takes none (its loss is then the bound itself)."""
         weight = kl_warmup_weight(step, self.kl_warmup, self.beta)
+        if self.iwae_k is not None and self.kl_warmup == 0 and self.beta == 1:
+            return StepInputs({}, {"kl_weight": weight})
         return StepInputs({"kl_weight": torch.tensor(weight)}, {"kl_weight": weight})
 
     def noise_inputs(

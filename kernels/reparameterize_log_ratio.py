@@ -71,24 +71,63 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import _split_strides, device_guard, load_f32, plan_rows, row_offsets, split_row_starts, split_rows, sum_splits
+from .launch import (
+    _split_strides,
+    device_guard,
+    load_f32,
+    plan_rows,
+    row_offsets,
+    split_row_starts,
+    split_rows,
+    sum_splits,
+)
 
-# Shared with reparameterize_kl: the tiling in groups of four columns, the Philox state, the noise and the
-# clamp, so that both ops draw the same noise for the same counters (and a faster noise serves both).
+# Shared with reparameterize_kl: the noise (the one generator of fastvae's kernels, so that both ops draw the same
+# noise for the same counters and a faster noise serves both), the Philox state, the soft clamp, and the host-side
+# helpers for the event's size, the rounds a call consumes and a shared prior's gradient. The tiling below is this
+# file's own.
 from .reparameterize_kl import (
     COLUMN_BLOCK_ROWS,
     GROUP,
     _philox_state,
     _prior_grad,
-    _program_span,
     _soft_clamp,
-    _store_prior_grad,
-    _tile_columns,
     event_size,
     prior_grad_mode,
     standard_normal,
 )
 from .reparameterize_kl import philox_rounds as output_rounds
+
+
+@triton.jit
+def _program_span(n_cols, cols_per_split, BLOCK_ROWS: tl.constexpr):
+    """This program's row tile and column split (int64), its rows ``[BLOCK_ROWS, 1, 1]``, its end column, and
+    its first and past-the-last groups of four columns."""
+    tile = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
+    rows = row_offsets(tile, BLOCK_ROWS)[:, None, None]
+    return tile, split, rows, col_end, split * (cols_per_split // 4), tl.cdiv(col_end, 4)
+
+
+@triton.jit
+def _tile_columns(group_start, BLOCK_GROUPS: tl.constexpr):
+    """Column groups ``[1, BLOCK_GROUPS, 1]`` and lanes ``[1, 1, 4]`` of a tile: column = 4 * group + lane (the
+    layout :func:`~fastvae.kernels.reparameterize_kl.standard_normal` draws the noise in)."""
+    return group_start + tl.arange(0, BLOCK_GROUPS)[None, :, None], tl.arange(0, 4)[None, None, :]
+
+
+@triton.jit
+def _store_prior_grad(ptr, grad, by_columns, rows, cols, mask, tile, group_start, n_cols, col_end,
+                      BLOCK_GROUPS: tl.constexpr):
+    """Write a prior's gradient: per element, or (``by_columns``) this tile's sums over its rows, per column."""
+    if ptr is not None:
+        if by_columns:
+            column_sums = tl.sum(tl.where(mask, grad, 0.0), axis=0)  # [BLOCK_GROUPS, 4]
+            col = (group_start + tl.arange(0, BLOCK_GROUPS))[:, None] * 4 + tl.arange(0, 4)[None, :]
+            tl.store(ptr + tile * n_cols + col, column_sums.to(ptr.dtype.element_ty), mask=col < col_end)
+        else:
+            tl.store(ptr + rows * n_cols + cols, grad.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

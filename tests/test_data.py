@@ -60,6 +60,15 @@ def test_num_images_keeps_that_many_images_in_all():
     assert (len(data.train), len(data.test)) == (36, 4)
 
 
+def test_an_mnist_subset_is_balanced_across_the_digits():
+    for n, per_digit in [(1000, [100] * 10), (1003, [101] * 3 + [100] * 7), (9, [1] * 9 + [0])]:
+        subset = load_images("mnist", num_images=n).subset("all")
+        assert torch.bincount(subset.labels, minlength=10).tolist() == per_digit
+        assert subset.index.unique().numel() == n  # n distinct digits, in the source's order
+    first, again = (load_images("mnist", num_images=50).subset("all").index for _ in range(2))
+    assert torch.equal(first, again) and not torch.equal(first, torch.arange(50))
+
+
 def test_shapes_are_binary_64x64_with_factors_in_range():
     images, factors = make_shapes(300, seed=3)
     assert images.shape == (300, 1, 64, 64) and images.dtype == torch.uint8

@@ -362,18 +362,16 @@ def test_torch_compile_fullgraph_with_a_prior(device):
 # ---- the N(0, I) path is unchanged ----------------------------------------------------------------
 
 # sha256 (first 16 hex digits) of z, kl, grad_mu and grad_logvar, written by the op as it was before priors,
-# event_dims and logvar_limit existed (commit cc98d6e), under Triton 3.6's and 3.9's interpreters alike.
+# event_dims and logvar_limit existed (commit cc98d6e), under Triton 3.6's and 3.9's interpreters alike. Only the
+# kernels' bits are pinned: the reference path's come from ATen's vectorized CPU math, whose last bits depend on
+# the CPU (they differed between two x86-64 machines); the kernels are checked against it to a tolerance.
 BEFORE = {
     ("triton", torch.float32, "given"): ("6713b98784017c44", "531865c8e7ffb423"),
     ("triton", torch.float32, "drawn"): ("8598dbcba42d4086", "952575c32f773ee6"),
     ("triton", torch.bfloat16, "given"): ("4a6684a20e39e21d", "93d5ef09695c8504"),
     ("triton", torch.bfloat16, "drawn"): ("db3562fafc49b1b8", "dfb096274b5bb1c7"),
-    ("torch", torch.float32, "given"): ("6f6b5a9afceb7b31", "28a1f2c245f04e60"),
-    ("torch", torch.float32, "drawn"): ("32c1fe80a3ef4fb6", "846e5dfcd665553b"),
-    ("torch", torch.bfloat16, "given"): ("1fc75a020de6a7a4", "1425e6698a1b32c0"),
-    ("torch", torch.bfloat16, "drawn"): ("48fe066375065601", "2e11eaf622952d45"),
 }
-BEFORE_CHUNKS = {"triton": "71b54b6b872d4fd4", "torch": "e6654ff7a211ddbb"}
+BEFORE_CHUNKS = {"triton": "71b54b6b872d4fd4"}
 
 
 def _digest(*tensors) -> str:

@@ -141,6 +141,32 @@ def _hvae_importance_samples(batch, channels, size, samples):
     return run
 
 
+def _vector_quantize(n, k, d, learned_codebook):
+    def run(dtype):
+        from fastvae.functional import vector_quantize
+
+        z = torch.randn(n, d).to(dtype).requires_grad_()
+        codebook = torch.randn(k, d).to(dtype).requires_grad_(learned_codebook)
+        z_q, _, loss = vector_quantize(z, codebook, reduction="mean", backend="triton")
+        wrt = [z, codebook] if learned_codebook else [z]
+        torch.autograd.grad([z_q, loss], wrt, [torch.randn_like(z_q), torch.ones_like(loss)])
+
+    return run
+
+
+def _vq_feature_map(batch, d, size):
+    def run(dtype):
+        from fastvae.functional import vector_quantize
+
+        # A VQ-VAE's bottleneck: a channel slice of a conv output, an EMA codebook (no gradient).
+        h = torch.randn(batch, d + 8, size, size).to(dtype).requires_grad_()
+        z_q, _, loss = vector_quantize(h[:, :d], torch.randn(512, d).to(dtype), dim=1, reduction="mean",
+                                       backend="triton")
+        torch.autograd.grad([z_q, loss], [h], [torch.randn_like(z_q), torch.ones_like(loss)])
+
+    return run
+
+
 # Launches beyond the runner's cases and the training steps: one entry per scenario.
 EXTRA_SCENARIOS = [
     Scenario("gaussian, logvar per element, mean, 256x784", _gaussian((256, 784), "mean")),
@@ -154,6 +180,11 @@ EXTRA_SCENARIOS = [
              _importance_samples(128, 20, 50)),
     Scenario("reparameterize_log_ratio of an hvae layer, K=5, a prior per sample, 8 channels of 7x7, batch 16",
              _hvae_importance_samples(16, 8, 7, 5)),
+    Scenario("vector_quantize, 4096 vectors of 64 against 512 codes, codebook by gradient",
+             _vector_quantize(4096, 512, 64, True)),
+    Scenario("vector_quantize, 1024 vectors of 200 against 300 codes", _vector_quantize(1024, 300, 200, False)),
+    Scenario("vector_quantize of a VQ-VAE's 7x7 map slice, 16 channels, batch 128, EMA codebook",
+             _vq_feature_map(128, 16, 7)),
 ]
 
 

@@ -9,8 +9,9 @@
   images (squares, ellipses and hearts at random scale, rotation and
   position), of any size (:func:`make_shapes`); the large-batch workload.
 * a ``.npy`` or ``.npz`` file of images: ``(N, H, W)``, ``(N, C, H, W)`` or
-  ``(N, H, W, C)`` with 1 to 4 channels; ``uint8`` (0..255), ``bool``, or
-  floats already in [0, 1].
+  ``(N, H, W, C)`` with 1 to 4 channels (an array that reads both ways, such
+  as ``(N, 4, 4, 3)``, needs an ``.npz`` whose ``layout`` entry names its
+  layout); ``uint8`` (0..255), ``bool``, or floats already in [0, 1].
 * a folder of PNG, JPEG, BMP, GIF or WebP files, read recursively
   (:mod:`fastvae.image_folder`), resized to ``image_size`` where given.
 
@@ -54,6 +55,9 @@ SPLIT_SEED = 20_240_601  # fixed: the held-out images do not depend on a run's -
 SUBSET_SEED = 20_240_602  # fixed: which MNIST digits (or files of a folder) --num-images keeps
 # Arrays an .npz file may hold its images under, tried in this order.
 NPZ_KEYS = ("images", "x", "X", "data", "arr_0")
+# The entry of an .npz file that names its images' layout, and the layouts it may name (by number of dims).
+NPZ_LAYOUT_KEY = "layout"
+LAYOUTS = {"NCHW": 4, "NHWC": 4, "NHW": 3}
 MAX_CHANNELS = 4
 # The first bytes of a .npy file, and of an .npz file (a zip archive).
 NPY_MAGIC, NPZ_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
@@ -353,15 +357,20 @@ def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor
     """Images from a ``.npy`` or ``.npz`` file, as ``(N, C, H, W)`` ``uint8`` or ``float32``.
 
     Accepted layouts: ``(N, H, W)``, ``(N, C, H, W)`` and ``(N, H, W, C)`` with
-    1 to 4 channels. Accepted dtypes: ``uint8`` (0..255), ``bool`` and floats
-    in [0, 1]. An ``.npz`` file holds its images under one of the keys
-    ``images``, ``x``, ``X``, ``data`` or ``arr_0``, or as its only array.
-    ``num_images``: the first that many only (a ``.npy`` file is mapped, so the
-    rest is never read).
+    1 to 4 channels, told apart by the size of the dims: an array that reads
+    both ways (``(N, 4, 4, 3)``: 4x4 RGB, or 4 channels of 4x3) is refused
+    unless it comes in an ``.npz`` file whose ``layout`` entry names its
+    layout, ``"NCHW"``, ``"NHWC"`` or ``"NHW"``
+    (``np.savez(path, images=array, layout="NHWC")``). Accepted dtypes:
+    ``uint8`` (0..255), ``bool`` and floats in [0, 1]. An ``.npz`` file holds
+    its images under one of the keys ``images``, ``x``, ``X``, ``data`` or
+    ``arr_0``, or as its only array besides ``layout``. ``num_images``: the
+    first that many only (a ``.npy`` file is mapped, so the rest is never read).
 
     Raises:
         ConfigError: a missing or unreadable file, an array of another shape,
-            dtype or range, more images asked for than it holds, or more than fit in memory.
+            dtype or range, an ambiguous layout, more images asked for than it
+            holds, or more than fit in memory.
     """
     if not os.path.isfile(path):
         raise ConfigError(f"no such data file: {path}")
@@ -371,7 +380,11 @@ def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor
         if not magic.startswith((NPY_MAGIC, NPZ_MAGIC)):
             raise ConfigError(f"{path} is not a numpy file (.npy or .npz): it does not start as one")
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
-        array = _npz_images(path, loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+        layout = None
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            array, layout = _npz_images(path, loaded)
+        else:
+            array = loaded
     except ConfigError:
         raise
     except Exception as err:  # numpy raises ValueError, OSError, EOFError, zipfile errors ... on a bad file
@@ -381,20 +394,48 @@ def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor
     # A copy in the final dtype, and the training and held-out copies of it.
     final_itemsize = 4 if np.issubdtype(array.dtype, np.floating) else 1
     check_fits_in_memory(array.size * (array.itemsize + 2 * final_itemsize), f"the images of {path}")
-    return torch.from_numpy(_images_from_array(path, array))
+    return torch.from_numpy(_images_from_array(path, array, layout))
 
 
-def _npz_images(path: str, archive) -> np.ndarray:
+def _npz_images(path: str, archive) -> tuple[np.ndarray, str | None]:
+    """The images of an ``.npz`` file, and the layout its ``layout`` entry names (``None`` without one)."""
     with archive:
-        keys = list(archive.keys())
+        keys = [k for k in archive.keys() if k != NPZ_LAYOUT_KEY]
         key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
         if key is None:
             raise ConfigError(f"{path} holds the arrays {keys}; store the images under one of {', '.join(NPZ_KEYS)}")
-        return archive[key]
+        layout = archive[NPZ_LAYOUT_KEY] if NPZ_LAYOUT_KEY in archive else None
+        if layout is not None and not (layout.ndim == 0 and layout.dtype.kind == "U" and str(layout) in LAYOUTS):
+            named = repr(str(layout)) if layout.dtype.kind == "U" else f"an array of {layout.dtype} {layout.shape}"
+            raise ConfigError(f"{path}: layout must be one of {_layout_names()}, got {named}")
+        return archive[key], None if layout is None else str(layout)
 
 
-def _images_from_array(path: str, array: np.ndarray) -> np.ndarray:
-    """Check ``array``'s dtype, range and shape; return it as a contiguous ``(N, C, H, W)`` array."""
+def _layout_names() -> str:
+    names = [repr(name) for name in LAYOUTS]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _channels_first(path: str, array: np.ndarray, layout: str | None) -> bool:
+    """Whether a 4-dim ``array`` is ``(N, C, H, W)`` rather than ``(N, H, W, C)``: as ``layout`` says, or as its
+    dims' sizes say (channels last only where the last dim can be channels: at most :data:`MAX_CHANNELS`); an
+    array that reads both ways needs a ``layout``."""
+    if layout is not None:
+        return layout == "NCHW"
+    first, last = array.shape[1] <= MAX_CHANNELS, array.shape[3] <= MAX_CHANNELS
+    if first and last:
+        _, a, b, c = array.shape
+        raise ConfigError(
+            f"{path}: an array of shape {tuple(array.shape)} reads both as {a} channels of {b}x{c} images "
+            f"(N, C, H, W) and as {c} channels of {a}x{b} images (N, H, W, C); save it in an .npz file that names "
+            f"its layout: np.savez(path, images=array, layout='NHWC') (or 'NCHW')"
+        )
+    return not last
+
+
+def _images_from_array(path: str, array: np.ndarray, layout: str | None = None) -> np.ndarray:
+    """Check ``array``'s dtype, range and shape (in ``layout``, if given); return it as a contiguous
+    ``(N, C, H, W)`` array."""
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
@@ -403,9 +444,14 @@ def _images_from_array(path: str, array: np.ndarray) -> np.ndarray:
             raise ConfigError(f"{path}: float images must hold finite values in [0, 1]; scale them first")
     elif array.dtype != np.uint8:
         raise ConfigError(f"{path}: images must be uint8 (0..255), bool, or floats in [0, 1]; got dtype {array.dtype}")
+    if layout is not None and LAYOUTS[layout] != array.ndim:
+        raise ConfigError(
+            f"{path}: layout {layout!r} is for an array of {LAYOUTS[layout]} dims, but the images have shape "
+            f"{tuple(array.shape)}"
+        )
     if array.ndim == 3:
         array = array[:, None]
-    elif array.ndim == 4 and array.shape[1] > MAX_CHANNELS and array.shape[3] <= MAX_CHANNELS:
+    elif array.ndim == 4 and min(array.shape[1:]) >= 1 and not _channels_first(path, array, layout):
         array = array.transpose(0, 3, 1, 2)  # channels last
     if array.ndim != 4 or array.shape[1] > MAX_CHANNELS or min(array.shape[1:]) < 1:
         raise ConfigError(

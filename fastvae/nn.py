@@ -43,7 +43,7 @@ from fastvae.functional import (
     vector_quantize,
 )
 from fastvae.ops.checks import REDUCTIONS, check_choice, check_positive_number
-from fastvae.ops.discretized_logistic_mixture import check_settings, params_per_component
+from fastvae.ops.discretized_logistic_mixture import check_image_channels, check_settings, params_per_component
 from fastvae.ops.reconstruction_loss import KINDS
 from fastvae.ops.reparameterize_kl import soft_clamp
 from fastvae.ops.vector_quantize import check_beta, check_inputs
@@ -410,6 +410,10 @@ class DiscretizedLogisticMixture(nn.Module):
         num_mixtures: ``M``, logistic components per pixel (10 in PixelCNN++).
         num_bits: bits per value: ``2**num_bits`` levels (8 for 256).
         reduction: of the nll: ``"none"`` (per image, ``(B,)``), ``"sum"`` or ``"mean"`` over images.
+        channels: the images' channels ``C``, if known: then checked everywhere
+            (``params_channels``, the images scored, and the parameters drawn
+            from, which alone cannot tell RGB at M = 3 from greyscale at M = 10).
+            ``None``: any ``C``, read off ``x`` or, to draw, off ``params``.
         backend: see :mod:`fastvae.backend`.
 
     ``forward(params, x)`` takes ``params`` ``(B, params_channels(C), ...)``
@@ -417,23 +421,40 @@ class DiscretizedLogisticMixture(nn.Module):
     """
 
     def __init__(
-        self, num_mixtures: int = 10, num_bits: int = 8, reduction: str = "none", *, backend: str | None = None
+        self,
+        num_mixtures: int = 10,
+        num_bits: int = 8,
+        reduction: str = "none",
+        *,
+        channels: int | None = None,
+        backend: str | None = None,
     ):
         super().__init__()
         check_settings(num_mixtures, num_bits)
         check_choice("reduction", reduction, REDUCTIONS)
+        if channels is not None:
+            check_image_channels(channels)
         self.num_mixtures = num_mixtures
         self.num_bits = num_bits
         self.reduction = reduction
+        self.channels = channels
         self.backend = backend
 
     def params_channels(self, channels: int) -> int:
         """Channels of ``params`` for images of ``channels`` channels: ``M (1 + 2C + C(C-1)/2)`` (10M for RGB)."""
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
+        self.check_channels(channels, f"params_channels({channels})")
         return self.num_mixtures * params_per_component(channels)
 
+    def check_channels(self, channels: int, got: str) -> None:
+        """Raise ``ValueError`` (naming ``got``) if this module is for images of other than ``channels`` channels."""
+        if self.channels is not None and channels != self.channels:
+            raise ValueError(f"this DiscretizedLogisticMixture is for images of {self.channels} channels, got {got}")
+
     def forward(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            self.check_channels(x.shape[1], f"x of shape {tuple(x.shape)}")
         return discretized_logistic_mixture_nll(
             params, x, num_mixtures=self.num_mixtures, num_bits=self.num_bits, reduction=self.reduction,
             backend=self.backend,
@@ -445,7 +466,8 @@ class DiscretizedLogisticMixture(nn.Module):
         See :func:`~fastvae.functional.sample_discretized_logistic_mixture`.
         """
         return sample_discretized_logistic_mixture(
-            params, num_mixtures=self.num_mixtures, num_bits=self.num_bits, generator=generator
+            params, num_mixtures=self.num_mixtures, num_bits=self.num_bits, channels=self.channels,
+            generator=generator,
         )
 
     def mode(self, params: torch.Tensor) -> torch.Tensor:
@@ -454,11 +476,14 @@ class DiscretizedLogisticMixture(nn.Module):
         Not the mixture's mean, which averages the components into the blur
         this likelihood avoids; see :func:`~fastvae.functional.discretized_logistic_mixture_mode`.
         """
-        return discretized_logistic_mixture_mode(params, num_mixtures=self.num_mixtures, num_bits=self.num_bits)
+        return discretized_logistic_mixture_mode(
+            params, num_mixtures=self.num_mixtures, num_bits=self.num_bits, channels=self.channels
+        )
 
     def extra_repr(self) -> str:
+        channels = f", channels={self.channels}" if self.channels is not None else ""
         return (
-            f"num_mixtures={self.num_mixtures}, num_bits={self.num_bits}, reduction={self.reduction!r}, "
+            f"num_mixtures={self.num_mixtures}, num_bits={self.num_bits}, reduction={self.reduction!r}{channels}, "
             f"backend={self.backend!r}"
         )
 

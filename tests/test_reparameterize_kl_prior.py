@@ -117,6 +117,39 @@ def test_prior_that_needs_no_gradient(device):
     check_against_reference(mu, logvar, torch.randn_like(mu), prior_mu=prior_mu, prior_logvar=prior_logvar)
 
 
+@pytest.mark.parametrize("noise", ["given", "drawn"])
+def test_outputs_require_grad_exactly_where_the_reference_s_do(device, noise):
+    """z depends on mu, logvar and eps; the KL on mu, logvar and the prior: an output requires grad only when an
+    input it depends on does (with only the prior requiring grad, z does not), for every subset of inputs."""
+    import itertools
+
+    names = ("mu", "logvar", "eps", "prior_mu", "prior_logvar")
+    for flags in itertools.product((False, True), repeat=5):
+        if noise == "drawn" and flags[2]:
+            continue
+        tensors = {name: torch.randn(2, 3, device=device).requires_grad_(flag) for name, flag in zip(names, flags)}
+        eps = tensors["eps"]
+        if noise == "drawn":  # the noise the next call draws
+            torch.manual_seed(7)
+            eps = reparameterize_kl(torch.zeros(2, 3, device=device), torch.zeros(2, 3, device=device),
+                                    backend="triton")[0]
+            torch.manual_seed(7)
+        options = dict(prior_mu=tensors["prior_mu"], prior_logvar=tensors["prior_logvar"], logvar_limit=3.0)
+        z, kl = reparameterize_kl(tensors["mu"], tensors["logvar"], eps if noise == "given" else None,
+                                  backend="triton", **options)
+        z_ref, kl_ref = reparameterize_kl_reference(tensors["mu"], tensors["logvar"], eps, **options)
+        assert (z.requires_grad, kl.requires_grad) == (z_ref.requires_grad, kl_ref.requires_grad), flags
+        if z.requires_grad or kl.requires_grad:  # and the gradients of what does are those of the reference
+            wanted = [t for t in tensors.values() if t.requires_grad]
+            outputs = [(o, r) for o, r in ((z, z_ref), (kl, kl_ref)) if o.requires_grad]
+            got = torch.autograd.grad(sum(o.sum() for o, _ in outputs), wanted, allow_unused=True,
+                                      materialize_grads=True)
+            want = torch.autograd.grad(sum(r.sum() for _, r in outputs), wanted, allow_unused=True,
+                                       materialize_grads=True)
+            for g, w in zip(got, want):
+                assert_close(g, w, atol=1e-5 * max(1.0, w.abs().max().item()))
+
+
 def test_kl_matches_torch_distributions(device):
     mu, logvar = gaussian((3, 2, 4, 4), device, scale=1.0)
     prior_mu, prior_logvar = gaussian((3, 2, 4, 4), device, scale=1.0)
@@ -141,6 +174,29 @@ def test_equal_posterior_and_prior_give_zero_kl_and_zero_gradients(device):
     assert_close(kl, torch.zeros_like(kl), atol=1e-6)
     for g in torch.autograd.grad(kl.sum(), (mu, logvar, prior_mu, prior_logvar)):
         assert_close(g, torch.zeros_like(g), atol=1e-6)
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_huge_means_against_a_wide_prior_do_not_overflow(device, backend, create_graph):
+    """(mu - prior_mu)^2 overflows float32 where (mu - prior_mu)^2 e^-prior_logvar does not: the KL and its
+    gradients are the float64 values (1e3 to 1e5 nats per element here), on both paths, in every backward."""
+    mu = torch.tensor([[1e20, -1e20, 3e19, 2.0], [1e19, 1.0, -1e20, 0.0]], device=device, requires_grad=True)
+    logvar = torch.zeros_like(mu, requires_grad=True)
+    prior_mu = torch.tensor([0.0, 1e19, 0.0, 0.0], device=device, requires_grad=True)
+    prior_logvar = torch.tensor([80.0, 80.0, 85.0, 80.0], device=device, requires_grad=True)
+    inputs = (mu, logvar, prior_mu, prior_logvar)
+    options = dict(prior_mu=prior_mu, prior_logvar=prior_logvar)
+    _, kl = reparameterize_kl(mu, logvar, torch.zeros_like(mu), backend=backend, **options)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    _, want = reparameterize_kl_reference(wide[0], wide[1], torch.zeros_like(wide[0]), prior_mu=wide[2],
+                                          prior_logvar=wide[3])
+    assert want.min() > 1e3 and want.max() < 1e6  # no float32 overflow in the true values
+    assert_close(kl.double(), want, rtol=1e-5, atol=0)
+    got = torch.autograd.grad(kl.sum(), inputs, create_graph=create_graph)
+    for g, w in zip(got, torch.autograd.grad(want.sum(), wide)):
+        assert torch.isfinite(g).all()
+        assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
 
 
 # ---- channel slices read in place ----------------------------------------------------------------

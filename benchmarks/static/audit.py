@@ -141,6 +141,25 @@ def _hvae_importance_samples(batch, channels, size, samples):
     return run
 
 
+def _dmol(batch, image_shape, num_mixtures, grad=True):
+    def run(dtype):
+        from fastvae.functional import discretized_logistic_mixture_nll
+        from fastvae.ops.discretized_logistic_mixture import params_per_component
+
+        channels, *pixels = image_shape
+        params = torch.randn(batch, num_mixtures * params_per_component(channels), *pixels).to(dtype)
+        x = torch.randint(0, 256, (batch, *image_shape)).float() / 255
+        with torch.set_grad_enabled(grad):
+            params.requires_grad_(grad)
+            loss = discretized_logistic_mixture_nll(
+                params, x, num_mixtures=num_mixtures, reduction="mean", backend="triton"
+            )
+            if grad:  # the gradient is written in the forward; the backward hands it over
+                torch.autograd.grad(loss, [params])
+
+    return run
+
+
 def _vector_quantize(n, k, d, learned_codebook):
     def run(dtype):
         from fastvae.functional import vector_quantize
@@ -185,6 +204,14 @@ EXTRA_SCENARIOS = [
     Scenario("vector_quantize, 1024 vectors of 200 against 300 codes", _vector_quantize(1024, 300, 200, False)),
     Scenario("vector_quantize of a VQ-VAE's 7x7 map slice, 16 channels, batch 128, EMA codebook",
              _vq_feature_map(128, 16, 7)),
+    # The DMOL forward's variants: greyscale and RGB at 5 and 10 components (M_PAD 8 and 16), with the gradient as
+    # training takes it and without, as an evaluation does (several tiles per program, as at scale).
+    Scenario("dmol nll, 1x28x28, M=5, batch 128", _dmol(128, (1, 28, 28), 5)),
+    Scenario("dmol nll, 1x28x28, M=10, batch 128", _dmol(128, (1, 28, 28), 10)),
+    Scenario("dmol nll, 3x32x32, M=5, batch 64", _dmol(64, (3, 32, 32), 5)),
+    Scenario("dmol nll, 3x32x32, M=10, batch 64", _dmol(64, (3, 32, 32), 10)),
+    Scenario("dmol nll without gradient (evaluation), 1x28x28, M=10, batch 128", _dmol(128, (1, 28, 28), 10, False)),
+    Scenario("dmol nll without gradient (evaluation), 3x32x32, M=10, batch 64", _dmol(64, (3, 32, 32), 10, False)),
 ]
 
 

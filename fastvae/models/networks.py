@@ -59,7 +59,7 @@ def mlp_vae(
     channels for ``input_shape = (C, ...)``. ``iwae_k``: train on the
     importance-weighted bound with this many samples per image (see :class:`~fastvae.models.VAE`).
     """
-    likelihood = make_likelihood(likelihood, backend=backend)
+    likelihood = make_likelihood(likelihood, backend=backend, channels=input_shape[0])
     encoder, decoder, features = _mlp_networks(input_shape, latent_dim, hidden, likelihood)
     return VAE(
         encoder,
@@ -84,7 +84,7 @@ def mlp_autoencoder(
     backend: str | None = None,
 ) -> Autoencoder:
     """An MLP :class:`~fastvae.models.autoencoder.Autoencoder`: the networks of :func:`mlp_vae`, a deterministic code."""
-    likelihood = make_likelihood(likelihood, backend=backend)
+    likelihood = make_likelihood(likelihood, backend=backend, channels=input_shape[0])
     encoder, decoder, features = _mlp_networks(input_shape, latent_dim, hidden, likelihood)
     return Autoencoder(encoder, decoder, latent_dim, likelihood=likelihood, features=features)
 
@@ -172,7 +172,7 @@ def conv_vae(
     decoder outputs the likelihood's parameters: ``likelihood.params_channels(channels)`` channels.
     ``iwae_k``: as for :func:`mlp_vae`.
     """
-    likelihood = make_likelihood(likelihood, backend=backend)
+    likelihood = make_likelihood(likelihood, backend=backend, channels=channels)
     encoder, decoder, features = _conv_networks(channels, image_size, latent_dim, widths, likelihood)
     return VAE(
         encoder,
@@ -198,7 +198,7 @@ def conv_autoencoder(
     backend: str | None = None,
 ) -> Autoencoder:
     """A convolutional :class:`~fastvae.models.autoencoder.Autoencoder`: the networks of :func:`conv_vae`."""
-    likelihood = make_likelihood(likelihood, backend=backend)
+    likelihood = make_likelihood(likelihood, backend=backend, channels=channels)
     encoder, decoder, features = _conv_networks(channels, image_size, latent_dim, widths, likelihood)
     return Autoencoder(encoder, decoder, latent_dim, likelihood=likelihood, features=features)
 

@@ -87,7 +87,9 @@ def reparameterize_kl_reference(
         if logvar_limit is not None:
             prior_logvar_ = soft_clamp(prior_logvar_, logvar_limit)
         log_ratio = logvar_ - prior_logvar_
-        terms = torch.exp(log_ratio) + diff * diff * torch.exp(-prior_logvar_) - 1 - log_ratio
+        # Scaled before it is squared: (mu - prior_mu)^2 alone overflows where its ratio to the prior's variance fits.
+        scaled_diff = diff * torch.exp(-0.5 * prior_logvar_)
+        terms = torch.exp(log_ratio) + scaled_diff * scaled_diff - 1 - log_ratio
     return z, reduce_per_sample(0.5 * _event_sum(terms, event_dims), reduction)
 
 
@@ -221,6 +223,15 @@ def _setup_context(ctx, inputs, output):
     ctx.event_dims, ctx.logvar_limit = event_dims, logvar_limit
     ctx.save_for_backward(mu, logvar, eps, prior_mu, prior_logvar, output[2],
                           philox_device if eps is None else None)
+    # Autograd would have every output require grad when any input does; as in the reference, z requires grad only
+    # through mu, logvar and eps, and the KL only through mu, logvar and the prior.
+    def any_requires_grad(*tensors):
+        return any(t is not None and t.requires_grad for t in tensors)
+
+    if not any_requires_grad(mu, logvar, eps):
+        ctx.mark_non_differentiable(output[0])
+    if not any_requires_grad(mu, logvar, prior_mu, prior_logvar):
+        ctx.mark_non_differentiable(output[1])
     # An unused output gets no gradient tensor at all, rather than a buffer of zeros.
     ctx.set_materialize_grads(False)
 
@@ -249,11 +260,17 @@ def _differentiable_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_l
             if logvar_limit is not None:
                 prior_logvar = soft_clamp(prior_logvar, logvar_limit)
                 prior_clamp_slope = 1.0 - (prior_logvar / logvar_limit) ** 2
-            scaled, ratio = diff * torch.exp(-prior_logvar), torch.exp(logvar - prior_logvar)
+            # (mu - pmu)^2 e^-plv as the square of (mu - pmu) e^(-plv / 2): no overflow of (mu - pmu)^2 in it, or in
+            # its derivatives.
+            inv_prior_std = torch.exp(-0.5 * prior_logvar)
+            half_scaled = diff * inv_prior_std
+            scaled, ratio = half_scaled * inv_prior_std, torch.exp(logvar - prior_logvar)
+        else:
+            half_scaled = diff
         grad_mu = add_grads(grad_mu, grad_kl * scaled, dtype=torch.float32)
         grad_logvar = add_grads(grad_logvar, 0.5 * grad_kl * (ratio - 1.0), dtype=torch.float32)
         grad_prior_mu = -grad_kl * scaled
-        grad_prior_logvar = 0.5 * grad_kl * (1.0 - ratio - diff * scaled)
+        grad_prior_logvar = 0.5 * grad_kl * (1.0 - ratio - half_scaled * half_scaled)
         if prior_clamp_slope is not None:
             grad_prior_logvar = grad_prior_logvar * prior_clamp_slope
     if clamp_slope is not None:

@@ -145,7 +145,9 @@ def build_model(config: TrainConfig, image_shape: tuple[int, int, int], backend:
 
     common = dict(
         latent_dim=config.latent_dim,
-        likelihood=make_likelihood(config.likelihood, backend=backend, **likelihood_options(config)),
+        likelihood=make_likelihood(
+            config.likelihood, backend=backend, channels=image_shape[0], **likelihood_options(config)
+        ),
         backend=backend,
         **OBJECTIVES[config.objective].model_options(config),
     )

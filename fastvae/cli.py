@@ -93,7 +93,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.data import DATASETS
     from fastvae.corruption import CORRUPTIONS
     from fastvae.models import LIKELIHOODS
-    from fastvae.training.builders import MLP_HIDDEN, MODELS, OBJECTIVES, default_likelihood, describe_default_eval_k
+    from fastvae.training.builders import (
+        DEFAULT_IWAE_K,
+        MLP_HIDDEN,
+        MODELS,
+        OBJECTIVES,
+        default_likelihood,
+        describe_default_eval_k,
+    )
     from fastvae.training.config import NOISE_MODES, PRECISIONS, TrainConfig
     from fastvae.training.distributed import DEVICES
     from fastvae.training.schedule import LR_SCHEDULES
@@ -198,6 +205,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STEPS",
         help="raise the KL weight linearly from 0 to beta over this many steps "
         f"(default: {d.kl_warmup}, no warm-up)",
+    )
+    how.add_argument(
+        "--iwae-k",
+        type=_positive_int,
+        metavar="K",
+        help=f"--objective iwae: importance samples per image of the bound it trains on (default: {DEFAULT_IWAE_K})",
     )
     how.add_argument(
         "--free-bits",

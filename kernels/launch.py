@@ -38,6 +38,12 @@ def is_interpreted() -> bool:
     return isinstance(_probe_kernel, InterpretedFunction)
 
 
+# Compiled kernels take the hardware's approximations of exp and 1 / x below; the interpreter, which runs no PTX,
+# the exact functions (a compile-time branch: each build has only its own).
+INTERPRETED = tl.constexpr(is_interpreted())
+LOG2_E = tl.constexpr(1.4426950408889634)
+
+
 @functools.cache
 def target_programs(device: torch.device) -> int:
     """How many programs a launch needs to fill ``device``."""
@@ -86,9 +92,10 @@ def plan_rows(
     that many, with narrower column blocks to match, for kernels that also
     reduce along the columns: each tile then adds up ``block_rows`` rows.
     ``block_elements`` (a power of two; default :data:`BLOCK_ELEMENTS`) bounds
-    ``block_rows * block_cols``: smaller for kernels whose columns cost many
-    values each (the components of a mixture at each pixel), which then choose
-    their ``num_warps`` themselves (default: 8 for full tiles, else 4).
+    ``block_rows * block_cols``: smaller for kernels whose elements keep many
+    values live (the components of a mixture at each pixel, a prior's terms and
+    gradients), so that each thread holds fewer. ``num_warps`` defaults to 8 for
+    full tiles, else 4.
     """
     block_elements = BLOCK_ELEMENTS if block_elements is None else block_elements
     tall_rows = min(triton.next_power_of_2(n_rows), min_block_rows)
@@ -100,7 +107,7 @@ def plan_rows(
     cols_per_split = triton.cdiv(col_blocks, n_splits) * block_cols
     n_splits = triton.cdiv(n_cols, cols_per_split)
     if num_warps is None:
-        num_warps = 8 if block_rows * block_cols >= BLOCK_ELEMENTS else 4
+        num_warps = 8 if block_rows * block_cols >= block_elements else 4
     return RowTiling(block_rows, block_cols, row_tiles, n_splits, cols_per_split, num_warps)
 
 
@@ -163,8 +170,33 @@ def split_rows(tensor: torch.Tensor, shape: Sequence[int], event_dims: int) -> t
 
 @triton.jit
 def split_row_starts(rows, n_inner, stride_outer, stride_inner):
-    """Offsets of rows ``rows`` (int64) in a tensor laid out as :func:`split_rows` describes."""
+    """Offsets of rows ``rows`` in a tensor laid out as :func:`split_rows` describes, in the rows' integer type.
+
+    In int32 (the launcher found every offset below 2**30: :func:`needs_int64`) the division by ``n_inner`` is an
+    unsigned 32-bit one, a third the instructions of a signed 64-bit one.
+    """
+    if rows.dtype == tl.int32:
+        row = rows.to(tl.uint32)
+        divisor = tl.cast(n_inner, tl.uint32)  # n_inner may be the constant 1
+        outer = row // divisor
+        inner = row - outer * divisor
+        return outer.to(tl.int32) * stride_outer + inner.to(tl.int32) * stride_inner
     return (rows // n_inner) * stride_outer + (rows % n_inner) * stride_inner
+
+
+INT32_INDEX_LIMIT = 2**30
+
+
+def needs_int64(*tensors: torch.Tensor | None) -> bool:
+    """Whether a kernel over these tensors must index in int64: one of them has an element count or an element
+    offset of at least 2**30 (below that, int32 indices hold a tile's overshoot past the end too)."""
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        if max(t.numel(), extent) >= INT32_INDEX_LIMIT:
+            return True
+    return False
 
 
 def device_guard(tensor: torch.Tensor):
@@ -187,6 +219,34 @@ def row_offsets(pid, BLOCK_ROWS: tl.constexpr):
 def sum_splits(partial: torch.Tensor) -> torch.Tensor:
     """Per-row values from a kernel's ``(n_rows, n_splits)`` partial sums (a view when there is one split)."""
     return partial.sum(dim=1) if partial.shape[1] > 1 else partial.view(-1)
+
+
+# ---- float32 math in few instructions -------------------------------------------------------------------
+
+
+@triton.jit
+def fast_exp(x, scale):
+    """e^(scale x): ``ex2.approx.ftz`` of ``x (scale log2 e)``, the constant folded (``scale`` a number or a scalar
+    taken once per program): two instructions, where ``tl.exp`` takes five to keep denormal results (relative error
+    about 2**-22; a result below 2**-126 flushes to 0). Exactly ``tl.exp(scale * x)`` when interpreted."""
+    if INTERPRETED:
+        return tl.exp(scale * x)
+    else:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * (scale * LOG2_E)], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def fast_reciprocal(x):
+    """1 / x by ``rcp.approx.ftz`` (one instruction, within 1 ulp for ``|x|`` in [2**-126, 2**126]), where IEEE
+    division takes about ten and a branch. Exactly ``1 / x`` when interpreted."""
+    if INTERPRETED:
+        return 1.0 / x
+    else:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
 
 
 # ---- float32 math that stays accurate where the plain formula cancels ----------------------------------

@@ -126,7 +126,7 @@ def build_plan(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> 
 
             return measure_noise(device)
 
-        items.append(Item("noise", "tl.randn vs tl.randn4x vs torch.randn", NOISE_ESTIMATE_S, noise))
+        items.append(Item("noise", "tl.randn vs tl.randn4x vs fastvae vs torch.randn", NOISE_ESTIMATE_S, noise))
     if "train" not in skip:
         precisions = [PRECISIONS[name] for name in args.dtypes.split(",")]
         for case in train_cases(grid, precisions):

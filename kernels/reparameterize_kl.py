@@ -295,8 +295,16 @@ def _row_starts(rows, n_inner, stride_outer, stride_inner, ALIGNED: tl.constexpr
     multiple of four elements (the launcher checked), which lets a group of four columns load as one vector."""
     starts = split_row_starts(rows, n_inner, stride_outer, stride_inner)
     if ALIGNED:
-        starts = tl.multiple_of(starts, [4, 1, 1])
+        starts = _multiple_of_4(starts)
     return starts
+
+
+@triton.jit
+def _multiple_of_4(starts):
+    """Row offsets ``[R, 1, 1]`` declared multiples of four (the launcher checked: ``ALIGNED``), so that Triton
+    loads a group of four columns as one vector. (Declared on the 1-D rows: a 3-D hint on a tile of one row trips
+    Triton's axis analysis.)"""
+    return tl.multiple_of(tl.reshape(starts, (starts.shape[0],)), 4)[:, None, None]
 
 
 @triton.jit
@@ -439,7 +447,7 @@ def _reparameterize_kl_forward_kernel(
         prior_logvar_rows = _row_starts(rows, n_inner, stride_prior_logvar_outer, stride_prior_logvar_inner, ALIGNED)
     z_rows = rows * n_cols  # z is contiguous
     if ALIGNED:
-        z_rows = tl.multiple_of(z_rows, [4, 1, 1])
+        z_rows = _multiple_of_4(z_rows)
     groups = tl.arange(0, BLOCK_GROUPS)[None, :, None]
     lanes = tl.arange(0, 4)[None, None, :]
     kl = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
@@ -520,7 +528,7 @@ def _reparameterize_kl_backward_kernel(
         prior_logvar_rows = _row_starts(rows, n_inner, stride_prior_logvar_outer, stride_prior_logvar_inner, ALIGNED)
     out_rows = rows * n_cols  # the gradients are contiguous
     if ALIGNED:
-        out_rows = tl.multiple_of(out_rows, [4, 1, 1])
+        out_rows = _multiple_of_4(out_rows)
     if HAS_GRAD_KL:
         grad_kl = tl.load(grad_kl_ptr + rows * stride_grad_kl, mask=row_mask, other=0.0).to(tl.float32)
     groups = tl.arange(0, BLOCK_GROUPS)[None, :, None]
@@ -572,7 +580,7 @@ def _standard_normal_kernel(
     row_mask = rows < n_rows
     eps_rows = rows * n_cols
     if ALIGNED:
-        eps_rows = tl.multiple_of(eps_rows, [4, 1, 1])
+        eps_rows = _multiple_of_4(eps_rows)
     groups = tl.arange(0, BLOCK_GROUPS)[None, :, None]
     lanes = tl.arange(0, 4)[None, None, :]
     while group_start < group_end:

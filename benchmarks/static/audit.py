@@ -4,7 +4,9 @@
    headline grid (2**24 elements, float32 and bfloat16) and of one training
    step of every model, recording fastvae's Triton launches as they go.
 2. A few more launches of the ops at representative shapes
-   (:data:`EXTRA_SCENARIOS`) and of the in-kernel noise benchmark.
+   (:data:`EXTRA_SCENARIOS`, which the tests compile too, and issue 18's grid
+   of latent shapes, :data:`LATENT_SCENARIOS`) and of the in-kernel noise
+   benchmark.
 3. Every distinct kernel variant among those launches compiled for sm_90 as
    the launcher specialises it (:mod:`benchmarks.static.compile_sm90`), and
    read: registers, spills, shared memory, occupancy, load/store widths,
@@ -83,14 +85,40 @@ def _weighted(kind, batch=256, sample=(784,)):
     return run
 
 
-def _latent_head(batch, latent_dim):
+def _latent_head(batch, latent_dim, logvar_limit=None):
     def run(dtype):
         from fastvae.functional import reparameterize_kl
 
         h = torch.randn(batch, 2 * latent_dim).to(dtype).requires_grad_()
         mu, logvar = h.chunk(2, dim=-1)  # strided views, as a VAE's linear head gives them
-        z, kl = reparameterize_kl(mu, logvar, backend="triton")
+        z, kl = reparameterize_kl(mu, logvar, logvar_limit=logvar_limit, backend="triton")
         torch.autograd.grad([z, kl], [h], [torch.randn_like(z), torch.ones_like(kl)])
+
+    return run
+
+
+def _latent_map(batch, channels, size, prior):
+    """A stochastic layer on ``(B, C, H, W)`` latent maps, noise drawn, ``logvar_limit=10``: ``"conditional"``, the
+    hvae's (channel slices of the posterior and prior nets' outputs, one KL per image and channel:
+    ``event_dims=2``); ``"shared"``, a learned ``(C, H, W)`` prior shared by the batch, one KL per image."""
+
+    def run(dtype):
+        from fastvae.functional import reparameterize_kl
+
+        posterior = torch.randn(batch, 2 * channels, size, size).to(dtype).requires_grad_()
+        if prior == "conditional":
+            prior_out = torch.randn(batch, 2 * channels, size, size).to(dtype).requires_grad_()
+            prior_mu, prior_logvar, event_dims = prior_out[:, :channels], prior_out[:, channels:], 2
+            wrt = [posterior, prior_out]
+        else:
+            prior_mu = torch.randn(channels, size, size).to(dtype).requires_grad_()
+            prior_logvar = torch.randn(channels, size, size).to(dtype).requires_grad_()
+            event_dims, wrt = 3, [posterior, prior_mu, prior_logvar]
+        z, kl = reparameterize_kl(
+            posterior[:, :channels], posterior[:, channels:], prior_mu=prior_mu, prior_logvar=prior_logvar,
+            event_dims=event_dims, logvar_limit=10.0, backend="triton",
+        )
+        torch.autograd.grad([z, kl], wrt, [torch.randn_like(z), torch.ones_like(kl)])
 
     return run
 
@@ -119,18 +147,50 @@ EXTRA_SCENARIOS = [
     Scenario("reparameterize_kl of a linear head's halves, 4096x32", _latent_head(4096, 32)),
     Scenario("reparameterize_kl of a linear head's halves, 128x16", _latent_head(128, 16)),
     Scenario("reparameterize_kl of an hvae layer, 8 channels of 7x7 maps, batch 64", _hvae_layer(64, 8, 7)),
+    # Issue 18: the layouts that pick other variants (rows not a multiple of four columns in half precision, wide
+    # rows, many channels of small maps, few channels of large ones); the whole grid is LATENT_SCENARIOS.
+    Scenario("reparameterize_kl of a linear head's halves, 128x20, logvar_limit=10", _latent_head(128, 20, 10.0)),
+    Scenario("reparameterize_kl of a linear head's halves, 128x512, logvar_limit=10", _latent_head(128, 512, 10.0)),
+    Scenario("reparameterize_kl, conditional prior, 64 channels of 4x4 maps, batch 32",
+             _latent_map(32, 64, 4, "conditional")),
+    Scenario("reparameterize_kl, shared prior, 4 channels of 64x64 maps, batch 32", _latent_map(32, 4, 64, "shared")),
+]
+
+# Issue 18's grid, audited by ``python -m benchmarks --static`` (too many variants to compile in every test run):
+# flat latents as a VAE's head gives them (with the soft clamp the models use), and latent maps of 4 to 64 channels
+# from 4x4 to 64x64 with a conditional (hvae) or shared (learned) prior.
+FLAT_LATENT_DIMS = (16, 20, 32, 64, 128, 256, 512)
+MAP_CHANNELS = (4, 16, 64)
+MAP_SIZES = (4, 8, 16, 32, 64)
+LATENT_SCENARIOS = [
+    Scenario(f"reparameterize_kl of a linear head's halves, 128x{d}, logvar_limit=10", _latent_head(128, d, 10.0))
+    for d in FLAT_LATENT_DIMS
+] + [
+    Scenario(f"reparameterize_kl, {prior} prior, {c} channels of {size}x{size} maps, batch 32",
+             _latent_map(32, c, size, prior))
+    for prior in ("conditional", "shared")
+    for c in MAP_CHANNELS
+    for size in MAP_SIZES
 ]
 
 
+def audited_scenarios() -> list[Scenario]:
+    """What ``python -m benchmarks --static`` runs beyond the counted cases: :data:`EXTRA_SCENARIOS` and
+    :data:`LATENT_SCENARIOS`, each name once."""
+    names = {s.name for s in EXTRA_SCENARIOS}
+    return EXTRA_SCENARIOS + [s for s in LATENT_SCENARIOS if s.name not in names]
+
+
 def noise_launches() -> dict[str, list[Launch]]:
-    """The in-kernel noise benchmark's kernels (``tl.randn``, ``tl.randn4x``) at 2**24 normals, recorded."""
+    """The in-kernel noise benchmark's kernels (``tl.randn``, ``tl.randn4x``, fastvae's generator) at 2**24
+    normals, recorded."""
     import triton
 
-    from benchmarks.noise import BLOCK, NUM_WARPS, _randn4x_kernel, _randn_kernel
+    from benchmarks.noise import BLOCK, NOISE_KERNELS, NUM_WARPS
 
     out = torch.empty(NOISE_ELEMENTS)
     launches: dict[str, list[Launch]] = {}
-    for name, kernel in (("tl.randn", _randn_kernel), ("tl.randn4x", _randn4x_kernel)):
+    for name, kernel in NOISE_KERNELS.items():
         with LaunchRecorder(launches=launches.setdefault(f"noise: {name}, 2^24 normals", []), execute=False):
             kernel[(triton.cdiv(NOISE_ELEMENTS, BLOCK),)](
                 out, NOISE_ELEMENTS, 0x5EED_0F_FA57_FAE, BLOCK=BLOCK, num_warps=NUM_WARPS
@@ -166,11 +226,11 @@ def record_cases(cases) -> dict[str, list[Launch]]:
     return launches
 
 
-def record_extra(dtypes) -> dict[str, list[Launch]]:
-    """fastvae's launches in :data:`EXTRA_SCENARIOS` (not run)."""
+def record_extra(dtypes, scenarios=EXTRA_SCENARIOS) -> dict[str, list[Launch]]:
+    """fastvae's launches in ``scenarios`` (default :data:`EXTRA_SCENARIOS`; not run), each once per dtype."""
     launches: dict[str, list[Launch]] = {}
     with _as_on_a_gpu():
-        for scenario in EXTRA_SCENARIOS:
+        for scenario in scenarios:
             for dtype in dtypes:
                 name = f"{scenario.name} {str(dtype).replace('torch.', '')}"
                 with LaunchRecorder(launches=launches.setdefault(name, []), execute=False):
@@ -318,7 +378,7 @@ def run_static(
         log=log,
         regime="launch-bound",
     )
-    launches.update(record_extra(dtypes))
+    launches.update(record_extra(dtypes, audited_scenarios()))
     launches.update(noise_launches())
     n = sum(len(v) for v in launches.values())
     log(f"compiling the variants of {n} launches for sm_90 ...")

@@ -120,10 +120,10 @@ def noise_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         by_kernel[_kernel(r["kernel"])].append(r)
     out = []
-    for name in ("randn", "randn4x"):
+    for name, label in (("randn", "`tl.randn`"), ("randn4x", "`tl.randn4x`"), ("fastvae_noise", "fastvae's")):
         for r in by_kernel.get(name, []):
             out.append(
-                f"- `tl.{name}`: {r['instructions_per_element']:.1f} instructions per normal "
+                f"- {label}: {r['instructions_per_element']:.1f} instructions per normal "
                 f"({r['executed_instructions']} per thread for {r['elements_per_thread']:g} normals), "
                 f"{r['registers']} registers, {r['bound']['label']} "
                 f"(compute/memory {r['bound']['compute_over_memory']:.2f})."
@@ -176,7 +176,8 @@ def markdown(payload: dict) -> str:
             f"- {_kernel(r['kernel'])} {r['dtype']} {_flags(r['constexprs'])} {_block(r['constexprs'])}: "
             + "; ".join(r["used_by"])
         )
-    lines += ["", "## In-kernel noise: `tl.randn` against `tl.randn4x`", ""] + noise_lines(payload["audit"]) + [""]
+    lines += ["", "## In-kernel noise: `tl.randn`, `tl.randn4x` and fastvae's generator", ""]
+    lines += noise_lines(payload["audit"]) + [""]
     lines += [
         "## Counts per op",
         "",

@@ -249,6 +249,23 @@ def fast_reciprocal(x):
         )
 
 
+@triton.jit
+def log1p_unit(x):
+    """log(1 + x) for ``x`` in [0, 1], within 3 ulp, in a dozen instructions and no libdevice call:
+    ``2 atanh(s)`` with ``s = x / (2 + x)`` in [0, 1/3], its odd series to ``s**13`` (truncation below 2e-8
+    relative), accurate for small ``x`` as for large."""
+    s = x * fast_reciprocal(2.0 + x)
+    t = s * s
+    series = 2.0 / 13.0
+    series = series * t + 2.0 / 11.0
+    series = series * t + 2.0 / 9.0
+    series = series * t + 2.0 / 7.0
+    series = series * t + 2.0 / 5.0
+    series = series * t + 2.0 / 3.0
+    series = series * t + 2.0
+    return s * series
+
+
 # ---- float32 math that stays accurate where the plain formula cancels ----------------------------------
 
 

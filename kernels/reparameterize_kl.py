@@ -114,6 +114,9 @@ from .launch import (
 GROUP = 4
 # Rows a tile adds up when the backward sums a shared prior's gradient over the rows.
 COLUMN_BLOCK_ROWS = 16
+# The forward's tiles with a prior shared by all rows: 64 rows (or the batch) of 32 columns, 4 rows a thread.
+SHARED_PRIOR_BLOCK_ROWS = 64
+SHARED_PRIOR_BLOCK_ELEMENTS = 2048
 # Elements of the backward's tiles with a prior (8 a thread at 8 warps).
 PRIOR_BACKWARD_BLOCK_ELEMENTS = 2048
 MINUS_2_LN_2 = tl.constexpr(-2.0 * math.log(2.0))
@@ -248,25 +251,30 @@ def standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row):
 
 
 @triton.jit
-def _soft_clamp(x, limit):
+def _soft_clamp(x, limit, SERIES_NEAR_ZERO: tl.constexpr = True):
     """``limit * tanh(x / limit)`` and its derivative ``1 - tanh(x / limit)**2``, both accurate for every ``x``.
 
     With ``u = exp(-2 |x| / limit)`` in [0, 1] (never overflows), ``limit tanh(|x| / limit)`` is
-    ``(limit - limit u) / (1 + u)``, whose difference cancels for small ``|x|``: below ``limit / 10`` the series
-    ``x (1 - x**2 / (3 limit**2) + 2 x**4 / (15 limit**4))`` instead (error below 1e-8). The sign is copied
-    from ``x``; the scalar coefficients are taken once per program, and one reciprocal per element serves the value
-    and the slope.
+    ``(limit - limit u) / (1 + u)``, whose difference cancels for small ``|x|``, to an absolute error of
+    ``limit`` times ``u``'s (some 2**-22): below ``limit / 10`` the series
+    ``x (1 - x**2 / (3 limit**2) + 2 x**4 / (15 limit**4))`` instead (error below 1e-8). Without
+    ``SERIES_NEAR_ZERO`` (inputs of 8 or 11 significant bits, whose own rounding is coarser wherever that error
+    matters to ``z``, the KL or a gradient) the quotient serves everywhere, six instructions fewer. The sign is
+    copied from ``x``; the scalar coefficients are taken once per program, and one reciprocal per element serves
+    the value and the slope.
     """
     inverse = 1.0 / limit
-    inverse_square = inverse * inverse
-    x2 = x * x
-    small = x * (1.0 - x2 * (inverse_square * (1.0 / 3.0) - x2 * (inverse_square * inverse_square * (2.0 / 15.0))))
     u = fast_exp(tl.abs(x), -2.0 * inverse)
     q = fast_reciprocal(1.0 + u)
     large = (limit - limit * u) * q  # >= 0
     sign = x.to(tl.int32, bitcast=True) & SIGN_BIT
-    large = (large.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    return tl.where(tl.abs(x) < 0.1 * limit, small, large), 4.0 * u * (q * q)
+    clamped = (large.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    if SERIES_NEAR_ZERO:
+        inverse_square = inverse * inverse
+        x2 = x * x
+        small = x * (1.0 - x2 * (inverse_square * (1.0 / 3.0) - x2 * (inverse_square * inverse_square * (2.0 / 15.0))))
+        clamped = tl.where(tl.abs(x) < 0.1 * limit, small, clamped)
+    return clamped, 4.0 * u * (q * q)
 
 
 @triton.jit
@@ -308,6 +316,21 @@ def _multiple_of_4(starts):
 
 
 @triton.jit
+def _prior_rows(rows, row_mask, n_inner, stride_outer, stride_inner, ALIGNED: tl.constexpr,
+                SHARED_PRIOR: tl.constexpr):
+    """A prior tensor's row offsets and row mask: as for any input, or, for a prior shared by all rows
+    (``SHARED_PRIOR``), one row ``[1, 1, 1]`` at offset 0, so that what depends on the prior alone (its clamp, its
+    exponential) is computed once per column a thread holds, not once per row."""
+    if SHARED_PRIOR:
+        starts = tl.zeros([1, 1, 1], dtype=rows.dtype)
+        mask = tl.full([1, 1, 1], True, tl.int1)
+    else:
+        starts = _row_starts(rows, n_inner, stride_outer, stride_inner, ALIGNED)
+        mask = row_mask
+    return starts, mask
+
+
+@triton.jit
 def _interleave(x0, x1, x2, x3):
     """``[R, G, 4]`` with lane k of each group from ``x_k`` (``[R, G, 1]`` each), the four in one thread."""
     x = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # [R, G, 1, 2, 2]: (i, j) holds x_(2 i + j)
@@ -325,13 +348,13 @@ def _deinterleave(x):
 
 @triton.jit
 def _load_lane(ptr, starts, cols, stride_col, row_mask, n_left):
-    return tl.load(ptr + starts + cols * stride_col, mask=row_mask & (cols < n_left))
+    return tl.load(ptr + starts + cols * stride_col, mask=row_mask & (cols < n_left), other=0.0)
 
 
 @triton.jit
 def _load_tile(ptr, starts, col0, groups, stride_col, row_mask, n_left, ALIGNED: tl.constexpr):
-    """Columns ``col0 + 4 g + lane`` of the rows at ``starts`` (``[R, G, 4]`` float32; undefined past ``n_left``
-    columns and in rows past the end: :func:`_tile_mask`), for the step's groups ``g`` (``[1, G, 1]``, from 0).
+    """Columns ``col0 + 4 g + lane`` of the rows at ``starts`` (``[R, G, 4]`` float32; zeros past ``n_left``
+    columns and in rows past the end), for the step's groups ``g`` (``[1, G, 1]``, from 0).
 
     Aligned rows load a group as one vector. Others load lane by lane and interleave the lanes in registers: Triton
     lays an unaligned load out one column per thread, which would split each group, and so each Philox round,
@@ -340,7 +363,7 @@ def _load_tile(ptr, starts, col0, groups, stride_col, row_mask, n_left, ALIGNED:
     starts = starts + col0 * stride_col
     if ALIGNED:
         cols = groups * 4 + tl.arange(0, 4)[None, None, :]
-        x = tl.load(ptr + starts + cols * stride_col, mask=row_mask & (cols < n_left))
+        x = tl.load(ptr + starts + cols * stride_col, mask=row_mask & (cols < n_left), other=0.0)
     else:
         cols = groups * 4
         x = _interleave(
@@ -370,13 +393,6 @@ def _store_tile(ptr, starts, col0, groups, row_mask, n_left, value, ALIGNED: tl.
 
 
 @triton.jit
-def _tile_mask(groups, row_mask, n_left):
-    """Which elements ``[R, G, 4]`` of a step's tile are in range. Loads leave the others undefined (no fill
-    instruction per element): what sums over elements selects with this."""
-    return row_mask & (groups * 4 + tl.arange(0, 4)[None, None, :] < n_left)
-
-
-@triton.jit
 def _step(group_start, col_end, BLOCK_GROUPS: tl.constexpr):
     """A loop step's first column (int64) and how many of its ``4 BLOCK_GROUPS`` columns are in range (int32)."""
     col0 = group_start * 4
@@ -386,28 +402,31 @@ def _step(group_start, col_end, BLOCK_GROUPS: tl.constexpr):
 @triton.jit
 def _load_inputs(
     mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows, prior_logvar_rows,
-    col0, groups, row_mask, n_left, stride_mu_col, stride_logvar_col, stride_prior_mu_col, stride_prior_logvar_col,
-    logvar_limit, HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LOGVAR: tl.constexpr, ALIGNED: tl.constexpr,
+    col0, groups, row_mask, prior_row_mask, n_left, stride_mu_col, stride_logvar_col, stride_prior_mu_col,
+    stride_prior_logvar_col, logvar_limit, HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LOGVAR: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """``mu``, ``logvar``, ``prior_mu``, ``prior_logvar`` of a tile in float32 (rows at ``*_rows``), the
     log-variances soft-clamped when ``logvar_limit`` is given, and the clamp's slopes (1 without a clamp). An absent
-    prior tensor reads as zeros, never loaded."""
+    prior tensor reads as zeros, never loaded; a prior shared by all rows (:func:`_prior_rows`) is one row
+    ``[1, G, 4]``, clamped once per column."""
     mu = _load_tile(mu_ptr, mu_rows, col0, groups, stride_mu_col, row_mask, n_left, ALIGNED)
     logvar = _load_tile(logvar_ptr, logvar_rows, col0, groups, stride_logvar_col, row_mask, n_left, ALIGNED)
     prior_mu = tl.zeros_like(mu)
     if HAS_PRIOR_MU:
-        prior_mu = _load_tile(prior_mu_ptr, prior_mu_rows, col0, groups, stride_prior_mu_col, row_mask, n_left,
-                              ALIGNED)
+        prior_mu = _load_tile(prior_mu_ptr, prior_mu_rows, col0, groups, stride_prior_mu_col, prior_row_mask,
+                              n_left, ALIGNED)
     prior_logvar = tl.zeros_like(mu)
     if HAS_PRIOR_LOGVAR:
         prior_logvar = _load_tile(prior_logvar_ptr, prior_logvar_rows, col0, groups, stride_prior_logvar_col,
-                                  row_mask, n_left, ALIGNED)
+                                  prior_row_mask, n_left, ALIGNED)
     slope = tl.zeros_like(mu) + 1.0
     prior_slope = slope
     if logvar_limit is not None:
-        logvar, slope = _soft_clamp(logvar, logvar_limit)
+        logvar, slope = _soft_clamp(logvar, logvar_limit, logvar_ptr.dtype.element_ty == tl.float32)
         if HAS_PRIOR_LOGVAR:
-            prior_logvar, prior_slope = _soft_clamp(prior_logvar, logvar_limit)
+            prior_logvar, prior_slope = _soft_clamp(prior_logvar, logvar_limit,
+                                                    prior_logvar_ptr.dtype.element_ty == tl.float32)
     return mu, logvar, prior_mu, prior_logvar, slope, prior_slope
 
 
@@ -426,7 +445,7 @@ def _reparameterize_kl_forward_kernel(
     stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
     stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
     seed, first_counter, philox_ptr, cols_per_split, logvar_limit,
-    HAS_EPS: tl.constexpr, ALIGNED: tl.constexpr, INT64: tl.constexpr,
+    HAS_EPS: tl.constexpr, ALIGNED: tl.constexpr, INT64: tl.constexpr, SHARED_PRIOR: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS, INT64)
@@ -439,12 +458,14 @@ def _reparameterize_kl_forward_kernel(
     eps_rows = mu_rows
     if HAS_EPS:
         eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, ALIGNED)
-    prior_mu_rows = mu_rows
+    prior_mu_rows, prior_row_mask = mu_rows, row_mask
     if prior_mu_ptr is not None:
-        prior_mu_rows = _row_starts(rows, n_inner, stride_prior_mu_outer, stride_prior_mu_inner, ALIGNED)
+        prior_mu_rows, prior_row_mask = _prior_rows(rows, row_mask, n_inner, stride_prior_mu_outer,
+                                                    stride_prior_mu_inner, ALIGNED, SHARED_PRIOR)
     prior_logvar_rows = mu_rows
     if prior_logvar_ptr is not None:
-        prior_logvar_rows = _row_starts(rows, n_inner, stride_prior_logvar_outer, stride_prior_logvar_inner, ALIGNED)
+        prior_logvar_rows, prior_row_mask = _prior_rows(rows, row_mask, n_inner, stride_prior_logvar_outer,
+                                                        stride_prior_logvar_inner, ALIGNED, SHARED_PRIOR)
     z_rows = rows * n_cols  # z is contiguous
     if ALIGNED:
         z_rows = _multiple_of_4(z_rows)
@@ -456,7 +477,7 @@ def _reparameterize_kl_forward_kernel(
         col0, n_left = _step(group_start, col_end, BLOCK_GROUPS)
         mu, logvar, prior_mu, prior_logvar, _, _ = _load_inputs(
             mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows,
-            prior_logvar_rows, col0, groups, row_mask, n_left, stride_mu_col, stride_logvar_col,
+            prior_logvar_rows, col0, groups, row_mask, prior_row_mask, n_left, stride_mu_col, stride_logvar_col,
             stride_prior_mu_col, stride_prior_logvar_col, logvar_limit,
             prior_mu_ptr is not None, prior_logvar_ptr is not None, ALIGNED,
         )
@@ -469,7 +490,8 @@ def _reparameterize_kl_forward_kernel(
         diff, scaled, ratio, log_ratio = _kl_terms(
             mu, logvar, std, prior_mu, prior_logvar, prior_mu_ptr is not None, prior_logvar_ptr is not None
         )
-        kl += tl.where(_tile_mask(groups, row_mask, n_left), ratio + diff * scaled - 1.0 - log_ratio, 0.0)
+        # Masked lanes load zeros for every input, whose KL term is exactly 0 (1 + 0 - 1 - 0).
+        kl += ratio + diff * scaled - 1.0 - log_ratio
         group_start += BLOCK_GROUPS
     row = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     tl.store(kl_ptr + row * n_splits + split, 0.5 * tl.sum(tl.sum(kl, axis=2), axis=1), mask=row < n_rows)
@@ -482,7 +504,7 @@ def _store_prior_grad(ptr, out_rows, grad, by_columns, col0, groups, row_mask, n
     this tile's sums over its rows, per column."""
     if ptr is not None:
         if by_columns:
-            column_sums = tl.sum(tl.where(_tile_mask(groups, row_mask, n_left), grad, 0.0), axis=0)  # [G, 4]
+            column_sums = tl.sum(grad, axis=0)  # [G, 4]: masked elements load zeros, whose gradients are 0
             col = tl.arange(0, groups.shape[1])[:, None] * 4 + tl.arange(0, 4)[None, :]
             tl.store(ptr + tile * n_cols + col0 + col, column_sums.to(ptr.dtype.element_ty), mask=col < n_left)
         else:
@@ -503,7 +525,7 @@ def _reparameterize_kl_backward_kernel(
     seed, first_counter, philox_ptr, cols_per_split, logvar_limit, prior_mu_grad_by_columns,
     prior_logvar_grad_by_columns,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_EPS: tl.constexpr, ALIGNED: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+    INT64: tl.constexpr, SHARED_PRIOR: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS, INT64)
     groups_per_row = tl.cdiv(n_cols, 4)
@@ -520,12 +542,14 @@ def _reparameterize_kl_backward_kernel(
         grad_z_rows = _row_starts(rows, n_inner, stride_grad_z_outer, stride_grad_z_inner, ALIGNED)
         if HAS_EPS:
             eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, ALIGNED)
-    prior_mu_rows = mu_rows
+    prior_mu_rows, prior_row_mask = mu_rows, row_mask
     if HAS_PRIOR_MU:
-        prior_mu_rows = _row_starts(rows, n_inner, stride_prior_mu_outer, stride_prior_mu_inner, ALIGNED)
+        prior_mu_rows, prior_row_mask = _prior_rows(rows, row_mask, n_inner, stride_prior_mu_outer,
+                                                    stride_prior_mu_inner, ALIGNED, SHARED_PRIOR)
     prior_logvar_rows = mu_rows
     if HAS_PRIOR_LOGVAR:
-        prior_logvar_rows = _row_starts(rows, n_inner, stride_prior_logvar_outer, stride_prior_logvar_inner, ALIGNED)
+        prior_logvar_rows, prior_row_mask = _prior_rows(rows, row_mask, n_inner, stride_prior_logvar_outer,
+                                                        stride_prior_logvar_inner, ALIGNED, SHARED_PRIOR)
     out_rows = rows * n_cols  # the gradients are contiguous
     if ALIGNED:
         out_rows = _multiple_of_4(out_rows)
@@ -537,7 +561,7 @@ def _reparameterize_kl_backward_kernel(
         col0, n_left = _step(group_start, col_end, BLOCK_GROUPS)
         mu, logvar, prior_mu, prior_logvar, slope, prior_slope = _load_inputs(
             mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows,
-            prior_logvar_rows, col0, groups, row_mask, n_left, stride_mu_col, stride_logvar_col,
+            prior_logvar_rows, col0, groups, row_mask, prior_row_mask, n_left, stride_mu_col, stride_logvar_col,
             stride_prior_mu_col, stride_prior_logvar_col, logvar_limit, HAS_PRIOR_MU, HAS_PRIOR_LOGVAR, ALIGNED,
         )
         std = fast_exp(logvar, 0.5)
@@ -641,6 +665,13 @@ class _Matrix:
         return col == 1 and outer % GROUP == 0 and inner % GROUP == 0 and self.tensor.data_ptr() % 16 == 0
 
 
+def shared_by_rows(prior_mu: _Matrix, prior_logvar: _Matrix) -> bool:
+    """The kernels' ``SHARED_PRIOR``: a prior is given and each of its tensors is the same for every row (stride 0
+    along the rows: a learned prior ``(D,)`` or ``(C, H, W)``)."""
+    given = [m for m in (prior_mu, prior_logvar) if m.tensor is not None]
+    return bool(given) and all(m.strides[:2] == (0, 0) for m in given)
+
+
 def aligned_rows(n_cols: int, *matrices: _Matrix) -> bool:
     """The kernels' ``ALIGNED``: rows of whole groups of four columns, each starting on a vector boundary in every
     input (:meth:`_Matrix.aligned`) and in the contiguous outputs."""
@@ -684,7 +715,14 @@ def reparameterize_kl_forward(
     mu2, logvar2, eps2, prior_mu2, prior_logvar2 = (
         _Matrix(t, shape, event_dims) for t in (mu, logvar, eps, prior_mu, prior_logvar)
     )
-    tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP)
+    shared_prior = shared_by_rows(prior_mu2, prior_logvar2)
+    if shared_prior:
+        # Its clamp and exponential are computed once per column a thread holds: tall tiles of few columns give each
+        # thread four rows of one group (2048 elements, 4 warps).
+        tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP, min_block_rows=SHARED_PRIOR_BLOCK_ROWS,
+                           block_elements=SHARED_PRIOR_BLOCK_ELEMENTS, num_warps=4)
+    else:
+        tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP)
     z = torch.empty(shape, dtype=mu.dtype, device=mu.device)
     kl = torch.empty((n_rows, tiling.n_splits), dtype=torch.float32, device=mu.device)
     with device_guard(mu):
@@ -695,7 +733,8 @@ def reparameterize_kl_forward(
             seed, first_counter, philox_state if eps is None else None, tiling.cols_per_split, logvar_limit,
             HAS_EPS=eps is not None, ALIGNED=aligned_rows(n_cols, mu2, logvar2, eps2, prior_mu2, prior_logvar2),
             INT64=needs_int64(mu, *(m.tensor for m in (mu2, logvar2, eps2, prior_mu2, prior_logvar2))),
-            BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
+            SHARED_PRIOR=shared_prior, BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP,
+            num_warps=tiling.num_warps,
         )
     kl = kl.sum(dim=1) if tiling.n_splits > 1 else kl.view(n_rows)
     return z, kl.view(shape[: len(shape) - event_dims])
@@ -789,7 +828,8 @@ def reparameterize_kl_backward(
             HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None, HAS_EPS=eps is not None,
             ALIGNED=aligned_rows(n_cols, grad_z2, mu2, logvar2, eps2, prior_mu2, prior_logvar2),
             INT64=needs_int64(mu, *(m.tensor for m in (grad_z2, mu2, logvar2, eps2, prior_mu2, prior_logvar2))),
-            BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
+            SHARED_PRIOR=shared_by_rows(prior_mu2, prior_logvar2), BLOCK_ROWS=tiling.block_rows,
+            BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )
     grad_prior_mu, grad_prior_logvar = (
         _prior_grad(mode, buffer, prior, shape, event_dims) for mode, buffer, prior in zip(modes, buffers, (prior_mu, prior_logvar))

@@ -463,7 +463,11 @@ def _job(kernel_name, dtype, int_type, constexprs, absent=()):
 
     kernel = getattr(kernels, kernel_name)
     float32 = ("kl_ptr", "grad_kl_ptr", "grad_prior_mu_ptr", "grad_prior_logvar_ptr")
-    signature, values = {}, dict(constexprs, BLOCK_ROWS=8, BLOCK_GROUPS=128)
+    # Both layouts (groups as vectors in float32, lane by lane in bfloat16), int64 indices with i64, and a prior
+    # shared by all rows (loaded once per column) in bfloat16.
+    layout = dict(ALIGNED=dtype == "fp32", INT64=int_type == "i64",
+                  SHARED_PRIOR=dtype == "bf16" and "prior_mu_ptr" not in absent)
+    signature, values = {}, dict(constexprs, **layout, BLOCK_ROWS=8, BLOCK_GROUPS=128)
     for name in kernel.arg_names:
         if name in absent:
             signature[name], values[name] = "constexpr", None

@@ -19,21 +19,39 @@ With the N(0, I) prior and no clamp these are exactly the operations (in the
 same order, so the same bits) of the op before priors existed:
 ``kl = 0.5 * sum(std * std + mu * mu - 1 - logvar)``. The clamp's derivative is
 ``c'(x) = 1 - tanh(x / L)**2 = 4 u / (1 + u)**2`` with ``u = exp(-2 |x| / L)``,
-accurate at any ``x``; tanh itself is ``(1 - u) / (1 + u)``, or its series for
-``|x / L| < 0.1``, where ``1 - u`` would cancel.
+accurate at any ``x``; tanh itself is ``(1 - u) / (1 + u)``, or, for float32
+inputs, its series for ``|x / L| < 0.1``, where ``1 - u`` would cancel
+(:func:`_soft_clamp`).
 
 Layout. Each input is read in place through three strides
 (:func:`fastvae.kernels.launch.split_rows`): the row index splits into an
 outer part (the first dim) and an inner part (the other leading dims), so the
 channel slices of a conv output (``h[:, :C]`` of ``(B, 2C, H, W)``) are read
 where they lie. A prior that broadcasts to ``mu`` is read through stride 0
-along the dims it is broadcast over.
+along the dims it is broadcast over; one shared by all rows is read as a single
+row per tile, its clamp and exponential computed once per column
+(``SHARED_PRIOR``, tiles of up to 64 rows).
+
+A tile is ``BLOCK_ROWS x BLOCK_GROUPS`` groups of four columns, each group in
+one thread (it is one Philox round). Where every row starts at a multiple of
+four elements (``ALIGNED``, checked by the launcher: vectors of four) a group
+loads as one vector; elsewhere (rows of 49 columns, a half-precision head of 20
+latents) lane by lane, the lanes then interleaved in registers, so that the
+layout Triton picks for unaligned loads (a column per thread) never splits a
+group. Indices are int32 where every tensor stays below 2**30 elements
+(``INT64`` otherwise). With a prior the backward's tiles hold 2048 elements,
+8 a thread, which keeps its terms and gradients in registers. These choices are
+the static audit's (``python -m benchmarks --static``; docs/performance-floor.md):
+no variant spills, and each keeps its instruction issue under its memory time
+on the H100 model.
 
 Noise. Without ``eps`` the kernels draw it with Philox: element ``(row, col)``
 of the matrix (``col`` the index in the flattened event, in row-major order)
 takes output ``col % 4`` of the Philox round with counter
-``first_counter + row * ceil(n_cols / 4) + col // 4`` (``tl.randn4x``: four
-normals per round). The counter depends on the element's indices alone, not on
+``first_counter + row * ceil(n_cols / 4) + col // 4`` (four normals per round,
+:func:`standard_normal`: Philox4x32-10 and the Box-Muller transform, with the
+hardware's log, sine and cosine when compiled; ``tl.randn4x``'s values, bit for
+bit, when interpreted). The counter depends on the element's indices alone, not on
 block sizes, the grid or the input's strides, so the backward regenerates
 exactly the forward's noise, and the noise is never stored. A call consumes
 ``n_rows * ceil(n_cols / 4)`` rounds. For ``event_dims=1`` this is the layout
@@ -239,15 +257,15 @@ def standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row):
     """eps of a tile: lane k of group g in row r is normal k of Philox round first_counter + r * groups_per_row + g.
 
     The one noise generator of fastvae's kernels (import it, with :func:`philox_rounds` for the counters a call
-    consumes): standard normal in distribution (``tests/test_noise.py``: moments, a Kolmogorov-Smirnov test on a
+    consumes): ``rows`` and ``groups`` broadcast to the tile's shape with a last dim of 1, ``lanes`` (its last dim,
+    4) index the four normals of a round, which the result keeps in one thread's registers, whatever layout the
+    loads take. Standard normal in distribution (``tests/test_noise.py``: moments, a Kolmogorov-Smirnov test on a
     million draws, the tails beyond 4 and 5 sigma, against ``torch.randn``).
     """
+    tl.static_assert(lanes.shape[-1] == 4, "four lanes: the normals of one Philox round")
     counter = tl.cast(first_counter, tl.int64) + (rows * groups_per_row + groups)  # int64: counters grow all run
-    n0, n1, n2, n3 = normal4x(seed, counter)  # [R, G, 1] each
-    # Joined, not selected by lane: a join keeps a group's four normals in one thread's registers, whatever layout
-    # the loads take (where unaligned rows give each thread one column of a group, selects would move all four).
-    eps = tl.join(tl.join(n0, n2), tl.join(n1, n3))  # [R, G, 1, 2, 2]: (i, j) holds normal 2 i + j
-    return tl.reshape(eps, (rows.shape[0], groups.shape[1], lanes.shape[2]))
+    n0, n1, n2, n3 = normal4x(seed, counter)
+    return _interleave(n0, n1, n2, n3)
 
 
 @triton.jit
@@ -332,9 +350,10 @@ def _prior_rows(rows, row_mask, n_inner, stride_outer, stride_inner, ALIGNED: tl
 
 @triton.jit
 def _interleave(x0, x1, x2, x3):
-    """``[R, G, 4]`` with lane k of each group from ``x_k`` (``[R, G, 1]`` each), the four in one thread."""
-    x = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # [R, G, 1, 2, 2]: (i, j) holds x_(2 i + j)
-    return tl.reshape(x, (x0.shape[0], x0.shape[1], 4))
+    """``x0``..``x3`` (one shape, last dim 1) side by side along the last dim, lane k from ``x_k``, the four in one
+    thread (a join's new dim is held in registers)."""
+    x = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # (..., 1, 2, 2): (i, j) holds x_(2 i + j)
+    return tl.reshape(x, x0.shape[:-1] + (4,))
 
 
 @triton.jit

@@ -104,6 +104,9 @@ from .launch import (
 
 # Rows a tile adds up when the forward sums the logvar gradient over columns.
 COLUMN_BLOCK_ROWS = 16
+# BCE's tiles: 8 elements a thread at 8 warps. Its exponential, reciprocal and log1p series keep more values live
+# than the other kinds; at 16 a thread ptxas capped some variants at 64 registers and spilled.
+BCE_BLOCK_ELEMENTS = 2048
 LOG_2PI = tl.constexpr(math.log(2 * math.pi))
 
 
@@ -219,7 +222,8 @@ def reconstruction_loss_forward(
     n_cols = x_hat.numel() // n_rows
     x_hat2, x2 = as_rows(x_hat, n_cols), as_rows(x, n_cols)
     min_block_rows = COLUMN_BLOCK_ROWS if logvar_grad == "columns" else 1
-    tiling = plan_rows(n_rows, n_cols, x_hat.device, min_block_rows=min_block_rows)
+    block_elements = BCE_BLOCK_ELEMENTS if kind == "bce" else None
+    tiling = plan_rows(n_rows, n_cols, x_hat.device, min_block_rows=min_block_rows, block_elements=block_elements)
     partial_loss = torch.empty((n_rows, tiling.n_splits), dtype=torch.float32, device=x_hat.device)
     grad_x_hat_out = torch.empty(x_hat.shape, dtype=x_hat.dtype, device=x_hat.device) if grad_x_hat else None
     grad_x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad_x else None

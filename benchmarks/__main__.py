@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="sizes to run (default: 'default' on a GPU or with --dry-run, 'smoke' without one)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
     parser.add_argument("--ops", default=None,
-                        help="comma-separated subset of reparameterize_kl,mse,bce,gaussian,l1,"
+                        help="comma-separated subset of reparameterize_kl,mse,bce,gaussian,l1,vector_quantize,"
                              "discretized_logistic_mixture_nll (default: all)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile implementations")
     parser.add_argument("--skip", default="", help="comma-separated suites to skip: ops,noise,train")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmarks.harness import kernel_count, median_ms, median_ms_after_setup, rotating, synchronize
-from fastvae.functional import discretized_logistic_mixture_nll, reconstruction_loss, reparameterize_kl
+from fastvae.functional import discretized_logistic_mixture_nll, reconstruction_loss, reparameterize_kl, vector_quantize
 from fastvae.ops.discretized_logistic_mixture import discretized_logistic_mixture_nll_reference, params_per_component
 from fastvae.ops.reconstruction_loss import reconstruction_loss_reference
 from fastvae.ops.reparameterize_kl import reparameterize_kl_reference
@@ -65,13 +65,20 @@ def _nbytes(shape, dtype) -> int:
 
 
 def reparameterize_case(
-    rows: int, d: int, dtype: torch.dtype, eps_given: bool, logvar_limit: float | None = None
+    rows: int,
+    d: int,
+    dtype: torch.dtype,
+    eps_given: bool,
+    logvar_limit: float | None = None,
+    logvar_clamp: tuple[float, float] | None = None,
 ) -> OpCase:
     """``reparameterize_kl`` on ``(rows, d)``: z gets a random upstream gradient, the summed KL a gradient of 1.
 
     ``logvar_limit``: the soft clamp fused in, as :class:`fastvae.nn.GaussianLatent` (and so every VAE of
-    :mod:`fastvae.models`) calls the op by default; the reference computes it as separate ops.
+    :mod:`fastvae.models`) calls the op by default; ``logvar_clamp``: the hard clamp, as diffusers' posterior
+    (:mod:`fastvae.integrations.diffusers`) calls it. The reference computes either as separate ops.
     """
+    clamps = dict(logvar_limit=logvar_limit, logvar_clamp=logvar_clamp)
     shape = (rows, d)
 
     def make_inputs(device):
@@ -82,12 +89,10 @@ def reparameterize_case(
 
     def eager(t):
         eps = t["eps"] if eps_given else torch.randn_like(t["mu"])
-        return reparameterize_kl_reference(t["mu"], t["logvar"], eps, "sum", logvar_limit=logvar_limit)
+        return reparameterize_kl_reference(t["mu"], t["logvar"], eps, "sum", **clamps)
 
     def fastvae(t):
-        return reparameterize_kl(
-            t["mu"], t["logvar"], t["eps"], reduction="sum", logvar_limit=logvar_limit, backend="triton"
-        )
+        return reparameterize_kl(t["mu"], t["logvar"], t["eps"], reduction="sum", backend="triton", **clamps)
 
     n = _nbytes(shape, dtype)
     per_row = rows * 4
@@ -95,9 +100,13 @@ def reparameterize_case(
     forward = 2 * n + reads_eps + n + per_row  # mu, logvar (, eps) -> z, kl
     backward = 3 * n + reads_eps + 2 * n  # grad_z, mu, logvar (, eps) -> grad_mu, grad_logvar
     variant = "eps given" if eps_given else "eps drawn"
+    if logvar_limit is not None:
+        variant = f"logvar_limit={logvar_limit:g}, {variant}"
+    if logvar_clamp is not None:
+        variant = f"logvar_clamp=({logvar_clamp[0]:g}, {logvar_clamp[1]:g}), {variant}"
     return OpCase(
         op="reparameterize_kl",
-        variant=variant if logvar_limit is None else f"logvar_limit={logvar_limit:g}, {variant}",
+        variant=variant,
         shape=shape,
         dtype=dtype,
         make_inputs=make_inputs,
@@ -210,6 +219,69 @@ def dmol_case(batch: int, image_shape: tuple[int, ...], dtype: torch.dtype, num_
         floor_bytes={"forward": forward, "backward": 0, "forward+backward": forward},
         grad_wrt=("params",),
         notes={"image_shape": tuple(image_shape), "num_mixtures": num_mixtures},
+    )
+
+
+# ---- vector quantization ------------------------------------------------------------------------------------------
+
+VQ_BETA = 0.25
+
+
+def vq_distance_matrix(z: torch.Tensor, codebook: torch.Tensor, distances: str = "cdist") -> tuple:
+    """The VQ layer as most VQ-VAE code writes it: the full ``(N, K)`` distance matrix, then ``argmin``.
+
+    ``distances``: ``"cdist"`` (``torch.cdist``, as diffusers' ``VectorQuantizer``) or ``"einsum"`` (the
+    expanded ``||z||^2 - 2 z.e + ||e||^2`` with an einsum, as vector-quantize-pytorch). Then the chosen codes
+    (``F.embedding``), the codebook and commitment losses with ``detach`` and the straight-through
+    ``z + (e - z).detach()``. Returns ``(z_q, loss summed over the vectors)``.
+    """
+    if distances == "cdist":
+        distance = torch.cdist(z, codebook)
+    else:
+        distance = (z.square().sum(1, keepdim=True) - 2 * torch.einsum("nd,kd->nk", z, codebook)
+                    + codebook.square().sum(1))
+    indices = distance.argmin(dim=1)
+    e = torch.nn.functional.embedding(indices, codebook)
+    loss = (z.detach() - e).square().sum() + VQ_BETA * (z - e.detach()).square().sum()
+    return z + (e - z).detach(), loss
+
+
+def vq_case(n: int, k: int, d: int, dtype: torch.dtype, distances: str = "cdist") -> OpCase:
+    """``vector_quantize`` of ``n`` vectors of ``d`` values against ``k`` codes, both learned by gradient (the
+    codebook's gradient scattered too): z_q gets a random upstream gradient, the summed loss a gradient of 1. The
+    eager implementation is :func:`vq_distance_matrix` (not fastvae's chunked reference): what VQ-VAEs run today.
+
+    Floor bytes: the forward reads z and the codebook once and writes z_q and the indices; the backward reads
+    z_q's gradient, z and z_q and writes both gradients (see ``kernels/vector_quantize.py``).
+    """
+    shape = (n, d)
+
+    def make_inputs(device):
+        z = torch.randn(shape, device=device).to(dtype).requires_grad_()
+        codebook = torch.randn(k, d, device=device).to(dtype).requires_grad_()
+        return {"z": z, "codebook": codebook, "grad_z": torch.randn(shape, device=device, dtype=dtype)}
+
+    def eager(t):
+        return vq_distance_matrix(t["z"], t["codebook"], distances)
+
+    def fastvae(t):
+        z_q, _, loss = vector_quantize(t["z"], t["codebook"], beta=VQ_BETA, reduction="sum", backend="triton")
+        return z_q, loss
+
+    vectors, codes = _nbytes(shape, dtype), _nbytes((k, d), dtype)
+    forward = vectors + codes + vectors + n * 8 + n * 4
+    backward = 3 * vectors + vectors + codes
+    return OpCase(
+        op="vector_quantize",
+        variant=f"K={k}, vs {distances}",
+        shape=shape,
+        dtype=dtype,
+        make_inputs=make_inputs,
+        impls={"eager": eager, "fastvae": fastvae},
+        floor_bytes={"forward": forward, "backward": backward, "forward+backward": forward + backward},
+        grad_wrt=("z", "codebook"),
+        # Counted apart (benchmarks/static/vq.py): the eager matrix would not fit a CPU's memory at these sizes.
+        notes={"num_codes": k, "counted_apart": True},
     )
 
 
@@ -386,14 +458,19 @@ LOSS_KINDS = ("mse", "bce", "gaussian", "l1")
 LATENT_MAP_SIZES = (32, 64, 8, 1)
 PRIORS = ("conditional", "shared")
 DMOL_IMAGES = {"3x32x32": (3, 32, 32), "3x256x256": (3, 256, 256)}
+# Issue 19: 65,536 vectors (a batch of 64 at 32x32) of 64 values against codebooks of these sizes.
+VQ_VECTORS, VQ_DIM = 65536, 64
+VQ_CODES = (512, 4096, 16384, 65536)
 
 
 def op_cases(grid: str, dtypes: list[torch.dtype], ops: set[str] | None = None) -> list[OpCase]:
     """The cases of a grid: ``"smoke"`` (tiny, CPU), ``"default"`` (a few minutes on an H100) or ``"full"``."""
+    vq_vectors, vq_codes = VQ_VECTORS, VQ_CODES
     if grid == "smoke":
         latent_exps, launch_batches, loss_totals = (10, 14), (256,), (1 << 14,)
         shapes = {"784": (784,), "3x32x32": (3, 32, 32)}
         map_sizes, map_totals, dmol_images, clamp_exps = (4,), (1 << 12,), {"3x8x8": (3, 8, 8)}, (14,)
+        vq_vectors, vq_codes = 256, (64,)
     elif grid == "default":
         latent_exps, launch_batches, loss_totals = (14, 18, 22, 24, 26, 28), (256, 1024, 4096, 16384), (1 << 24,)
         shapes = SAMPLE_SHAPES
@@ -420,6 +497,8 @@ def op_cases(grid: str, dtypes: list[torch.dtype], ops: set[str] | None = None) 
                 case = dmol_case(max(1, total // per_sample), image_shape, dtype)
                 case.notes["nominal_elements"] = max(total, case.elements)
                 cases.append(case)
+        for k in vq_codes:
+            cases.append(vq_case(vq_vectors, k, VQ_DIM, dtype))
         for batch in launch_batches:
             case = reparameterize_case(batch, LAUNCH_BOUND_D, dtype, eps_given=False)
             case.variant = f"eps drawn, launch-bound D={LAUNCH_BOUND_D}"

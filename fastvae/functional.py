@@ -10,6 +10,7 @@ from fastvae.ops.discretized_logistic_mixture import (
 )
 from fastvae.ops.reconstruction_loss import reconstruction_loss
 from fastvae.ops.reparameterize_kl import reparameterize_kl
+from fastvae.ops.vector_quantize import vector_quantize
 
 __all__ = [
     "discretized_logistic_mixture_mode",
@@ -17,4 +18,5 @@ __all__ = [
     "reconstruction_loss",
     "reparameterize_kl",
     "sample_discretized_logistic_mixture",
+    "vector_quantize",
 ]

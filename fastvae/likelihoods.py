@@ -76,6 +76,8 @@ class Likelihood(nn.Module):
     discrete: ClassVar[bool] = False
     # Keyword settings of __init__ that make_likelihood(name, **options) and fastvae train take, with defaults.
     options: ClassVar[dict[str, object]] = {}
+    # Whether __init__ takes the images' channels (channels=), which make_likelihood passes on to it.
+    takes_channels: ClassVar[bool] = False
 
     def params_channels(self, image_channels: int) -> int:
         """Channels of the decoder's output for images of ``image_channels`` channels."""
@@ -260,16 +262,23 @@ class DiscretizedLogisticMixtureLikelihood(Likelihood):
     Args:
         num_mixtures: ``M``, logistic components per pixel (10).
         num_bits: bits per value, 1 to 16: ``2**num_bits`` levels (8 for 256).
+        channels: the images' channels, if known (the models built by
+            :func:`fastvae.training.builders.build_model` pass them): then
+            checked by :meth:`params_channels`, the nll and the images shown,
+            whose parameters alone cannot tell RGB at M = 3 from greyscale at M = 10.
         backend: see :mod:`fastvae.backend`.
     """
 
     name = "dmol"
     discrete = True
     options = {"num_mixtures": 10, "num_bits": 8}
+    takes_channels = True
 
-    def __init__(self, *, num_mixtures: int = 10, num_bits: int = 8, backend: str | None = None):
+    def __init__(
+        self, *, num_mixtures: int = 10, num_bits: int = 8, channels: int | None = None, backend: str | None = None
+    ):
         super().__init__()
-        self.mixture = DiscretizedLogisticMixture(num_mixtures, num_bits, backend=backend)
+        self.mixture = DiscretizedLogisticMixture(num_mixtures, num_bits, channels=channels, backend=backend)
 
     def params_channels(self, image_channels: int) -> int:
         return self.mixture.params_channels(image_channels)
@@ -279,6 +288,8 @@ class DiscretizedLogisticMixtureLikelihood(Likelihood):
 
     def batch_nll(self, params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mixture = self.mixture
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            mixture.check_channels(x.shape[1], f"x of shape {tuple(x.shape)}")
         return discretized_logistic_mixture_nll(
             params, x, num_mixtures=mixture.num_mixtures, num_bits=mixture.num_bits, reduction="mean",
             backend=mixture.backend, return_per_sample=True,
@@ -333,12 +344,17 @@ def bits_per_dim(nats: torch.Tensor | float, values_per_image: int) -> torch.Ten
     return nats / (values_per_image * math.log(2.0))
 
 
-def make_likelihood(likelihood: str | Likelihood, *, backend: str | None = None, **options) -> Likelihood:
+def make_likelihood(
+    likelihood: str | Likelihood, *, backend: str | None = None, channels: int | None = None, **options
+) -> Likelihood:
     """The :class:`Likelihood` named ``likelihood`` (a key of :data:`LIKELIHOODS`), or ``likelihood`` itself.
 
     ``backend`` and ``options`` (the family's settings, its ``options``:
     ``num_mixtures`` and ``num_bits`` for ``"dmol"``) go to a likelihood built
     from its name; one given as an object keeps its own, and takes no options.
+    ``channels``, the images' channels if known, goes to a family built from
+    its name that checks them (``takes_channels``: ``"dmol"``); the others
+    have no use for it.
     """
     if isinstance(likelihood, Likelihood):
         if options:
@@ -353,4 +369,6 @@ def make_likelihood(likelihood: str | Likelihood, *, backend: str | None = None,
     if unknown:
         takes = f"its options are {', '.join(family.options)}" if family.options else "it takes none"
         raise ValueError(f"likelihood {likelihood!r} has no option {', '.join(unknown)}; {takes}")
+    if family.takes_channels and channels is not None:
+        options["channels"] = channels
     return family(backend=backend, **options)

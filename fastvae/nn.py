@@ -14,6 +14,10 @@
 * :class:`DiscretizedLogisticMixture`: the discretized mixture of logistics as
   a likelihood: its nll (fused), how many parameters it needs, sampling and a
   deterministic image for reconstructions.
+* :class:`VectorQuantizer`: the VQ-VAE's bottleneck over the fused
+  :func:`fastvae.functional.vector_quantize`: a codebook learned by EMA (or by
+  gradient), dead codes restarted from the batch's vectors, and the
+  perplexity of code usage.
 
 Every layer takes ``backend`` (``None``/``"auto"``, ``"triton"``, ``"torch"``;
 see :mod:`fastvae.backend`) and passes it to the op it wraps.
@@ -35,11 +39,13 @@ from fastvae.functional import (
     reconstruction_loss,
     reparameterize_kl,
     sample_discretized_logistic_mixture,
+    vector_quantize,
 )
 from fastvae.ops.checks import REDUCTIONS, check_choice, check_positive_number
-from fastvae.ops.discretized_logistic_mixture import check_settings, params_per_component
+from fastvae.ops.discretized_logistic_mixture import check_image_channels, check_settings, params_per_component
 from fastvae.ops.reconstruction_loss import KINDS
 from fastvae.ops.reparameterize_kl import soft_clamp
+from fastvae.ops.vector_quantize import check_beta, check_inputs
 
 
 class ReparamKL(nn.Module):
@@ -370,6 +376,10 @@ class DiscretizedLogisticMixture(nn.Module):
         num_mixtures: ``M``, logistic components per pixel (10 in PixelCNN++).
         num_bits: bits per value: ``2**num_bits`` levels (8 for 256).
         reduction: of the nll: ``"none"`` (per image, ``(B,)``), ``"sum"`` or ``"mean"`` over images.
+        channels: the images' channels ``C``, if known: then checked everywhere
+            (``params_channels``, the images scored, and the parameters drawn
+            from, which alone cannot tell RGB at M = 3 from greyscale at M = 10).
+            ``None``: any ``C``, read off ``x`` or, to draw, off ``params``.
         backend: see :mod:`fastvae.backend`.
 
     ``forward(params, x)`` takes ``params`` ``(B, params_channels(C), ...)``
@@ -377,23 +387,40 @@ class DiscretizedLogisticMixture(nn.Module):
     """
 
     def __init__(
-        self, num_mixtures: int = 10, num_bits: int = 8, reduction: str = "none", *, backend: str | None = None
+        self,
+        num_mixtures: int = 10,
+        num_bits: int = 8,
+        reduction: str = "none",
+        *,
+        channels: int | None = None,
+        backend: str | None = None,
     ):
         super().__init__()
         check_settings(num_mixtures, num_bits)
         check_choice("reduction", reduction, REDUCTIONS)
+        if channels is not None:
+            check_image_channels(channels)
         self.num_mixtures = num_mixtures
         self.num_bits = num_bits
         self.reduction = reduction
+        self.channels = channels
         self.backend = backend
 
     def params_channels(self, channels: int) -> int:
         """Channels of ``params`` for images of ``channels`` channels: ``M (1 + 2C + C(C-1)/2)`` (10M for RGB)."""
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
+        self.check_channels(channels, f"params_channels({channels})")
         return self.num_mixtures * params_per_component(channels)
 
+    def check_channels(self, channels: int, got: str) -> None:
+        """Raise ``ValueError`` (naming ``got``) if this module is for images of other than ``channels`` channels."""
+        if self.channels is not None and channels != self.channels:
+            raise ValueError(f"this DiscretizedLogisticMixture is for images of {self.channels} channels, got {got}")
+
     def forward(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            self.check_channels(x.shape[1], f"x of shape {tuple(x.shape)}")
         return discretized_logistic_mixture_nll(
             params, x, num_mixtures=self.num_mixtures, num_bits=self.num_bits, reduction=self.reduction,
             backend=self.backend,
@@ -405,7 +432,8 @@ class DiscretizedLogisticMixture(nn.Module):
         See :func:`~fastvae.functional.sample_discretized_logistic_mixture`.
         """
         return sample_discretized_logistic_mixture(
-            params, num_mixtures=self.num_mixtures, num_bits=self.num_bits, generator=generator
+            params, num_mixtures=self.num_mixtures, num_bits=self.num_bits, channels=self.channels,
+            generator=generator,
         )
 
     def mode(self, params: torch.Tensor) -> torch.Tensor:
@@ -414,10 +442,185 @@ class DiscretizedLogisticMixture(nn.Module):
         Not the mixture's mean, which averages the components into the blur
         this likelihood avoids; see :func:`~fastvae.functional.discretized_logistic_mixture_mode`.
         """
-        return discretized_logistic_mixture_mode(params, num_mixtures=self.num_mixtures, num_bits=self.num_bits)
+        return discretized_logistic_mixture_mode(
+            params, num_mixtures=self.num_mixtures, num_bits=self.num_bits, channels=self.channels
+        )
+
+    def extra_repr(self) -> str:
+        channels = f", channels={self.channels}" if self.channels is not None else ""
+        return (
+            f"num_mixtures={self.num_mixtures}, num_bits={self.num_bits}, reduction={self.reduction!r}{channels}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class Quantized(NamedTuple):
+    """What :class:`VectorQuantizer` returns for ``z`` with ``N`` vectors."""
+
+    z_q: torch.Tensor  # z's shape and dtype: the chosen codes; the gradient passes straight through to z
+    indices: torch.Tensor  # int64, z's shape without the code dim
+    loss: torch.Tensor  # () float32: mean over the vectors of ||sg[z] - e||^2 + beta ||z - sg[e]||^2
+    perplexity: torch.Tensor  # () float32: exp(entropy of the batch's code frequencies), 1 to min(N, K)
+    codes_used: torch.Tensor  # () float32: codes that at least one vector of the batch chose
+    counts: torch.Tensor  # (K,) float32: how many vectors of the batch chose each code
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class VectorQuantizer(nn.Module):
+    r"""The VQ-VAE's bottleneck (van den Oord et al. 2017): each vector of ``z`` replaced by its nearest code.
+
+    ``forward(z)`` runs the fused :func:`fastvae.functional.vector_quantize`
+    (no ``N x K`` distance matrix) and returns a :class:`Quantized`: ``z_q``
+    (gradient straight through), the ``indices``, ``loss`` (its mean over the
+    vectors: the codebook term plus ``beta`` times the commitment term) and the
+    ``perplexity`` of code usage in the batch, with ``codes_used`` and the
+    per-code ``counts``.
+
+    The codebook, ``self.codebook`` ``(K, D)``, starts uniform in ``(-1/K, 1/K)`` and learns:
+
+    * by **EMA** (``ema_decay``, the default 0.99; a buffer, no gradient): in
+      training mode, after each quantization, the cluster sizes ``n_k`` and sums
+      ``m_k`` of the vectors that chose each code move towards the batch's by
+      ``1 - decay``; the code becomes ``m_k / n_k`` with the sizes
+      Laplace-smoothed (``(n_k + eps) / (n + K eps) n``). Its loss term then
+      carries no gradient, and only the commitment term trains the encoder;
+    * by **gradient** (``ema_decay=None``; an ``nn.Parameter``): from the loss's
+      codebook term, through the optimizer.
+
+    **Dead codes** are restarted in training mode, before the quantization:
+    every code whose usage (``cluster_size``, the EMA of how many vectors of a
+    batch chose it, with ``ema_decay`` or 0.99) is below
+    ``dead_code_threshold`` is moved onto a vector of the current batch drawn at
+    random (torch's generator), its usage set to the threshold (and its EMA sum
+    to match), so that codes the encoder never reaches come back where its
+    vectors are (Jukebox's random restarts). ``dead_code_threshold=0`` turns
+    this off. Nothing here reads a value on the host: the updates are
+    branch-free tensor ops. Under ``torch.distributed`` the counts and sums are
+    summed over the processes and the restarted codebook is broadcast from rank
+    0, so every process keeps the same codebook.
+
+    Args:
+        num_codes: ``K``.
+        dim: ``D``, the size of each code (and of each vector of ``z``).
+        beta: weight of the commitment term (0.25).
+        ema_decay: the EMA's decay in ``(0, 1)``, or ``None`` to learn the codebook by gradient.
+        epsilon: the Laplace smoothing of the EMA's cluster sizes.
+        dead_code_threshold: usage (vectors per batch, as an EMA) below which a code is restarted; 0: never.
+        channel_dim: the axis of ``z`` holding the ``D`` values: ``-1`` for ``(..., D)``, ``1`` for ``(B, D, H, W)``.
+        backend: see :mod:`fastvae.backend`.
+    """
+
+    USAGE_DECAY = 0.99  # of the usage that dead-code restarts read, when the codebook learns by gradient
+
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        *,
+        beta: float = 0.25,
+        ema_decay: float | None = 0.99,
+        epsilon: float = 1e-5,
+        dead_code_threshold: float = 1.0,
+        channel_dim: int = -1,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        for name, value in (("num_codes", num_codes), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_beta(beta)
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), or None to learn the codebook by gradient, got {ema_decay}")
+        check_positive_number("epsilon", epsilon)
+        if not 0 <= dead_code_threshold < float("inf"):
+            raise ValueError(f"dead_code_threshold must be a finite number >= 0, got {dead_code_threshold}")
+        self.num_codes, self.dim = num_codes, dim
+        self.beta, self.ema_decay, self.epsilon = float(beta), ema_decay, float(epsilon)
+        self.dead_code_threshold = float(dead_code_threshold)
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+        self.channel_dim = channel_dim
+        self.backend = backend
+        codebook = torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes)
+        if ema_decay is None:
+            self.codebook = nn.Parameter(codebook)
+        else:
+            self.register_buffer("codebook", codebook)
+            # Sizes start at 1 with the sums at the codes: an unused code keeps its value as both decay.
+            self.register_buffer("ema_sum", codebook.clone())
+        self.register_buffer("cluster_size", torch.ones(num_codes))
+
+    def forward(self, z: torch.Tensor) -> Quantized:
+        rows = None
+        if self.training:  # the batch's vectors, for the restarts and the EMA (a copy where z's layout has no rows)
+            axis = check_inputs(z, self.codebook, self.channel_dim)
+            rows = z.detach().movedim(axis, -1).reshape(-1, self.dim).float()
+            if rows.shape[0] and self.dead_code_threshold > 0:
+                self._restart_dead_codes(rows)
+        z_q, indices, loss = vector_quantize(
+            z, self.codebook, beta=self.beta, dim=self.channel_dim, reduction="mean", backend=self.backend
+        )
+        flat = indices.reshape(-1)
+        ones = torch.ones_like(flat, dtype=torch.float32)
+        counts = torch.zeros(self.num_codes, device=z.device).index_add_(0, flat, ones)
+        if self.training:
+            self._update(counts, flat, rows)
+        frequencies = counts / max(flat.numel(), 1)
+        perplexity = torch.exp(-torch.xlogy(frequencies, frequencies).sum())
+        return Quantized(z_q, indices, loss, perplexity, (counts > 0).float().sum(), counts)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, rows: torch.Tensor) -> None:
+        """Move every code whose usage is below the threshold onto a random vector of ``rows`` ``(N, D)``."""
+        dead = (self.cluster_size < self.dead_code_threshold)[:, None]
+        fresh = rows[torch.randint(0, rows.shape[0], (self.num_codes,), device=rows.device)]
+        self.codebook.copy_(torch.where(dead, fresh.to(self.codebook.dtype), self.codebook))
+        if self.ema_decay is not None:
+            self.ema_sum.copy_(torch.where(dead, fresh * self.dead_code_threshold, self.ema_sum))
+        self.cluster_size.copy_(torch.where(dead[:, 0], self.dead_code_threshold, self.cluster_size))
+        if _distributed():
+            for buffer in self._state():
+                torch.distributed.broadcast(buffer, src=0)
+
+    @torch.no_grad()
+    def _update(self, counts: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> None:
+        """The usage EMA and, by EMA, the codebook, from the batch's ``counts`` and its vectors ``rows``."""
+        sums = None
+        if self.ema_decay is not None:
+            sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, rows)
+        if _distributed():
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts)
+            if sums is not None:
+                torch.distributed.all_reduce(sums)
+        decay = self.ema_decay if self.ema_decay is not None else self.USAGE_DECAY
+        self.cluster_size.lerp_(counts, 1 - decay)
+        if self.ema_decay is None:
+            return
+        self.ema_sum.lerp_(sums, 1 - self.ema_decay)
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.epsilon) / (total + self.num_codes * self.epsilon) * total
+        self.codebook.copy_(self.ema_sum / smoothed[:, None])
+
+    def _state(self) -> list[torch.Tensor]:
+        """The tensors that define the codebook: the codebook, its usage and (EMA) the sums."""
+        return [self.codebook.data, self.cluster_size] + ([self.ema_sum] if self.ema_decay is not None else [])
+
+    def nearest(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z_q, indices)`` of ``z`` without touching the codebook, in any mode: no restart, no EMA update."""
+        z_q, indices, _ = vector_quantize(z, self.codebook, beta=self.beta, dim=self.channel_dim, backend=self.backend)
+        return z_q, indices
+
+    @torch.no_grad()
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """The codes of ``indices`` (int64, any shape), with their ``D`` values along ``channel_dim``."""
+        return self.codebook[indices].movedim(-1, self.channel_dim)
 
     def extra_repr(self) -> str:
         return (
-            f"num_mixtures={self.num_mixtures}, num_bits={self.num_bits}, reduction={self.reduction!r}, "
-            f"backend={self.backend!r}"
+            f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, ema_decay={self.ema_decay}, "
+            f"dead_code_threshold={self.dead_code_threshold}, channel_dim={self.channel_dim}, backend={self.backend!r}"
         )

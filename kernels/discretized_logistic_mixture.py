@@ -10,13 +10,37 @@ half-width ``h = 1 / K``), from the observed level ``k_c`` of each channel at
                 (lowest level: -softplus(-b); highest level: -softplus(a))
     log p     = logsumexp_m(log_softmax(l)_m + sum_c L_cm)        nll of a sample = -sum of log p
 
-Every term of ``L`` is a log of a number in (0, 1], so they add without
-cancelling: the value carries no error beyond the float32 rounding of ``a``
-and ``b`` themselves, for any mean and any scale from ``e^-7`` up (masses of
-1e-30 and far below), with no density approximation and a finite gradient.
-``log(1 - e^u)`` is taken as ``log(2h) - s + log r`` with ``r = (1 - e^u) / -u``
-for ``u > -log 2`` and as ``log1p(-e^u)`` below: two exact forms of one
-function, equal to rounding where they meet.
+How the kernel evaluates it, per channel and component: three exponentials
+(``e^-|a|``, ``e^-|b|``, ``e^-w`` with ``w = -u = 2 h inv``), one reciprocal
+and one log, shared by the value and both derivatives::
+
+    P_a = 1 + e^-|a|, P_b = 1 + e^-|b|            (1 at the open edge: the lowest level has no P_a, the highest no P_b)
+    G   = (1 - e^-w) / w  where w < log 2,  else 1 - e^-w                          (1 at either edge)
+    L   = min(b, 0) - max(a, 0) + [w < log 2] log w + log(G / (P_a P_b))        (the edges drop their a or b term)
+    sigmoid(a) = e^min(a, 0) / P_a,   sigmoid(-b) = e^min(-b, 0) / P_b,   u / expm1(-u) = -w e^-w / (1 - e^-w)
+
+with ``1 / (G P_a P_b)`` the one reciprocal, ``log w = log(2h) - s`` exact even
+where ``inv`` underflows, and ``(1 - e^-w) / w`` by its Taylor series to
+``w^9`` where ``1 - e^-w`` would cancel. The four terms of ``L`` are all <= 0
+(the last is the log of a number in [1/8, 1]), so they add without cancelling:
+the value carries the float32 rounding of ``a`` and ``b`` themselves and a few
+1e-7 from the last log, for any mean and any scale from ``e^-7`` up (masses
+of 1e-30 and far below), with no density approximation and a finite gradient.
+The mixture takes ``log p = max J + log(sum_m e^(J_m - max J) / sum_m e^(l_m -
+max l))`` with ``J_m = l_m - max l + sum_c L_cm``: one more log and two
+reciprocals per pixel.
+
+Fast math, on the GPU: ``e^x`` is ``ex2.approx.ftz`` (as ``tl.exp`` is),
+reciprocals ``rcp.approx.ftz`` (1 ulp, :func:`~fastvae.kernels.launch.fast_rcp`)
+and the two logs :func:`~fastvae.kernels.launch.fast_log` (``lg2.approx`` on
+the mantissa, within 2^-22 there); the interpreter computes them exactly.
+The tests' tolerances hold with these functions' documented worst errors
+injected, all of one sign (``docs/performance-dmol.md``). Compiled for sm_90
+the forward takes 540.5 SASS instructions per pixel-component slot for RGB
+at M = 10 with the gradient (1,526 with libdevice's logs, ``div.full``
+divisions and one slot per thread), under the memory time of its bytes on an
+H100 in float32 (0.60 of it) and bfloat16 (1.20): the static audit,
+``python -m benchmarks --static``.
 
 Gradient in the forward. With ``R_m`` the posterior responsibility of
 component ``m`` (the softmax of the summed log terms), the kernel writes, in
@@ -68,9 +92,9 @@ graph); see :mod:`fastvae.ops.grad_in_forward` and :mod:`fastvae.kernels.scale_r
 A backward under ``create_graph=True`` runs the eager reference instead.
 The eager reference, counted per ATen call on the CPU (each call's tensor
 inputs read and its outputs written once, views free) for ``(4, 100, 8, 8)``
-RGB parameters at M = 10 with ``reduction="mean"``, moves 21.3 units in its
-forward (51 calls) and 37.2 in its backward (65): 58.5 against the fused 2 (4
-scaled). For bfloat16 ``params``, which it computes in float32, 45.5 + 77.4 = 122.9.
+RGB parameters at M = 10 with ``reduction="mean"``, moves 22.2 units in its
+forward (53 calls) and 37.0 in its backward (66): 59.2 against the fused 2 (4
+scaled). For bfloat16 ``params``, which it computes in float32, 47.5 + 76.9 = 124.4.
 
 Kept from the forward for the backward: the gradient (1 unit, a new buffer)
 and references to ``params`` and ``x`` (no copies; they cost memory only where
@@ -87,16 +111,16 @@ for ``(B, 100, H, W)`` RGB parameters at M = 10 (the counts scale with ``B H W``
 =====================  ===================================  ==============================  =========
 params dtype           eager keeps                          fused keeps                     ratio
 =====================  ===================================  ==============================  =========
-float32                4.33: 3.33 new + params              2.03: 1 new + params + x        2.1x
-bfloat16, float16      8.66, all new (a float32 copy of     2.06: 1 new + params + x        4.2x
+float32                3.73: 2.73 new + params              2.03: 1 new + params + x        1.8x
+bfloat16, float16      7.46, all new (a float32 copy of     2.06: 1 new + params + x        3.6x
                        params, and float32 temporaries)
-new memory only        float32 3.33, half 8.66              1                               3.3x, 8.7x
+new memory only        float32 2.73, half 7.46              1                               2.7x, 7.5x
 =====================  ===================================  ==============================  =========
 
 "New memory only" leaves out the inputs, which a caller that keeps the decoder
 output (as a VAE returning it does) holds anyway. The issue's goal of 5x less
 is met only there, for half-precision parameters; in float32 the compact
-reference keeps 3.33 units of its own, so one unit of gradient cannot be 5x
+reference keeps 2.73 units of its own, so one unit of gradient cannot be 5x
 less, and the reference to ``params`` (for ``create_graph``) costs a second
 unit wherever nothing else keeps ``params`` alive.
 """
@@ -108,66 +132,66 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import device_guard, expm1, log1p, plan_rows, row_offsets, sum_splits
+from .launch import LOG_2, device_guard, fast_log, fast_rcp, plan_rows, row_offsets, sum_splits
 
 MIN_LOG_SCALE = tl.constexpr(-7.0)
-LOG_2 = tl.constexpr(math.log(2.0))
+LOG2_E = tl.constexpr(1.0 / math.log(2.0))
+# Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude below 2**22 to an integer, half to even.
+ROUNDING_SHIFT = tl.constexpr(1.5 * 2.0**23)
 NUM_WARPS = 4
 
 
 def tile_slots(channels: int) -> int:
-    """Pixel-components a program holds at once: 4, 2, then 1 per thread for 1, 2, 3 or more channels.
+    """Pixel-components a program holds at once: 8, 4, 2, then 1 per thread for 1, 2, 3 or more channels.
 
     Each channel's derivatives and tanh terms wait in registers for the
     responsibilities, so a thread's registers grow with ``C`` and with its
-    slots. Compiled for sm_90 (M = 16, with the gradient) these sizes take
-    80, 106, 128 and 184 registers for C = 1, 2, 3, 4, and nothing spills;
-    two slots per thread at C = 3 would take 176, four would spill.
+    slots; more slots per thread share the per-program address setup and the
+    reductions over components among more elements. Compiled for sm_90 (M =
+    16, float32, with the gradient) these sizes take 94, 80, 110 and 140
+    registers for C = 1, 2, 3, 4, and nothing spills; four slots per thread at
+    C = 3 would take 142 for 11 % fewer instructions per slot, two at C = 4 179.
     """
-    return 32 * NUM_WARPS * {1: 4, 2: 2}.get(channels, 1)
+    return 32 * NUM_WARPS * {1: 8, 2: 4, 3: 2}.get(channels, 1)
 
 
 @triton.jit
-def _softplus_and_sigmoid(z):
-    """``softplus(z) = log(1 + e^z)`` and ``sigmoid(z)`` from one exponential, stable for any ``z``."""
-    e = tl.exp(-tl.abs(z))
-    return tl.maximum(z, 0.0) + log1p(e), tl.where(z >= 0, 1.0, e) / (1.0 + e)
+def _exp(x):
+    """``e^x`` as one ``ex2.approx.ftz`` (results below 2^-126 flush to 0, which no term here needs)."""
+    return tl.exp2(x * LOG2_E)
 
 
 @triton.jit
 def _tanh_and_derivative(z):
-    """``tanh(z)`` and ``1 - tanh(z)**2``, both to float32's relative accuracy (no ``1 - t*t`` cancellation)."""
-    e = tl.exp(-2.0 * tl.abs(z))
-    one_minus_e = -expm1(-2.0 * tl.abs(z))
-    t = one_minus_e / (1.0 + e)
-    return tl.where(z < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
+    """``tanh(z)`` to float32's absolute accuracy (all the mean needs of it) and ``1 - tanh(z)**2`` to its relative
+    accuracy (no ``1 - t*t`` cancellation), from one exponential and one reciprocal."""
+    e = _exp(-2.0 * tl.abs(z))
+    inv_one_plus_e = fast_rcp(1.0 + e)
+    t = (1.0 - e) * inv_one_plus_e
+    return tl.where(z < 0, -t, t), 4.0 * e * inv_one_plus_e * inv_one_plus_e
 
 
 @triton.jit
-def _log_one_minus_exp(u, log_minus_u):
-    """``log(1 - e^u)`` for ``u < 0``, given ``log(-u)``, and ``u * d/du`` of it (``-u / expm1(-u)``).
-
-    ``r = (1 - e^u) / -u`` is in (0, 1]; Kahan's ``(e - 1) / log(e)`` keeps it
-    accurate where ``e = e^u`` rounds near 1, and it never divides by ``u``, so a
-    ``u`` that underflows (a huge scale) still gives ``log(-u)``, from ``log_minus_u``.
-    """
-    e = tl.exp(u)
-    near = u > -LOG_2
-    kahan = near & (e != 1.0)
-    log_e = tl.where(kahan, tl.log(tl.where(kahan, e, 0.5)), u)  # u itself where e^u is far from 1
-    r = tl.where(e == 1.0, 1.0, (e - 1.0) / log_e)
-    value = tl.where(near, log_minus_u + tl.log(r), log1p(-tl.where(near, 0.5, e)))
-    return value, e / r
+def _one_minus_exp_over(w):
+    """``(1 - e^-w) / w`` for ``0 <= w < log 2``, in (0.72, 1]: its Taylor series to ``w^9`` (the rest is below
+    1e-9), which has no cancellation, where ``1 - e^-w`` itself would lose ``w``'s digits."""
+    r = 1.0 / 3628800.0
+    r = r * w - 1.0 / 362880.0
+    r = r * w + 1.0 / 40320.0
+    r = r * w - 1.0 / 5040.0
+    r = r * w + 1.0 / 720.0
+    r = r * w - 1.0 / 120.0
+    r = r * w + 1.0 / 24.0
+    r = r * w - 1.0 / 6.0
+    r = r * w + 0.5
+    return 1.0 - r * w
 
 
 @triton.jit
 def _level(x, max_level):
     """``clamp(round(x * max_level), 0, max_level)``, rounding half to even as torch.round does; NaN stays NaN."""
     v = _clamp(x * max_level, -1.0, max_level + 1.0)  # inf rounds to the edge, as in torch
-    f = tl.floor(v)
-    d = v - f
-    f_is_odd = f - 2.0 * tl.floor(0.5 * f)
-    return _clamp(tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + f_is_odd)), 0.0, max_level)
+    return _clamp((v + ROUNDING_SHIFT) - ROUNDING_SHIFT, 0.0, max_level)
 
 
 @triton.jit
@@ -179,41 +203,64 @@ def _clamp(x, low, high):
 
 @triton.jit
 def _log_bin_mass(level, y, mean, log_scale, max_level, half_width, log_bin_width):
-    """log of the bin's mass for one channel, and its derivatives in the mean and in the raw log-scale."""
+    """log of the bin's mass for one channel, and its derivatives in the mean and in the raw log-scale.
+
+    Three exponentials (``e^-|a|``, ``e^-|b|``, ``e^-w``), one reciprocal and one log, shared by the value and
+    both derivatives: ``L = lin + base + log(G / (P_a P_b))`` (see the module docstring).
+    """
     s = tl.maximum(log_scale, MIN_LOG_SCALE, propagate_nan=tl.PropagateNan.ALL)
-    inv = tl.exp(-s)
+    inv = _exp(-s)
     a = inv * (y - half_width - mean)
     b = inv * (y + half_width - mean)
-    softplus_a, sigmoid_a = _softplus_and_sigmoid(a)  # log(1 - F(y - h)) = -softplus(a)
-    softplus_neg_b, sigmoid_neg_b = _softplus_and_sigmoid(-b)  # log F(y + h) = -softplus(-b)
-    log_width = log_bin_width - s  # log(-u) = log(2 h inv), exact even where inv underflows
-    log_gap, u_d_gap = _log_one_minus_exp(-tl.exp(log_width), log_width)
     lower_open = level == 0.0  # the lowest bin reaches -inf: no F(y - h) term
     upper_open = level == max_level  # the highest reaches +inf: no F(y + h) term
     interior = (~lower_open) & (~upper_open)
-    log_mass = tl.where(upper_open, 0.0, -softplus_neg_b) + tl.where(lower_open, 0.0, -softplus_a)
-    log_mass += tl.where(interior, log_gap, 0.0)
-    d_a = tl.where(lower_open, 0.0, -sigmoid_a)
-    d_b = tl.where(upper_open, 0.0, sigmoid_neg_b)
+    e_a = _exp(-tl.abs(a))
+    e_b = _exp(-tl.abs(b))
+    p_a = tl.where(lower_open, 1.0, 1.0 + e_a)  # e^-max(a, 0) / sigmoid(-a)
+    p_b = tl.where(upper_open, 1.0, 1.0 + e_b)  # e^min(b, 0) / sigmoid(b)
+    # G: the gap 1 - e^-w (w = -u = 2 h inv), or (1 - e^-w) / w by a series where 1 - e^-w would cancel (its log w
+    # is in base); 1 at an edge.
+    w = (2.0 * half_width) * inv
+    e_w = _exp(-w)
+    near = w < LOG_2
+    gap = tl.where(interior, tl.where(near, _one_minus_exp_over(w), 1.0 - e_w), 1.0)
+    inv_all = fast_rcp(gap * p_a * p_b)
+    inv_p = gap * inv_all  # 1 / (P_a P_b)
+    lin = tl.where(upper_open, 0.0, tl.minimum(b, 0.0)) - tl.where(lower_open, 0.0, tl.maximum(a, 0.0))
+    base = tl.where(interior & near, log_bin_width - s, 0.0)  # log w, exact even where inv underflows
+    log_mass = lin + base + fast_log(gap * inv_p)
+    d_a = tl.where(lower_open, 0.0, -tl.where(a >= 0.0, 1.0, e_a) * p_b * inv_p)  # -sigmoid(a)
+    d_b = tl.where(upper_open, 0.0, tl.where(b <= 0.0, 1.0, e_b) * p_a * inv_p)  # sigmoid(-b)
     d_mean = -inv * (d_a + d_b)
-    # a, b and u all scale with inv = e^-s; the clamp passes the gradient where log_scale >= -7.
+    # a, b and u all scale with inv = e^-s: u d/du log(1 - e^u) = w e^-w / (1 - e^-w) = e^-w / r near, w e^-w / gap.
+    u_d_gap = tl.where(near, e_w, w * e_w) * (p_a * p_b * inv_all)
     d_log_scale = -(a * d_a + b * d_b) - tl.where(interior, u_d_gap, 0.0)
+    # The clamp passes the gradient where log_scale >= -7.
     d_log_scale = tl.where(log_scale >= MIN_LOG_SCALE, d_log_scale, 0.0)
     return log_mass, d_mean, d_log_scale
 
 
 @triton.jit
-def _load_block(ptr, pixel_offsets, first_channel, components, stride_channel, mask):
-    """The ``M_PAD`` channels from ``first_channel`` on at each pixel of the tile, as float32 (0 where masked)."""
-    offsets = pixel_offsets + (first_channel + components) * stride_channel
-    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+def _load_block(ptr, block, block_stride, slots, mask):
+    """Parameter block ``block`` (channels ``block * M`` on) at the tile's ``slots``, as float32 (0 where masked).
+
+    The block's offset is one scalar per program, added to the pointer before the per-thread ``slots``: each
+    access costs one 64-bit add, and no per-block offsets wait in registers."""
+    return tl.load(ptr + block * block_stride + slots, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_block(ptr, value, pixel_offsets, first_channel, components, stride_channel, mask):
-    """Write ``value`` to the ``M_PAD`` channels from ``first_channel`` on, in ``ptr``'s dtype."""
-    offsets = pixel_offsets + (first_channel + components) * stride_channel
-    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+def _store_block(ptr, value, block, block_stride, slots, mask):
+    """Write ``value`` to parameter block ``block`` at the tile's ``slots``, in ``ptr``'s dtype."""
+    tl.store(ptr + block * block_stride + slots, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _coef_block(c, j, C: tl.constexpr):
+    """The block of channel ``c``'s coefficient on channel ``j < c``: pairs (1,0), (2,0), (2,1), (3,0), ... after the
+    logits, the means and the log-scales."""
+    return 1 + 2 * C + c * (c - 1) // 2 + j
 
 
 @triton.jit
@@ -233,7 +280,11 @@ def _dmol_forward_kernel(
     rows = row_offsets(tl.program_id(0), BLOCK_ROWS)[:, None, None]
     components = tl.arange(0, M_PAD).to(tl.int64)[None, None, :]
     component_ok = components < n_mix
-    # Channel blocks: logits at 0, means at M (1 + c), log-scales at M (1 + C + c), coefficients at M (1 + 2C + pair).
+    # Blocks of M channels: logits at 0, means at 1 + c, log-scales at 1 + C + c, coefficients at 1 + 2C + pair.
+    params_block = n_mix * stride_params_channel.to(tl.int64)
+    grad_block = n_mix * stride_grad_channel.to(tl.int64)
+    params_components = components * stride_params_channel
+    grad_components = components * stride_grad_channel
     nll = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
     # A while loop: Triton 3.6's interpreter cannot take a kernel argument as a range() bound (numpy 2 refuses
     # to read its 1-element array as an int).
@@ -242,9 +293,9 @@ def _dmol_forward_kernel(
         cols = split * cols_per_split + tile * BLOCK_COLS + tl.arange(0, BLOCK_COLS)[None, :, None]
         pixel_ok = (rows < n_rows) & (cols < n_cols)
         mask = pixel_ok & component_ok
-        pixel = rows * stride_params_row + cols * stride_params_col
+        slots = rows * stride_params_row + cols * stride_params_col + params_components
 
-        logits = _load_block(params_ptr, pixel, 0, components, stride_params_channel, mask)
+        logits = _load_block(params_ptr, 0, params_block, slots, mask)
         logits = tl.where(component_ok, logits, float("-inf"))
         ys = ()
         d_means = ()
@@ -256,14 +307,13 @@ def _dmol_forward_kernel(
                           mask=pixel_ok, other=0.0).to(tl.float32)
             level = _level(x_c, max_level)
             y = level * (2.0 * half_width) - 1.0
-            mean = _load_block(params_ptr, pixel, n_mix * (1 + c), components, stride_params_channel, mask)
+            mean = _load_block(params_ptr, 1 + c, params_block, slots, mask)
             for j in tl.static_range(c):
-                coef_channel = n_mix * (1 + 2 * C + c * (c - 1) // 2 + j)
-                coef = _load_block(params_ptr, pixel, coef_channel, components, stride_params_channel, mask)
+                coef = _load_block(params_ptr, _coef_block(c, j, C), params_block, slots, mask)
                 t, slope = _tanh_and_derivative(coef)
                 mean += t * ys[j]
                 tanh_slopes = tanh_slopes + (slope,)
-            log_scale = _load_block(params_ptr, pixel, n_mix * (1 + C + c), components, stride_params_channel, mask)
+            log_scale = _load_block(params_ptr, 1 + C + c, params_block, slots, mask)
             log_mass, d_mean, d_log_scale = _log_bin_mass(level, y, mean, log_scale, max_level, half_width,
                                                           log_bin_width)
             log_mass_sum += log_mass
@@ -273,31 +323,30 @@ def _dmol_forward_kernel(
 
         # log_softmax of the logits, then logsumexp over the components (padding at -inf drops out).
         logit_max = tl.max(logits, axis=2)[:, :, None]
-        prior = tl.exp(logits - logit_max)
+        prior = _exp(logits - logit_max)
         prior_sum = tl.sum(prior, axis=2)[:, :, None]
-        joint = logits - logit_max - tl.log(prior_sum) + log_mass_sum
+        joint = logits - logit_max + log_mass_sum  # log prior + log mass, up to log(prior_sum)
         joint_max = tl.max(joint, axis=2)[:, :, None]
-        posterior = tl.exp(joint - joint_max)
+        posterior = _exp(joint - joint_max)
         posterior_sum = tl.sum(posterior, axis=2)[:, :, None]
-        log_p = joint_max + tl.log(posterior_sum)
+        inv_prior_sum = fast_rcp(prior_sum)
+        log_p = joint_max + fast_log(posterior_sum * inv_prior_sum)
         nll += tl.sum(tl.where(pixel_ok, -log_p, 0.0), axis=2)
 
         if WRITE_GRAD:
-            out = rows * stride_grad_row + cols * stride_grad_col
-            responsibility = posterior / posterior_sum
-            grad_logits = (prior / prior_sum - responsibility) * grad_scale
-            _store_block(grad_ptr, grad_logits, out, 0, components, stride_grad_channel, mask)
+            out = rows * stride_grad_row + cols * stride_grad_col + grad_components
+            responsibility = posterior * fast_rcp(posterior_sum)
+            grad_logits = (prior * inv_prior_sum - responsibility) * grad_scale
+            _store_block(grad_ptr, grad_logits, 0, grad_block, out, mask)
             weight = -responsibility * grad_scale
             for c in tl.static_range(C):
                 grad_mean = weight * d_means[c]
-                _store_block(grad_ptr, grad_mean, out, n_mix * (1 + c), components, stride_grad_channel, mask)
+                _store_block(grad_ptr, grad_mean, 1 + c, grad_block, out, mask)
                 grad_log_scale = weight * d_log_scales[c]
-                _store_block(grad_ptr, grad_log_scale, out, n_mix * (1 + C + c), components, stride_grad_channel,
-                             mask)
+                _store_block(grad_ptr, grad_log_scale, 1 + C + c, grad_block, out, mask)
                 for j in tl.static_range(c):
-                    coef_channel = n_mix * (1 + 2 * C + c * (c - 1) // 2 + j)
                     grad_coef = grad_mean * tanh_slopes[c * (c - 1) // 2 + j] * ys[j]
-                    _store_block(grad_ptr, grad_coef, out, coef_channel, components, stride_grad_channel, mask)
+                    _store_block(grad_ptr, grad_coef, _coef_block(c, j, C), grad_block, out, mask)
         tile += 1
 
     row = row_offsets(tl.program_id(0), BLOCK_ROWS)

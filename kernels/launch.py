@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -277,10 +278,46 @@ def log1p(u):
     return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
 
 
+# ---- float32 math in few instructions: the SFU where its accuracy is provably enough --------------------
+
+# Whether the kernels run in Triton's interpreter, as a constexpr a kernel can branch on: the interpreter cannot
+# run inline PTX, so the helpers below that use it take a plain formula there (see fast_rcp).
+INTERPRETED = tl.constexpr(is_interpreted())
+LOG_2 = tl.constexpr(math.log(2.0))
+
+
 @triton.jit
-def expm1(u):
-    """e^u - 1, accurate for small u (Kahan's (e - 1) u / log(e) where e = e^u rounds near 1)."""
-    e = tl.exp(u)
-    kahan = (e != 1.0) & (tl.abs(u) < 0.5)
-    ratio = u / tl.log(tl.where(kahan, e, 2.0))
-    return tl.where(kahan, (e - 1.0) * ratio, tl.where(e == 1.0, u, e - 1.0))
+def fast_rcp(x):
+    """``1 / x`` in one SFU instruction (``rcp.approx.ftz.f32``: within 1 ulp for normal ``x``, subnormal ``x`` and
+    results flushed to zero); Triton's ``/`` is ``div.full.f32`` (2 ulp), whose range scaling costs 6 more
+    instructions. The interpreter divides."""
+    if INTERPRETED:
+        return 1.0 / x
+    else:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def _lg2_approx(x):
+    """``log2(x)`` in one SFU instruction (``lg2.approx.ftz.f32``): within 2^-22 of it for ``x`` in [0.5, 2] (CUDA
+    C++ Programming Guide, ``__log2f``). The interpreter takes numpy's log2."""
+    if INTERPRETED:
+        return tl.log2(x)
+    else:
+        return tl.inline_asm_elementwise(
+            "lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def fast_log(x):
+    """``log(x)`` for a positive normal float32 ``x`` (NaN stays NaN; not for 0, subnormals or inf), within
+    1.7e-7 + 1.2e-7 |log x|: ``x = m 2^e`` with ``m`` in [1/sqrt 2, sqrt 2), split off by integer arithmetic on
+    its bits, and ``log x = (e + log2 m) log 2`` with the SFU's ``log2`` where it is accurate (:func:`_lg2_approx`).
+    About 9 instructions; ``tl.log`` (libdevice's ``logf``, 1 ulp) takes 22."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = (bits - 0x3F3504F3) >> 23  # 0x3F3504F3 is 1/sqrt(2)
+    m = (bits - (e << 23)).to(tl.float32, bitcast=True)
+    return tl.where(x == x, (e.to(tl.float32) + _lg2_approx(m)) * LOG_2, x)

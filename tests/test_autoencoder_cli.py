@@ -12,11 +12,12 @@ from torch import nn
 from fastvae.corruption import parse_corruption
 from fastvae.data import load_images, to_unit_float
 from fastvae.models import Autoencoder
-from fastvae.training import builders, loop
+from fastvae.training import builders
 from fastvae.training.checkpoint import load_checkpoint, model_from_checkpoint
+from fastvae.training.figures import row_label_pixels
 from fastvae.training.rundir import FILES, OPTIONAL_FILES
 from fastvae.training.seeds import corruption_generator, epoch_order, eval_generator
-from tests.test_cli import TINY, assert_one_line_error, metrics, run, snapshot, weights
+from tests.test_cli import TINY, assert_one_line_error, metrics, run, snapshot, train_interrupted_and_resumed
 
 AE = ["--data", "digits", "--num-images", "300", "--batch-size", "16", "--objective", "ae"]
 
@@ -52,8 +53,10 @@ def test_an_autoencoder_run_writes_its_folder_in_its_own_units(ae_run):
     ]
     from matplotlib import image
 
-    # Rows of 8: 16 held-out digits, their corrupted versions, and the outputs: 6 rows of 8x8 digits shown at 32x32.
-    assert image.imread(out / OPTIONAL_FILES["denoising"]).shape[:2] == (6 * 34 + 2, 8 * 34 + 2)
+    # Rows of 8: 16 held-out digits, their corrupted versions, and the outputs: 6 rows of 8x8 digits shown at 32x32,
+    # below a title and beside row labels.
+    height, width = image.imread(out / OPTIONAL_FILES["denoising"]).shape[:2]
+    assert height > 6 * 34 + 2 and width == 8 * 34 + 2 + row_label_pixels(["corrupted"])
     assert image.imread(out / OPTIONAL_FILES["latent_scatter"]).ndim == 3
     assert image.imread(out / FILES["loss_curve"]).ndim == 3
 
@@ -133,21 +136,7 @@ def test_encode_of_a_vae_on_shapes_writes_posterior_means_and_factors(tmp_path):
 def test_autoencoder_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, denoise):
     common = [*AE, "--steps", 24, "--log-every", 5, "--checkpoint-every", 7, "--quiet"]
     common += ["--denoise", denoise] if denoise else []
-    assert run("train", *common, "--out", tmp_path / "straight")[0] == 0
-
-    original_step = loop._Run._train_step
-
-    def interrupted_step(self):
-        if self.step == 17:  # after the checkpoint at 14
-            raise KeyboardInterrupt
-        original_step(self)
-
-    monkeypatch.setattr(loop._Run, "_train_step", interrupted_step)
-    assert run("train", *common, "--out", tmp_path / "resumed")[0] == 130
-    monkeypatch.setattr(loop._Run, "_train_step", original_step)
-    status, _, stderr = run("train", "--out", tmp_path / "resumed", "--resume", "--quiet")
-    assert status == 0, stderr
-    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    straight, resumed = train_interrupted_and_resumed(monkeypatch, common, tmp_path, stop_at=17)  # checkpoint: 14
     assert {"code_mean", "code_std"} <= set(straight)
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name

@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.__main__ import main as run_benchmarks
 from benchmarks.noise import measure_noise
-from benchmarks.ops import PASSES, loss_case, measure_case, reparameterize_case
+from benchmarks.ops import PASSES, loss_case, measure_case, reparameterize_case, vq_case
 from benchmarks.report import check_targets, derive, markdown
 
 
@@ -19,6 +19,7 @@ def tiny_cases():
     return [
         reparameterize_case(6, 40, torch.float32, eps_given=False),
         loss_case("gaussian", 3, (2, 5, 5), torch.bfloat16),
+        vq_case(64, 40, 8, torch.float32),
     ]
 
 
@@ -34,6 +35,7 @@ def test_every_implementation_and_pass_runs(device, tiny_cases):
     assert all(r["speedup_vs_eager"] > 0 and r["speedup_vs_compile"] > 0 for r in fused)
     text = markdown({"device": "test"}, 100.0, records, check_targets(records), [])
     assert "reparameterize_kl (eps drawn)" in text and "gaussian (logvar per feature)" in text
+    assert "vector_quantize (K=40, vs cdist)" in text
 
 
 def test_floor_bytes_count_each_tensor_once():

@@ -85,10 +85,14 @@ def test_train_writes_the_run_folder_with_finite_falling_metrics(tiny_run):
     assert f"log-likelihood (importance-sampled, k=4): {results['log_likelihood']:.2f}" in stdout
     from matplotlib import image
 
-    # 16 held-out images and their reconstructions: 4 rows of 8 digits, each 8x8 enlarged to 32x32 plus borders.
-    assert image.imread(out / FILES["reconstructions"]).shape[:2] == (4 * 34 + 2, 8 * 34 + 2)
-    assert image.imread(out / FILES["samples"]).shape[:2] == (8 * 34 + 2, 8 * 34 + 2)
-    assert image.imread(out / FILES["interpolation"]).shape[:2] == (8 * 34 + 2, 12 * 34 + 2)
+    from fastvae.training.figures import row_label_pixels
+
+    # 16 held-out images and their reconstructions: 4 rows of 8 digits, each 8x8 enlarged to 32x32 plus borders,
+    # below a title (of one or more lines) and, where the rows differ, beside row labels.
+    for name, rows, columns, labels in [("reconstructions", 4, 8, True), ("samples", 8, 8, False),
+                                        ("interpolation", 8, 12, False)]:
+        height, width = image.imread(out / FILES[name]).shape[:2]
+        assert height > rows * 34 + 2 and width == columns * 34 + 2 + labels * row_label_pixels(["reconstructed"]), name
     assert image.imread(out / FILES["loss_curve"]).ndim == 3
 
 
@@ -127,6 +131,19 @@ def interrupt_at(monkeypatch, step: int) -> None:
         original_step(self)
 
     monkeypatch.setattr(loop._Run, "_train_step", interrupted_step)
+
+
+def train_interrupted_and_resumed(monkeypatch, common, tmp_path, stop_at: int) -> tuple[dict, dict]:
+    """``fastvae train *common`` run straight into ``tmp_path/"straight"``, and into ``tmp_path/"resumed"``
+    interrupted as step ``stop_at`` begins (:func:`interrupt_at`) and resumed; returns both runs' final weights."""
+    assert run("train", *common, "--out", tmp_path / "straight")[0] == 0
+    original_step = loop._Run._train_step
+    interrupt_at(monkeypatch, stop_at)
+    assert run("train", *common, "--out", tmp_path / "resumed")[0] == 130
+    monkeypatch.setattr(loop._Run, "_train_step", original_step)
+    status, _, stderr = run("train", "--out", tmp_path / "resumed", "--resume", "--quiet")
+    assert status == 0, stderr
+    return weights(tmp_path / "straight"), weights(tmp_path / "resumed")
 
 
 @pytest.mark.parametrize("noise", ["rank", "global"])
@@ -703,3 +720,26 @@ def test_running_out_of_memory_is_one_line(tiny_run, monkeypatch):
     status, _, stderr = run("sample", tiny_run[0], "--n", 10**12)
     assert status == 1 and stderr.count("\n") == 1, stderr
     assert stderr.startswith("fastvae sample: error: out of memory (can't allocate memory: you tried to allocate")
+
+
+@pytest.mark.parametrize(
+    "options, advice",
+    [
+        ({}, "Try a lower --lr or a smaller --logvar-limit"),
+        ({"precision": "bf16"}, "Try a lower --lr, --precision fp32 or a smaller --logvar-limit"),
+        ({"logvar_limit": 0.0}, "Try a lower --lr or the log-variance clamp this run turned off (--logvar-limit 10)"),
+        ({"objective": "ae"}, "Try a lower --lr"),
+    ],
+)
+def test_the_advice_on_a_non_finite_loss_names_only_what_the_run_could_change(options, advice):
+    assert loop._nonfinite_advice(TrainConfig(**options)) == advice
+
+
+def test_threads_sets_torchs_cpu_threads_for_the_command(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        status, _, stderr = run("train", *TINY, "--steps", 2, "--out", tmp_path / "r", "--threads", 1)
+        assert status == 0 and torch.get_num_threads() == 1, stderr
+        assert "--threads N" in run("eval", "--help")[1] and "--threads N" in run("encode", "--help")[1]
+    finally:
+        torch.set_num_threads(threads)

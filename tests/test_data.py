@@ -1,5 +1,7 @@
 """fastvae.data: the bundled datasets, the generated shapes, image files and the held-out split."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,15 @@ def test_num_images_keeps_that_many_images_in_all():
     assert (len(data.train), len(data.test)) == (36, 4)
 
 
+def test_an_mnist_subset_is_balanced_across_the_digits():
+    for n, per_digit in [(1000, [100] * 10), (1003, [101] * 3 + [100] * 7), (9, [1] * 9 + [0])]:
+        subset = load_images("mnist", num_images=n).subset("all")
+        assert torch.bincount(subset.labels, minlength=10).tolist() == per_digit
+        assert subset.index.unique().numel() == n  # n distinct digits, in the source's order
+    first, again = (load_images("mnist", num_images=50).subset("all").index for _ in range(2))
+    assert torch.equal(first, again) and not torch.equal(first, torch.arange(50))
+
+
 def test_shapes_are_binary_64x64_with_factors_in_range():
     images, factors = make_shapes(300, seed=3)
     assert images.shape == (300, 1, 64, 64) and images.dtype == torch.uint8
@@ -107,6 +118,40 @@ def test_npy_files_of_each_layout_and_dtype(tmp_path, array, expected_shape):
     assert data.name == "images" and len(data.train) + len(data.test) == 6
 
 
+@pytest.mark.parametrize("shape", [(6, 4, 4, 3), (6, 3, 4, 4), (6, 1, 4, 4), (6, 2, 3, 2)], ids=str)
+def test_a_layout_that_reads_both_ways_is_refused_and_an_npz_names_it(tmp_path, shape):
+    """(N, 4, 4, 3) is 4x4 RGB or 4 channels of 4x3: the file must say which (an .npz's layout entry), not the loader
+    guess."""
+    n, a, b, c = shape
+    array = np.random.randint(0, 256, shape, dtype=np.uint8)
+    np.save(tmp_path / "ambiguous.npy", array)
+    with pytest.raises(ConfigError, match=f"ambiguous.npy: an array of shape {re.escape(str(shape))} reads both as "
+                                          f"{a} channels of {b}x{c}.*and as {c} channels of {a}x{b}.*layout='NHWC'"):
+        load_images(str(tmp_path / "ambiguous.npy"))
+    np.savez(tmp_path / "last.npz", images=array, layout="NHWC")
+    assert torch.equal(load_image_file(str(tmp_path / "last.npz")), torch.from_numpy(array).permute(0, 3, 1, 2))
+    np.savez(tmp_path / "first.npz", array, layout="NCHW")  # the only array besides the layout
+    assert torch.equal(load_image_file(str(tmp_path / "first.npz")), torch.from_numpy(array))
+
+
+def test_the_layout_entry_of_an_npz(tmp_path):
+    images = np.random.randint(0, 256, (5, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "grey.npz", images=images, layout="NHW")
+    assert torch.equal(load_image_file(str(tmp_path / "grey.npz")), torch.from_numpy(images)[:, None])
+    rgb = np.random.randint(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", images=rgb, layout="NHWC")  # unambiguous anyway: the layout agrees
+    assert load_image_file(str(tmp_path / "rgb.npz")).shape == (5, 3, 8, 8)
+    for layout, array, message in [
+        ("NCWH", rgb, "layout must be one of 'NCHW', 'NHWC' or 'NHW', got 'NCWH'"),
+        ("NCHW", images, "layout 'NCHW' is for an array of 4 dims, but the images have shape \\(5, 8, 8\\)"),
+        ("NCHW", rgb, "expected images of shape"),  # 8 channels first
+        (3, rgb, "layout must be one of"),
+    ]:
+        np.savez(tmp_path / "bad.npz", images=array, layout=layout)
+        with pytest.raises(ConfigError, match=message):
+            load_images(str(tmp_path / "bad.npz"))
+
+
 def test_npz_files_by_key_or_single_array(tmp_path):
     images = np.random.randint(0, 256, (5, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "keyed.npz", labels=np.arange(5), images=images)
@@ -121,7 +166,7 @@ def test_npz_files_by_key_or_single_array(tmp_path):
     [
         (np.zeros((4, 3), dtype=np.uint8), "expected images of shape"),
         (np.zeros((4, 2, 3, 5, 5), dtype=np.uint8), "expected images of shape"),
-        (np.zeros((4, 8, 6, 6), dtype=np.uint8), "expected images of shape"),  # 8 channels first and 6 last
+        (np.zeros((4, 8, 6, 6), dtype=np.uint8), "got an array of shape \\(4, 8, 6, 6\\)"),  # 8 channels first, 6 last
         (np.zeros((4, 5, 5), dtype=np.int32), "dtype int32"),
         (np.full((4, 5, 5), 2.0), "in \\[0, 1\\]"),
         (np.full((4, 5, 5), np.nan), "in \\[0, 1\\]"),

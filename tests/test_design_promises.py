@@ -241,6 +241,9 @@ def test_the_audit_compiled_every_kernel_in_both_dtypes(sm90_variants):
         "_reconstruction_loss_forward_kernel",
         "_scale_rows_kernel",
         "_dmol_forward_kernel",
+        "_code_norms_kernel",
+        "_vector_quantize_forward_kernel",
+        "_vector_quantize_backward_kernel",
     ):
         assert {(name, "fp32"), (name, "bf16")} <= kernels
 
@@ -298,6 +301,30 @@ def test_fused_ops_compute_under_memory_time(sm90_variants):
     # The measure can fail: Triton's own tl.randn, a whole Philox block per normal, is issue-bound (about 3x).
     randn = [r for r in sm90_variants if r["kernel"] == "_randn_kernel"]
     assert randn and randn[0]["bound"]["compute_over_memory"] > 2 * MAX_COMPUTE_OVER_MEMORY
+
+
+# Issue 18: the DMOL forward's compute time at most this multiple of its memory time on the audit's H100 model.
+DMOL_BOUND = {"fp32": 1.25, "bf16": 2.5}
+
+
+def test_dmol_forward_does_not_spill_and_stays_near_its_memory_time(sm90_variants):
+    """Every DMOL forward variant the audit compiles (greyscale and RGB, 5 and 10 components, with the gradient and
+    without, both dtypes) spills nothing, and its SASS instructions per element on the executed path, at the H100
+    model's issue rate, take at most 1.25 (float32) or 2.5 (bfloat16) times the memory time of its bytes."""
+    rows = [r for r in sm90_variants if r["kernel"] == "_dmol_forward_kernel"]
+    shapes = {(r["dtype"], r["constexprs"]["C"], r["constexprs"]["M_PAD"], r["constexprs"]["WRITE_GRAD"]) for r in rows}
+    grad = {(d, c, m, True) for d in DMOL_BOUND for c in (1, 3) for m in (8, 16)}
+    evaluation = {(d, c, 16, False) for d in DMOL_BOUND for c in (1, 3)}
+    assert grad | evaluation <= shapes
+    assert not [(r["dtype"], r["constexprs"], r["ptxas"]) for r in rows if _spills(r)]
+    for r in rows:
+        assert r["instructions_per_element"] > 0 and r["bytes_per_element"] > 0
+    over = [
+        (r["dtype"], r["constexprs"], round(r["bound"]["compute_over_memory"], 2))
+        for r in rows
+        if r["bound"]["compute_over_memory"] > DMOL_BOUND[r["dtype"]]
+    ]
+    assert not over
 
 
 def _loss_rows(sm90_variants):
@@ -413,3 +440,86 @@ def test_op_moves_and_keeps_what_the_byte_model_says(case):
     }
     checks = model.check_op(record)
     assert checks and all(c["agree"] for c in checks), [c for c in checks if not c["agree"]]
+
+
+# ---- vector quantization holds nothing of size N x K ------------------------------------------------------------
+
+
+def test_vector_quantize_launches_its_kernels_and_the_searchs_tile_on_tensor_cores(sm90_variants):
+    """Forward: the codes' norms and the search (then the loss's sum); backward: one kernel (and the zeros its atomics
+    add into). The search's tl.dot is Hopper's warpgroup MMA in every compiled variant."""
+    from benchmarks.static.vq import count_pass, tensor_core_instructions
+
+    counts = count_pass("fastvae", 300, torch.float32, n=500, d=24)
+    assert counts["forward"]["launches"] == ["_code_norms_kernel", "_vector_quantize_forward_kernel", "sum"]
+    assert counts["backward"]["launches"] == ["zeros", "_vector_quantize_backward_kernel"]
+    searches = [r for r in sm90_variants if r["kernel"] == "_vector_quantize_forward_kernel"]
+    assert {r["dtype"] for r in searches} == {"fp32", "bf16"}
+    for r in searches:
+        assert any(op.startswith("HGMMA") for op in tensor_core_instructions(r["key"])), r["constexprs"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vector_quantize_memory_does_not_grow_with_the_codebook(dtype):
+    """fastvae's peak and largest allocation stay at the vectors' size (plus K floats of norms) as K grows; the
+    distance-matrix implementation's hold N x K values: the count sees them, so this can fail."""
+    from benchmarks.static.vq import count_pass
+
+    n, d = 512, 16
+    small, large = (count_pass("fastvae", k, dtype, n=n, d=d) for k in (64, 2048))
+    for c in (small, large):
+        assert c["forward"]["largest_bytes"] <= n * d * dtype.itemsize
+        assert c["forward"]["kept_bytes"] <= n * 8 + n * 4  # the indices and the loss per vector, no codes
+    assert large["forward"]["peak_bytes"] - small["forward"]["peak_bytes"] <= 4 * (2048 - 64)
+    baseline = count_pass("cdist", 2048, dtype, n=n, d=d)
+    assert baseline["forward"]["largest_bytes"] >= n * 2048 * dtype.itemsize
+    assert baseline["forward"]["peak_bytes"] > 10 * large["forward"]["peak_bytes"]
+
+
+def test_live_bytes_sees_the_einsums_two_matrices_alive_at_once():
+    """The expanded distance ``z^2 - 2 (z . e) + e^2``: the einsum's (N, K), its double, then the difference; the
+    peak is the einsum's output and its double, with z^2's row sums."""
+    from benchmarks.ops import vq_distance_matrix
+    from benchmarks.static.vq import LiveBytes
+
+    n, k = 300, 200
+    z, codebook = torch.randn(n, 16, requires_grad=True), torch.randn(k, 16, requires_grad=True)
+    with LiveBytes([z, codebook]) as live:
+        vq_distance_matrix(z, codebook, "einsum")
+    assert live.peak == 2 * n * k * 4 + n * 4
+    assert live.largest == n * k * 4
+
+
+def test_compiled_distance_matrix_allocation_plan():
+    """Inductor's code for the einsum baseline, read at the probe size and evaluated elsewhere: it allocates the
+    (N, K) matrix, which dominates its peak."""
+    from benchmarks.static.vq import PROBE, compiled_plans, evaluate_plan
+
+    forward, backward, code = compiled_plans("einsum", torch.float32)
+    assert any(step[0] == "alloc" and step[2][-2:] == ["N", "K"] for step in forward), code
+    sizes = {"N": 4096, "K": 1000, "D": 64}
+    plan = evaluate_plan(forward, sizes, user_outputs=2)
+    assert plan["largest_bytes"] == 4096 * 1000 * 4 <= plan["peak_bytes"] < 2 * 4096 * 1000 * 4
+    assert evaluate_plan(forward, PROBE, user_outputs=2)["largest_bytes"] == PROBE["N"] * PROBE["K"] * 4
+
+
+def test_allocation_plan_walk():
+    from benchmarks.static.vq import PROBE, allocation_plan, evaluate_plan
+
+    n, k, d = PROBE["N"], PROBE["K"], PROBE["D"]
+    code = f"""
+    def call(self, args):
+        buf0 = empty_strided_cpu(({n}, {k}), ({k}, 1), torch.float32)
+        buf1 = empty_strided_cpu(({n}, {d}), ({d}, 1), torch.bfloat16)
+        buf2 = empty_strided_cpu((), (), torch.float32)
+        buf3 = buf2; del buf2  # reuse
+        del buf0
+        buf4 = empty_strided_cpu(({k}, {d + 2}), ({d + 2}, 1), torch.float32)
+        return (buf1, buf3, buf4, )
+"""
+    steps = allocation_plan(code)
+    assert steps[0] == ("alloc", "buf0", ["N", "K"], "float32") and steps[5][2] == ["K", "D + 2"]
+    plan = evaluate_plan(steps, {"N": 10, "K": 7, "D": 3}, user_outputs=2)
+    assert plan == {"peak_bytes": 10 * 7 * 4 + 10 * 3 * 2 + 4, "largest_bytes": 280, "kept_bytes": 7 * 5 * 4}
+    with pytest.raises(ValueError, match="DIM_FORMS"):
+        allocation_plan("def call(self, args):\n        buf0 = empty_strided_cpu((1234, ), (1, ), torch.float32)\n")

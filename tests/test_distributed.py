@@ -38,6 +38,22 @@ def load(out):
         return checkpoint, [json.loads(line) for line in f]
 
 
+def assert_close_in_norm(actual: torch.Tensor, expected: torch.Tensor, name: str, rtol: float = 1e-4) -> None:
+    """``actual`` equals ``expected`` to ``rtol`` of its norm, not element by element.
+
+    Two processes sum a gradient in another order than one, so each gradient element differs by float32 rounding
+    of its summands. Where an element's summands cancel to about that rounding (a weight whose input is nearly
+    constant), its sign and size are noise, and Adam divides it by its own running magnitude: an update of up to
+    the learning rate per step that the other run does not make (seen: one element of 25,600 off by 6e-5 after
+    12 steps at lr 3e-3, on one machine and not another). Such elements are few, so the tensor's norm-wise
+    difference stays near float32 rounding, while a real mismatch (another batch, other noise, a wrong scale
+    before the optimizer's eps) moves every element.
+    """
+    error = torch.linalg.vector_norm((actual - expected).double())
+    scale = torch.linalg.vector_norm(expected.double())
+    assert error <= rtol * scale, f"{name}: |difference| {error:.3g} > {rtol} * |expected| {scale:.3g}"
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """With the noise drawn for the global batch (--noise global), the world size must not change the result."""
     args = ["--steps", "12", "--noise", "global", "--kl-warmup", "5", "--log-every", "4", "--checkpoint-every", "5"]
@@ -46,7 +62,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert two.returncode == 0, two.stderr
     (single, single_metrics), (double, double_metrics) = load(tmp_path / "one"), load(tmp_path / "two")
     for name, value in single["model"].items():
-        torch.testing.assert_close(double["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        assert_close_in_norm(double["model"][name], value, name)
     # Metrics are averaged over ranks (equal shares), so they are the global batch's means; rank 0 alone writes.
     assert [r["step"] for r in double_metrics] == list(range(1, 13))
     for a, b in zip(single_metrics, double_metrics):

@@ -11,9 +11,8 @@ import fastvae.nn
 from fastvae.training.config import TrainConfig
 from fastvae.models import HierarchicalVAE
 from fastvae.models.hierarchical import resolutions
-from fastvae.training import loop
 from fastvae.training.rundir import FILES
-from tests.test_cli import assert_one_line_error, metrics, run, weights
+from tests.test_cli import assert_one_line_error, metrics, run, train_interrupted_and_resumed, weights
 from tests.utils import assert_close
 
 SHAPE = (1, 8, 8)
@@ -212,20 +211,7 @@ def test_eval_and_sample_at_a_temperature_read_the_checkpoint(hvae_run, tmp_path
 
 def test_resuming_an_hvae_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
     common = [*HVAE, "--steps", 10, "--checkpoint-every", 4, "--kl-warmup", 5, "--quiet"]
-    assert run("train", *common, "--out", tmp_path / "straight")[0] == 0
-    original_step = loop._Run._train_step
-
-    def interrupted_step(self):
-        if self.step == 6:
-            raise KeyboardInterrupt
-        original_step(self)
-
-    monkeypatch.setattr(loop._Run, "_train_step", interrupted_step)
-    assert run("train", *common, "--out", tmp_path / "resumed")[0] == 130
-    monkeypatch.setattr(loop._Run, "_train_step", original_step)
-    status, _, stderr = run("train", "--out", tmp_path / "resumed", "--resume", "--quiet")
-    assert status == 0, stderr
-    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    straight, resumed = train_interrupted_and_resumed(monkeypatch, common, tmp_path, stop_at=6)
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     status, _, stderr = run("train", "--out", tmp_path / "resumed", "--resume", "--free-bits", "1", "--steps", 12)

@@ -161,6 +161,32 @@ def test_the_mixture_is_the_fused_op_and_shows_its_mode_and_draws():
         assert f"{name}: " in make_likelihood(name).comparable_with()
 
 
+def test_the_mixture_told_its_image_channels_checks_them_and_the_builder_tells_it():
+    likelihood = make_likelihood("dmol", num_mixtures=10, channels=3)
+    assert likelihood.mixture.channels == 3 and likelihood.params_channels(3) == 100
+    greyscale = torch.randn(2, 30, 4, 4)  # greyscale parameters at M = 10, which would read as RGB at M = 3
+    for show in (likelihood.sample, likelihood.mode, likelihood.reconstruction, likelihood.generate):
+        with pytest.raises(ValueError, match="with channels=3 needs"):
+            show(greyscale)
+    for score in (likelihood, likelihood.loss, likelihood.batch_nll, likelihood.batch_loss):
+        with pytest.raises(ValueError, match="is for images of 3 channels, got x of shape"):
+            score(greyscale, torch.rand(2, 1, 4, 4))
+    assert make_likelihood("mse", channels=3).params_channels(3) == 3  # the others take channels= and ignore it
+    from fastvae.training.builders import build_model
+    from fastvae.training.config import TrainConfig
+
+    model = build_model(TrainConfig(likelihood="dmol", num_mixtures=3, latent_dim=2), (3, 8, 8), "torch")
+    assert model.likelihood.mixture.channels == 3
+    from fastvae.models import HierarchicalVAE, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
+
+    dmol = dict(likelihood="dmol")
+    models = {1: (mlp_vae((1, 8, 8), latent_dim=2, **dmol), mlp_autoencoder((1, 8, 8), latent_dim=2, **dmol)),
+              3: (conv_vae(3, 8, latent_dim=2, **dmol), conv_autoencoder(3, 8, latent_dim=2, **dmol),
+                  HierarchicalVAE((3, 8, 8), **dmol))}
+    for channels, built in models.items():
+        assert all(model.likelihood.mixture.channels == channels for model in built)
+
+
 def test_the_other_families_show_their_mean():
     params = torch.randn(2, *SHAPE)
     for name in ("bce", "gaussian", "mse", "l1"):

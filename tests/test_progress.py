@@ -81,3 +81,38 @@ def test_long_one_off_steps_say_what_they_do_on_a_terminal(tmp_path, monkeypatch
     status, _, shown = run_on_terminal("train", *TINY, "--steps", 1, "--compile", "--out", tmp_path / "c")
     assert status == 0
     assert shown.splitlines()[1].startswith("torch.compile: compiling the model in its first step")
+
+
+def bar_on_a_pseudo_terminal(columns: int) -> str:
+    """What a finished bar writes to a real pseudo-terminal of ``columns`` columns (0: one never given a size, as
+    ``script -qc "fastvae train ..." log </dev/null`` makes it)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from fastvae.training.progress import progress_bar
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
+    with os.fdopen(slave, "w") as terminal, contextlib.redirect_stderr(terminal):
+        with progress_bar(total=3, desc="work", unit="it", enabled=True) as bar:
+            bar.update(3)
+    written = b""
+    try:
+        while chunk := os.read(master, 4096):  # until the closed terminal raises EIO (or ends)
+            written += chunk
+    except OSError:
+        pass
+    finally:
+        os.close(master)
+    return written.decode().split("\r")[-2]  # the last drawing of the bar
+
+
+def test_a_terminal_without_a_size_gets_bars_of_a_fixed_width():
+    from fastvae.training.progress import FALLBACK_COLUMNS
+
+    shown = bar_on_a_pseudo_terminal(0)
+    assert shown.startswith("work: 100%|") and shown.endswith("it/s]") and len(shown) == FALLBACK_COLUMNS
+    assert len(bar_on_a_pseudo_terminal(60)) == 59  # a terminal's own width (tqdm leaves the last column free)

@@ -402,6 +402,31 @@ def test_bce_infinite_logits(device, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gaussian_of_a_huge_error_against_a_wide_variance_does_not_overflow(device, backend):
+    """(x - x_hat)^2 overflows float32 where (x - x_hat)^2 e^-logvar does not: the loss and its gradients are the
+    float64 values, on both paths, at the first and second order."""
+    x_hat = torch.tensor([[1e20, -3e19, 1e19, 0.5]], device=device, requires_grad=True)
+    x = torch.tensor([[0.0, 1e19, -1e20, 0.25]], device=device, requires_grad=True)
+    logvar = torch.tensor([80.0, 82.0, 85.0, 80.0], device=device, requires_grad=True)
+    inputs = (x_hat, x, logvar)
+    loss = reconstruction_loss(x_hat, x, "gaussian", logvar=logvar, backend=backend)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    want = reconstruction_loss_reference(*wide[:2], "gaussian", logvar=wide[2])
+    assert 1e3 < want.item() < 1e6  # no float32 overflow in the true value
+    assert_close(loss.double(), want, rtol=1e-5, atol=0)
+    got = torch.autograd.grad(loss.sum(), inputs, create_graph=True)
+    expected = torch.autograd.grad(want.sum(), wide, create_graph=True)
+    for g, w in zip(got, expected):
+        assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+    direction = [torch.rand_like(t) for t in inputs]
+    second = torch.autograd.grad(sum((g * d).sum() for g, d in zip(got, direction)), inputs)
+    want_second = torch.autograd.grad(sum((g * d.double()).sum() for g, d in zip(expected, direction)), wide)
+    for g, w in zip(second, want_second):
+        assert torch.isfinite(g).all()
+        assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_l1_at_ties_and_either_side(device, backend):
     """sign(d) for d < 0, d = 0 (a tie: gradient 0) and d > 0."""
     x = torch.tensor([[0.5, 0.5, 0.5, 0.0, 1.0]], device=device)

@@ -175,8 +175,9 @@ class _Accesses:
     def __enter__(self):
         from triton.runtime.interpreter import InterpreterBuilder
 
-        self._saved = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
-        original_load, original_store = self._saved
+        self._saved = (InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store,
+                       InterpreterBuilder.create_atomic_rmw)
+        original_load, original_store, original_atomic = self._saved
         recorder = self
 
         def load(builder, ptrs, mask, *args, **kwargs):
@@ -187,13 +188,19 @@ class _Accesses:
             recorder.stores.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
             return original_store(builder, ptrs, value, mask, *args, **kwargs)
 
+        def atomic(builder, op, ptrs, value, mask, *args, **kwargs):  # a read-modify-write: counted as a store
+            recorder.stores.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
+            return original_atomic(builder, op, ptrs, value, mask, *args, **kwargs)
+
         InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
+        InterpreterBuilder.create_atomic_rmw = atomic
         return self
 
     def __exit__(self, *exc):
         from triton.runtime.interpreter import InterpreterBuilder
 
-        InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = self._saved
+        (InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store,
+         InterpreterBuilder.create_atomic_rmw) = self._saved
 
     @staticmethod
     def storages(addresses, tensors):
@@ -258,7 +265,19 @@ def _calls_covering_every_kernel_flag():
         with philox_state_on_device():
             reparam(False, True, True)
 
+    def vq(grad_z_q, grad_loss, grad_z, grad_codebook):
+        from fastvae.functional import vector_quantize
+
+        z = torch.randn(9, 2, 5, requires_grad=grad_z)[:, 1]  # strided rows
+        codebook = torch.randn(7, 5, requires_grad=grad_codebook)
+        z_q, _, loss = vector_quantize(z, codebook, backend="triton")
+        outs = [o for o, used in ((z_q, grad_z_q), (loss, grad_loss)) if used]
+        wrt = [t for t, used in ((z, grad_z), (codebook, grad_codebook)) if used]
+        torch.autograd.grad(outs, wrt, [torch.randn_like(o) for o in outs])
+
     calls += [second_order, device_state]
+    calls += [lambda f=f: vq(*f) for f in ((True, True, True, True), (True, False, True, False),
+                                           (False, True, True, False), (False, True, False, True))]
     calls += [lambda g=g, r=r: dmol(g, r) for g, r in ((False, False), (True, False), (True, True))]
     calls += [lambda k=k: loss(k, None, "sum", False, True) for k in ("mse", "bce", "l1")]
     calls += [

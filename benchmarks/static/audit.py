@@ -139,6 +139,70 @@ def _hvae_layer(batch, channels, size):
     return run
 
 
+def _dmol(batch, image_shape, num_mixtures, grad=True):
+    def run(dtype):
+        from fastvae.functional import discretized_logistic_mixture_nll
+        from fastvae.ops.discretized_logistic_mixture import params_per_component
+
+        channels, *pixels = image_shape
+        params = torch.randn(batch, num_mixtures * params_per_component(channels), *pixels).to(dtype)
+        x = torch.randint(0, 256, (batch, *image_shape)).float() / 255
+        with torch.set_grad_enabled(grad):
+            params.requires_grad_(grad)
+            loss = discretized_logistic_mixture_nll(
+                params, x, num_mixtures=num_mixtures, reduction="mean", backend="triton"
+            )
+            if grad:  # the gradient is written in the forward; the backward hands it over
+                torch.autograd.grad(loss, [params])
+
+    return run
+
+
+def _vector_quantize(n, k, d, learned_codebook):
+    def run(dtype):
+        from fastvae.functional import vector_quantize
+
+        z = torch.randn(n, d).to(dtype).requires_grad_()
+        codebook = torch.randn(k, d).to(dtype).requires_grad_(learned_codebook)
+        z_q, _, loss = vector_quantize(z, codebook, reduction="mean", backend="triton")
+        wrt = [z, codebook] if learned_codebook else [z]
+        torch.autograd.grad([z_q, loss], wrt, [torch.randn_like(z_q), torch.ones_like(loss)])
+
+    return run
+
+
+def _vq_feature_map(batch, d, size):
+    def run(dtype):
+        from fastvae.functional import vector_quantize
+
+        # A VQ-VAE's bottleneck: a channel slice of a conv output, an EMA codebook (no gradient).
+        h = torch.randn(batch, d + 8, size, size).to(dtype).requires_grad_()
+        z_q, _, loss = vector_quantize(h[:, :d], torch.randn(512, d).to(dtype), dim=1, reduction="mean",
+                                       backend="triton")
+        torch.autograd.grad([z_q, loss], [h], [torch.randn_like(z_q), torch.ones_like(loss)])
+
+    return run
+
+
+def _diffusers_posterior(batch, channels, size, sampled=True):
+    def run(dtype):
+        from fastvae.functional import reparameterize_kl
+
+        # diffusers' AutoencoderKL posterior as fastvae.integrations.diffusers computes it: the channel halves of
+        # the encoder's (B, 2C, H, W) output, the hard clamp to [-30, 20], the noise given (diffusers draws it),
+        # one KL per image; kl() before any sample() passes zero noise as one value (stride 0) and uses no z.
+        h = torch.randn(batch, 2 * channels, size, size).to(dtype).requires_grad_()
+        mean, logvar = h.chunk(2, dim=1)
+        noise = torch.randn_like(mean) if sampled else mean.new_zeros(()).expand(mean.shape)
+        z, kl = reparameterize_kl(mean, logvar, noise, event_dims=3, logvar_clamp=(-30.0, 20.0), backend="triton")
+        if sampled:
+            torch.autograd.grad([z, kl], [h], [torch.randn_like(z), torch.ones_like(kl)])
+        else:
+            torch.autograd.grad(kl, [h], torch.ones_like(kl))
+
+    return run
+
+
 # Launches beyond the runner's cases and the training steps: one entry per scenario.
 EXTRA_SCENARIOS = [
     Scenario("gaussian, logvar per element, mean, 256x784", _gaussian((256, 784), "mean")),
@@ -154,6 +218,23 @@ EXTRA_SCENARIOS = [
     Scenario("reparameterize_kl, conditional prior, 64 channels of 4x4 maps, batch 32",
              _latent_map(32, 64, 4, "conditional")),
     Scenario("reparameterize_kl, shared prior, 4 channels of 64x64 maps, batch 32", _latent_map(32, 4, 64, "shared")),
+    Scenario("vector_quantize, 4096 vectors of 64 against 512 codes, codebook by gradient",
+             _vector_quantize(4096, 512, 64, True)),
+    Scenario("vector_quantize, 1024 vectors of 200 against 300 codes", _vector_quantize(1024, 300, 200, False)),
+    Scenario("vector_quantize of a VQ-VAE's 7x7 map slice, 16 channels, batch 128, EMA codebook",
+             _vq_feature_map(128, 16, 7)),
+    # The DMOL forward's variants: greyscale and RGB at 5 and 10 components (M_PAD 8 and 16), with the gradient as
+    # training takes it and without, as an evaluation does (several tiles per program, as at scale).
+    Scenario("dmol nll, 1x28x28, M=5, batch 128", _dmol(128, (1, 28, 28), 5)),
+    Scenario("dmol nll, 1x28x28, M=10, batch 128", _dmol(128, (1, 28, 28), 10)),
+    Scenario("dmol nll, 3x32x32, M=5, batch 64", _dmol(64, (3, 32, 32), 5)),
+    Scenario("dmol nll, 3x32x32, M=10, batch 64", _dmol(64, (3, 32, 32), 10)),
+    Scenario("dmol nll without gradient (evaluation), 1x28x28, M=10, batch 128", _dmol(128, (1, 28, 28), 10, False)),
+    Scenario("dmol nll without gradient (evaluation), 3x32x32, M=10, batch 64", _dmol(64, (3, 32, 32), 10, False)),
+    Scenario("diffusers' AutoencoderKL posterior, sample and KL, SD's 4x64x64 latents, batch 8",
+             _diffusers_posterior(8, 4, 64)),
+    Scenario("diffusers' AutoencoderKL posterior, KL alone, SD's 4x64x64 latents, batch 8",
+             _diffusers_posterior(8, 4, 64, sampled=False)),
 ]
 
 # Issue 18's grid, audited by ``python -m benchmarks --static`` (too many variants to compile in every test run):
@@ -200,7 +281,8 @@ def noise_launches() -> dict[str, list[Launch]]:
 
 def small_cases(dtypes) -> list:
     """Op cases small enough for the tests, with the tile shapes of the headline grid's (one per block shape)
-    and every kernel variant the headline cases launch (priors, the clamp, the DMOL's gradient)."""
+    and every kernel variant the headline cases launch (priors, the soft clamp, the DMOL's gradient), and the
+    hard clamp (diffusers' posterior)."""
     from benchmarks.ops import dmol_case, latent_map_case, loss_case, reparameterize_case
 
     cases = []
@@ -210,6 +292,7 @@ def small_cases(dtypes) -> list:
             reparameterize_case(64, 256, dtype, True),
             reparameterize_case(256, 32, dtype, eps_given=False),
             reparameterize_case(64, 256, dtype, False, logvar_limit=10.0),
+            reparameterize_case(64, 256, dtype, True, logvar_clamp=(-30.0, 20.0)),
             latent_map_case(32, 16, dtype, "conditional"),
             latent_map_case(32, 16, dtype, "shared"),
             dmol_case(2, (3, 32, 32), dtype),

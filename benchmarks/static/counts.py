@@ -50,9 +50,12 @@ CPU = torch.device("cpu")
 
 
 def headline_cases(dtypes: list[torch.dtype], max_elements: int = HEADLINE_ELEMENTS) -> list[OpCase]:
-    """Each op, variant and sample shape of the runner's default grid at its largest size up to ``max_elements``."""
+    """Each op, variant and sample shape of the runner's default grid at its largest size up to ``max_elements``
+    (the vector quantizer's cases are counted apart, by :mod:`benchmarks.static.vq`)."""
     chosen: dict[tuple, OpCase] = {}
     for case in op_cases("default", dtypes):
+        if case.notes.get("counted_apart"):
+            continue
         key = (case.op, case.variant, case.shape[1:], case.dtype)
         if case.elements <= max_elements and (key not in chosen or case.elements > chosen[key].elements):
             chosen[key] = case

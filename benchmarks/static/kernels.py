@@ -56,6 +56,7 @@ _REPARAM = "fastvae.kernels.reparameterize_kl"
 _LOSS = "fastvae.kernels.reconstruction_loss"
 _SCALE = "fastvae.kernels.scale_rows"
 _DMOL = "fastvae.kernels.discretized_logistic_mixture"
+_VQ = "fastvae.kernels.vector_quantize"
 # A prior tensor is passed as None when absent (Triton compiles None as a constant: a kernel of its own).
 _GIVEN = "{} is not None"
 
@@ -140,6 +141,39 @@ KERNELS = [
         writes={"nll_ptr": ALWAYS, "grad_ptr": "WRITE_GRAD"},
         elements="n_rows * n_cols * n_mix",
         tile="BLOCK_ROWS * BLOCK_COLS * M_PAD",
+    ),
+    KernelSpec(
+        _VQ,
+        "_code_norms_kernel",
+        reads={"codebook_ptr": ALWAYS},
+        writes={"code_sq_ptr": ALWAYS},
+        elements="n_codes * dim",
+        tile="BLOCK_K * BLOCK_D",
+    ),
+    # The nearest-code search: its elements are (vector, code) pairs, BLOCK_N x BLOCK_K per trip through the codes
+    # (each pair's D products on the tensor cores); the codebook is read once per program, and counted once.
+    KernelSpec(
+        _VQ,
+        "_vector_quantize_forward_kernel",
+        reads={"z_ptr": ALWAYS, "codebook_ptr": ALWAYS, "code_sq_ptr": ALWAYS},
+        writes={"z_q_ptr": ALWAYS, "indices_ptr": ALWAYS, "loss_ptr": ALWAYS},
+        elements="n_rows * n_codes",
+        tile="BLOCK_N * BLOCK_K",
+    ),
+    # Elementwise over the vectors' values; the codebook's gradient is added with atomics (counted as written once).
+    KernelSpec(
+        _VQ,
+        "_vector_quantize_backward_kernel",
+        reads={
+            "grad_zq_ptr": "GRAD_Z and HAS_GRAD_ZQ",
+            "grad_loss_ptr": "HAS_GRAD_LOSS",
+            "z_ptr": "HAS_GRAD_LOSS",
+            "z_q_ptr": "HAS_GRAD_LOSS",
+            "indices_ptr": "GRAD_CODEBOOK",
+        },
+        writes={"grad_z_ptr": "GRAD_Z", "grad_codebook_ptr": "GRAD_CODEBOOK"},
+        elements="n_rows * dim",
+        tile="BLOCK_N * BLOCK_D * D_CHUNKS",
     ),
     # The in-kernel noise benchmark (benchmarks/noise.py): tl.randn, tl.randn4x and fastvae's generator.
     *(

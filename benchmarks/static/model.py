@@ -113,9 +113,10 @@ def discretized_logistic_mixture(channels: int, num_mixtures: int, itemsize: int
     Fused (``kernels/discretized_logistic_mixture.py``): the forward reads params and x and writes the gradient
     (2, plus x's ``C / P`` of params' elements in float32); the backward scales the saved gradient in place,
     which for an upstream gradient of 1 is a launch and no traffic. It keeps the gradient (1 unit) and references
-    to params and x. Eager: the reference counted per ATen call for RGB images at M = 10 (its ``51`` and ``65``
-    calls, of which 48 and 63 launch kernels besides the reduction over samples); float32 params. It keeps 3.33
-    units of its own and params. Greyscale (M = 10, 30 channels): 41 + 50 kernels, 22.87 + 35.40 units, 3.8 kept.
+    to params and x. Eager: the reference counted per ATen call for RGB images at M = 10 (its ``53`` and ``66``
+    calls, of which 50 and 64 launch kernels besides the reduction over samples); float32 params. It keeps 2.73
+    units of its own and params. Greyscale (M = 10, 30 channels): 43 + 51 kernels, 23.95 + 35.15 units, 47 / 15
+    kept.
     """
     p = num_mixtures * (1 + 2 * channels + channels * (channels - 1) // 2)
     x_units = channels * 4 / (p * itemsize)
@@ -128,7 +129,7 @@ def discretized_logistic_mixture(channels: int, num_mixtures: int, itemsize: int
 
 # (channels, M) -> (forward kernels, backward kernels, forward units, backward units, kept units) of the float32
 # DMOL reference with reduction="none", counted per ATen call (the counts scale with B H W).
-_EAGER_DMOL = {(3, 10): (48, 63, 21.27, 36.77, 3.33), (1, 10): (41, 50, 22.87, 35.40, 3.80)}
+_EAGER_DMOL = {(3, 10): (50, 64, 22.25, 36.55, 2.73), (1, 10): (43, 51, 23.95, 35.15, 47 / 15)}
 
 
 # kind -> (forward kernels, backward kernels, forward units, backward units, kept units, kept inputs) of the

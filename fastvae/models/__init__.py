@@ -6,6 +6,7 @@
 * :mod:`fastvae.models.hierarchical`: :class:`HierarchicalVAE`, a top-down hierarchical VAE (VDVAE/NVAE style)
   whose stochastic layers sample and take their KL through the fused op on latent feature maps;
 * :mod:`fastvae.models.autoencoder`: the deterministic baseline :class:`Autoencoder`;
+* :mod:`fastvae.models.vqvae`: :class:`VQVAE`, the discrete-latent VQ-VAE over the fused vector quantizer;
 * :mod:`fastvae.models.networks`: ready-made encoders and decoders, and the
   :func:`mlp_vae`, :func:`conv_vae`, :func:`mlp_autoencoder` and :func:`conv_autoencoder` builders.
 
@@ -30,6 +31,7 @@ from fastvae.models.networks import (
     mlp_vae,
 )
 from fastvae.models.vae import LOG_LIKELIHOOD_ROWS, VAE, VAEOutput, kl_warmup_weight
+from fastvae.models.vqvae import VQVAE, VQVAEOutput
 
 __all__ = [
     "Autoencoder",
@@ -44,6 +46,8 @@ __all__ = [
     "TrainableModel",
     "VAE",
     "VAEOutput",
+    "VQVAE",
+    "VQVAEOutput",
     "conv_autoencoder",
     "conv_decoder",
     "conv_encoder",

@@ -96,7 +96,8 @@ class TrainableModel(nn.Module):
     def evaluate(
         self, x: torch.Tensor, *, generator: torch.Generator, target: torch.Tensor | None = None, **options
     ) -> dict[str, torch.Tensor]:
-        """Held-out metrics of the images ``x`` ``(B, ...)``: name -> ``(B,)`` per-image values.
+        """Held-out metrics of the images ``x`` ``(B, ...)``: name -> ``(B,)`` per-image values (averaged over the
+        held-out images), or ``(B, n)`` per-image counts (summed over them, for :meth:`summarize_totals`).
 
         ``target``: the images the outputs are scored against (``x`` when
         ``None``; the clean images when ``x`` is corrupted). ``generator`` draws
@@ -104,6 +105,12 @@ class TrainableModel(nn.Module):
         which the engine also writes to ``eval.json``.
         """
         raise NotImplementedError(f"{type(self).__name__} has no held-out evaluation")
+
+    def summarize_totals(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Held-out numbers from the sums over all the held-out images of :meth:`evaluate`'s per-image counts: the
+        metrics it returns as ``(B, n)`` tensors (a VQ-VAE's code usage, ``(B, K)``) are summed to ``(n,)`` float64
+        CPU tensors in ``totals``, and what this returns joins the means of the ``(B,)`` ones. Default: nothing."""
+        return {}
 
     def format_evaluation(
         self, results: dict[str, float], *, n_images: int, corruption: str | None = None, **options

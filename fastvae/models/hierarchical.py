@@ -200,7 +200,7 @@ class HierarchicalVAE(TrainableModel):
         if beta < 0 or kl_warmup < 0:
             raise ValueError(f"beta and kl_warmup must be non-negative, got {beta} and {kl_warmup}")
         self.image_shape = tuple(image_shape)
-        self.likelihood = make_likelihood(likelihood, backend=backend)
+        self.likelihood = make_likelihood(likelihood, backend=backend, channels=channels)
         self.beta, self.kl_warmup = beta, kl_warmup
         self.default_grad_clip = default_grad_clip
         mid = max(width // 4, 8)

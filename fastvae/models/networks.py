@@ -57,7 +57,7 @@ def mlp_vae(
     outputs the likelihood's parameters: ``likelihood.params_channels(C)``
     channels for ``input_shape = (C, ...)``.
     """
-    likelihood = make_likelihood(likelihood, backend=backend)
+    likelihood = make_likelihood(likelihood, backend=backend, channels=input_shape[0])
     encoder, decoder, features = _mlp_networks(input_shape, latent_dim, hidden, likelihood)
     return VAE(
         encoder,
@@ -81,7 +81,7 @@ def mlp_autoencoder(
     backend: str | None = None,
 ) -> Autoencoder:
     """An MLP :class:`~fastvae.models.autoencoder.Autoencoder`: the networks of :func:`mlp_vae`, a deterministic code."""
-    likelihood = make_likelihood(likelihood, backend=backend)
+    likelihood = make_likelihood(likelihood, backend=backend, channels=input_shape[0])
     encoder, decoder, features = _mlp_networks(input_shape, latent_dim, hidden, likelihood)
     return Autoencoder(encoder, decoder, latent_dim, likelihood=likelihood, features=features)
 
@@ -167,7 +167,7 @@ def conv_vae(
     4: 28 -> ``(32, 64)``, 64 -> ``(32, 64, 128, 256)``, 8 -> ``(32,)``. The
     decoder outputs the likelihood's parameters: ``likelihood.params_channels(channels)`` channels.
     """
-    likelihood = make_likelihood(likelihood, backend=backend)
+    likelihood = make_likelihood(likelihood, backend=backend, channels=channels)
     encoder, decoder, features = _conv_networks(channels, image_size, latent_dim, widths, likelihood)
     return VAE(
         encoder,
@@ -192,7 +192,7 @@ def conv_autoencoder(
     backend: str | None = None,
 ) -> Autoencoder:
     """A convolutional :class:`~fastvae.models.autoencoder.Autoencoder`: the networks of :func:`conv_vae`."""
-    likelihood = make_likelihood(likelihood, backend=backend)
+    likelihood = make_likelihood(likelihood, backend=backend, channels=channels)
     encoder, decoder, features = _conv_networks(channels, image_size, latent_dim, widths, likelihood)
     return Autoencoder(encoder, decoder, latent_dim, likelihood=likelihood, features=features)
 

@@ -43,6 +43,10 @@ from fastvae.ops.checks import (
 
 MIN_LOG_SCALE = -7.0
 MAX_NUM_BITS = 16
+# The most bits whose levels k / (2^b - 1) an x of this dtype holds apart: each, rounded to the dtype, is read
+# back as k. bfloat16 (8 significant bits) misreads 511 of the 1,024 levels of 10 bits; float16 (11) those of 12.
+# float32 and float64 hold all 16.
+MAX_BITS_OF_X = {torch.bfloat16: 8, torch.float16: 11}
 # torch's softplus returns z itself above its threshold (20 by default, off by e^-20 = 2e-9: exact in float32,
 # not in float64); above 40 the gap, e^-40 < 1e-17 z, is below float64's rounding too.
 SOFTPLUS_THRESHOLD = 40.0
@@ -64,6 +68,11 @@ def _check_positive_int(name: str, value: object, high: int | None = None) -> No
     if value < 1 or (high is not None and value > high):
         bounds = f"from 1 to {high}" if high is not None else "at least 1"
         raise ValueError(f"{name} must be {bounds}, got {value}")
+
+
+def check_image_channels(channels: object) -> None:
+    """``channels``, a count of image channels, must be an int >= 1."""
+    _check_positive_int("channels", channels)
 
 
 def check_settings(num_mixtures: object, num_bits: object) -> None:
@@ -95,23 +104,42 @@ def _check_nll_inputs(params: object, x: object, num_mixtures: object, num_bits:
     check_float_tensor("params", params)
     check_float_tensor("x", x)
     check_settings(num_mixtures, num_bits)
+    _check_levels_fit(x.dtype, num_bits)
     if x.dim() < 2:
         raise ValueError(f"x must have shape (B, C, ...) with the channels second, got {tuple(x.shape)}")
     channels = x.shape[1]
     if channels < 1:
         raise ValueError("x must have at least one channel, got C = 0")
-    expected = num_mixtures * params_per_component(channels)
     if params.dim() != x.dim() or params.shape[0] != x.shape[0] or params.shape[2:] != x.shape[2:]:
-        want = (x.shape[0], expected, *x.shape[2:])
+        want = (x.shape[0], num_mixtures * params_per_component(channels), *x.shape[2:])
         raise ValueError(
             f"params must have shape (B, P, ...) with x's batch and trailing dims, {want}, got {tuple(params.shape)}"
         )
+    _check_params_channels(params, num_mixtures, channels, f"x's C = {channels}")
+    check_same_device(params=params, x=x)
+
+
+def _check_levels_fit(x_dtype: torch.dtype, num_bits: int) -> None:
+    """``x``'s dtype must hold the ``2**num_bits`` levels apart (:data:`MAX_BITS_OF_X`), or its nll would be that
+    of other images."""
+    limit = MAX_BITS_OF_X.get(x_dtype)
+    if limit is not None and num_bits > limit:
+        name = str(x_dtype).removeprefix("torch.")
+        raise ValueError(
+            f"x is {name}, which cannot hold the {2**num_bits} levels of num_bits={num_bits} apart (it holds those "
+            f"of up to {limit} bits; nearby levels would be read as one): pass x as float32"
+        )
+
+
+def _check_params_channels(params: torch.Tensor, num_mixtures: int, channels: int, said_by: str) -> None:
+    """``params`` ``(B, P, ...)`` must hold ``P = M (1 + 2C + C(C-1)/2)`` channels for ``C = channels`` image
+    channels (as ``said_by`` gives them, for the message)."""
+    expected = num_mixtures * params_per_component(channels)
     if params.shape[1] != expected:
         raise ValueError(
-            f"params has {params.shape[1]} channels, but num_mixtures={num_mixtures} with x's C = {channels} "
+            f"params has {params.shape[1]} channels, but num_mixtures={num_mixtures} with {said_by} "
             f"needs P = M * (1 + 2C + C(C-1)/2) = {expected}"
         )
-    check_same_device(params=params, x=x)
 
 
 def _split(params: torch.Tensor, num_mixtures: int, channels: int):
@@ -142,9 +170,26 @@ def _as_pixels(params: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return params.to(dtype).reshape(params.shape[0], params.shape[1], math.prod(params.shape[2:]))
 
 
-def _log_one_minus_exp(u: torch.Tensor) -> torch.Tensor:
-    """``log(1 - e^u)`` for ``u < 0``, accurate on both sides of ``-log 2`` (Maechler's two forms)."""
-    return torch.where(u > -math.log(2.0), torch.log(-torch.expm1(u)), torch.log1p(-torch.exp(u)))
+# Above this u (a bin narrow against its logistic), log(1 - e^u) = log(-u) + u/2 + u^2/24 + ... is taken as
+# log(-u) + u/2: off by less than 5e-16, below float64's rounding of a value beyond |log 1e-7| = 16.
+SERIES_ABOVE = -1e-7
+
+
+def _log_one_minus_exp(u: torch.Tensor, log_minus_u: torch.Tensor) -> torch.Tensor:
+    """``log(1 - e^u)`` for ``u <= 0``, given ``log(-u)``: to the dtype's rounding of the nll it is added to, and
+    finite with finite derivatives of every order, for any ``u``, one that underflowed to 0 included.
+
+    ``log(-expm1(u))``, then, where ``e^u`` nears 1 (a wide logistic; in
+    float32 it rounds to 1 from ``|u| < 3e-8``, and ``log(-expm1(u))``'s
+    gradient ``1 / expm1(u)`` overflows), ``log(-u) + u/2``, with ``log(-u)``
+    given exactly. ``where`` passes a zero gradient through the form it does
+    not take, and ``0 * inf`` is NaN, so ``log(-expm1(u))`` is fed a harmless
+    ``u`` there. (Far below ``-log 2`` ``log(-expm1(u))`` rounds to 0, off by
+    ``e^u``: below the rounding of the sum it goes into, as its gradient's
+    error is below that of the other terms'.)
+    """
+    series = u > SERIES_ABOVE
+    return torch.where(series, log_minus_u + 0.5 * u, torch.log(-torch.expm1(torch.where(series, SERIES_ABOVE, u))))
 
 
 def discretized_logistic_mixture_nll_reference(
@@ -156,8 +201,9 @@ def discretized_logistic_mixture_nll_reference(
 ) -> torch.Tensor:
     """The specification of :func:`discretized_logistic_mixture_nll`, in plain PyTorch (float32 or float64 math).
 
-    Differentiable twice and more by autograd; the clamp of the log-scale at
-    -7 passes the gradient where ``log_scale >= -7`` (``torch.clamp``'s rule).
+    Differentiable twice and more by autograd, with finite derivatives at any
+    finite scale; the clamp of the log-scale at -7 passes the gradient where
+    ``log_scale >= -7`` (``torch.clamp``'s rule).
     """
     acc = compute_dtype(params.dtype, x.dtype)
     batch, channels = x.shape[:2]
@@ -169,13 +215,15 @@ def discretized_logistic_mixture_nll_reference(
     tanh_coefs = torch.tanh(coefs)
     ys = [y[:, j] for j in range(channels)]
     mean = torch.stack([_conditional_mean(means, tanh_coefs, ys, c) for c in range(channels)], dim=1)
-    inv = torch.exp(-log_scales.clamp(min=MIN_LOG_SCALE))
+    s = log_scales.clamp(min=MIN_LOG_SCALE)
+    inv = torch.exp(-s)
     a = inv * (y - h - mean)
     b = inv * (y + h - mean)
     log_cdf_upper = -F.softplus(-b, threshold=SOFTPLUS_THRESHOLD)  # log F(y + h)
     log_survival_lower = -F.softplus(a, threshold=SOFTPLUS_THRESHOLD)  # log(1 - F(y - h))
-    # log(F(y + h) - F(y - h)), without the difference: sigmoid(b) - sigmoid(a) = sigmoid(b) sigmoid(-a) (1 - e^(a-b)).
-    interior = log_cdf_upper + log_survival_lower + _log_one_minus_exp(-2 * h * inv)
+    # log(F(y + h) - F(y - h)), without the difference: sigmoid(b) - sigmoid(a) = sigmoid(b) sigmoid(-a) (1 - e^(a-b)),
+    # with a - b = -2 h inv, whose log is exact even where inv underflows.
+    interior = log_cdf_upper + log_survival_lower + _log_one_minus_exp(-2 * h * inv, math.log(2 * h) - s)
     log_mass = torch.where(level == 0, log_cdf_upper, torch.where(level == max_level, log_survival_lower, interior))
     log_joint = F.log_softmax(logits, dim=1) + log_mass.sum(dim=1)
     nll = -torch.logsumexp(log_joint, dim=1).sum(dim=1)
@@ -291,7 +339,9 @@ def discretized_logistic_mixture_nll(
     highest's up to +inf (``F(y + h) = 1``). The log of a bin's mass is taken
     without the difference of sigmoids (see
     :mod:`fastvae.kernels.discretized_logistic_mixture`), so it keeps float32's
-    accuracy for any mean and any scale from ``e^-7`` up, with a finite gradient.
+    accuracy for any mean and any scale from ``e^-7`` up (log-scales of 50 and
+    beyond: logistics far wider than the bins), with finite gradients of every
+    order on both paths.
 
     Args:
         params: ``(B, P, ...)`` with ``P = M (1 + 2C + C(C-1)/2)`` (3M for one
@@ -301,7 +351,9 @@ def discretized_logistic_mixture_nll(
             float16, bfloat16, float32 (float64 on the reference path); any
             strides: a channel slice of a larger conv output is read in place.
         x: ``(B, C, ...)`` images with ``params``' trailing dims, floats in [0, 1];
-            any float dtype. ``x`` gets no gradient (its level is a step function of it).
+            any float dtype that holds the levels apart (``ValueError`` otherwise:
+            bfloat16 up to 8 bits, float16 up to 11, float32 and float64 all).
+            ``x`` gets no gradient (its level is a step function of it).
         num_mixtures: ``M >= 1``.
         num_bits: bits per value, 1 to 16 (8 for 256 levels).
         reduction: ``"none"``: the nll per sample, ``(B,)``; ``"sum"``: its sum;
@@ -344,10 +396,17 @@ def discretized_logistic_mixture_nll(
 # ---- drawing images ----------------------------------------------------------------------------------
 
 
-def _check_draw_inputs(params: object, num_mixtures: object, num_bits: object) -> int:
+def _check_draw_inputs(params: object, num_mixtures: object, num_bits: object, channels: object) -> int:
+    """The image channels ``C`` to draw: ``channels`` checked against ``params``, or, if ``None``, read off them."""
     check_float_tensor("params", params)
     check_settings(num_mixtures, num_bits)
-    return image_channels(params, num_mixtures)
+    if channels is None:
+        return image_channels(params, num_mixtures)
+    check_image_channels(channels)
+    if params.dim() < 2:
+        raise ValueError(f"params must have shape (B, P, ...), got {tuple(params.shape)}")
+    _check_params_channels(params, num_mixtures, channels, f"channels={channels}")
+    return channels
 
 
 def _draw_levels(
@@ -386,7 +445,12 @@ def _draw_levels(
 
 @torch.no_grad()
 def sample_discretized_logistic_mixture(
-    params: torch.Tensor, *, num_mixtures: int, num_bits: int = 8, generator: torch.Generator | None = None
+    params: torch.Tensor,
+    *,
+    num_mixtures: int,
+    num_bits: int = 8,
+    channels: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw images from the mixture: ``(B, C, ...)`` in [0, 1] on the level grid ``k / (2**num_bits - 1)``.
 
@@ -397,12 +461,15 @@ def sample_discretized_logistic_mixture(
     scores. float32 (float64 for float64 ``params``); no gradient.
 
     Args:
-        params: ``(B, P, ...)`` as for :func:`discretized_logistic_mixture_nll`;
-            ``C`` follows from ``P`` and ``num_mixtures``.
+        params: ``(B, P, ...)`` as for :func:`discretized_logistic_mixture_nll`.
         num_mixtures, num_bits: as for the nll.
+        channels: the image channels ``C``, checked against ``P`` (``ValueError``
+            if ``P != M (1 + 2C + C(C-1)/2)``). ``None``: ``C`` follows from ``P``
+            and ``num_mixtures``, which cannot tell a wrong ``num_mixtures``
+            (30 channels are RGB at M = 3 and greyscale at M = 10).
         generator: the random generator (default: torch's, of ``params``' device).
     """
-    channels = _check_draw_inputs(params, num_mixtures, num_bits)
+    channels = _check_draw_inputs(params, num_mixtures, num_bits, channels)
     check_generator(generator, params.device)
     p = _as_pixels(params, compute_dtype(params.dtype))
     batch, n = p.shape[0], p.shape[2]
@@ -420,7 +487,9 @@ def sample_discretized_logistic_mixture(
 
 
 @torch.no_grad()
-def discretized_logistic_mixture_mode(params: torch.Tensor, *, num_mixtures: int, num_bits: int = 8) -> torch.Tensor:
+def discretized_logistic_mixture_mode(
+    params: torch.Tensor, *, num_mixtures: int, num_bits: int = 8, channels: int | None = None
+) -> torch.Tensor:
     """A deterministic image from the mixture: ``(B, C, ...)`` in [0, 1], for showing reconstructions.
 
     Per pixel: the component with the largest logit, then channel by channel
@@ -428,9 +497,10 @@ def discretized_logistic_mixture_mode(params: torch.Tensor, *, num_mixtures: int
     probable level of that logistic). This is the mode of the most probable
     component, not the exact mode of the mixture (which has no closed form);
     unlike the mixture's mean it never averages components into a colour none
-    of them predicts, the blur the mixture is there to avoid.
+    of them predicts, the blur the mixture is there to avoid. ``channels``: as
+    for :func:`sample_discretized_logistic_mixture`.
     """
-    channels = _check_draw_inputs(params, num_mixtures, num_bits)
+    channels = _check_draw_inputs(params, num_mixtures, num_bits, channels)
     p = _as_pixels(params, compute_dtype(params.dtype))
     component = p[:, :num_mixtures].argmax(dim=1, keepdim=True)
     x = _draw_levels(p, num_mixtures, num_bits, channels, component, None)

@@ -83,7 +83,9 @@ def reconstruction_loss_reference(
         loss = _bernoulli_nll(x_hat_, x_)
     else:
         logvar_ = logvar.to(acc)
-        loss = 0.5 * ((x_ - x_hat_) ** 2 * torch.exp(-logvar_) + logvar_ + LOG_2PI)
+        # Scaled before it is squared: (x - x_hat)^2 alone overflows where its ratio to the variance fits.
+        scaled = (x_ - x_hat_) * torch.exp(-0.5 * logvar_)
+        loss = 0.5 * (scaled**2 + logvar_ + LOG_2PI)
     per_sample = loss.reshape(x.shape[0], math.prod(x.shape[1:])).sum(dim=1)
     return reduce_per_sample(per_sample, reduction)
 

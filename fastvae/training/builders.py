@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 
 from fastvae.errors import ConfigError
 from fastvae.likelihoods import make_likelihood
-from fastvae.models import HierarchicalVAE, TrainableModel, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
+from fastvae.models import (
+    VQVAE,
+    HierarchicalVAE,
+    TrainableModel,
+    conv_autoencoder,
+    conv_vae,
+    mlp_autoencoder,
+    mlp_vae,
+)
 
 if TYPE_CHECKING:
     from fastvae.training.config import TrainConfig
@@ -94,8 +102,26 @@ def _hvae(config: TrainConfig, image_shape: tuple[int, int, int], *, latent_dim,
     )
 
 
+def _vqvae(config: TrainConfig, image_shape: tuple[int, int, int], *, likelihood, backend, **_) -> VQVAE:
+    # The objective's settings (a VAE's beta, KL warm-up, clamp) mean nothing here: VQ_UNUSED_OPTIONS refuses them.
+    options = {"num_codes": config.num_codes, "code_dim": config.code_dim, "widths": config.hidden}
+    given = {name: value for name, value in options.items() if value is not None}
+    return VQVAE(image_shape, likelihood=likelihood, backend=backend, **given)
+
+
 # config.model -> the function building it; its keys are the choices of --model.
-MODELS = {"mlp": _mlp, "conv": _conv, "hvae": _hvae}
+MODELS = {"mlp": _mlp, "conv": _conv, "hvae": _hvae, "vqvae": _vqvae}
+
+# The VQ-VAE trains its own loss whatever the objective: options that mean nothing to it (field -> why), and its
+# held-out evaluation, which takes no settings.
+_VQ_NO_KL = "the VQ-VAE has no KL term to weigh (its commitment weight is 0.25)"
+VQ_UNUSED_OPTIONS = {
+    "latent_dim": "the VQ-VAE's latent is a map of codes: set --code-dim and --num-codes",
+    "beta": _VQ_NO_KL,
+    "kl_warmup": _VQ_NO_KL,
+    "logvar_limit": "the VQ-VAE's codes are deterministic, with no log-variance",
+    "eval_k": "the VQ-VAE's posterior is one code per position: its ELBO needs no importance sampling",
+}
 
 
 def build_model(config: TrainConfig, image_shape: tuple[int, int, int], backend: str | None = None) -> TrainableModel:
@@ -104,7 +130,9 @@ def build_model(config: TrainConfig, image_shape: tuple[int, int, int], backend:
 
     common = dict(
         latent_dim=config.latent_dim,
-        likelihood=make_likelihood(config.likelihood, backend=backend, **likelihood_options(config)),
+        likelihood=make_likelihood(
+            config.likelihood, backend=backend, channels=image_shape[0], **likelihood_options(config)
+        ),
         backend=backend,
         **OBJECTIVES[config.objective].model_options(config),
     )
@@ -155,11 +183,19 @@ def check_options_apply(
                 f"{option} does not apply to --objective {config.objective}: "
                 f"{objective.unused_options[name]}; leave it out"
             )
+    if config.model == "vqvae":
+        for name, why in VQ_UNUSED_OPTIONS.items():
+            if name in explicit:
+                option = (option_names or {}).get(name, f"--{name.replace('_', '-')}")
+                raise ConfigError(f"{option} does not apply to --model vqvae: {why}; leave it out")
     if config.objective == "ae" and "noise" in explicit and config.noise == "global" and config.denoise is None:
         raise ConfigError(
             "--noise global does not apply to --objective ae without --denoise: an autoencoder draws no noise; "
             "leave it out"
         )
+    if config.model == "vqvae" and "noise" in explicit and config.noise == "global" and config.denoise is None:
+        raise ConfigError("--noise global does not apply to --model vqvae without --denoise: a VQ-VAE draws no "
+                          "noise; leave it out")
 
 
 def describe_model(config: TrainConfig, model: TrainableModel) -> str:
@@ -175,4 +211,6 @@ def grad_clip(config: TrainConfig, model: TrainableModel) -> float | None:
 
 def evaluation_options(config: TrainConfig) -> dict:
     """The settings of the model's held-out evaluation (:meth:`TrainableModel.evaluate`) that ``config`` asks for."""
+    if config.model == "vqvae":
+        return {}
     return OBJECTIVES[config.objective].evaluation_options(config)

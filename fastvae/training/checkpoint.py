@@ -96,7 +96,8 @@ def check_checkpoint_data(checkpoint: dict, path: str, data: ImageData, source: 
     if expected is None:
         return
     found = fingerprint(data)
-    if {key: found[key] for key in _FINGERPRINT} != {key: expected[key] for key in _FINGERPRINT}:
+    keys = _FINGERPRINT | ({"files"} & (found.keys() | expected.keys()))  # a folder's file names and sizes too
+    if {key: found.get(key) for key in keys} != {key: expected.get(key) for key in keys}:
         raise ConfigError(
             f"the data {source} is not what the checkpoint {path} was trained on: it holds "
             f"{describe_fingerprint(found)}, the run's data held {describe_fingerprint(expected)}"

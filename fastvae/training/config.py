@@ -34,6 +34,7 @@ class TrainConfig:
     # What is trained.
     data: str = "mnist"
     num_images: int | None = None
+    image_size: int | None = None  # a folder of images: resize the shorter side to this, crop the centre square
     objective: str = "vae"  # "vae", or "ae": the deterministic autoencoder
     model: str = "mlp"
     latent_dim: int = 20
@@ -47,6 +48,9 @@ class TrainConfig:
     # The hierarchical VAE's (model "hvae"); None: the model's defaults.
     layers_per_resolution: tuple[int, ...] | None = None
     latent_channels: int | None = None
+    # The VQ-VAE's (model "vqvae"); None: the model's defaults (512 codes of 64 values).
+    num_codes: int | None = None
+    code_dim: int | None = None
     # How it is trained.
     beta: float = 1.0
     free_bits: float = 0.0  # hvae: nats per latent channel of each layer that the KL term counts at least
@@ -95,8 +99,9 @@ class TrainConfig:
                 setattr(self, field, default)
 
 
-# The hierarchical VAE's fields: an error with any other model.
+# The hierarchical VAE's fields, and the VQ-VAE's: an error with any other model.
 HVAE_FIELDS = ("layers_per_resolution", "latent_channels", "free_bits")
+VQVAE_FIELDS = ("num_codes", "code_dim")
 # The fields that hold a likelihood's settings (fastvae.likelihoods.Likelihood.options), under the same names.
 LIKELIHOOD_OPTION_FIELDS = ("num_mixtures", "num_bits")
 # Fields of the command, not of the run: a resume never takes them from the checkpoint.
@@ -158,6 +163,7 @@ def validate_config(config: TrainConfig) -> None:
     at_least("tensorboard_image_every", 1)
     at_least("steps", 1, allow_none=True)
     at_least("num_images", 2, allow_none=True)
+    at_least("image_size", 1, allow_none=True)
     at_least("kl_warmup", 0)
     at_least("seed", 0)
     if config.seed > MAX_SEED:
@@ -182,6 +188,8 @@ def validate_config(config: TrainConfig) -> None:
             f"{config.layers_per_resolution}"
         )
     at_least("latent_channels", 1, allow_none=True)
+    at_least("num_codes", 1, allow_none=True)
+    at_least("code_dim", 1, allow_none=True)
     if not config.free_bits >= 0 or not math.isfinite(config.free_bits):
         raise ConfigError(f"free_bits must be a non-negative number, got {config.free_bits}")
     if config.grad_clip is not None and (not config.grad_clip >= 0 or not math.isfinite(config.grad_clip)):
@@ -213,14 +221,19 @@ def check_cuda_graphs(config: TrainConfig) -> None:
 
 
 def check_model_fields(config: TrainConfig) -> None:
-    """Raise :class:`ConfigError` for a field of the hierarchical VAE given to another model, or an hvae with
-    an objective other than the VAE's."""
-    if config.model != "hvae":
-        for name in HVAE_FIELDS:
+    """Raise :class:`ConfigError` for a field of the hierarchical VAE or the VQ-VAE given to another model, or
+    either of them with an objective other than the VAE's (the default)."""
+    for model, fields in (("hvae", HVAE_FIELDS), ("vqvae", VQVAE_FIELDS)):
+        for name in fields if config.model != model else ():
             if getattr(config, name) != getattr(TrainConfig, name):
-                raise ConfigError(f"{option_name(name)} applies to model 'hvae' only, not {config.model!r}")
-    elif config.objective != "vae":
+                raise ConfigError(f"{option_name(name)} applies to model {model!r} only, not {config.model!r}")
+    if config.model == "hvae" and config.objective != "vae":
         raise ConfigError(f"model 'hvae' trains objective 'vae' only, not {config.objective!r}")
+    if config.model == "vqvae" and config.objective != "vae":
+        raise ConfigError(
+            f"model 'vqvae' trains its own loss (reconstruction, codebook and commitment terms), not objective "
+            f"{config.objective!r}: leave --objective out"
+        )
 
 
 def likelihood_options(config: TrainConfig, likelihood: str | None = None) -> dict:

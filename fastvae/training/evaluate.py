@@ -35,7 +35,9 @@ def evaluate(
     progress: bool = False,
     **options,
 ) -> dict[str, float]:
-    """The means over ``images`` of :meth:`TrainableModel.evaluate`'s per-image metrics, batch by batch.
+    """The means over ``images`` of :meth:`TrainableModel.evaluate`'s per-image metrics, batch by batch, and what
+    :meth:`TrainableModel.summarize_totals` makes of the sums of its per-image counts (``(B, n)`` metrics: a
+    VQ-VAE's code usage).
 
     For a VAE (``options``: ``k``): ``elbo`` and ``log_likelihood``, nats per
     image; for an autoencoder ``recon``, in its loss's units. With a
@@ -48,6 +50,7 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     sums: dict[str, float] = defaultdict(float)
+    totals: dict[str, torch.Tensor] = {}  # per-image counts (B, n), summed over the images
     bar = progress_bar(total=len(images), desc="held-out evaluation", unit="image", enabled=progress)
     with torch.autocast(device.type, enabled=False), bar:
         for batch in images.split(batch_size):
@@ -57,10 +60,16 @@ def evaluate(
             else:
                 metrics = model.evaluate(corruption(x, generator=generator), generator=generator, target=x, **options)
             for name, values in metrics.items():
-                sums[name] += values.sum().item()
+                if values.dim() == 2:
+                    totals[name] = values.double().sum(dim=0) + totals.get(name, 0)
+                else:
+                    sums[name] += values.sum().item()
             bar.update(len(batch))
     model.train(was_training)
-    return {name: total / len(images) for name, total in sums.items()}
+    results = {name: total / len(images) for name, total in sums.items()}
+    if totals:
+        results.update(model.summarize_totals({name: total.cpu() for name, total in totals.items()}))
+    return results
 
 
 @torch.no_grad()

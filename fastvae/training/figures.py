@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -46,6 +47,9 @@ IMAGE_FORMATS = {
 # Tiles smaller than this many pixels are enlarged (nearest neighbour) so that 8x8 digits stay visible.
 MIN_TILE_PIXELS = 32
 PAD = 2
+# A labelled grid is drawn at LABEL_DPI, one pixel of the grid per pixel of the file; its font takes about
+# CHAR_PIXELS a character (at most: DejaVu Sans at 9 points) and LINE_PIXELS a line.
+LABEL_DPI, LABEL_FONT_SIZE, CHAR_PIXELS, LINE_PIXELS = 100, 9, 8, 14
 
 
 def image_grid(images: torch.Tensor, ncols: int) -> np.ndarray:
@@ -80,12 +84,53 @@ def image_format(path: str) -> str:
     return IMAGE_FORMATS[suffix]
 
 
-def save_image_grid(path: str, images: torch.Tensor, ncols: int) -> None:
-    """Write :func:`image_grid` of ``images`` to ``path``, atomically, in the format its suffix names."""
+def save_image_grid(
+    path: str, images: torch.Tensor, ncols: int, *, title: str | None = None, row_labels: Sequence[str] = ()
+) -> None:
+    """Write :func:`image_grid` of ``images`` to ``path``, atomically, in the format its suffix names.
+
+    With a ``title`` (above the grid) or ``row_labels`` (left of each row, repeated in turn down the rows), the
+    grid is drawn with its labels, one pixel of the image per pixel of the file; without, the file is the grid.
+    """
     from matplotlib import image as mpimg
 
     grid, kind = image_grid(images, ncols), image_format(path)
-    write_atomic(path, lambda f: mpimg.imsave(f, grid, cmap="gray", vmin=0.0, vmax=1.0, format=kind))
+    if title is None and not row_labels:
+        write_atomic(path, lambda f: mpimg.imsave(f, grid, cmap="gray", vmin=0.0, vmax=1.0, format=kind))
+        return
+    figure = _labelled_grid(grid, math.ceil(len(images) / ncols), title, row_labels)
+    write_atomic(path, lambda f: figure.savefig(f, dpi=LABEL_DPI, format=kind))
+
+
+def row_label_pixels(row_labels: Sequence[str]) -> int:
+    """The width of the margin that holds ``row_labels`` left of a grid (0 for none), in pixels."""
+    return 12 + CHAR_PIXELS * max(map(len, row_labels)) if row_labels else 0
+
+
+def _labelled_grid(grid: np.ndarray, rows: int, title: str | None, row_labels: Sequence[str]):
+    """A matplotlib figure of the :func:`image_grid` ``grid`` (``rows`` rows of tiles) at its own pixel size, with
+    ``title`` above it and ``row_labels`` beside its rows."""
+    from matplotlib.figure import Figure
+
+    height, width = grid.shape[:2]
+    left = row_label_pixels(row_labels)
+    fig_width = width + left
+    title = "\n".join(textwrap.wrap(title or "", max(16, fig_width // CHAR_PIXELS)))  # a narrow grid: more lines
+    top = 10 + LINE_PIXELS * (title.count("\n") + 1) if title else 0
+    fig_height = height + top
+    figure = Figure(figsize=(fig_width / LABEL_DPI, fig_height / LABEL_DPI), dpi=LABEL_DPI, facecolor="white")
+    ax = figure.add_axes((left / fig_width, 0, width / fig_width, height / fig_height))
+    ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        figure.text(0.5, 1 - top / 2 / fig_height, title, ha="center", va="center", fontsize=LABEL_FONT_SIZE)
+    pitch = (height - PAD) / rows  # a row of tiles and the border below it
+    for row in range(rows if row_labels else 0):
+        middle = PAD + row * pitch + (pitch - PAD) / 2  # pixels from the grid's top
+        label = row_labels[row % len(row_labels)]
+        figure.text((left - 6) / fig_width, (height - middle) / fig_height, label, ha="right", va="center",
+                    fontsize=LABEL_FONT_SIZE)
+    return figure
 
 
 def save_loss_curve(path: str, records: Sequence[dict], metrics: Sequence[str], units: str) -> None:
@@ -211,18 +256,36 @@ def save_model_figures(
     device = next(model.parameters()).device
     images = to_unit_float(held_out[:16].to(device))
     ncols = min(8, len(images))
-    save_image_grid(paths["reconstructions"], reconstruction_grid(model, images, ncols), ncols)
+    save_image_grid(
+        paths["reconstructions"],
+        reconstruction_grid(model, images, ncols),
+        ncols,
+        title=f"reconstructions of {len(images)} held-out images",
+        row_labels=("held out", "reconstructed"),
+    )
     written("reconstructions")
-    save_image_grid(paths["samples"], model.sample(64, generator=generator), 8)
+    save_image_grid(paths["samples"], model.sample(64, generator=generator), 8, title="samples: 64 random codes, decoded")
     written("samples")
     points = 10
-    save_image_grid(paths["interpolation"], interpolation_grid(model, images, points), points + 2)
+    save_image_grid(
+        paths["interpolation"],
+        interpolation_grid(model, images, points),
+        points + 2,
+        title=f"interpolation: each row decodes {points} points between the codes of the two held-out images at "
+        "its ends",
+    )
     written("interpolation")
     if corruption is not None:
-        save_image_grid(paths["denoising"], denoising_grid(model, images, corruption, generator, ncols), ncols)
+        save_image_grid(
+            paths["denoising"],
+            denoising_grid(model, images, corruption, generator, ncols),
+            ncols,
+            title=f"denoising: held-out images corrupted by {corruption}",
+            row_labels=("clean", "corrupted", "output"),
+        )
     try:
-        latent_size = model.codes(images[:1]).shape[1]
+        code = model.codes(images[:1])
     except NotImplementedError:  # a model without codes has no scatter
         return
-    if latent_size == 2:
+    if code.shape == (1, 2) and code.is_floating_point():  # 2-D codes (a VQ-VAE's integer code maps are not)
         save_latent_scatter(paths["latent_scatter"], batched_codes(model, held_out), labels)

@@ -30,7 +30,14 @@ from fastvae.corruption import parse_corruption
 from fastvae.data import ImageData, data_source, fingerprint, load_images, loading_message, to_unit_float
 from fastvae.errors import ConfigError, NonFiniteLossError, RunError
 from fastvae.models import TrainableModel
-from fastvae.training.builders import build_model, check_options_apply, describe_model, evaluation_options, grad_clip
+from fastvae.training.builders import (
+    OBJECTIVES,
+    build_model,
+    check_options_apply,
+    describe_model,
+    evaluation_options,
+    grad_clip,
+)
 from fastvae.training.checkpoint import (
     CHECKPOINT_FORMAT,
     check_checkpoint_data,
@@ -138,7 +145,7 @@ def _train(
     message = loading_message(config.data, num_images=config.num_images)
     if message:
         progress.working(message)
-    data = load_images(config.data, num_images=config.num_images)
+    data = load_images(config.data, num_images=config.num_images, image_size=config.image_size, bar=progress.bar)
     if checkpoint is not None:
         ctx.decide_on_main(lambda: check_checkpoint_data(checkpoint, path, data, config.data))
     run = _Run(config, ctx, data, checkpoint, changes, progress)
@@ -250,7 +257,7 @@ class _Run:
         else:
             progress.say(
                 f"training the {describe_model(config, self.model)} on {data.name} ({n_train} images, "
-                f"{len(data.test)} held out) for steps {self.step + 1}..{self.total_steps} on {ctx.device} "
+                f"{len(data.test)} held out{'; ' + data.files.summary if data.files else ''}) for steps {self.step + 1}..{self.total_steps} on {ctx.device} "
                 f"x{ctx.world_size} ({config.precision}, backend {backend}"
                 + (f", inputs corrupted by {self.corruption}" if self.corruption else "")
                 + f"); writing {self.out_dir}"
@@ -266,7 +273,9 @@ class _Run:
             self.trained = torch.compile(self.trained)
         self.graphed = GraphedStep(self._step, ctx.device) if config.cuda_graphs else None
         self.local_batch = config.batch_size // ctx.world_size
-        self.metrics = MetricsLog(self.paths["metrics"] if ctx.is_main else None, ctx, self.local_batch)
+        self.metrics = MetricsLog(
+            self.paths["metrics"] if ctx.is_main else None, ctx, self.local_batch, _nonfinite_advice(config)
+        )
         self.tensorboard = None
         if config.tensorboard and ctx.is_main:
             self.tensorboard = TensorBoardLog(
@@ -486,6 +495,19 @@ class _Run:
             ) from None
         if self.tensorboard is not None:
             self.tensorboard.flush()
+
+
+def _nonfinite_advice(config: TrainConfig) -> str:
+    """What might keep this run's loss finite, in words: the options it uses that could change."""
+    tries = ["a lower --lr"]
+    if config.precision != "fp32":
+        tries.append("--precision fp32")
+    if "logvar_limit" not in OBJECTIVES[config.objective].unused_options:  # a model with a log-variance
+        if config.logvar_limit:
+            tries.append("a smaller --logvar-limit")
+        else:  # the clamp is off: a smaller limit would be no clamp either
+            tries.append(f"the log-variance clamp this run turned off (--logvar-limit {TrainConfig.logvar_limit:g})")
+    return "Try " + (", ".join(tries[:-1]) + " or " + tries[-1] if len(tries) > 1 else tries[0])
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -59,13 +59,15 @@ class MetricsLog:
 
     :meth:`flush` averages them over ranks, checks that the loss is finite,
     appends them to ``metrics.jsonl`` (rank 0) and returns them. ``names`` are
-    the model's metrics in the records (``recon``, ``kl``, ...).
+    the model's metrics in the records (``recon``, ``kl``, ...). ``advice`` ends
+    the message of a loss that is not finite: what the run could change.
     """
 
-    def __init__(self, path: str | None, ctx: Distributed, local_batch: int):
+    def __init__(self, path: str | None, ctx: Distributed, local_batch: int, advice: str = "Try a lower --lr"):
         self.path = path
         self.ctx = ctx
         self.local_batch = local_batch
+        self.advice = advice
         self.names: tuple[str, ...] = ()
         self.pending: list[tuple[dict, torch.Tensor]] = []
         self.window_start = time.perf_counter()
@@ -100,7 +102,7 @@ class MetricsLog:
                 parts = ", ".join(f"{name} {value}" for name, value in metrics.items())
                 raise NonFiniteLossError(
                     f"the loss became {loss} at step {info['step']} ({parts}); training stopped "
-                    f"and {last_good}. Try a lower --lr, --precision fp32 or a smaller --logvar-limit"
+                    f"and {last_good}. {self.advice}"
                 )
             records.append({**info, "loss": loss, **metrics, "samples_per_s": rate})
         self.pending.clear()

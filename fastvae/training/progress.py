@@ -11,10 +11,15 @@ batch jobs get no carriage returns. The metrics log (``metrics.jsonl``) is
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
+
+# The bars' width and the rows tqdm may use where the terminal reports a size of 0 (a pseudo-terminal never
+# given one, as `script` and some CI runners make it), with which tqdm would draw empty lines.
+FALLBACK_COLUMNS, FALLBACK_ROWS = 100, 20
 
 
 def interactive_stderr() -> bool:
@@ -23,17 +28,33 @@ def interactive_stderr() -> bool:
 
 
 def progress_bar(*, total: int, desc: str, unit: str, enabled: bool, initial: int = 0) -> tqdm:
-    """A ``tqdm`` bar on stderr counting ``total`` ``unit``\\ s from ``initial``; a silent one unless ``enabled``."""
+    """A ``tqdm`` bar on stderr counting ``total`` ``unit``\\ s from ``initial``; a silent one unless ``enabled``.
+
+    Its width follows the terminal's, or is :data:`FALLBACK_COLUMNS` where the terminal says it has none.
+    """
+    size = terminal_size()
+    fixed = size is not None and 0 in size
     return tqdm(
         total=total,
         initial=initial,
         desc=desc,
         unit=unit,
         file=sys.stderr,
-        dynamic_ncols=True,
+        dynamic_ncols=not fixed,
+        ncols=FALLBACK_COLUMNS if fixed else None,
+        nrows=FALLBACK_ROWS if fixed else None,
         disable=not enabled,
         leave=True,
     )
+
+
+def terminal_size() -> tuple[int, int] | None:
+    """``(columns, lines)`` of stderr's terminal (0 for a pseudo-terminal never given a size); ``None`` if it is
+    not a terminal."""
+    try:
+        return tuple(os.get_terminal_size(sys.stderr.fileno()))
+    except (AttributeError, OSError, ValueError):  # not a file (a notebook's stream), or not a terminal
+        return None
 
 
 class Progress:

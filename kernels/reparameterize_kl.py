@@ -537,8 +537,13 @@ def _reparameterize_kl_forward_kernel(
         diff, scaled, ratio, log_ratio = _kl_terms(
             mu, logvar, std, prior_mu, prior_logvar, prior_mu_ptr is not None, prior_logvar_ptr is not None
         )
-        # Masked lanes load zeros for every input, whose KL term is exactly 0 (1 + 0 - 1 - 0).
-        kl += ratio + diff * scaled - 1.0 - log_ratio
+        # Masked lanes load zeros for every input, whose KL term is exactly 0 (1 + 0 - 1 - 0), unless the hard clamp
+        # takes their 0 log-variance to lo or hi (a range without 0) and no prior log-variance cancels it: then the
+        # columns past the end are kept out (rows past it are never stored).
+        term = ratio + diff * scaled - 1.0 - log_ratio
+        if logvar_min is not None and prior_logvar_ptr is None:
+            term = tl.where(groups * 4 + lanes < n_left, term, 0.0)
+        kl += term
         group_start += BLOCK_GROUPS
     row = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     tl.store(kl_ptr + row * n_splits + split, 0.5 * tl.sum(tl.sum(kl, axis=2), axis=1), mask=row < n_rows)

@@ -376,6 +376,23 @@ def test_logvar_clamp_is_torch_clamp(device, dtype, prior):
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("clamp", [(0.5, 2.0), (-3.0, -1.0)], ids=["above 0", "below 0"])
+@pytest.mark.parametrize("prior", ["none", "prior_mu only", "shared"])
+@pytest.mark.parametrize("n_cols", [5, 130, 132])
+def test_logvar_clamp_without_zero_leaves_the_padding_out(device, clamp, prior, n_cols):
+    """A clamp range without 0 takes the zeros the kernels load past a row's end to lo or hi, whose KL term
+    (e^lo - 1 - lo) is not 0 without a prior log-variance: rows whose length is not a multiple of a tile's columns
+    (5: one partial group; 130 and 132, lane by lane and as vectors: past a 128-column step) match the
+    reference all the same."""
+    mu, logvar = gaussian((3, n_cols), device, scale=3.0)
+    options = dict(logvar_clamp=clamp)
+    if prior == "prior_mu only":
+        options["prior_mu"] = torch.randn(3, n_cols, device=device)
+    elif prior == "shared":
+        options["prior_mu"], options["prior_logvar"] = gaussian((n_cols,), device)
+    check_against_reference(mu, logvar, torch.randn(3, n_cols, device=device), **options)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_logvar_clamp_passes_nan_through_with_a_zero_gradient(device, backend):
     """As torch.clamp: a NaN log-variance stays NaN (so do its z and KL), and its gradient is 0, not NaN."""

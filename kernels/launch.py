@@ -39,12 +39,6 @@ def is_interpreted() -> bool:
     return isinstance(_probe_kernel, InterpretedFunction)
 
 
-# Compiled kernels take the hardware's approximations of exp and 1 / x below; the interpreter, which runs no PTX,
-# the exact functions (a compile-time branch: each build has only its own).
-INTERPRETED = tl.constexpr(is_interpreted())
-LOG2_E = tl.constexpr(1.4426950408889634)
-
-
 @functools.cache
 def target_programs(device: torch.device) -> int:
     """How many programs a launch needs to fill ``device``."""
@@ -222,51 +216,6 @@ def sum_splits(partial: torch.Tensor) -> torch.Tensor:
     return partial.sum(dim=1) if partial.shape[1] > 1 else partial.view(-1)
 
 
-# ---- float32 math in few instructions -------------------------------------------------------------------
-
-
-@triton.jit
-def fast_exp(x, scale):
-    """e^(scale x): ``ex2.approx.ftz`` of ``x (scale log2 e)``, the constant folded (``scale`` a number or a scalar
-    taken once per program): two instructions, where ``tl.exp`` takes five to keep denormal results (relative error
-    about 2**-22; a result below 2**-126 flushes to 0). Exactly ``tl.exp(scale * x)`` when interpreted."""
-    if INTERPRETED:
-        return tl.exp(scale * x)
-    else:
-        return tl.inline_asm_elementwise(
-            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * (scale * LOG2_E)], dtype=tl.float32, is_pure=True, pack=1
-        )
-
-
-@triton.jit
-def fast_reciprocal(x):
-    """1 / x by ``rcp.approx.ftz`` (one instruction, within 1 ulp for ``|x|`` in [2**-126, 2**126]), where IEEE
-    division takes about ten and a branch. Exactly ``1 / x`` when interpreted."""
-    if INTERPRETED:
-        return 1.0 / x
-    else:
-        return tl.inline_asm_elementwise(
-            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-
-
-@triton.jit
-def log1p_unit(x):
-    """log(1 + x) for ``x`` in [0, 1], within 3 ulp, in a dozen instructions and no libdevice call:
-    ``2 atanh(s)`` with ``s = x / (2 + x)`` in [0, 1/3], its odd series to ``s**13`` (truncation below 2e-8
-    relative), accurate for small ``x`` as for large."""
-    s = x * fast_reciprocal(2.0 + x)
-    t = s * s
-    series = 2.0 / 13.0
-    series = series * t + 2.0 / 11.0
-    series = series * t + 2.0 / 9.0
-    series = series * t + 2.0 / 7.0
-    series = series * t + 2.0 / 5.0
-    series = series * t + 2.0 / 3.0
-    series = series * t + 2.0
-    return s * series
-
-
 # ---- float32 math that stays accurate where the plain formula cancels ----------------------------------
 
 
@@ -281,9 +230,11 @@ def log1p(u):
 # ---- float32 math in few instructions: the SFU where its accuracy is provably enough --------------------
 
 # Whether the kernels run in Triton's interpreter, as a constexpr a kernel can branch on: the interpreter cannot
-# run inline PTX, so the helpers below that use it take a plain formula there (see fast_rcp).
+# run inline PTX, so the helpers below that use it take the exact formula there (a compile-time branch: each
+# build has only its own).
 INTERPRETED = tl.constexpr(is_interpreted())
 LOG_2 = tl.constexpr(math.log(2.0))
+LOG2_E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -300,9 +251,10 @@ def fast_rcp(x):
 
 
 @triton.jit
-def _lg2_approx(x):
+def fast_log2(x):
     """``log2(x)`` in one SFU instruction (``lg2.approx.ftz.f32``): within 2^-22 of it for ``x`` in [0.5, 2] (CUDA
-    C++ Programming Guide, ``__log2f``). The interpreter takes numpy's log2."""
+    C++ Programming Guide, ``__log2f``), within 2 ulp elsewhere (subnormal ``x`` flushed to zero). The interpreter
+    takes numpy's log2."""
     if INTERPRETED:
         return tl.log2(x)
     else:
@@ -315,9 +267,39 @@ def _lg2_approx(x):
 def fast_log(x):
     """``log(x)`` for a positive normal float32 ``x`` (NaN stays NaN; not for 0, subnormals or inf), within
     1.7e-7 + 1.2e-7 |log x|: ``x = m 2^e`` with ``m`` in [1/sqrt 2, sqrt 2), split off by integer arithmetic on
-    its bits, and ``log x = (e + log2 m) log 2`` with the SFU's ``log2`` where it is accurate (:func:`_lg2_approx`).
+    its bits, and ``log x = (e + log2 m) log 2`` with the SFU's ``log2`` where it is accurate (:func:`fast_log2`).
     About 9 instructions; ``tl.log`` (libdevice's ``logf``, 1 ulp) takes 22."""
     bits = x.to(tl.int32, bitcast=True)
     e = (bits - 0x3F3504F3) >> 23  # 0x3F3504F3 is 1/sqrt(2)
     m = (bits - (e << 23)).to(tl.float32, bitcast=True)
-    return tl.where(x == x, (e.to(tl.float32) + _lg2_approx(m)) * LOG_2, x)
+    return tl.where(x == x, (e.to(tl.float32) + fast_log2(m)) * LOG_2, x)
+
+
+@triton.jit
+def fast_exp(x, scale):
+    """e^(scale x): ``ex2.approx.ftz`` of ``x (scale log2 e)``, the constant folded (``scale`` a number or a scalar
+    taken once per program): two instructions, where ``tl.exp`` takes five to keep denormal results (relative error
+    about 2**-22; a result below 2**-126 flushes to 0). Exactly ``tl.exp(scale * x)`` when interpreted."""
+    if INTERPRETED:
+        return tl.exp(scale * x)
+    else:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * (scale * LOG2_E)], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def log1p_unit(x):
+    """log(1 + x) for ``x`` in [0, 1], within 3 ulp, in a dozen instructions and no libdevice call:
+    ``2 atanh(s)`` with ``s = x / (2 + x)`` in [0, 1/3], its odd series to ``s**13`` (truncation below 2e-8
+    relative), accurate for small ``x`` as for large."""
+    s = x * fast_rcp(2.0 + x)
+    t = s * s
+    series = 2.0 / 13.0
+    series = series * t + 2.0 / 11.0
+    series = series * t + 2.0 / 9.0
+    series = series * t + 2.0 / 7.0
+    series = series * t + 2.0 / 5.0
+    series = series * t + 2.0 / 3.0
+    series = series * t + 2.0
+    return s * series

@@ -94,7 +94,7 @@ from .launch import (
     as_rows,
     device_guard,
     fast_exp,
-    fast_reciprocal,
+    fast_rcp,
     load_f32,
     log1p_unit,
     plan_rows,
@@ -122,7 +122,7 @@ def _loss_and_grads(x_hat, x, logvar, KIND: tl.constexpr):
         # factor is 0, so is the term, for an infinite logit too (its limit, where inf * 0 would give NaN).
         factor = tl.where(x_hat >= 0, 1.0 - x, x)
         loss = tl.where(factor == 0.0, 0.0, factor * tl.abs(x_hat)) + log1p_unit(e)
-        grad_x_hat = tl.where(x_hat >= 0, 1.0, e) * fast_reciprocal(1.0 + e) - x  # sigmoid(x_hat) - x
+        grad_x_hat = tl.where(x_hat >= 0, 1.0, e) * fast_rcp(1.0 + e) - x  # sigmoid(x_hat) - x
         # -x_hat, except 0 where that limit took the term to 0 (as the reference's autograd gives).
         grad_x = tl.where((factor == 0.0) & (tl.abs(x_hat) == float("inf")), 0.0, -x_hat)
     elif KIND == "mse":

@@ -125,7 +125,8 @@ from .launch import (
     INTERPRETED,
     device_guard,
     fast_exp,
-    fast_reciprocal,
+    fast_log2,
+    fast_rcp,
     plan_rows,
     needs_int64,
     split_row_starts,
@@ -242,7 +243,7 @@ def _box_muller(bits1, bits2):
         return radius * tl.cos(angle), radius * tl.sin(angle)
     else:
         angle = _random_integer(bits2) * TWO_PI_UNIFORM_SCALE
-        radius = tl.sqrt(libdevice.fast_log2f(u1) * MINUS_2_LN_2)
+        radius = tl.sqrt(fast_log2(u1) * MINUS_2_LN_2)
         return radius * libdevice.fast_cosf(angle), radius * libdevice.fast_sinf(angle)
 
 
@@ -287,7 +288,7 @@ def _soft_clamp(x, limit, SERIES_NEAR_ZERO: tl.constexpr = True):
     """
     inverse = 1.0 / limit
     u = fast_exp(tl.abs(x), -2.0 * inverse)
-    q = fast_reciprocal(1.0 + u)
+    q = fast_rcp(1.0 + u)
     large = (limit - limit * u) * q  # >= 0
     sign = x.to(tl.int32, bitcast=True) & SIGN_BIT
     clamped = (large.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
@@ -301,21 +302,23 @@ def _soft_clamp(x, limit, SERIES_NEAR_ZERO: tl.constexpr = True):
 
 @triton.jit
 def _hard_clamp(x, lo, hi):
-    """``torch.clamp(x, lo, hi)`` and its derivative: 1 on ``[lo, hi]``, 0 outside. A NaN passes through (no
-    comparison holds for it) with a slope of 0, as in torch."""
+    """``torch.clamp(x, lo, hi)`` and where its derivative is 1: on ``[lo, hi]`` (a boolean, 0 elsewhere; a flag
+    where a float slope would take a register per element). A NaN passes through (no comparison holds for it) with
+    a slope of 0, as in torch."""
     inside = (x >= lo) & (x <= hi)
     clamped = tl.where(x < lo, lo, tl.where(x > hi, hi, x))
-    return clamped, tl.where(inside, 1.0, 0.0)
+    return clamped, inside
 
 
 @triton.jit
 def _through_clamp(grad, slope, logvar_limit, logvar_min):
     """``grad`` of a clamped log-variance carried back through its clamp: times the soft clamp's slope, or kept
-    where the hard clamp's slope is 1 and exactly 0 elsewhere (as torch.clamp's backward, even for a NaN)."""
+    where the hard clamp's ``slope`` (a boolean) holds and exactly 0 elsewhere (as torch.clamp's backward, even for
+    a NaN)."""
     if logvar_limit is not None:
         grad *= slope
     if logvar_min is not None:
-        grad = tl.where(slope != 0.0, grad, 0.0)
+        grad = tl.where(slope, grad, 0.0)
     return grad
 
 
@@ -472,6 +475,7 @@ def _load_inputs(
                                                     prior_logvar_ptr.dtype.element_ty == tl.float32)
     if logvar_min is not None:
         logvar, slope = _hard_clamp(logvar, logvar_min, logvar_max)
+        prior_slope = slope  # booleans now, as the prior's (unused without a prior log-variance)
         if HAS_PRIOR_LOGVAR:
             prior_logvar, prior_slope = _hard_clamp(prior_logvar, logvar_min, logvar_max)
     return mu, logvar, prior_mu, prior_logvar, slope, prior_slope
@@ -537,16 +541,30 @@ def _reparameterize_kl_forward_kernel(
         diff, scaled, ratio, log_ratio = _kl_terms(
             mu, logvar, std, prior_mu, prior_logvar, prior_mu_ptr is not None, prior_logvar_ptr is not None
         )
-        # Masked lanes load zeros for every input, whose KL term is exactly 0 (1 + 0 - 1 - 0), unless the hard clamp
-        # takes their 0 log-variance to lo or hi (a range without 0) and no prior log-variance cancels it: then the
-        # columns past the end are kept out (rows past it are never stored).
-        term = ratio + diff * scaled - 1.0 - log_ratio
-        if logvar_min is not None and prior_logvar_ptr is None:
-            term = tl.where(groups * 4 + lanes < n_left, term, 0.0)
-        kl += term
+        # Masked lanes load zeros for every input, whose KL term is exactly 0 (1 + 0 - 1 - 0), except under a hard
+        # clamp to a range without 0 (see _padding_kl).
+        kl += ratio + diff * scaled - 1.0 - log_ratio
         group_start += BLOCK_GROUPS
+    kl_rows = tl.sum(tl.sum(kl, axis=2), axis=1)
+    if logvar_min is not None and prior_logvar_ptr is None:
+        # The masked lanes a row visited: the loop's last step ends at column 4 * group_start, past col_end.
+        kl_rows = _padding_kl_removed(kl_rows, 4 * group_start - col_end, logvar_min, logvar_max)
     row = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    tl.store(kl_ptr + row * n_splits + split, 0.5 * tl.sum(tl.sum(kl, axis=2), axis=1), mask=row < n_rows)
+    tl.store(kl_ptr + row * n_splits + split, 0.5 * kl_rows, mask=row < n_rows)
+
+
+@triton.jit
+def _padding_kl_removed(kl_rows, padding, logvar_min, logvar_max):
+    """Row sums of KL terms less what ``padding`` masked lanes a row added under the hard clamp.
+
+    A masked lane loads zeros, and the hard clamp takes its log-variance 0 to ``c = clamp(0, lo, hi)``: without a
+    prior log-variance to cancel it, its term is ``e^c - 1 - c``, not 0 when ``[lo, hi]`` excludes 0. Every masked
+    lane of a row adds the same term, so it comes off the row's sum once per program, in scalars computed after the
+    loop, where a select per element would cost registers (a variant spilled with it). Where ``e^c`` overflows, so do the row's own
+    terms (``c`` lies between 0 and each of them): the infinite sum is kept, not made NaN."""
+    c = tl.minimum(tl.maximum(0.0, logvar_min), logvar_max)
+    term = tl.exp(c) - 1.0 - c
+    return kl_rows - padding.to(tl.float32) * tl.where(term < float("inf"), term, 0.0)  # padding >= 0
 
 
 @triton.jit
@@ -865,8 +883,10 @@ def reparameterize_kl_backward(
         for prior, needed in zip((prior_mu, prior_logvar), prior_grads)
     ]
     min_block_rows = COLUMN_BLOCK_ROWS if "columns" in modes else 1
-    # With a prior, 8 elements a thread, not 16: its terms and gradients would not fit the registers.
-    block_elements = PRIOR_BACKWARD_BLOCK_ELEMENTS if has_prior and grad_kl is not None else None
+    # With a prior, or the hard clamp's flags, 8 elements a thread, not 16: the prior's terms and gradients would not
+    # fit the registers, and with the flags ptxas held one variant (noise drawn, 20 columns) to 128 and spilled.
+    small_tiles = (has_prior and grad_kl is not None) or logvar_clamp is not None
+    block_elements = PRIOR_BACKWARD_BLOCK_ELEMENTS if small_tiles else None
     tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP, min_block_rows=min_block_rows,
                        block_elements=block_elements)
     grad_mu = torch.empty(shape, dtype=mu.dtype, device=mu.device)

@@ -393,6 +393,14 @@ def test_logvar_clamp_without_zero_leaves_the_padding_out(device, clamp, prior, 
     check_against_reference(mu, logvar, torch.randn(3, n_cols, device=device), **options)
 
 
+def test_logvar_clamp_whose_exponential_overflows_gives_an_infinite_kl(device):
+    """The padding's term overflows with the row's own (both are e^c, c >= lo): the KL is inf, as the reference's,
+    not inf - inf."""
+    mu, logvar = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    _, kl = reparameterize_kl(mu, logvar, torch.randn_like(mu), logvar_clamp=(100.0, 200.0), backend="triton")
+    assert torch.isposinf(kl).all()
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_logvar_clamp_passes_nan_through_with_a_zero_gradient(device, backend):
     """As torch.clamp: a NaN log-variance stays NaN (so do its z and KL), and its gradient is 0, not NaN."""

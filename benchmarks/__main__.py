@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--static", action="store_true",
                         help="no GPU needed: compile every kernel variant for sm_90 and audit it, and count kernels, "
                              "bytes kept and bytes moved per op and training step (benchmarks/results/static/)")
+    parser.add_argument("--scenario", action="append", default=None, metavar="TEXT",
+                        help="with --static: only audit the extra scenarios whose names contain TEXT (repeatable), "
+                             "print their variants and write nothing (minutes, not half an hour)")
     return parser.parse_args(argv)
 
 
@@ -87,8 +90,11 @@ def main_static(args: argparse.Namespace, argv) -> int:
     torch._functorch.config.enable_autograd_cache = False
     if "fastvae.kernels.launch" in sys.modules and not sys.modules["fastvae.kernels.launch"].is_interpreted():
         raise SystemExit("--static must run in a fresh process: fastvae's kernels were already compiled for a GPU")
-    from benchmarks.static.audit import run_static
+    from benchmarks.static.audit import audit_matching, run_static, variant_lines
 
+    if args.scenario is not None:
+        print("\n".join(variant_lines(audit_matching(args.scenario))))
+        return 0
     out_dir = args.out or Path(__file__).parent / "results" / "static"
     with tempfile.TemporaryDirectory(prefix="fastvae-static-inductor-") as inductor_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
@@ -126,7 +132,7 @@ def build_plan(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> 
 
             return measure_noise(device)
 
-        items.append(Item("noise", "tl.randn vs tl.randn4x vs torch.randn", NOISE_ESTIMATE_S, noise))
+        items.append(Item("noise", "tl.randn vs tl.randn4x vs fastvae vs torch.randn", NOISE_ESTIMATE_S, noise))
     if "train" not in skip:
         precisions = [PRECISIONS[name] for name in args.dtypes.split(",")]
         for case in train_cases(grid, precisions):

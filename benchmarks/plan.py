@@ -15,7 +15,7 @@ in :data:`TIERS`):
    host sync), with CUDA graphs where the checkout can capture the step;
 4. ``headline, more shapes``: the other cases of 2**24 elements and above;
 5. ``train``: the other training steps (the other launch-bound batches too);
-6. ``noise``: ``tl.randn`` against ``tl.randn4x``;
+6. ``noise``: ``tl.randn``, ``tl.randn4x`` and fastvae's generator;
 7. ``sweep``: the rest of the grid (smaller sizes, the launch-bound sweep).
 
 Estimates: the compile time of a case's ``torch.compile`` implementations as

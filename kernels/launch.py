@@ -87,9 +87,10 @@ def plan_rows(
     that many, with narrower column blocks to match, for kernels that also
     reduce along the columns: each tile then adds up ``block_rows`` rows.
     ``block_elements`` (a power of two; default :data:`BLOCK_ELEMENTS`) bounds
-    ``block_rows * block_cols``: smaller for kernels whose columns cost many
-    values each (the components of a mixture at each pixel), which then choose
-    their ``num_warps`` themselves (default: 8 for full tiles, else 4).
+    ``block_rows * block_cols``: smaller for kernels whose elements keep many
+    values live (the components of a mixture at each pixel, a prior's terms and
+    gradients), so that each thread holds fewer. ``num_warps`` defaults to 8 for
+    full tiles, else 4.
     """
     block_elements = BLOCK_ELEMENTS if block_elements is None else block_elements
     tall_rows = min(triton.next_power_of_2(n_rows), min_block_rows)
@@ -101,7 +102,7 @@ def plan_rows(
     cols_per_split = triton.cdiv(col_blocks, n_splits) * block_cols
     n_splits = triton.cdiv(n_cols, cols_per_split)
     if num_warps is None:
-        num_warps = 8 if block_rows * block_cols >= BLOCK_ELEMENTS else 4
+        num_warps = 8 if block_rows * block_cols >= block_elements else 4
     return RowTiling(block_rows, block_cols, row_tiles, n_splits, cols_per_split, num_warps)
 
 
@@ -164,8 +165,33 @@ def split_rows(tensor: torch.Tensor, shape: Sequence[int], event_dims: int) -> t
 
 @triton.jit
 def split_row_starts(rows, n_inner, stride_outer, stride_inner):
-    """Offsets of rows ``rows`` (int64) in a tensor laid out as :func:`split_rows` describes."""
+    """Offsets of rows ``rows`` in a tensor laid out as :func:`split_rows` describes, in the rows' integer type.
+
+    In int32 (the launcher found every offset below 2**30: :func:`needs_int64`) the division by ``n_inner`` is an
+    unsigned 32-bit one, a third the instructions of a signed 64-bit one.
+    """
+    if rows.dtype == tl.int32:
+        row = rows.to(tl.uint32)
+        divisor = tl.cast(n_inner, tl.uint32)  # n_inner may be the constant 1
+        outer = row // divisor
+        inner = row - outer * divisor
+        return outer.to(tl.int32) * stride_outer + inner.to(tl.int32) * stride_inner
     return (rows // n_inner) * stride_outer + (rows % n_inner) * stride_inner
+
+
+INT32_INDEX_LIMIT = 2**30
+
+
+def needs_int64(*tensors: torch.Tensor | None) -> bool:
+    """Whether a kernel over these tensors must index in int64: one of them has an element count or an element
+    offset of at least 2**30 (below that, int32 indices hold a tile's overshoot past the end too)."""
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        if max(t.numel(), extent) >= INT32_INDEX_LIMIT:
+            return True
+    return False
 
 
 def device_guard(tensor: torch.Tensor):
@@ -204,9 +230,11 @@ def log1p(u):
 # ---- float32 math in few instructions: the SFU where its accuracy is provably enough --------------------
 
 # Whether the kernels run in Triton's interpreter, as a constexpr a kernel can branch on: the interpreter cannot
-# run inline PTX, so the helpers below that use it take a plain formula there (see fast_rcp).
+# run inline PTX, so the helpers below that use it take the exact formula there (a compile-time branch: each
+# build has only its own).
 INTERPRETED = tl.constexpr(is_interpreted())
 LOG_2 = tl.constexpr(math.log(2.0))
+LOG2_E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -223,9 +251,10 @@ def fast_rcp(x):
 
 
 @triton.jit
-def _lg2_approx(x):
+def fast_log2(x):
     """``log2(x)`` in one SFU instruction (``lg2.approx.ftz.f32``): within 2^-22 of it for ``x`` in [0.5, 2] (CUDA
-    C++ Programming Guide, ``__log2f``). The interpreter takes numpy's log2."""
+    C++ Programming Guide, ``__log2f``), within 2 ulp elsewhere (subnormal ``x`` flushed to zero). The interpreter
+    takes numpy's log2."""
     if INTERPRETED:
         return tl.log2(x)
     else:
@@ -238,9 +267,39 @@ def _lg2_approx(x):
 def fast_log(x):
     """``log(x)`` for a positive normal float32 ``x`` (NaN stays NaN; not for 0, subnormals or inf), within
     1.7e-7 + 1.2e-7 |log x|: ``x = m 2^e`` with ``m`` in [1/sqrt 2, sqrt 2), split off by integer arithmetic on
-    its bits, and ``log x = (e + log2 m) log 2`` with the SFU's ``log2`` where it is accurate (:func:`_lg2_approx`).
+    its bits, and ``log x = (e + log2 m) log 2`` with the SFU's ``log2`` where it is accurate (:func:`fast_log2`).
     About 9 instructions; ``tl.log`` (libdevice's ``logf``, 1 ulp) takes 22."""
     bits = x.to(tl.int32, bitcast=True)
     e = (bits - 0x3F3504F3) >> 23  # 0x3F3504F3 is 1/sqrt(2)
     m = (bits - (e << 23)).to(tl.float32, bitcast=True)
-    return tl.where(x == x, (e.to(tl.float32) + _lg2_approx(m)) * LOG_2, x)
+    return tl.where(x == x, (e.to(tl.float32) + fast_log2(m)) * LOG_2, x)
+
+
+@triton.jit
+def fast_exp(x, scale):
+    """e^(scale x): ``ex2.approx.ftz`` of ``x (scale log2 e)``, the constant folded (``scale`` a number or a scalar
+    taken once per program): two instructions, where ``tl.exp`` takes five to keep denormal results (relative error
+    about 2**-22; a result below 2**-126 flushes to 0). Exactly ``tl.exp(scale * x)`` when interpreted."""
+    if INTERPRETED:
+        return tl.exp(scale * x)
+    else:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * (scale * LOG2_E)], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def log1p_unit(x):
+    """log(1 + x) for ``x`` in [0, 1], within 3 ulp, in a dozen instructions and no libdevice call:
+    ``2 atanh(s)`` with ``s = x / (2 + x)`` in [0, 1/3], its odd series to ``s**13`` (truncation below 2e-8
+    relative), accurate for small ``x`` as for large."""
+    s = x * fast_rcp(2.0 + x)
+    t = s * s
+    series = 2.0 / 13.0
+    series = series * t + 2.0 / 11.0
+    series = series * t + 2.0 / 9.0
+    series = series * t + 2.0 / 7.0
+    series = series * t + 2.0 / 5.0
+    series = series * t + 2.0 / 3.0
+    series = series * t + 2.0
+    return s * series

@@ -21,23 +21,41 @@ With the N(0, I) prior and no clamp these are exactly the operations (in the
 same order, so the same bits) of the op before priors existed:
 ``kl = 0.5 * sum(std * std + mu * mu - 1 - logvar)``. The soft clamp's derivative is
 ``c'(x) = 1 - tanh(x / L)**2 = 4 u / (1 + u)**2`` with ``u = exp(-2 |x| / L)``,
-accurate at any ``x``; tanh itself is ``(1 - u) / (1 + u)``, or its series for
-``|x / L| < 0.1``, where ``1 - u`` would cancel. The hard clamp's is
-``torch.clamp``'s: 1 on ``[lo, hi]`` (both ends included), 0 outside and at NaN
-(which it passes through, as ``torch.clamp`` does).
+accurate at any ``x``; tanh itself is ``(1 - u) / (1 + u)``, or, for float32
+inputs, its series for ``|x / L| < 0.1``, where ``1 - u`` would cancel
+(:func:`_soft_clamp`). The hard clamp's is ``torch.clamp``'s: 1 on ``[lo, hi]``
+(both ends included), 0 outside and at NaN (which it passes through, as
+``torch.clamp`` does).
 
 Layout. Each input is read in place through three strides
 (:func:`fastvae.kernels.launch.split_rows`): the row index splits into an
 outer part (the first dim) and an inner part (the other leading dims), so the
 channel slices of a conv output (``h[:, :C]`` of ``(B, 2C, H, W)``) are read
 where they lie. A prior that broadcasts to ``mu`` is read through stride 0
-along the dims it is broadcast over.
+along the dims it is broadcast over; one shared by all rows is read as a single
+row per tile, its clamp and exponential computed once per column
+(``SHARED_PRIOR``, tiles of up to 64 rows).
+
+A tile is ``BLOCK_ROWS x BLOCK_GROUPS`` groups of four columns, each group in
+one thread (it is one Philox round). Where every row starts at a multiple of
+four elements (``ALIGNED``, checked by the launcher: vectors of four) a group
+loads as one vector; elsewhere (rows of 49 columns, a half-precision head of 20
+latents) lane by lane, the lanes then interleaved in registers, so that the
+layout Triton picks for unaligned loads (a column per thread) never splits a
+group. Indices are int32 where every tensor stays below 2**30 elements
+(``INT64`` otherwise). With a prior the backward's tiles hold 2048 elements,
+8 a thread, which keeps its terms and gradients in registers. These choices are
+the static audit's (``python -m benchmarks --static``; docs/performance-floor.md):
+no variant spills, and each keeps its instruction issue under its memory time
+on the H100 model.
 
 Noise. Without ``eps`` the kernels draw it with Philox: element ``(row, col)``
 of the matrix (``col`` the index in the flattened event, in row-major order)
 takes output ``col % 4`` of the Philox round with counter
-``first_counter + row * ceil(n_cols / 4) + col // 4`` (``tl.randn4x``: four
-normals per round). The counter depends on the element's indices alone, not on
+``first_counter + row * ceil(n_cols / 4) + col // 4`` (four normals per round,
+:func:`standard_normal`: Philox4x32-10 and the Box-Muller transform, with the
+hardware's log, sine and cosine when compiled; ``tl.randn4x``'s values, bit for
+bit, when interpreted). The counter depends on the element's indices alone, not on
 block sizes, the grid or the input's strides, so the backward regenerates
 exactly the forward's noise, and the noise is never stored. A call consumes
 ``n_rows * ceil(n_cols / 4)`` rounds. For ``event_dims=1`` this is the layout
@@ -101,13 +119,34 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from .launch import device_guard, load_f32, plan_rows, row_offsets, split_row_starts, split_rows
+from .launch import (
+    INTERPRETED,
+    device_guard,
+    fast_exp,
+    fast_log2,
+    fast_rcp,
+    plan_rows,
+    needs_int64,
+    split_row_starts,
+    split_rows,
+)
 
 # Columns come in groups of four: one Philox round gives the noise of a group.
 GROUP = 4
 # Rows a tile adds up when the backward sums a shared prior's gradient over the rows.
 COLUMN_BLOCK_ROWS = 16
+# The forward's tiles with a prior shared by all rows: 64 rows (or the batch) of 32 columns, 4 rows a thread.
+SHARED_PRIOR_BLOCK_ROWS = 64
+SHARED_PRIOR_BLOCK_ELEMENTS = 2048
+# Elements of the backward's tiles with a prior (8 a thread at 8 warps).
+PRIOR_BACKWARD_BLOCK_ELEMENTS = 2048
+MINUS_2_LN_2 = tl.constexpr(-2.0 * math.log(2.0))
+# tl.rand's map of 31 random bits to [0, 1): the largest float32 with (2**31 - 1) * UNIFORM_SCALE < 1.
+UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
+SIGN_BIT = tl.constexpr(-(2**31))  # of a float32 seen as an int32
+TWO_PI_UNIFORM_SCALE = tl.constexpr(2.0 * math.pi * 4.6566127342e-10)
 
 
 def event_size(shape: torch.Size, event_dims: int) -> int:
@@ -122,22 +161,19 @@ def philox_rounds(shape: torch.Size, event_dims: int = 1) -> int:
 
 
 @triton.jit
-def _tile_columns(group_start, BLOCK_GROUPS: tl.constexpr):
-    """Column groups ``[1, BLOCK_GROUPS, 1]`` and lanes ``[1, 1, 4]`` of a tile: column = 4 * group + lane."""
-    groups = group_start + tl.arange(0, BLOCK_GROUPS)[None, :, None]
-    lanes = tl.arange(0, 4)[None, None, :]
-    return groups, lanes
-
-
-@triton.jit
-def _program_span(n_cols, cols_per_split, BLOCK_ROWS: tl.constexpr):
-    """This program's row tile and column split (int64), its rows ``[BLOCK_ROWS, 1, 1]``, its end column, and
-    its first and past-the-last column groups."""
-    tile = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
-    rows = row_offsets(tile, BLOCK_ROWS)[:, None, None]
-    return tile, split, rows, col_end, split * (cols_per_split // 4), tl.cdiv(col_end, 4)
+def _program_span(n_cols, cols_per_split, BLOCK_ROWS: tl.constexpr, INT64: tl.constexpr):
+    """This program's row tile and column split, its rows ``[BLOCK_ROWS, 1, 1]``, its end column, and its first
+    and past-the-last column groups: int64 where a tensor reaches 2**30 elements (``INT64``), else int32, which
+    then holds every index, a tile's overshoot past the end included."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    if INT64:
+        tile = tile.to(tl.int64)
+        split = split.to(tl.int64)
+    col_start = split * cols_per_split
+    col_end = col_start + tl.minimum(cols_per_split, n_cols - col_start)
+    rows = (tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS))[:, None, None]
+    return tile, split, rows, col_end, col_start // 4, tl.cdiv(col_end, 4)
 
 
 @triton.jit
@@ -151,42 +187,138 @@ def _philox_state(seed, first_counter, philox_ptr):
 
 
 @triton.jit
-def standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row):
-    """eps of a tile: lane k of group g in row r is normal k of Philox round first_counter + r * groups_per_row + g."""
-    n0, n1, n2, n3 = tl.randn4x(seed, first_counter + rows * groups_per_row + groups)
-    return tl.where(lanes == 0, n0, tl.where(lanes == 1, n1, tl.where(lanes == 2, n2, n3)))
+def _philox4x32(seed, offset):
+    """Philox4x32-10 of the counter ``(lo(offset), hi(offset), 0, 0)`` under the key ``(lo(seed), hi(seed))``:
+    the bits of ``tl.randint4x(seed, offset)``, with each 32 x 32-bit product taken whole from one 64-bit multiply
+    (a single wide multiply instruction for both halves, where Triton's rounds issue two)."""
+    seed = seed.to(tl.uint64)
+    key0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    key1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = offset.to(tl.uint32)
+    c1 = (offset >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c2
+    for _ in tl.static_range(10):
+        p0 = c0.to(tl.uint64) * 0xD2511F53
+        p2 = c2.to(tl.uint64) * 0xCD9E8D57
+        c0, c1, c2, c3 = (
+            (p2 >> 32).to(tl.uint32) ^ c1 ^ key0,
+            p2.to(tl.uint32),
+            (p0 >> 32).to(tl.uint32) ^ c3 ^ key1,
+            p0.to(tl.uint32),
+        )
+        key0 += 0x9E3779B9
+        key1 += 0xBB67AE85
+    return c0, c1, c2, c3
 
 
 @triton.jit
-def _soft_clamp(x, limit):
-    """``limit * tanh(x / limit)`` and its derivative ``1 - tanh(x / limit)**2``, both accurate for every ``x``."""
-    y = x / limit
-    a = tl.abs(y)
-    u = tl.exp(-2.0 * a)  # in [0, 1]: never overflows
-    # tanh|y| = (1 - u) / (1 + u), whose 1 - u cancels for small |y|: there the series (error below 1e-8).
-    y2 = y * y
-    t = tl.where(a < 0.1, a * (1.0 - y2 * (1.0 / 3.0 - y2 * (2.0 / 15.0))), (1.0 - u) / (1.0 + u))
-    clamped = limit * tl.where(y < 0, -t, t)
-    return clamped, 4.0 * u / ((1.0 + u) * (1.0 + u))
+def _random_integer(bits):
+    """A uint32 as a float32 carrying 31 random bits: ``tl.rand``'s fold (the bits, or their complement when the top
+    bit is set) when interpreted; compiled, the absolute value of the bits as an int32, the same number up to one
+    part in 2**31 and two instructions fewer (the float's 24-bit rounding is coarser than the difference)."""
+    x = bits.to(tl.int32, bitcast=True)
+    if INTERPRETED:
+        return tl.where(x < 0, ~x, x).to(tl.float32)
+    else:
+        return tl.abs(x.to(tl.float32))
+
+
+@triton.jit
+def _box_muller(bits1, bits2):
+    """Two independent standard normals from two uint32: ``r cos(2 pi u2)``, ``r sin(2 pi u2)`` with
+    ``r = sqrt(-2 log u1)``, each ``u`` in [0, 1) 31 random bits times ``UNIFORM_SCALE`` (``tl.rand``'s map),
+    ``u1`` kept above 1e-7 as ``tl.randn`` does (so ``|z| <= 5.68``).
+
+    Compiled, the log, sine and cosine are the hardware's approximations (``lg2.approx``, ``sin.approx``,
+    ``cos.approx``: absolute errors about 2**-22 and 2**-21 on these arguments, the angle lying in [0, 2 pi), where
+    no range reduction is needed), a few instructions where libdevice's accurate functions take some sixty; the
+    constants are folded. Triton's interpreter runs neither libdevice nor PTX: there the exact functions give
+    ``tl.randn4x``'s values, bit for bit.
+    """
+    u1 = tl.maximum(1.0e-7, _random_integer(bits1) * UNIFORM_SCALE)
+    if INTERPRETED:
+        angle = 6.283185307179586 * (_random_integer(bits2) * UNIFORM_SCALE)
+        radius = tl.sqrt(-2.0 * tl.log(u1))
+        return radius * tl.cos(angle), radius * tl.sin(angle)
+    else:
+        angle = _random_integer(bits2) * TWO_PI_UNIFORM_SCALE
+        radius = tl.sqrt(fast_log2(u1) * MINUS_2_LN_2)
+        return radius * libdevice.fast_cosf(angle), radius * libdevice.fast_sinf(angle)
+
+
+@triton.jit
+def normal4x(seed, offset):
+    """Four independent standard normals (float32) per element of the int64 counter block ``offset``: the Box-Muller
+    transform of the four uniforms of Philox round ``offset`` under ``seed``."""
+    i0, i1, i2, i3 = _philox4x32(seed, offset)
+    n0, n1 = _box_muller(i0, i1)
+    n2, n3 = _box_muller(i2, i3)
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row):
+    """eps of a tile: lane k of group g in row r is normal k of Philox round first_counter + r * groups_per_row + g.
+
+    The one noise generator of fastvae's kernels (import it, with :func:`philox_rounds` for the counters a call
+    consumes): ``rows`` and ``groups`` broadcast to the tile's shape with a last dim of 1, ``lanes`` (its last dim,
+    4) index the four normals of a round, which the result keeps in one thread's registers, whatever layout the
+    loads take. Standard normal in distribution (``tests/test_noise.py``: moments, a Kolmogorov-Smirnov test on a
+    million draws, the tails beyond 4 and 5 sigma, against ``torch.randn``).
+    """
+    tl.static_assert(lanes.shape[-1] == 4, "four lanes: the normals of one Philox round")
+    counter = tl.cast(first_counter, tl.int64) + (rows * groups_per_row + groups)  # int64: counters grow all run
+    n0, n1, n2, n3 = normal4x(seed, counter)
+    return _interleave(n0, n1, n2, n3)
+
+
+@triton.jit
+def _soft_clamp(x, limit, SERIES_NEAR_ZERO: tl.constexpr = True):
+    """``limit * tanh(x / limit)`` and its derivative ``1 - tanh(x / limit)**2``, both accurate for every ``x``.
+
+    With ``u = exp(-2 |x| / limit)`` in [0, 1] (never overflows), ``limit tanh(|x| / limit)`` is
+    ``(limit - limit u) / (1 + u)``, whose difference cancels for small ``|x|``, to an absolute error of
+    ``limit`` times ``u``'s (some 2**-22): below ``limit / 10`` the series
+    ``x (1 - x**2 / (3 limit**2) + 2 x**4 / (15 limit**4))`` instead (error below 1e-8). Without
+    ``SERIES_NEAR_ZERO`` (inputs of 8 or 11 significant bits, whose own rounding is coarser wherever that error
+    matters to ``z``, the KL or a gradient) the quotient serves everywhere, six instructions fewer. The sign is
+    copied from ``x``; the scalar coefficients are taken once per program, and one reciprocal per element serves
+    the value and the slope.
+    """
+    inverse = 1.0 / limit
+    u = fast_exp(tl.abs(x), -2.0 * inverse)
+    q = fast_rcp(1.0 + u)
+    large = (limit - limit * u) * q  # >= 0
+    sign = x.to(tl.int32, bitcast=True) & SIGN_BIT
+    clamped = (large.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    if SERIES_NEAR_ZERO:
+        inverse_square = inverse * inverse
+        x2 = x * x
+        small = x * (1.0 - x2 * (inverse_square * (1.0 / 3.0) - x2 * (inverse_square * inverse_square * (2.0 / 15.0))))
+        clamped = tl.where(tl.abs(x) < 0.1 * limit, small, clamped)
+    return clamped, 4.0 * u * (q * q)
 
 
 @triton.jit
 def _hard_clamp(x, lo, hi):
-    """``torch.clamp(x, lo, hi)`` and its derivative: 1 on ``[lo, hi]``, 0 outside. A NaN passes through (no
-    comparison holds for it) with a slope of 0, as in torch."""
+    """``torch.clamp(x, lo, hi)`` and where its derivative is 1: on ``[lo, hi]`` (a boolean, 0 elsewhere; a flag
+    where a float slope would take a register per element). A NaN passes through (no comparison holds for it) with
+    a slope of 0, as in torch."""
     inside = (x >= lo) & (x <= hi)
     clamped = tl.where(x < lo, lo, tl.where(x > hi, hi, x))
-    return clamped, tl.where(inside, 1.0, 0.0)
+    return clamped, inside
 
 
 @triton.jit
 def _through_clamp(grad, slope, logvar_limit, logvar_min):
     """``grad`` of a clamped log-variance carried back through its clamp: times the soft clamp's slope, or kept
-    where the hard clamp's slope is 1 and exactly 0 elsewhere (as torch.clamp's backward, even for a NaN)."""
+    where the hard clamp's ``slope`` (a boolean) holds and exactly 0 elsewhere (as torch.clamp's backward, even for
+    a NaN)."""
     if logvar_limit is not None:
         grad *= slope
     if logvar_min is not None:
-        grad = tl.where(slope != 0.0, grad, 0.0)
+        grad = tl.where(slope, grad, 0.0)
     return grad
 
 
@@ -203,46 +335,155 @@ def _kl_terms(mu, logvar, std, prior_mu, prior_logvar, HAS_PRIOR_MU: tl.constexp
     ratio = std * std
     log_ratio = logvar
     if HAS_PRIOR_LOGVAR:
-        scaled = diff * tl.exp(-prior_logvar)
-        ratio = tl.exp(logvar - prior_logvar)
+        scaled = diff * fast_exp(prior_logvar, -1.0)
         log_ratio = logvar - prior_logvar
+        ratio = fast_exp(log_ratio, 1.0)  # not std**2 exp(-plv), which overflows where lv and plv are both large
     return diff, scaled, ratio, log_ratio
+
+
+@triton.jit
+def _row_starts(rows, n_inner, stride_outer, stride_inner, ALIGNED: tl.constexpr):
+    """Offsets ``[BLOCK_ROWS, 1, 1]`` of the first element of rows ``rows`` of a tensor laid out as
+    :func:`fastvae.kernels.launch.split_rows` describes, once per program. ``ALIGNED``: every row starts at a
+    multiple of four elements (the launcher checked), which lets a group of four columns load as one vector."""
+    starts = split_row_starts(rows, n_inner, stride_outer, stride_inner)
+    if ALIGNED:
+        starts = _multiple_of_4(starts)
+    return starts
+
+
+@triton.jit
+def _multiple_of_4(starts):
+    """Row offsets ``[R, 1, 1]`` declared multiples of four (the launcher checked: ``ALIGNED``), so that Triton
+    loads a group of four columns as one vector. (Declared on the 1-D rows: a 3-D hint on a tile of one row trips
+    Triton's axis analysis.)"""
+    return tl.multiple_of(tl.reshape(starts, (starts.shape[0],)), 4)[:, None, None]
+
+
+@triton.jit
+def _prior_rows(rows, row_mask, n_inner, stride_outer, stride_inner, ALIGNED: tl.constexpr,
+                SHARED_PRIOR: tl.constexpr):
+    """A prior tensor's row offsets and row mask: as for any input, or, for a prior shared by all rows
+    (``SHARED_PRIOR``), one row ``[1, 1, 1]`` at offset 0, so that what depends on the prior alone (its clamp, its
+    exponential) is computed once per column a thread holds, not once per row."""
+    if SHARED_PRIOR:
+        starts = tl.zeros([1, 1, 1], dtype=rows.dtype)
+        mask = tl.full([1, 1, 1], True, tl.int1)
+    else:
+        starts = _row_starts(rows, n_inner, stride_outer, stride_inner, ALIGNED)
+        mask = row_mask
+    return starts, mask
+
+
+@triton.jit
+def _interleave(x0, x1, x2, x3):
+    """``x0``..``x3`` (one shape, last dim 1) side by side along the last dim, lane k from ``x_k``, the four in one
+    thread (a join's new dim is held in registers)."""
+    x = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # (..., 1, 2, 2): (i, j) holds x_(2 i + j)
+    return tl.reshape(x, x0.shape[:-1] + (4,))
+
+
+@triton.jit
+def _deinterleave(x):
+    """The inverse of :func:`_interleave`: the four lanes of ``x`` ``[R, G, 4]`` as ``[R, G, 1]`` tensors."""
+    even, odd = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], 1, 2, 2)))
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _load_lane(ptr, starts, cols, stride_col, row_mask, n_left):
+    return tl.load(ptr + starts + cols * stride_col, mask=row_mask & (cols < n_left), other=0.0)
+
+
+@triton.jit
+def _load_tile(ptr, starts, col0, groups, stride_col, row_mask, n_left, ALIGNED: tl.constexpr):
+    """Columns ``col0 + 4 g + lane`` of the rows at ``starts`` (``[R, G, 4]`` float32; zeros past ``n_left``
+    columns and in rows past the end), for the step's groups ``g`` (``[1, G, 1]``, from 0).
+
+    Aligned rows load a group as one vector. Others load lane by lane and interleave the lanes in registers: Triton
+    lays an unaligned load out one column per thread, which would split each group, and so each Philox round,
+    over four threads; this way a thread holds whole groups, whatever the alignment.
+    """
+    starts = starts + col0 * stride_col
+    if ALIGNED:
+        cols = groups * 4 + tl.arange(0, 4)[None, None, :]
+        x = tl.load(ptr + starts + cols * stride_col, mask=row_mask & (cols < n_left), other=0.0)
+    else:
+        cols = groups * 4
+        x = _interleave(
+            _load_lane(ptr, starts, cols, stride_col, row_mask, n_left),
+            _load_lane(ptr, starts, cols + 1, stride_col, row_mask, n_left),
+            _load_lane(ptr, starts, cols + 2, stride_col, row_mask, n_left),
+            _load_lane(ptr, starts, cols + 3, stride_col, row_mask, n_left),
+        )
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store_tile(ptr, starts, col0, groups, row_mask, n_left, value, ALIGNED: tl.constexpr):
+    """Store ``value`` ``[R, G, 4]`` where :func:`_load_tile` would load it, in a contiguous output."""
+    starts = starts + col0
+    value = value.to(ptr.dtype.element_ty)
+    if ALIGNED:
+        cols = groups * 4 + tl.arange(0, 4)[None, None, :]
+        tl.store(ptr + starts + cols, value, mask=row_mask & (cols < n_left))
+    else:
+        cols = groups * 4
+        v0, v1, v2, v3 = _deinterleave(value)
+        tl.store(ptr + starts + cols, v0, mask=row_mask & (cols < n_left))
+        tl.store(ptr + starts + cols + 1, v1, mask=row_mask & (cols + 1 < n_left))
+        tl.store(ptr + starts + cols + 2, v2, mask=row_mask & (cols + 2 < n_left))
+        tl.store(ptr + starts + cols + 3, v3, mask=row_mask & (cols + 3 < n_left))
+
+
+@triton.jit
+def _step(group_start, col_end, BLOCK_GROUPS: tl.constexpr):
+    """A loop step's first column (int64) and how many of its ``4 BLOCK_GROUPS`` columns are in range (int32)."""
+    col0 = group_start * 4
+    return col0, tl.minimum(col_end - col0, 4 * BLOCK_GROUPS).to(tl.int32)
 
 
 @triton.jit
 def _load_inputs(
     mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows, prior_logvar_rows,
-    cols, mask, stride_mu_col, stride_logvar_col, stride_prior_mu_col, stride_prior_logvar_col, logvar_limit,
-    logvar_min, logvar_max,
+    col0, groups, row_mask, prior_row_mask, n_left, stride_mu_col, stride_logvar_col, stride_prior_mu_col,
+    stride_prior_logvar_col, logvar_limit, logvar_min, logvar_max, HAS_PRIOR_MU: tl.constexpr,
+    HAS_PRIOR_LOGVAR: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """``mu``, ``logvar``, ``prior_mu``, ``prior_logvar`` of a tile in float32, the log-variances soft-clamped
-    when ``logvar_limit`` is given or clamped to ``[logvar_min, logvar_max]`` when those are, and the clamp's
-    slopes (1 without a clamp). An absent prior tensor (a ``None`` pointer, a compile-time constant) reads as
-    zeros, never loaded."""
-    mu = load_f32(mu_ptr, mu_rows, cols, 1, stride_mu_col, mask)
-    logvar = load_f32(logvar_ptr, logvar_rows, cols, 1, stride_logvar_col, mask)
+    """``mu``, ``logvar``, ``prior_mu``, ``prior_logvar`` of a tile in float32 (rows at ``*_rows``), the
+    log-variances soft-clamped when ``logvar_limit`` is given or clamped to ``[logvar_min, logvar_max]`` when those
+    are, and the clamp's slopes (1 without a clamp). An absent prior tensor reads as zeros, never loaded; a prior
+    shared by all rows (:func:`_prior_rows`) is one row ``[1, G, 4]``, clamped once per column."""
+    mu = _load_tile(mu_ptr, mu_rows, col0, groups, stride_mu_col, row_mask, n_left, ALIGNED)
+    logvar = _load_tile(logvar_ptr, logvar_rows, col0, groups, stride_logvar_col, row_mask, n_left, ALIGNED)
     prior_mu = tl.zeros_like(mu)
-    if prior_mu_ptr is not None:
-        prior_mu = load_f32(prior_mu_ptr, prior_mu_rows, cols, 1, stride_prior_mu_col, mask)
+    if HAS_PRIOR_MU:
+        prior_mu = _load_tile(prior_mu_ptr, prior_mu_rows, col0, groups, stride_prior_mu_col, prior_row_mask,
+                              n_left, ALIGNED)
     prior_logvar = tl.zeros_like(mu)
-    if prior_logvar_ptr is not None:
-        prior_logvar = load_f32(prior_logvar_ptr, prior_logvar_rows, cols, 1, stride_prior_logvar_col, mask)
+    if HAS_PRIOR_LOGVAR:
+        prior_logvar = _load_tile(prior_logvar_ptr, prior_logvar_rows, col0, groups, stride_prior_logvar_col,
+                                  prior_row_mask, n_left, ALIGNED)
     slope = tl.zeros_like(mu) + 1.0
     prior_slope = slope
     if logvar_limit is not None:
-        logvar, slope = _soft_clamp(logvar, logvar_limit)
-        if prior_logvar_ptr is not None:
-            prior_logvar, prior_slope = _soft_clamp(prior_logvar, logvar_limit)
+        logvar, slope = _soft_clamp(logvar, logvar_limit, logvar_ptr.dtype.element_ty == tl.float32)
+        if HAS_PRIOR_LOGVAR:
+            prior_logvar, prior_slope = _soft_clamp(prior_logvar, logvar_limit,
+                                                    prior_logvar_ptr.dtype.element_ty == tl.float32)
     if logvar_min is not None:
         logvar, slope = _hard_clamp(logvar, logvar_min, logvar_max)
-        if prior_logvar_ptr is not None:
+        prior_slope = slope  # booleans now, as the prior's (unused without a prior log-variance)
+        if HAS_PRIOR_LOGVAR:
             prior_logvar, prior_slope = _hard_clamp(prior_logvar, logvar_min, logvar_max)
     return mu, logvar, prior_mu, prior_logvar, slope, prior_slope
 
 
 # The optional inputs (the prior's two tensors, the clamps' limits, the prior's gradient buffers) are None when
 # absent: Triton compiles None arguments as constants, so each combination is a kernel of its own, with no trace
-# of the parts it lacks.
+# of the parts it lacks. An absent tensor's row pointers are the first input's, never read.
 
 
 @triton.jit
@@ -255,55 +496,89 @@ def _reparameterize_kl_forward_kernel(
     stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
     stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
     seed, first_counter, philox_ptr, cols_per_split, logvar_limit, logvar_min, logvar_max,
-    HAS_EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+    HAS_EPS: tl.constexpr, ALIGNED: tl.constexpr, INT64: tl.constexpr, SHARED_PRIOR: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS, INT64)
     n_splits = tl.num_programs(1)
     groups_per_row = tl.cdiv(n_cols, 4)
     seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
-    mu_rows = split_row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner)
-    logvar_rows = split_row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner)
-    eps_rows = split_row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner)
-    prior_mu_rows = split_row_starts(rows, n_inner, stride_prior_mu_outer, stride_prior_mu_inner)
-    prior_logvar_rows = split_row_starts(rows, n_inner, stride_prior_logvar_outer, stride_prior_logvar_inner)
+    row_mask = rows < n_rows
+    mu_rows = _row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner, ALIGNED)
+    logvar_rows = _row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner, ALIGNED)
+    eps_rows = mu_rows
+    if HAS_EPS:
+        eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, ALIGNED)
+    prior_mu_rows, prior_row_mask = mu_rows, row_mask
+    if prior_mu_ptr is not None:
+        prior_mu_rows, prior_row_mask = _prior_rows(rows, row_mask, n_inner, stride_prior_mu_outer,
+                                                    stride_prior_mu_inner, ALIGNED, SHARED_PRIOR)
+    prior_logvar_rows = mu_rows
+    if prior_logvar_ptr is not None:
+        prior_logvar_rows, prior_row_mask = _prior_rows(rows, row_mask, n_inner, stride_prior_logvar_outer,
+                                                        stride_prior_logvar_inner, ALIGNED, SHARED_PRIOR)
+    z_rows = rows * n_cols  # z is contiguous
+    if ALIGNED:
+        z_rows = _multiple_of_4(z_rows)
+    groups = tl.arange(0, BLOCK_GROUPS)[None, :, None]
+    lanes = tl.arange(0, 4)[None, None, :]
     kl = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
     # A while loop, not range(): Triton 3.6's interpreter cannot take a tensor as a range() bound.
     while group_start < group_end:
-        groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
-        cols = groups * 4 + lanes
-        mask = (rows < n_rows) & (cols < col_end)
+        col0, n_left = _step(group_start, col_end, BLOCK_GROUPS)
         mu, logvar, prior_mu, prior_logvar, _, _ = _load_inputs(
             mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows,
-            prior_logvar_rows, cols, mask, stride_mu_col, stride_logvar_col, stride_prior_mu_col,
-            stride_prior_logvar_col, logvar_limit, logvar_min, logvar_max,
+            prior_logvar_rows, col0, groups, row_mask, prior_row_mask, n_left, stride_mu_col, stride_logvar_col,
+            stride_prior_mu_col, stride_prior_logvar_col, logvar_limit, logvar_min, logvar_max,
+            prior_mu_ptr is not None, prior_logvar_ptr is not None, ALIGNED,
         )
         if HAS_EPS:
-            eps = load_f32(eps_ptr, eps_rows, cols, 1, stride_eps_col, mask)
+            eps = _load_tile(eps_ptr, eps_rows, col0, groups, stride_eps_col, row_mask, n_left, ALIGNED)
         else:
-            eps = standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row)
-        std = tl.exp(0.5 * logvar)
-        tl.store(z_ptr + rows * n_cols + cols, (mu + std * eps).to(z_ptr.dtype.element_ty), mask=mask)
+            eps = standard_normal(seed, first_counter, rows, group_start + groups, lanes, groups_per_row)
+        std = fast_exp(logvar, 0.5)
+        _store_tile(z_ptr, z_rows, col0, groups, row_mask, n_left, mu + std * eps, ALIGNED)
         diff, scaled, ratio, log_ratio = _kl_terms(
             mu, logvar, std, prior_mu, prior_logvar, prior_mu_ptr is not None, prior_logvar_ptr is not None
         )
-        # Masked lanes load zeros for every input, whose KL term is exactly 0 (1 + 0 - 1 - 0).
+        # Masked lanes load zeros for every input, whose KL term is exactly 0 (1 + 0 - 1 - 0), except under a hard
+        # clamp to a range without 0 (see _padding_kl).
         kl += ratio + diff * scaled - 1.0 - log_ratio
         group_start += BLOCK_GROUPS
-    row = row_offsets(tile, BLOCK_ROWS)
-    tl.store(kl_ptr + row * n_splits + split, 0.5 * tl.sum(tl.sum(kl, axis=2), axis=1), mask=row < n_rows)
+    kl_rows = tl.sum(tl.sum(kl, axis=2), axis=1)
+    if logvar_min is not None and prior_logvar_ptr is None:
+        # The masked lanes a row visited: the loop's last step ends at column 4 * group_start, past col_end.
+        kl_rows = _padding_kl_removed(kl_rows, 4 * group_start - col_end, logvar_min, logvar_max)
+    row = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    tl.store(kl_ptr + row * n_splits + split, 0.5 * kl_rows, mask=row < n_rows)
 
 
 @triton.jit
-def _store_prior_grad(ptr, grad, by_columns, rows, cols, mask, tile, group_start, n_cols, col_end,
-                      BLOCK_GROUPS: tl.constexpr):
-    """Write a prior's gradient: per element, or (``by_columns``) this tile's sums over its rows, per column."""
+def _padding_kl_removed(kl_rows, padding, logvar_min, logvar_max):
+    """Row sums of KL terms less what ``padding`` masked lanes a row added under the hard clamp.
+
+    A masked lane loads zeros, and the hard clamp takes its log-variance 0 to ``c = clamp(0, lo, hi)``: without a
+    prior log-variance to cancel it, its term is ``e^c - 1 - c``, not 0 when ``[lo, hi]`` excludes 0. Every masked
+    lane of a row adds the same term, so it comes off the row's sum once per program, in scalars computed after the
+    loop, where a select per element would cost registers (a variant spilled with it). Where ``e^c`` overflows, so do the row's own
+    terms (``c`` lies between 0 and each of them): the infinite sum is kept, not made NaN."""
+    c = tl.minimum(tl.maximum(0.0, logvar_min), logvar_max)
+    term = tl.exp(c) - 1.0 - c
+    return kl_rows - padding.to(tl.float32) * tl.where(term < float("inf"), term, 0.0)  # padding >= 0
+
+
+@triton.jit
+def _store_prior_grad(ptr, out_rows, grad, by_columns, col0, groups, row_mask, n_left, tile, n_cols,
+                      ALIGNED: tl.constexpr):
+    """Write a prior's gradient: per element (rows at ``out_rows`` of a contiguous buffer), or (``by_columns``)
+    this tile's sums over its rows, per column."""
     if ptr is not None:
         if by_columns:
-            column_sums = tl.sum(tl.where(mask, grad, 0.0), axis=0)  # [BLOCK_GROUPS, 4]
-            col = (group_start + tl.arange(0, BLOCK_GROUPS))[:, None] * 4 + tl.arange(0, 4)[None, :]
-            tl.store(ptr + tile * n_cols + col, column_sums.to(ptr.dtype.element_ty), mask=col < col_end)
+            column_sums = tl.sum(grad, axis=0)  # [G, 4]: masked elements load zeros, whose gradients are 0
+            col = tl.arange(0, groups.shape[1])[:, None] * 4 + tl.arange(0, 4)[None, :]
+            tl.store(ptr + tile * n_cols + col0 + col, column_sums.to(ptr.dtype.element_ty), mask=col < n_left)
         else:
-            tl.store(ptr + rows * n_cols + cols, grad.to(ptr.dtype.element_ty), mask=mask)
+            _store_tile(ptr, out_rows, col0, groups, row_mask, n_left, grad, ALIGNED)
 
 
 @triton.jit
@@ -319,72 +594,92 @@ def _reparameterize_kl_backward_kernel(
     stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
     seed, first_counter, philox_ptr, cols_per_split, logvar_limit, logvar_min, logvar_max, prior_mu_grad_by_columns,
     prior_logvar_grad_by_columns,
-    HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_EPS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+    HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_EPS: tl.constexpr, ALIGNED: tl.constexpr,
+    INT64: tl.constexpr, SHARED_PRIOR: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS, INT64)
     groups_per_row = tl.cdiv(n_cols, 4)
     seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
-    grad_z_rows = split_row_starts(rows, n_inner, stride_grad_z_outer, stride_grad_z_inner)
-    mu_rows = split_row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner)
-    logvar_rows = split_row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner)
-    eps_rows = split_row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner)
-    prior_mu_rows = split_row_starts(rows, n_inner, stride_prior_mu_outer, stride_prior_mu_inner)
-    prior_logvar_rows = split_row_starts(rows, n_inner, stride_prior_logvar_outer, stride_prior_logvar_inner)
+    row_mask = rows < n_rows
+    # The priors matter to the KL's gradient alone.
+    HAS_PRIOR_MU: tl.constexpr = HAS_GRAD_KL and prior_mu_ptr is not None
+    HAS_PRIOR_LOGVAR: tl.constexpr = HAS_GRAD_KL and prior_logvar_ptr is not None
+    mu_rows = _row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner, ALIGNED)
+    logvar_rows = _row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner, ALIGNED)
+    grad_z_rows = mu_rows
+    eps_rows = mu_rows
+    if HAS_GRAD_Z:
+        grad_z_rows = _row_starts(rows, n_inner, stride_grad_z_outer, stride_grad_z_inner, ALIGNED)
+        if HAS_EPS:
+            eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, ALIGNED)
+    prior_mu_rows, prior_row_mask = mu_rows, row_mask
+    if HAS_PRIOR_MU:
+        prior_mu_rows, prior_row_mask = _prior_rows(rows, row_mask, n_inner, stride_prior_mu_outer,
+                                                    stride_prior_mu_inner, ALIGNED, SHARED_PRIOR)
+    prior_logvar_rows = mu_rows
+    if HAS_PRIOR_LOGVAR:
+        prior_logvar_rows, prior_row_mask = _prior_rows(rows, row_mask, n_inner, stride_prior_logvar_outer,
+                                                        stride_prior_logvar_inner, ALIGNED, SHARED_PRIOR)
+    out_rows = rows * n_cols  # the gradients are contiguous
+    if ALIGNED:
+        out_rows = _multiple_of_4(out_rows)
     if HAS_GRAD_KL:
-        grad_kl = tl.load(grad_kl_ptr + rows * stride_grad_kl, mask=rows < n_rows, other=0.0).to(tl.float32)
+        grad_kl = tl.load(grad_kl_ptr + rows * stride_grad_kl, mask=row_mask, other=0.0).to(tl.float32)
+    groups = tl.arange(0, BLOCK_GROUPS)[None, :, None]
+    lanes = tl.arange(0, 4)[None, None, :]
     while group_start < group_end:
-        groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
-        cols = groups * 4 + lanes
-        mask = (rows < n_rows) & (cols < col_end)
+        col0, n_left = _step(group_start, col_end, BLOCK_GROUPS)
         mu, logvar, prior_mu, prior_logvar, slope, prior_slope = _load_inputs(
             mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows,
-            prior_logvar_rows, cols, mask, stride_mu_col, stride_logvar_col, stride_prior_mu_col,
-            stride_prior_logvar_col, logvar_limit, logvar_min, logvar_max,
+            prior_logvar_rows, col0, groups, row_mask, prior_row_mask, n_left, stride_mu_col, stride_logvar_col,
+            stride_prior_mu_col, stride_prior_logvar_col, logvar_limit, logvar_min, logvar_max, HAS_PRIOR_MU,
+            HAS_PRIOR_LOGVAR, ALIGNED,
         )
-        std = tl.exp(0.5 * logvar)
+        std = fast_exp(logvar, 0.5)
         grad_mu = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
         grad_logvar = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
         if HAS_GRAD_Z:
-            grad_z = load_f32(grad_z_ptr, grad_z_rows, cols, 1, stride_grad_z_col, mask)
+            grad_z = _load_tile(grad_z_ptr, grad_z_rows, col0, groups, stride_grad_z_col, row_mask, n_left, ALIGNED)
             if HAS_EPS:
-                eps = load_f32(eps_ptr, eps_rows, cols, 1, stride_eps_col, mask)
+                eps = _load_tile(eps_ptr, eps_rows, col0, groups, stride_eps_col, row_mask, n_left, ALIGNED)
             else:
-                eps = standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row)
+                eps = standard_normal(seed, first_counter, rows, group_start + groups, lanes, groups_per_row)
             grad_mu += grad_z
             grad_logvar += 0.5 * grad_z * eps * std
         if HAS_GRAD_KL:
-            diff, scaled, ratio, _ = _kl_terms(
-                mu, logvar, std, prior_mu, prior_logvar, prior_mu_ptr is not None, prior_logvar_ptr is not None
-            )
+            diff, scaled, ratio, _ = _kl_terms(mu, logvar, std, prior_mu, prior_logvar, HAS_PRIOR_MU, HAS_PRIOR_LOGVAR)
             grad_mu += grad_kl * scaled
             grad_logvar += 0.5 * grad_kl * (ratio - 1.0)
-            _store_prior_grad(grad_prior_mu_ptr, -grad_kl * scaled, prior_mu_grad_by_columns, rows, cols, mask,
-                              tile, group_start, n_cols, col_end, BLOCK_GROUPS)
+            _store_prior_grad(grad_prior_mu_ptr, out_rows, -grad_kl * scaled, prior_mu_grad_by_columns, col0, groups,
+                              row_mask, n_left, tile, n_cols, ALIGNED)
             grad_prior_logvar = 0.5 * grad_kl * (1.0 - ratio - diff * scaled)
             grad_prior_logvar = _through_clamp(grad_prior_logvar, prior_slope, logvar_limit, logvar_min)
-            _store_prior_grad(grad_prior_logvar_ptr, grad_prior_logvar, prior_logvar_grad_by_columns, rows, cols,
-                              mask, tile, group_start, n_cols, col_end, BLOCK_GROUPS)
+            _store_prior_grad(grad_prior_logvar_ptr, out_rows, grad_prior_logvar, prior_logvar_grad_by_columns, col0,
+                              groups, row_mask, n_left, tile, n_cols, ALIGNED)
         grad_logvar = _through_clamp(grad_logvar, slope, logvar_limit, logvar_min)
-        out = rows * n_cols + cols
-        tl.store(grad_mu_ptr + out, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_logvar_ptr + out, grad_logvar.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
+        _store_tile(grad_mu_ptr, out_rows, col0, groups, row_mask, n_left, grad_mu, ALIGNED)
+        _store_tile(grad_logvar_ptr, out_rows, col0, groups, row_mask, n_left, grad_logvar, ALIGNED)
         group_start += BLOCK_GROUPS
 
 
 @triton.jit
 def _standard_normal_kernel(
     eps_ptr, n_rows, n_cols, seed, first_counter, philox_ptr, cols_per_split,
-    BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+    ALIGNED: tl.constexpr, INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS, INT64)
     groups_per_row = tl.cdiv(n_cols, 4)
     seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
+    row_mask = rows < n_rows
+    eps_rows = rows * n_cols
+    if ALIGNED:
+        eps_rows = _multiple_of_4(eps_rows)
+    groups = tl.arange(0, BLOCK_GROUPS)[None, :, None]
+    lanes = tl.arange(0, 4)[None, None, :]
     while group_start < group_end:
-        groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
-        cols = groups * 4 + lanes
-        eps = standard_normal(seed, first_counter, rows, groups, lanes, groups_per_row)
-        tl.store(eps_ptr + rows * n_cols + cols, eps, mask=(rows < n_rows) & (cols < col_end))
+        col0, n_left = _step(group_start, col_end, BLOCK_GROUPS)
+        eps = standard_normal(seed, first_counter, rows, group_start + groups, lanes, groups_per_row)
+        _store_tile(eps_ptr, eps_rows, col0, groups, row_mask, n_left, eps, ALIGNED)
         group_start += BLOCK_GROUPS
 
 
@@ -414,7 +709,8 @@ def draw_noise(
     with device_guard(eps):
         _standard_normal_kernel[tiling.grid](
             eps, n_rows, n_cols, seed, first_counter, philox_state, tiling.cols_per_split,
-            BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
+            ALIGNED=n_cols % GROUP == 0, INT64=needs_int64(eps), BLOCK_ROWS=tiling.block_rows,
+            BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )
     return eps
 
@@ -433,6 +729,27 @@ class _Matrix:
     def pointer(self, fallback: torch.Tensor) -> torch.Tensor:
         """The tensor, or ``fallback`` as a valid pointer for an input that a constexpr flag switches off."""
         return self.tensor if self.tensor is not None else fallback
+
+    def aligned(self) -> bool:
+        """Whether each row starts at a multiple of four elements, on a 16-byte aligned tensor, with unit column
+        stride (as Triton sees it: a group of four columns loads as one vector). True when absent."""
+        if self.tensor is None:
+            return True
+        outer, inner, col = self.strides
+        return col == 1 and outer % GROUP == 0 and inner % GROUP == 0 and self.tensor.data_ptr() % 16 == 0
+
+
+def shared_by_rows(prior_mu: _Matrix, prior_logvar: _Matrix) -> bool:
+    """The kernels' ``SHARED_PRIOR``: a prior is given and each of its tensors is the same for every row (stride 0
+    along the rows: a learned prior ``(D,)`` or ``(C, H, W)``)."""
+    given = [m for m in (prior_mu, prior_logvar) if m.tensor is not None]
+    return bool(given) and all(m.strides[:2] == (0, 0) for m in given)
+
+
+def aligned_rows(n_cols: int, *matrices: _Matrix) -> bool:
+    """The kernels' ``ALIGNED``: rows of whole groups of four columns, each starting on a vector boundary in every
+    input (:meth:`_Matrix.aligned`) and in the contiguous outputs."""
+    return n_cols % GROUP == 0 and all(m.aligned() for m in matrices)
 
 
 def prior_grad_mode(prior: torch.Tensor | None, shape: torch.Size, event_dims: int, needed: bool) -> str:
@@ -475,7 +792,14 @@ def reparameterize_kl_forward(
     mu2, logvar2, eps2, prior_mu2, prior_logvar2 = (
         _Matrix(t, shape, event_dims) for t in (mu, logvar, eps, prior_mu, prior_logvar)
     )
-    tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP)
+    shared_prior = shared_by_rows(prior_mu2, prior_logvar2)
+    if shared_prior:
+        # Its clamp and exponential are computed once per column a thread holds: tall tiles of few columns give each
+        # thread four rows of one group (2048 elements, 4 warps).
+        tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP, min_block_rows=SHARED_PRIOR_BLOCK_ROWS,
+                           block_elements=SHARED_PRIOR_BLOCK_ELEMENTS, num_warps=4)
+    else:
+        tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP)
     z = torch.empty(shape, dtype=mu.dtype, device=mu.device)
     kl = torch.empty((n_rows, tiling.n_splits), dtype=torch.float32, device=mu.device)
     with device_guard(mu):
@@ -485,7 +809,9 @@ def reparameterize_kl_forward(
             *mu2.strides, *logvar2.strides, *eps2.strides, *prior_mu2.strides, *prior_logvar2.strides,
             seed, first_counter, philox_state if eps is None else None, tiling.cols_per_split, logvar_limit,
             *_clamp_limits(logvar_clamp),
-            HAS_EPS=eps is not None, BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP,
+            HAS_EPS=eps is not None, ALIGNED=aligned_rows(n_cols, mu2, logvar2, eps2, prior_mu2, prior_logvar2),
+            INT64=needs_int64(mu, *(m.tensor for m in (mu2, logvar2, eps2, prior_mu2, prior_logvar2))),
+            SHARED_PRIOR=shared_prior, BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP,
             num_warps=tiling.num_warps,
         )
     kl = kl.sum(dim=1) if tiling.n_splits > 1 else kl.view(n_rows)
@@ -551,12 +877,18 @@ def reparameterize_kl_backward(
         _Matrix(t, shape, event_dims) for t in (grad_z, mu, logvar, eps, prior_mu, prior_logvar)
     )
     grad_kl1 = grad_kl.reshape(n_rows) if grad_kl is not None else None
+    has_prior = prior_mu is not None or prior_logvar is not None
     modes = [
         prior_grad_mode(prior, shape, event_dims, needed and grad_kl is not None)
         for prior, needed in zip((prior_mu, prior_logvar), prior_grads)
     ]
     min_block_rows = COLUMN_BLOCK_ROWS if "columns" in modes else 1
-    tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP, min_block_rows=min_block_rows)
+    # With a prior, or the hard clamp's flags, 8 elements a thread, not 16: the prior's terms and gradients would not
+    # fit the registers, and with the flags ptxas held one variant (noise drawn, 20 columns) to 128 and spilled.
+    small_tiles = (has_prior and grad_kl is not None) or logvar_clamp is not None
+    block_elements = PRIOR_BACKWARD_BLOCK_ELEMENTS if small_tiles else None
+    tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP, min_block_rows=min_block_rows,
+                       block_elements=block_elements)
     grad_mu = torch.empty(shape, dtype=mu.dtype, device=mu.device)
     grad_logvar = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
     buffers = [
@@ -575,7 +907,10 @@ def reparameterize_kl_backward(
             seed, first_counter, philox_state if eps is None and grad_z is not None else None, tiling.cols_per_split,
             logvar_limit, *_clamp_limits(logvar_clamp), *(int(mode == "columns") for mode in modes),
             HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None, HAS_EPS=eps is not None,
-            BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
+            ALIGNED=aligned_rows(n_cols, grad_z2, mu2, logvar2, eps2, prior_mu2, prior_logvar2),
+            INT64=needs_int64(mu, *(m.tensor for m in (grad_z2, mu2, logvar2, eps2, prior_mu2, prior_logvar2))),
+            SHARED_PRIOR=shared_by_rows(prior_mu2, prior_logvar2), BLOCK_ROWS=tiling.block_rows,
+            BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )
     grad_prior_mu, grad_prior_logvar = (
         _prior_grad(mode, buffer, prior, shape, event_dims) for mode, buffer, prior in zip(modes, buffers, (prior_mu, prior_logvar))

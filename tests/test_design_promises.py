@@ -258,15 +258,9 @@ def _spills(r) -> bool:
     )
 
 
-def _with_prior(r) -> bool:
-    """A reparameterize_kl kernel compiled with a prior (its prior pointers are not the constant None)."""
-    c = r["constexprs"]
-    return r["kernel"].startswith("_reparameterize_kl_") and "prior_mu_ptr" not in c
-
-
 def test_no_kernel_spills_registers(sm90_variants):
     """ptxas reports no spill stores or loads, and the executed path has no local-memory instruction, in every
-    variant but those known to spill (below).
+    variant (issue 18: reparameterize_kl's with a prior spilled up to 1,140 bytes a thread before).
 
     A stack frame alone is not a spill: Triton 3.6's libdevice keeps the sin/cos slow path's table of
     2/pi digits there, off the executed path.
@@ -274,21 +268,39 @@ def test_no_kernel_spills_registers(sm90_variants):
     spilling = [
         (r["kernel"], r["dtype"], r["constexprs"], r["ptxas"], r["local_bytes"], r["spill_instructions"])
         for r in sm90_variants
-        if _spills(r) and not _with_prior(r)
+        if _spills(r)
     ]
     assert not spilling
-    assert any(_with_prior(r) for r in sm90_variants)
+    # The prior variants are among those checked: the hvae layer's, conditional and shared priors.
+    assert any(
+        r["kernel"].startswith("_reparameterize_kl_") and "prior_mu_ptr" not in r["constexprs"] for r in sm90_variants
+    )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reparameterize_kl's kernels with a prior take 214 to 255 registers at 4096-element tiles and 8 warps; "
-    "the backward with a prior shared by the batch spills (108 bytes in float32 under Triton 3.9), and the hvae's "
-    "layers (8 channels of 7x7 maps: rows of 49 columns) spill about 1 KB per thread forward and backward",
+# Issue 18: every variant of these kernels keeps its instruction issue (or its busiest pipe) under its memory time on
+# the H100 model (benchmarks/static/hardware.py: 11.2 thread-instructions per byte), in float32 and bfloat16.
+MEMORY_BOUND_KERNELS = (
+    "_reparameterize_kl_forward_kernel",
+    "_reparameterize_kl_backward_kernel",
+    "_reconstruction_loss_forward_kernel",
 )
-def test_reparameterize_kl_with_a_prior_does_not_spill(sm90_variants):
-    rows = [r for r in sm90_variants if _with_prior(r)]
-    assert rows and not any(_spills(r) for r in rows)
+MAX_COMPUTE_OVER_MEMORY = 1.0
+
+
+def test_fused_ops_compute_under_memory_time(sm90_variants):
+    rows = [r for r in sm90_variants if r["kernel"] in MEMORY_BOUND_KERNELS]
+    assert {(r["kernel"], r["dtype"]) for r in rows} == {
+        (kernel, dtype) for kernel in MEMORY_BOUND_KERNELS for dtype in ("fp32", "bf16")
+    }
+    over = [
+        (r["kernel"], r["dtype"], r["constexprs"], round(r["bound"]["compute_over_memory"], 3), r["used_by"])
+        for r in rows
+        if not r["bound"]["compute_over_memory"] <= MAX_COMPUTE_OVER_MEMORY
+    ]
+    assert not over
+    # The measure can fail: Triton's own tl.randn, a whole Philox block per normal, is issue-bound (about 3x).
+    randn = [r for r in sm90_variants if r["kernel"] == "_randn_kernel"]
+    assert randn and randn[0]["bound"]["compute_over_memory"] > 2 * MAX_COMPUTE_OVER_MEMORY
 
 
 # Issue 18: the DMOL forward's compute time at most this multiple of its memory time on the audit's H100 model.

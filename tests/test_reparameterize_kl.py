@@ -375,8 +375,12 @@ def _kernel_job(kernel_name, dtype, int_type, constexprs, device_state=None):
             signature[name] = "constexpr"
         elif not name.isupper():
             signature[name] = int_type
+    # Both layouts: groups loaded as vectors (float32 here) and lane by lane (the others); int64 indices with i64.
+    layout = dict(ALIGNED=dtype == "fp32", INT64=int_type == "i64", SHARED_PRIOR=False)
+    if kernel_name == "_standard_normal_kernel":
+        del layout["SHARED_PRIOR"]
     clamps = {name: None for name in ("logvar_min", "logvar_max") if name in kernel.arg_names}
-    constexprs = dict(constexprs, BLOCK_ROWS=8, BLOCK_GROUPS=128, **clamps,
+    constexprs = dict(constexprs, **layout, BLOCK_ROWS=8, BLOCK_GROUPS=128, **clamps,
                       **({} if device_state else {"philox_ptr": None}))
     return kernels.__name__, kernel_name, signature, constexprs, 8
 

@@ -401,6 +401,31 @@ def test_logvar_clamp_is_torch_clamp(device, dtype, prior):
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("clamp", [(0.5, 2.0), (-3.0, -1.0)], ids=["above 0", "below 0"])
+@pytest.mark.parametrize("prior", ["none", "prior_mu only", "shared"])
+@pytest.mark.parametrize("n_cols", [5, 130, 132])
+def test_logvar_clamp_without_zero_leaves_the_padding_out(device, clamp, prior, n_cols):
+    """A clamp range without 0 takes the zeros the kernels load past a row's end to lo or hi, whose KL term
+    (e^lo - 1 - lo) is not 0 without a prior log-variance: rows whose length is not a multiple of a tile's columns
+    (5: one partial group; 130 and 132, lane by lane and as vectors: past a 128-column step) match the
+    reference all the same."""
+    mu, logvar = gaussian((3, n_cols), device, scale=3.0)
+    options = dict(logvar_clamp=clamp)
+    if prior == "prior_mu only":
+        options["prior_mu"] = torch.randn(3, n_cols, device=device)
+    elif prior == "shared":
+        options["prior_mu"], options["prior_logvar"] = gaussian((n_cols,), device)
+    check_against_reference(mu, logvar, torch.randn(3, n_cols, device=device), **options)
+
+
+def test_logvar_clamp_whose_exponential_overflows_gives_an_infinite_kl(device):
+    """The padding's term overflows with the row's own (both are e^c, c >= lo): the KL is inf, as the reference's,
+    not inf - inf."""
+    mu, logvar = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    _, kl = reparameterize_kl(mu, logvar, torch.randn_like(mu), logvar_clamp=(100.0, 200.0), backend="triton")
+    assert torch.isposinf(kl).all()
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_logvar_clamp_passes_nan_through_with_a_zero_gradient(device, backend):
     """As torch.clamp: a NaN log-variance stays NaN (so do its z and KL), and its gradient is 0, not NaN."""
@@ -681,7 +706,11 @@ def _job(kernel_name, dtype, int_type, constexprs, absent=()):
 
     kernel = getattr(kernels, kernel_name)
     float32 = ("kl_ptr", "grad_kl_ptr", "grad_prior_mu_ptr", "grad_prior_logvar_ptr")
-    signature, values = {}, dict(constexprs, BLOCK_ROWS=8, BLOCK_GROUPS=128)
+    # Both layouts (groups as vectors in float32, lane by lane in bfloat16), int64 indices with i64, and a prior
+    # shared by all rows (loaded once per column) in bfloat16.
+    layout = dict(ALIGNED=dtype == "fp32", INT64=int_type == "i64",
+                  SHARED_PRIOR=dtype == "bf16" and "prior_mu_ptr" not in absent)
+    signature, values = {}, dict(constexprs, **layout, BLOCK_ROWS=8, BLOCK_GROUPS=128)
     for name in kernel.arg_names:
         if name in absent:
             signature[name], values[name] = "constexpr", None

@@ -4,7 +4,9 @@
    headline grid (2**24 elements, float32 and bfloat16) and of one training
    step of every model, recording fastvae's Triton launches as they go.
 2. A few more launches of the ops at representative shapes
-   (:data:`EXTRA_SCENARIOS`) and of the in-kernel noise benchmark.
+   (:data:`EXTRA_SCENARIOS`, which the tests compile too, and issue 18's grid
+   of latent shapes, :data:`LATENT_SCENARIOS`) and of the in-kernel noise
+   benchmark.
 3. Every distinct kernel variant among those launches compiled for sm_90 as
    the launcher specialises it (:mod:`benchmarks.static.compile_sm90`), and
    read: registers, spills, shared memory, occupancy, load/store widths,
@@ -83,14 +85,42 @@ def _weighted(kind, batch=256, sample=(784,)):
     return run
 
 
-def _latent_head(batch, latent_dim):
+def _latent_head(batch, latent_dim, logvar_limit=None, logvar_clamp=None):
     def run(dtype):
         from fastvae.functional import reparameterize_kl
 
         h = torch.randn(batch, 2 * latent_dim).to(dtype).requires_grad_()
         mu, logvar = h.chunk(2, dim=-1)  # strided views, as a VAE's linear head gives them
-        z, kl = reparameterize_kl(mu, logvar, backend="triton")
+        z, kl = reparameterize_kl(mu, logvar, logvar_limit=logvar_limit, logvar_clamp=logvar_clamp, backend="triton")
         torch.autograd.grad([z, kl], [h], [torch.randn_like(z), torch.ones_like(kl)])
+
+    return run
+
+
+def _latent_map(batch, channels, size, prior, logvar_clamp=None):
+    """A stochastic layer on ``(B, C, H, W)`` latent maps, noise drawn, ``logvar_limit=10`` (or the hard clamp
+    ``logvar_clamp``): ``"conditional"``, the hvae's (channel slices of the posterior and prior nets' outputs, one KL
+    per image and channel: ``event_dims=2``); ``"shared"``, a learned ``(C, H, W)`` prior shared by the batch, one
+    KL per image."""
+    clamp = dict(logvar_limit=10.0) if logvar_clamp is None else dict(logvar_clamp=logvar_clamp)
+
+    def run(dtype):
+        from fastvae.functional import reparameterize_kl
+
+        posterior = torch.randn(batch, 2 * channels, size, size).to(dtype).requires_grad_()
+        if prior == "conditional":
+            prior_out = torch.randn(batch, 2 * channels, size, size).to(dtype).requires_grad_()
+            prior_mu, prior_logvar, event_dims = prior_out[:, :channels], prior_out[:, channels:], 2
+            wrt = [posterior, prior_out]
+        else:
+            prior_mu = torch.randn(channels, size, size).to(dtype).requires_grad_()
+            prior_logvar = torch.randn(channels, size, size).to(dtype).requires_grad_()
+            event_dims, wrt = 3, [posterior, prior_mu, prior_logvar]
+        z, kl = reparameterize_kl(
+            posterior[:, :channels], posterior[:, channels:], prior_mu=prior_mu, prior_logvar=prior_logvar,
+            event_dims=event_dims, backend="triton", **clamp,
+        )
+        torch.autograd.grad([z, kl], wrt, [torch.randn_like(z), torch.ones_like(kl)])
 
     return run
 
@@ -186,17 +216,21 @@ def _vq_feature_map(batch, d, size):
     return run
 
 
-def _diffusers_posterior(batch, channels, size, sampled=True):
+def _diffusers_posterior(batch, channels, size, sampled=True, per_pixel=False):
     def run(dtype):
         from fastvae.functional import reparameterize_kl
 
         # diffusers' AutoencoderKL posterior as fastvae.integrations.diffusers computes it: the channel halves of
         # the encoder's (B, 2C, H, W) output, the hard clamp to [-30, 20], the noise given (diffusers draws it),
         # one KL per image; kl() before any sample() passes zero noise as one value (stride 0) and uses no z.
+        # ``per_pixel``: the halves of a channels_last output read in place instead, one row per pixel of its C
+        # channels (event_dims=1: rows of C = 4 columns), the KL per pixel then summed per image.
         h = torch.randn(batch, 2 * channels, size, size).to(dtype).requires_grad_()
-        mean, logvar = h.chunk(2, dim=1)
+        mean, logvar = h.permute(0, 2, 3, 1).chunk(2, dim=-1) if per_pixel else h.chunk(2, dim=1)
         noise = torch.randn_like(mean) if sampled else mean.new_zeros(()).expand(mean.shape)
-        z, kl = reparameterize_kl(mean, logvar, noise, event_dims=3, logvar_clamp=(-30.0, 20.0), backend="triton")
+        z, kl = reparameterize_kl(mean, logvar, noise, event_dims=1 if per_pixel else 3,
+                                  logvar_clamp=(-30.0, 20.0), backend="triton")
+        kl = kl.sum(dim=(1, 2)) if per_pixel else kl
         if sampled:
             torch.autograd.grad([z, kl], [h], [torch.randn_like(z), torch.ones_like(kl)])
         else:
@@ -218,6 +252,13 @@ EXTRA_SCENARIOS = [
              _importance_samples(128, 20, 50)),
     Scenario("reparameterize_log_ratio of an hvae layer, K=5, a prior per sample, 8 channels of 7x7, batch 16",
              _hvae_importance_samples(16, 8, 7, 5)),
+    # Issue 18: the layouts that pick other variants (rows not a multiple of four columns in half precision, wide
+    # rows, many channels of small maps, few channels of large ones); the whole grid is LATENT_SCENARIOS.
+    Scenario("reparameterize_kl of a linear head's halves, 128x20, logvar_limit=10", _latent_head(128, 20, 10.0)),
+    Scenario("reparameterize_kl of a linear head's halves, 128x512, logvar_limit=10", _latent_head(128, 512, 10.0)),
+    Scenario("reparameterize_kl, conditional prior, 64 channels of 4x4 maps, batch 32",
+             _latent_map(32, 64, 4, "conditional")),
+    Scenario("reparameterize_kl, shared prior, 4 channels of 64x64 maps, batch 32", _latent_map(32, 4, 64, "shared")),
     Scenario("vector_quantize, 4096 vectors of 64 against 512 codes, codebook by gradient",
              _vector_quantize(4096, 512, 64, True)),
     Scenario("vector_quantize, 1024 vectors of 200 against 300 codes", _vector_quantize(1024, 300, 200, False)),
@@ -235,18 +276,63 @@ EXTRA_SCENARIOS = [
              _diffusers_posterior(8, 4, 64)),
     Scenario("diffusers' AutoencoderKL posterior, KL alone, SD's 4x64x64 latents, batch 8",
              _diffusers_posterior(8, 4, 64, sampled=False)),
+    # The hard clamp with the noise drawn, on rows not a multiple of four columns (its backward once spilled).
+    Scenario("reparameterize_kl of a linear head's halves, 128x20, logvar_clamp=(-30, 20)",
+             _latent_head(128, 20, logvar_clamp=(-30.0, 20.0))),
+]
+
+# Issue 18's grid, audited by ``python -m benchmarks --static`` (too many variants to compile in every test run):
+# flat latents as a VAE's head gives them (with the soft clamp the models use), latent maps of 4 to 64 channels
+# from 4x4 to 64x64 with a conditional (hvae) or shared (learned) prior, and the hard clamp's variants.
+FLAT_LATENT_DIMS = (16, 20, 32, 64, 128, 256, 512)
+MAP_CHANNELS = (4, 16, 64)
+MAP_SIZES = (4, 8, 16, 32, 64)
+LATENT_SCENARIOS = [
+    Scenario(f"reparameterize_kl of a linear head's halves, 128x{d}, logvar_limit=10", _latent_head(128, d, 10.0))
+    for d in FLAT_LATENT_DIMS
+] + [
+    Scenario(f"reparameterize_kl, {prior} prior, {c} channels of {size}x{size} maps, batch 32",
+             _latent_map(32, c, size, prior))
+    for prior in ("conditional", "shared")
+    for c in MAP_CHANNELS
+    for size in MAP_SIZES
+] + [
+    # The hard clamp (diffusers' [-30, 20]) in the variants that keep the most values live: noise drawn, rows not a
+    # multiple of four, wide rows, both priors.
+    Scenario(f"reparameterize_kl of a linear head's halves, 128x{d}, logvar_clamp=(-30, 20)",
+             _latent_head(128, d, logvar_clamp=(-30.0, 20.0)))
+    for d in (20, 512)
+] + [
+    Scenario(f"reparameterize_kl, {prior} prior, {c} channels of {size}x{size} maps, batch 32, "
+             "logvar_clamp=(-30, 20)", _latent_map(32, c, size, prior, logvar_clamp=(-30.0, 20.0)))
+    for prior, c, size in (("conditional", 64, 4), ("conditional", 4, 64), ("shared", 4, 64), ("shared", 64, 4))
+] + [
+    # diffusers' posterior read in place from a channels_last encoder output: rows of C = 4 columns (the
+    # integration copies such an output to contiguous halves instead; docs/diffusers.md).
+    Scenario("diffusers' AutoencoderKL posterior of a channels_last output read per pixel (C = 4 columns), sample "
+             "and KL, SD's 4x64x64 latents, batch 8", _diffusers_posterior(8, 4, 64, per_pixel=True)),
+    Scenario("diffusers' AutoencoderKL posterior of a channels_last output read per pixel (C = 4 columns), KL "
+             "alone, SD's 4x64x64 latents, batch 8", _diffusers_posterior(8, 4, 64, sampled=False, per_pixel=True)),
 ]
 
 
+def audited_scenarios() -> list[Scenario]:
+    """What ``python -m benchmarks --static`` runs beyond the counted cases: :data:`EXTRA_SCENARIOS` and
+    :data:`LATENT_SCENARIOS`, each name once."""
+    names = {s.name for s in EXTRA_SCENARIOS}
+    return EXTRA_SCENARIOS + [s for s in LATENT_SCENARIOS if s.name not in names]
+
+
 def noise_launches() -> dict[str, list[Launch]]:
-    """The in-kernel noise benchmark's kernels (``tl.randn``, ``tl.randn4x``) at 2**24 normals, recorded."""
+    """The in-kernel noise benchmark's kernels (``tl.randn``, ``tl.randn4x``, fastvae's generator) at 2**24
+    normals, recorded."""
     import triton
 
-    from benchmarks.noise import BLOCK, NUM_WARPS, _randn4x_kernel, _randn_kernel
+    from benchmarks.noise import BLOCK, NOISE_KERNELS, NUM_WARPS
 
     out = torch.empty(NOISE_ELEMENTS)
     launches: dict[str, list[Launch]] = {}
-    for name, kernel in (("tl.randn", _randn_kernel), ("tl.randn4x", _randn4x_kernel)):
+    for name, kernel in NOISE_KERNELS.items():
         with LaunchRecorder(launches=launches.setdefault(f"noise: {name}, 2^24 normals", []), execute=False):
             kernel[(triton.cdiv(NOISE_ELEMENTS, BLOCK),)](
                 out, NOISE_ELEMENTS, 0x5EED_0F_FA57_FAE, BLOCK=BLOCK, num_warps=NUM_WARPS
@@ -284,11 +370,11 @@ def record_cases(cases) -> dict[str, list[Launch]]:
     return launches
 
 
-def record_extra(dtypes) -> dict[str, list[Launch]]:
-    """fastvae's launches in :data:`EXTRA_SCENARIOS` (not run)."""
+def record_extra(dtypes, scenarios=EXTRA_SCENARIOS) -> dict[str, list[Launch]]:
+    """fastvae's launches in ``scenarios`` (default :data:`EXTRA_SCENARIOS`; not run), each once per dtype."""
     launches: dict[str, list[Launch]] = {}
     with _as_on_a_gpu():
-        for scenario in EXTRA_SCENARIOS:
+        for scenario in scenarios:
             for dtype in dtypes:
                 name = f"{scenario.name} {str(dtype).replace('torch.', '')}"
                 with LaunchRecorder(launches=launches.setdefault(name, []), execute=False):
@@ -384,6 +470,32 @@ def variant_row(launch: Launch, variant: dict) -> dict:
     }
 
 
+def audit_matching(patterns: list[str], dtypes=DTYPES, workers: int | None = None) -> list[dict]:
+    """The audit's rows for the scenarios of :func:`audited_scenarios` whose names contain one of ``patterns``
+    (``python -m benchmarks --static --scenario TEXT``: a part of the audit in minutes, nothing written)."""
+    scenarios = [s for s in audited_scenarios() if any(p in s.name for p in patterns)]
+    if not scenarios:
+        raise SystemExit(f"no audited scenario's name contains any of {patterns}")
+    return audit_variants(record_extra(dtypes, scenarios), workers)
+
+
+def variant_lines(rows: list[dict]) -> list[str]:
+    """One line per variant: kernel, dtype, the constexprs that tell variants apart, registers, spill bytes,
+    instructions per element and compute over memory time; then the scenarios that launch it."""
+    lines = []
+    for r in rows:
+        flags = {k: v for k, v in r["constexprs"].items() if not k.startswith("BLOCK") and v not in (None, False)}
+        spills = r["ptxas"]["spill_stores"] + r["ptxas"]["spill_loads"] if r["ptxas"] else "?"
+        lines.append(
+            f"{r['kernel']} {r['dtype']} {flags} warps={r['num_warps']}: {r['registers']} registers, spilled "
+            f"{spills} B (ptxas), local {r['local_bytes']} B, {r['spill_instructions']} LDL/STL executed, "
+            f"{r['instructions_per_element']:.1f} instructions/element, compute/memory "
+            f"{r['bound']['compute_over_memory']:.2f}"
+        )
+        lines.extend(f"    {name}" for name in r["used_by"])
+    return lines
+
+
 # ---- everything --------------------------------------------------------------------------------------------------
 
 
@@ -436,7 +548,7 @@ def run_static(
         log=log,
         regime="launch-bound",
     )
-    launches.update(record_extra(dtypes))
+    launches.update(record_extra(dtypes, audited_scenarios()))
     launches.update(noise_launches())
     n = sum(len(v) for v in launches.values())
     log(f"compiling the variants of {n} launches for sm_90 ...")

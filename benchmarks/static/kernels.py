@@ -214,9 +214,11 @@ KERNELS = [
         elements="n_rows * dim",
         tile="BLOCK_N * BLOCK_D * D_CHUNKS",
     ),
-    # The in-kernel noise benchmark (benchmarks/noise.py): tl.randn against tl.randn4x.
-    KernelSpec("benchmarks.noise", "_randn_kernel", reads={}, writes={"out_ptr": ALWAYS}, elements="n", tile="BLOCK"),
-    KernelSpec("benchmarks.noise", "_randn4x_kernel", reads={}, writes={"out_ptr": ALWAYS}, elements="n", tile="BLOCK"),
+    # The in-kernel noise benchmark (benchmarks/noise.py): tl.randn, tl.randn4x and fastvae's generator.
+    *(
+        KernelSpec("benchmarks.noise", name, reads={}, writes={"out_ptr": ALWAYS}, elements="n", tile="BLOCK")
+        for name in ("_randn_kernel", "_randn4x_kernel", "_fastvae_noise_kernel")
+    ),
 ]
 _BY_NAME = {(k.module, k.name): k for k in KERNELS}
 

@@ -88,8 +88,9 @@ class FusedDiagonalGaussianDistribution(DiagonalGaussianDistribution):
     those of a channels_last one (what AutoencoderKL's encoder returns on the
     CPU, its mid-block attention reshaping to that layout) are copied to
     contiguous ones inside the op, forward and backward, and not kept (an event
-    of the C channels of a pixel would read them in place, but the kernels'
-    tiles for so few columns spill registers at C = 4). The kernels return ``z``
+    of the C channels of a pixel would read them in place, which spilled
+    registers at C = 4 under earlier launch plans and no longer does:
+    docs/performance-floor.md). The kernels return ``z``
     contiguous. Latents of 5 or more dims (diffusers' video autoencoders) give
     diffusers' numbers too: its KL sums dims 1, 2, 3 and keeps the others, which
     the op reads through a permuted view; ``z`` then costs one copy more, to

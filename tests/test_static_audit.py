@@ -171,6 +171,7 @@ class _Accesses:
 
     def __init__(self):
         self.loads, self.stores = [], []
+        self.masks = []  # ("load" or "store", slots, live lanes) of each access, in order
 
     def __enter__(self):
         from triton.runtime.interpreter import InterpreterBuilder
@@ -180,16 +181,21 @@ class _Accesses:
         original_load, original_store, original_atomic = self._saved
         recorder = self
 
+        def live(ptrs, mask, kind="store"):
+            mask = np.broadcast_to(np.asarray(mask.data, dtype=bool), np.shape(ptrs.data))
+            recorder.masks.append((kind, mask.size, int(mask.sum())))
+            return np.asarray(ptrs.data)[mask]
+
         def load(builder, ptrs, mask, *args, **kwargs):
-            recorder.loads.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
+            recorder.loads.append(live(ptrs, mask, "load"))
             return original_load(builder, ptrs, mask, *args, **kwargs)
 
         def store(builder, ptrs, value, mask, *args, **kwargs):
-            recorder.stores.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
+            recorder.stores.append(live(ptrs, mask))
             return original_store(builder, ptrs, value, mask, *args, **kwargs)
 
         def atomic(builder, op, ptrs, value, mask, *args, **kwargs):  # a read-modify-write: counted as a store
-            recorder.stores.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
+            recorder.stores.append(live(ptrs, mask))
             return original_atomic(builder, op, ptrs, value, mask, *args, **kwargs)
 
         InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
@@ -310,6 +316,72 @@ def test_access_table_matches_the_loads_and_stores_the_interpreter_sees():
             assert _Accesses.storages(accesses.stores, tensors) == {storage[n] for n in writes}, context
             seen.add(launch.kernel)
     assert seen >= {k.name for k in KERNELS if k.module.startswith("fastvae")}
+
+
+def _padded_calls():
+    """Launches whose tiles have padding: rows of 10, 7 and 784 columns, mixtures of 3 and 10 components (in 4 and
+    16 slots), a codebook of 7 codes of 5 values, and the splits of rows over several programs."""
+
+    def dmol(channels, mixtures, pixels, grad):
+        params = torch.randn(3, mixtures * (channels + 1) * (channels + 2) // 2, *pixels, requires_grad=grad)
+        x = torch.rand(3, channels, *pixels)
+        nll = discretized_logistic_mixture_nll(params, x, num_mixtures=mixtures, backend="triton")
+        if grad:
+            torch.autograd.grad(nll, [params], torch.rand_like(nll))
+
+    def loss():
+        x_hat = torch.randn(3, 784, requires_grad=True)
+        out = reconstruction_loss(x_hat, torch.rand(3, 784), "bce", reduction="none", backend="triton")
+        torch.autograd.grad(out, [x_hat], torch.rand_like(out))
+
+    calls = [lambda a=a: dmol(*a) for a in ((1, 3, (5, 7), True), (3, 10, (4, 5), False), (3, 1, (9,), True),
+                                             (1, 10, (28, 28), False))]
+    return _calls_covering_every_kernel_flag() + calls + [loss]
+
+
+def _measured_slots_per_element(spec, launch, masks) -> float:
+    """Slots per live lane of the accesses that span a whole tile: the fraction of a tile's slots that hold an
+    element, as the interpreter's masks see it. The nearest-code search's tiles are (vector, code) pairs, which
+    no access spans: its vectors' live fraction (the stores of an index and a loss per vector) times its codes'
+    (the loads of their norms)."""
+
+    def ratio(kinds, size):
+        spanning = [(slots, live) for kind, slots, live in masks if kind in kinds and slots == size]
+        assert spanning, (launch.kernel, launch.constexprs)
+        return sum(slots for slots, _ in spanning) / sum(live for _, live in spanning)
+
+    if launch.kernel == "_vector_quantize_forward_kernel":
+        return ratio(("store",), launch.constexprs["BLOCK_N"]) * ratio(("load",), launch.constexprs["BLOCK_K"])
+    return ratio(("load", "store"), spec.tile_elements(launch.constexprs))
+
+
+@interpreted
+def test_slots_per_element_match_the_masks_the_interpreter_sees():
+    """Each kernel entry's slots over elements (the padding whose instructions the audit counts) against the
+    fraction of masked-off lanes in the kernel's tile-wide loads and stores."""
+    seen = set()
+    for call in _padded_calls():
+        launches = []
+        with LaunchRecorder(launches=launches, execute=False):
+            call()
+        for launch in launches:
+            from benchmarks.static.kernels import kernel_spec
+
+            spec = kernel_spec(launch.module, launch.kernel)
+            kernel = getattr(__import__(launch.module, fromlist=[launch.kernel]), launch.kernel)
+            with _Accesses() as accesses:
+                kernel[launch.grid](*launch.args.values(), **launch.constexprs, **launch.options)
+            if launch.constexprs.get("SKIP_UNIT_ROWS") and not any(
+                slots == spec.tile_elements(launch.constexprs) for _, slots, _ in accesses.masks
+            ):
+                continue  # scale_rows in place with every weight 1: no tile ran
+            measured = _measured_slots_per_element(spec, launch, accesses.masks)
+            modelled = spec.slots_per_element(launch.constexprs, launch.args)
+            assert modelled == pytest.approx(measured, rel=1e-12), (launch.kernel, launch.constexprs, launch.grid)
+            seen.add((launch.kernel, modelled > 1))
+    fastvae_kernels = {k.name for k in KERNELS if k.module.startswith("fastvae")}
+    assert {name for name, _ in seen} >= fastvae_kernels
+    assert {name for name, padded in seen if padded} >= fastvae_kernels - {"_scale_rows_kernel"}
 
 
 @interpreted

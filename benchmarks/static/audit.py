@@ -256,9 +256,15 @@ def audit_variants(launches: dict[str, list[Launch]], workers: int | None = None
             row["elements_of_launch"] = launch.elements
             row["bytes_per_element"] = (launch.read_bytes + launch.write_bytes) / max(launch.elements, 1)
             row["grid"] = list(launch.grid)
+            spec = kernel_spec(launch.module, launch.kernel)
+            row["slots_per_element"] = spec.slots_per_element(launch.constexprs, launch.args)
     out = []
     for row in rows.values():
         row["used_by"] = sorted(row["used_by"])
+        # Per element of the same launch as the bytes: a slot's instructions run in the padding too.
+        slots = row["slots_per_element"] / row["elements_per_thread"]
+        row["instructions_per_element"] = row["executed_instructions"] * slots
+        row["pipes_per_element"] = {p: n * slots for p, n in row.pop("pipes_per_thread").items()}
         row["bound"] = hardware.bound(
             row["instructions_per_element"], row["pipes_per_element"], row["bytes_per_element"]
         )
@@ -312,14 +318,14 @@ def variant_row(launch: Launch, variant: dict) -> dict:
         "executed_instructions": variant["executed_instructions"],
         "cold_instructions": variant["cold_instructions"],
         "loop_body_instructions": variant["loop_body_instructions"],
-        "tile_elements": tile,
-        "elements_per_thread": per_thread,
-        "instructions_per_element": variant["executed_instructions"] / per_thread,
-        "pipes_per_element": {p: n / per_thread for p, n in variant["pipes"].items()},
+        "tile_elements": tile,  # slots, padding included
+        "elements_per_thread": per_thread,  # slots a thread holds per trip
+        "pipes_per_thread": variant["pipes"],
         "mix": variant["mix"],
         "used_by": set(),
         "elements_of_launch": -1,
         "bytes_per_element": 0.0,
+        "slots_per_element": 1.0,  # of the launch the bytes are of (see benchmarks/static/kernels.py)
         "grid": None,
     }
 

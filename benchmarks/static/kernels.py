@@ -1,8 +1,16 @@
 """What each of fastvae's Triton kernels reads and writes: one entry per kernel.
 
 The counts model a Triton launch's memory traffic from these (each pointer
-argument read or written once, at its footprint), and the audit divides it by
-the elements a launch covers. An argument listed under a condition is only
+argument read or written once, at its footprint), and the audit divides it,
+and the instructions the launch executes, by the elements a launch covers.
+A program's tile has slots for ``tile`` elements per trip of its loop, and
+its instructions run in every slot, live or masked off: the padding of a
+dim to a power of two (a mixture's components, a row of 784 columns in
+tiles of 1,024) and the tiles that overhang the end. So the audit counts
+instructions per slot (the SASS a thread runs for one trip, over its slots)
+and scales them by ``slots / elements`` of the launch, the slots its tiles
+cover; ``tests/test_static_audit.py`` checks that ratio against the masks
+of the interpreter's loads and stores. An argument listed under a condition is only
 touched when that expression of the launch's constexprs (and, for traffic
 that depends on the data, its arguments) is true; the launcher passes a
 placeholder pointer otherwise. ``tests/test_static_audit.py``
@@ -24,7 +32,12 @@ def _scales_a_row(weight) -> bool:
 
 
 # Names the conditions may use besides the launch's arguments and constexprs.
-_HELPERS = {"scales_a_row": _scales_a_row}
+def _padded(n: int, block: int) -> int:
+    """``n`` rounded up to a multiple of ``block``: the slots of the tiles that cover ``n`` elements of a dim."""
+    return -(-n // block) * block
+
+
+_HELPERS = {"scales_a_row": _scales_a_row, "padded": _padded}
 
 
 @dataclass(frozen=True)
@@ -34,7 +47,10 @@ class KernelSpec:
     reads: dict[str, str]  # pointer argument -> when it is read (a Python expression of the constexprs)
     writes: dict[str, str]
     elements: str  # expression of the arguments: elements a launch covers
-    tile: str  # expression of the constexprs: elements one program covers per loop trip
+    tile: str  # expression of the constexprs: slots (elements, padding included) one program covers per loop trip
+    # Expression of the arguments and constexprs: the slots all the launch's tiles cover, padding included
+    # (``padded(n, block)`` rounds up); None where they cover exactly the elements.
+    slots: str | None = None
 
     def accessed(self, constexprs: dict, args: dict | None = None) -> tuple[list[str], list[str]]:
         """Pointer arguments read and written by a launch with ``constexprs`` (and argument values ``args``)."""
@@ -51,12 +67,25 @@ class KernelSpec:
     def tile_elements(self, constexprs: dict) -> int:
         return int(eval(self.tile, {}, dict(constexprs)))  # noqa: S307
 
+    def slots_per_element(self, constexprs: dict, args: dict) -> float:
+        """Slots the launch's tiles cover per element it covers: 1 without padding, 1.6 for M = 10 components in
+        tiles of 16. A tile's instructions per slot times this are its instructions per element."""
+        if self.slots is None:
+            return 1.0
+        slots = int(eval(self.slots, dict(_HELPERS), {**args, **constexprs}))  # noqa: S307
+        return slots / max(self.count_elements(args), 1)
+
 
 _REPARAM = "fastvae.kernels.reparameterize_kl"
 _LOSS = "fastvae.kernels.reconstruction_loss"
 _SCALE = "fastvae.kernels.scale_rows"
 _DMOL = "fastvae.kernels.discretized_logistic_mixture"
 _VQ = "fastvae.kernels.vector_quantize"
+# The row-wise kernels (kernels/launch.py's plan_rows): row tiles of BLOCK_ROWS, each program stepping through its
+# column split (a multiple of the column block) in column blocks up to the row's end; reparameterize_kl's column
+# blocks are BLOCK_GROUPS groups of 4.
+_ROW_SLOTS = "padded(n_rows, BLOCK_ROWS) * padded(n_cols, BLOCK_COLS)"
+_ROW_GROUP_SLOTS = "padded(n_rows, BLOCK_ROWS) * padded(n_cols, BLOCK_GROUPS * 4)"
 # A prior tensor is passed as None when absent (Triton compiles None as a constant: a kernel of its own).
 _GIVEN = "{} is not None"
 
@@ -76,6 +105,7 @@ KERNELS = [
         writes={"z_ptr": ALWAYS, "kl_ptr": ALWAYS},
         elements="n_rows * n_cols",
         tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
+        slots=_ROW_GROUP_SLOTS,
     ),
     KernelSpec(
         _REPARAM,
@@ -99,6 +129,7 @@ KERNELS = [
         },
         elements="n_rows * n_cols",
         tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
+        slots=_ROW_GROUP_SLOTS,
     ),
     KernelSpec(
         _LOSS,
@@ -112,6 +143,7 @@ KERNELS = [
         },
         elements="n_rows * n_cols",
         tile="BLOCK_ROWS * BLOCK_COLS",
+        slots=_ROW_SLOTS,
     ),
     KernelSpec(
         _REPARAM,
@@ -120,6 +152,7 @@ KERNELS = [
         writes={"eps_ptr": ALWAYS},
         elements="n_rows * n_cols",
         tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
+        slots=_ROW_GROUP_SLOTS,
     ),
     KernelSpec(
         _SCALE,
@@ -131,9 +164,11 @@ KERNELS = [
         writes={"out_ptr": "not SKIP_UNIT_ROWS or scales_a_row(weight_ptr)"},
         elements="n_rows * n_cols",
         tile="BLOCK_ROWS * BLOCK_COLS",
+        slots=_ROW_SLOTS,
     ),
     # Elements are pixel-components (B x pixels x M): a program covers BLOCK_ROWS x BLOCK_COLS pixels times the M_PAD
-    # components (the padding masked off), and a pixel-component reads and writes (1 + 2C + C(C-1)/2) parameters.
+    # slots of the components (the padding masked off: M = 10 in 16), and a pixel-component reads and writes
+    # (1 + 2C + C(C-1)/2) parameters. Every column split runs all its tiles, the last one's past the row's end too.
     KernelSpec(
         _DMOL,
         "_dmol_forward_kernel",
@@ -141,6 +176,7 @@ KERNELS = [
         writes={"nll_ptr": ALWAYS, "grad_ptr": "WRITE_GRAD"},
         elements="n_rows * n_cols * n_mix",
         tile="BLOCK_ROWS * BLOCK_COLS * M_PAD",
+        slots="padded(n_rows, BLOCK_ROWS) * padded(n_cols, cols_per_split) * M_PAD",
     ),
     KernelSpec(
         _VQ,
@@ -149,6 +185,7 @@ KERNELS = [
         writes={"code_sq_ptr": ALWAYS},
         elements="n_codes * dim",
         tile="BLOCK_K * BLOCK_D",
+        slots="padded(n_codes, BLOCK_K) * padded(dim, BLOCK_D)",
     ),
     # The nearest-code search: its elements are (vector, code) pairs, BLOCK_N x BLOCK_K per trip through the codes
     # (each pair's D products on the tensor cores); the codebook is read once per program, and counted once.
@@ -159,6 +196,7 @@ KERNELS = [
         writes={"z_q_ptr": ALWAYS, "indices_ptr": ALWAYS, "loss_ptr": ALWAYS},
         elements="n_rows * n_codes",
         tile="BLOCK_N * BLOCK_K",
+        slots="padded(n_rows, BLOCK_N) * padded(n_codes, BLOCK_K)",
     ),
     # Elementwise over the vectors' values; the codebook's gradient is added with atomics (counted as written once).
     KernelSpec(
@@ -174,6 +212,7 @@ KERNELS = [
         writes={"grad_z_ptr": "GRAD_Z", "grad_codebook_ptr": "GRAD_CODEBOOK"},
         elements="n_rows * dim",
         tile="BLOCK_N * BLOCK_D * D_CHUNKS",
+        slots="padded(n_rows, BLOCK_N) * BLOCK_D * D_CHUNKS",
     ),
     # The in-kernel noise benchmark (benchmarks/noise.py): tl.randn against tl.randn4x.
     KernelSpec("benchmarks.noise", "_randn_kernel", reads={}, writes={"out_ptr": ALWAYS}, elements="n", tile="BLOCK"),

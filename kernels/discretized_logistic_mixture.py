@@ -128,37 +128,80 @@ from __future__ import annotations
 
 import math
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
-from .launch import LOG_2, device_guard, fast_log, fast_rcp, plan_rows, row_offsets, sum_splits
+from .launch import LOG_2, RowTiling, device_guard, fast_log, fast_rcp, plan_rows, row_offsets, sum_splits
 
 MIN_LOG_SCALE = tl.constexpr(-7.0)
 LOG2_E = tl.constexpr(1.0 / math.log(2.0))
+# log2(e) - LOG2_E as float32 rounds it: the low part that makes e^x = 2^(x log2 e) accurate for large |x|.
+LOG2_E_LOW = tl.constexpr(1.0 / math.log(2.0) - struct.unpack("f", struct.pack("f", 1.0 / math.log(2.0)))[0])
 # Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude below 2**22 to an integer, half to even.
 ROUNDING_SHIFT = tl.constexpr(1.5 * 2.0**23)
 NUM_WARPS = 4
+# Pixels a thread holds at once, by channels (1, 2, 3; 1 beyond): consecutive ones, so that its loads are vectors.
+PIXELS_PER_THREAD = {1: 4, 2: 2, 3: 2}
 
 
-def tile_slots(channels: int) -> int:
-    """Pixel-components a program holds at once: 8, 4, 2, then 1 per thread for 1, 2, 3 or more channels.
+def tile_pixels(channels: int) -> int:
+    """Pixels a program holds at once: :data:`PIXELS_PER_THREAD` per thread of its :data:`NUM_WARPS` warps.
 
-    Each channel's derivatives and tanh terms wait in registers for the
-    responsibilities, so a thread's registers grow with ``C`` and with its
-    slots; more slots per thread share the per-program address setup and the
-    reductions over components among more elements. Compiled for sm_90 (M =
-    16, float32, with the gradient) these sizes take 94, 80, 110 and 140
-    registers for C = 1, 2, 3, 4, and nothing spills; four slots per thread at
-    C = 3 would take 142 for 11 % fewer instructions per slot, two at C = 4 179.
+    A thread takes every component of its pixels in turn (a loop over ``M``), so its registers do not grow
+    with ``M`` and no component slot is padding; they grow with ``C`` (each channel's bin waits in registers
+    for the loop) and with the pixels it holds, whose loads then are vectors and whose per-pixel work
+    (levels, loop set-up, the mixture's last log) is shared.
     """
-    return 32 * NUM_WARPS * {1: 8, 2: 4, 3: 2}.get(channels, 1)
+    return 32 * NUM_WARPS * PIXELS_PER_THREAD.get(channels, 1)
+
+
+def plan(batch: int, n_cols: int, channels: int, device) -> RowTiling:
+    """The launch plan: :func:`~fastvae.kernels.launch.plan_rows` with tiles of :func:`tile_pixels` pixels, as
+    tall as leaves the fewest pixel slots past the ends of the rows and columns (784 pixels a sample: tiles of
+    16 samples by 32 pixels, 2 % past the end, not 512 pixels of one sample, 31 %)."""
+    block = tile_pixels(channels)
+
+    def slots(tall):
+        tiling = plan_rows(batch, n_cols, device, min_block_rows=tall, block_elements=block, num_warps=NUM_WARPS)
+        return triton.cdiv(batch, tiling.block_rows) * tiling.block_rows * triton.cdiv(
+            n_cols, tiling.block_cols
+        ) * tiling.block_cols, tiling
+
+    candidates = [slots(1 << k) for k in range(block.bit_length())]
+    return min(candidates, key=lambda c: c[0])[1]  # the first of the fewest: the widest columns
 
 
 @triton.jit
 def _exp(x):
-    """``e^x`` as one ``ex2.approx.ftz`` (results below 2^-126 flush to 0, which no term here needs)."""
+    """``e^x`` as one ``ex2.approx.ftz`` (results below 2^-126 flush to 0, which no term here needs); the rounding
+    of ``x log2 e`` costs it a relative error of about ``|x|`` 6e-8, harmless where ``e^x`` is added to 1 or
+    weighs a term."""
     return tl.exp2(x * LOG2_E)
+
+
+@triton.jit
+def _exp_accurate(x):
+    """``e^x`` within a few 1e-7 of it for any ``x``: ``2^t (1 + r log 2)``, with ``t = x log2 e`` in float32 and
+    ``r`` what that product rounded off (an FMA finds it exactly) plus ``x`` times log2 e's own low part. Three
+    instructions more than :func:`_exp`, whose error grows with ``|x|``; ``e^-s`` scales ``a`` and ``b``, whose
+    relative error is the log-mass's far in the tails."""
+    t = x * LOG2_E
+    r = tl.fma(x, LOG2_E, -t)
+    r = tl.fma(x, LOG2_E_LOW, r)
+    e = tl.exp2(t)
+    return tl.fma(e, r * LOG_2, e)
+
+
+@triton.jit
+def _add_exp(total, above):
+    """An online sum of exponentials relative to its running maximum: ``total`` (relative to the maximum so far)
+    plus ``e^above`` of a term ``above`` it, relative to the new maximum. One exponential; the first term
+    (``above`` = inf) gives 1, a NaN term NaN."""
+    e = _exp(-tl.abs(above))
+    return tl.where(above > 0.0, total * e + 1.0, total + e)
 
 
 @triton.jit
@@ -209,7 +252,7 @@ def _log_bin_mass(level, y, mean, log_scale, max_level, half_width, log_bin_widt
     both derivatives: ``L = lin + base + log(G / (P_a P_b))`` (see the module docstring).
     """
     s = tl.maximum(log_scale, MIN_LOG_SCALE, propagate_nan=tl.PropagateNan.ALL)
-    inv = _exp(-s)
+    inv = _exp_accurate(-s)
     a = inv * (y - half_width - mean)
     b = inv * (y + half_width - mean)
     lower_open = level == 0.0  # the lowest bin reaches -inf: no F(y - h) term
@@ -242,18 +285,16 @@ def _log_bin_mass(level, y, mean, log_scale, max_level, half_width, log_bin_widt
 
 
 @triton.jit
-def _load_block(ptr, block, block_stride, slots, mask):
-    """Parameter block ``block`` (channels ``block * M`` on) at the tile's ``slots``, as float32 (0 where masked).
-
-    The block's offset is one scalar per program, added to the pointer before the per-thread ``slots``: each
-    access costs one 64-bit add, and no per-block offsets wait in registers."""
-    return tl.load(ptr + block * block_stride + slots, mask=mask, other=0.0).to(tl.float32)
+def _load_block(pixels, block, block_stride, component, mask):
+    """Parameter block ``block`` (channels ``block * M`` on) of component ``component`` (a scalar offset) at the
+    tile's pixels (pointers to their component 0 of block 0), as float32 (0 where masked)."""
+    return tl.load(pixels + (block * block_stride + component), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_block(ptr, value, block, block_stride, slots, mask):
-    """Write ``value`` to parameter block ``block`` at the tile's ``slots``, in ``ptr``'s dtype."""
-    tl.store(ptr + block * block_stride + slots, value.to(ptr.dtype.element_ty), mask=mask)
+def _store_block(pixels, value, block, block_stride, component, mask):
+    """Write ``value`` to parameter block ``block`` of component ``component`` at the tile's pixels."""
+    tl.store(pixels + (block * block_stride + component), value.to(pixels.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -264,89 +305,114 @@ def _coef_block(c, j, C: tl.constexpr):
 
 
 @triton.jit
+def _component(pixels, block_stride, component, mask, levels, ys, max_level, half_width, log_bin_width,
+               C: tl.constexpr):
+    """One mixture component at the tile's pixels: its logit, ``sum_c L_c`` and, per channel, ``dL/dmean``,
+    ``dL/ds`` and the tanh slopes of its coefficients (pair order). What a caller leaves unused is not computed."""
+    logit = _load_block(pixels, 0, block_stride, component, mask)
+    log_mass = tl.zeros_like(logit)
+    d_means = ()
+    d_log_scales = ()
+    tanh_slopes = ()
+    for c in tl.static_range(C):
+        mean = _load_block(pixels, 1 + c, block_stride, component, mask)
+        for j in tl.static_range(c):
+            t, slope = _tanh_and_derivative(_load_block(pixels, _coef_block(c, j, C), block_stride, component, mask))
+            mean += t * ys[j]
+            tanh_slopes = tanh_slopes + (slope,)
+        log_scale = _load_block(pixels, 1 + C + c, block_stride, component, mask)
+        l_c, d_mean, d_log_scale = _log_bin_mass(levels[c], ys[c], mean, log_scale, max_level, half_width,
+                                                 log_bin_width)
+        log_mass += l_c
+        d_means = d_means + (d_mean,)
+        d_log_scales = d_log_scales + (d_log_scale,)
+    return logit, log_mass, d_means, d_log_scales, tanh_slopes
+
+
+@triton.jit
 def _dmol_forward_kernel(
     params_ptr, x_ptr, nll_ptr, grad_ptr,
     n_rows, n_cols, n_mix,
     stride_params_row, stride_params_channel, stride_params_col,
     stride_x_row, stride_x_channel, stride_x_col,
     stride_grad_row, stride_grad_channel, stride_grad_col,
-    cols_per_split, tiles_per_split,
+    cols_per_split,
     max_level, half_width, log_bin_width, grad_scale,
-    C: tl.constexpr, M_PAD: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    C: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     split = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(1)
-    rows = row_offsets(tl.program_id(0), BLOCK_ROWS)[:, None, None]
-    components = tl.arange(0, M_PAD).to(tl.int64)[None, None, :]
-    component_ok = components < n_mix
-    # Blocks of M channels: logits at 0, means at 1 + c, log-scales at 1 + C + c, coefficients at 1 + 2C + pair.
+    rows = row_offsets(tl.program_id(0), BLOCK_ROWS)[:, None]
+    # Blocks of M channels: logits at 0, means at 1 + c, log-scales at 1 + C + c, coefficients at 1 + 2C + pair;
+    # component m of a block is m channels further on.
     params_block = n_mix * stride_params_channel.to(tl.int64)
     grad_block = n_mix * stride_grad_channel.to(tl.int64)
-    params_components = components * stride_params_channel
-    grad_components = components * stride_grad_channel
+    col_start = split * cols_per_split
+    # Up to the row's end: the last split's tiles stop there.
+    tiles = tl.cdiv(tl.minimum(cols_per_split, n_cols - col_start), BLOCK_COLS)
     nll = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    # A while loop: Triton 3.6's interpreter cannot take a kernel argument as a range() bound (numpy 2 refuses
+    # While loops: Triton 3.6's interpreter cannot take a kernel argument as a range() bound (numpy 2 refuses
     # to read its 1-element array as an int).
     tile = 0
-    while tile < tiles_per_split:
-        cols = split * cols_per_split + tile * BLOCK_COLS + tl.arange(0, BLOCK_COLS)[None, :, None]
-        pixel_ok = (rows < n_rows) & (cols < n_cols)
-        mask = pixel_ok & component_ok
-        slots = rows * stride_params_row + cols * stride_params_col + params_components
-
-        logits = _load_block(params_ptr, 0, params_block, slots, mask)
-        logits = tl.where(component_ok, logits, float("-inf"))
+    while tile < tiles:
+        cols = col_start + tile * BLOCK_COLS + tl.arange(0, BLOCK_COLS)[None, :]
+        mask = (rows < n_rows) & (cols < n_cols)
+        pixels = params_ptr + rows * stride_params_row + cols * stride_params_col
+        levels = ()
         ys = ()
-        d_means = ()
-        d_log_scales = ()
-        tanh_slopes = ()  # 1 - tanh^2 of each coefficient, in pair order
-        log_mass_sum = tl.zeros([BLOCK_ROWS, BLOCK_COLS, M_PAD], dtype=tl.float32)
         for c in tl.static_range(C):
             x_c = tl.load(x_ptr + rows * stride_x_row + c * stride_x_channel + cols * stride_x_col,
-                          mask=pixel_ok, other=0.0).to(tl.float32)
+                          mask=mask, other=0.0).to(tl.float32)
             level = _level(x_c, max_level)
-            y = level * (2.0 * half_width) - 1.0
-            mean = _load_block(params_ptr, 1 + c, params_block, slots, mask)
-            for j in tl.static_range(c):
-                coef = _load_block(params_ptr, _coef_block(c, j, C), params_block, slots, mask)
-                t, slope = _tanh_and_derivative(coef)
-                mean += t * ys[j]
-                tanh_slopes = tanh_slopes + (slope,)
-            log_scale = _load_block(params_ptr, 1 + C + c, params_block, slots, mask)
-            log_mass, d_mean, d_log_scale = _log_bin_mass(level, y, mean, log_scale, max_level, half_width,
-                                                          log_bin_width)
-            log_mass_sum += log_mass
-            ys = ys + (y,)
-            d_means = d_means + (d_mean,)
-            d_log_scales = d_log_scales + (d_log_scale,)
+            levels = levels + (level,)
+            ys = ys + (level * (2.0 * half_width) - 1.0,)
 
-        # log_softmax of the logits, then logsumexp over the components (padding at -inf drops out).
-        logit_max = tl.max(logits, axis=2)[:, :, None]
-        prior = _exp(logits - logit_max)
-        prior_sum = tl.sum(prior, axis=2)[:, :, None]
-        joint = logits - logit_max + log_mass_sum  # log prior + log mass, up to log(prior_sum)
-        joint_max = tl.max(joint, axis=2)[:, :, None]
-        posterior = _exp(joint - joint_max)
-        posterior_sum = tl.sum(posterior, axis=2)[:, :, None]
+        # log p = logsumexp_m(J_m) - log(sum_m e^(l_m - max l)), J_m = l_m - max l + sum_c L_cm, both sums online:
+        # a running maximum and one exponential per component each. The joints are kept relative to the largest
+        # logit so far (as the reference's log_softmax, l_m - max l formed first), shifted when it rises.
+        logit_max = tl.full([BLOCK_ROWS, BLOCK_COLS], float("-inf"), dtype=tl.float32)
+        prior_sum = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+        joint_max = tl.full([BLOCK_ROWS, BLOCK_COLS], float("-inf"), dtype=tl.float32)
+        joint_sum = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+        m = 0
+        while m < n_mix:
+            logit, log_mass, _, _, _ = _component(pixels, params_block, m * stride_params_channel, mask, levels, ys,
+                                                  max_level, half_width, log_bin_width, C)
+            rise = logit - logit_max
+            prior_sum = _add_exp(prior_sum, rise)
+            logit_max = tl.maximum(logit_max, logit)
+            joint_max -= tl.maximum(rise, 0.0)
+            joint = logit - logit_max + log_mass
+            joint_sum = _add_exp(joint_sum, joint - joint_max)
+            joint_max = tl.maximum(joint_max, joint)
+            m += 1
         inv_prior_sum = fast_rcp(prior_sum)
-        log_p = joint_max + fast_log(posterior_sum * inv_prior_sum)
-        nll += tl.sum(tl.where(pixel_ok, -log_p, 0.0), axis=2)
+        log_p = joint_max + fast_log(joint_sum * inv_prior_sum)
+        nll += tl.where(mask, -log_p, 0.0)
 
         if WRITE_GRAD:
-            out = rows * stride_grad_row + cols * stride_grad_col + grad_components
-            responsibility = posterior * fast_rcp(posterior_sum)
-            grad_logits = (prior * inv_prior_sum - responsibility) * grad_scale
-            _store_block(grad_ptr, grad_logits, 0, grad_block, out, mask)
-            weight = -responsibility * grad_scale
-            for c in tl.static_range(C):
-                grad_mean = weight * d_means[c]
-                _store_block(grad_ptr, grad_mean, 1 + c, grad_block, out, mask)
-                grad_log_scale = weight * d_log_scales[c]
-                _store_block(grad_ptr, grad_log_scale, 1 + C + c, grad_block, out, mask)
-                for j in tl.static_range(c):
-                    grad_coef = grad_mean * tanh_slopes[c * (c - 1) // 2 + j] * ys[j]
-                    _store_block(grad_ptr, grad_coef, _coef_block(c, j, C), grad_block, out, mask)
+            # Each component again, now with its derivatives, weighted by its posterior responsibility R_m.
+            out = grad_ptr + rows * stride_grad_row + cols * stride_grad_col
+            prior_scale = inv_prior_sum * grad_scale
+            posterior_scale = fast_rcp(joint_sum) * grad_scale
+            m = 0
+            while m < n_mix:
+                logit, log_mass, d_means, d_log_scales, tanh_slopes = _component(
+                    pixels, params_block, m * stride_params_channel, mask, levels, ys, max_level, half_width,
+                    log_bin_width, C,
+                )
+                component = m * stride_grad_channel
+                weight = -_exp(logit - logit_max + log_mass - joint_max) * posterior_scale  # -R_m grad_scale
+                _store_block(out, _exp(logit - logit_max) * prior_scale + weight, 0, grad_block, component, mask)
+                for c in tl.static_range(C):
+                    grad_mean = weight * d_means[c]
+                    _store_block(out, grad_mean, 1 + c, grad_block, component, mask)
+                    _store_block(out, weight * d_log_scales[c], 1 + C + c, grad_block, component, mask)
+                    for j in tl.static_range(c):
+                        grad_coef = grad_mean * tanh_slopes[c * (c - 1) // 2 + j] * ys[j]
+                        _store_block(out, grad_coef, _coef_block(c, j, C), grad_block, component, mask)
+                m += 1
         tile += 1
 
     row = row_offsets(tl.program_id(0), BLOCK_ROWS)
@@ -374,9 +440,7 @@ def discretized_logistic_mixture_forward(
     n_cols = math.prod(x.shape[2:])
     params3 = params.reshape(batch, params.shape[1], n_cols)
     x3 = x.reshape(batch, channels, n_cols)
-    m_pad = triton.next_power_of_2(num_mixtures)
-    pixels = max(tile_slots(channels) // m_pad, 1)
-    tiling = plan_rows(batch, n_cols, params.device, block_elements=pixels, num_warps=NUM_WARPS)
+    tiling = plan(batch, n_cols, channels, params.device)
     partial_nll = torch.empty((batch, tiling.n_splits), dtype=torch.float32, device=params.device)
     grad = torch.empty(params3.shape, dtype=params.dtype, device=params.device) if write_grad else None
     max_level = 2**num_bits - 1
@@ -385,9 +449,9 @@ def discretized_logistic_mixture_forward(
             params3, x3, partial_nll, grad if write_grad else partial_nll,
             batch, n_cols, num_mixtures,
             *params3.stride(), *x3.stride(), *(grad.stride() if write_grad else (0, 0, 0)),
-            tiling.cols_per_split, tiling.cols_per_split // tiling.block_cols,
+            tiling.cols_per_split,
             float(max_level), 1.0 / max_level, math.log(2.0 / max_level), grad_scale,
-            C=channels, M_PAD=m_pad, WRITE_GRAD=write_grad,
+            C=channels, WRITE_GRAD=write_grad,
             BLOCK_ROWS=tiling.block_rows, BLOCK_COLS=tiling.block_cols, num_warps=tiling.num_warps,
         )
     return sum_splits(partial_nll), grad.view(params.shape) if write_grad else None

@@ -334,12 +334,12 @@ def test_results_do_not_depend_on_tiling(device, monkeypatch):
     from fastvae.kernels import launch
 
     # Tiny tiles and many programs: several row tiles, column splits and loop trips even at small sizes.
-    monkeypatch.setattr(kernels, "tile_slots", lambda channels: 16)
+    monkeypatch.setattr(kernels, "tile_pixels", lambda channels: 4)
     monkeypatch.setattr(launch, "target_programs", lambda device: 6)
     for batch, spatial in [(3, (2, 5)), (1, (24,)), (5, ())]:
         params = make_params(batch, 3, 3, spatial, device)
         x = make_images(batch, 3, spatial, 8, device)
-        tiling = launch.plan_rows(batch, math.prod(spatial), device, block_elements=16 // 4, num_warps=4)
+        tiling = kernels.plan(batch, math.prod(spatial), 3, device)
         assert tiling.n_splits > 1 or tiling.row_tiles > 1
         check_against_reference(params, x, 3, 8, "none")
 
@@ -663,7 +663,7 @@ def test_custom_op_registration(device, reduction, grad):
                           (params, x, 2, 8, reduction, grad))
 
 
-def _forward_kernel_job(channels, m_pad, dtype, write_grad):
+def _forward_kernel_job(channels, dtype, write_grad):
     """The forward kernel as a launch on contiguous ``params`` specializes it: unit strides are constants."""
     from fastvae.kernels import discretized_logistic_mixture as kernels
 
@@ -678,8 +678,7 @@ def _forward_kernel_job(channels, m_pad, dtype, write_grad):
             signature[name] = "constexpr"
         else:
             signature[name] = "fp32" if name in floats else "i64"
-    block_cols = kernels.tile_slots(channels) // m_pad
-    constexprs = dict(C=channels, M_PAD=m_pad, WRITE_GRAD=write_grad, BLOCK_ROWS=1, BLOCK_COLS=block_cols)
+    constexprs = dict(C=channels, WRITE_GRAD=write_grad, BLOCK_ROWS=1, BLOCK_COLS=kernels.tile_pixels(channels))
     constexprs.update({name: 1 for name in unit_strides})
     return kernels.__name__, "_dmol_forward_kernel", signature, constexprs, kernels.NUM_WARPS
 
@@ -687,9 +686,9 @@ def _forward_kernel_job(channels, m_pad, dtype, write_grad):
 def test_kernels_compile_for_a_cuda_target():
     """The interpreter runs code that compiled Triton refuses: compile the variants as a GPU would."""
     jobs = [
-        _forward_kernel_job(1, 1, "fp32", True),
-        _forward_kernel_job(3, 16, "bf16", True),
-        _forward_kernel_job(3, 4, "fp16", False),
+        _forward_kernel_job(1, "fp32", True),
+        _forward_kernel_job(3, "bf16", True),
+        _forward_kernel_job(3, "fp16", False),
     ]
     compile_for_cuda(jobs)
 

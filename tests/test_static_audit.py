@@ -89,6 +89,29 @@ def test_walk_leaves_a_top_tested_loop_after_one_trip():
     assert [i.addr for i in executed_path(code).executed] == [0x00, 0x10, 0x20, 0x30, 0x40, 0x10, 0x50]
 
 
+def test_walk_counts_the_innermost_loops_apart():
+    """A main loop around two inner ones (the DMOL's loops over components): each runs once, and the instructions
+    of the innermost (which hold no loop) are counted apart, for the audit to multiply by their trips."""
+    listing = sass(
+        "S2R R0, SR_CTAID.X",  # 0x00
+        "FADD R1, R1, R1",  # 0x10  main loop: per-tile work
+        "FFMA R2, R2, R2, R2",  # 0x20  first inner loop
+        "@P0 BRA 0x20",  # 0x30
+        "FMUL R3, R3, R3",  # 0x40  between the inner loops
+        "MUFU.EX2 R4, R4",  # 0x50  second inner loop
+        "FADD R4, R4, R4",  # 0x60
+        "@P1 BRA 0x50",  # 0x70
+        "@P2 BRA 0x10",  # 0x80  the main loop's back edge
+        "EXIT",  # 0x90
+    )
+    path = executed_path(parse_sass(listing))
+    assert [i.addr for i in path.executed] == [0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90]
+    assert path.loops == 3 and path.loop_body == 8
+    assert [i.addr for i in path.innermost] == [0x20, 0x30, 0x50, 0x60, 0x70]
+    result = analyse(listing, "REG:8")
+    assert result["innermost_loop_instructions"] == 5 and result["innermost_pipes"] == {"fp32": 2, "mufu": 1}
+
+
 def test_walk_skips_a_division_subroutine():
     listing = sass(
         "MUFU.RCP R1, R0",  # 0x00

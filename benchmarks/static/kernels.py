@@ -10,7 +10,8 @@ tiles of 1,024) and the tiles that overhang the end. So the audit counts
 instructions per slot (the SASS a thread runs for one trip, over its slots)
 and scales them by ``slots / elements`` of the launch, the slots its tiles
 cover; ``tests/test_static_audit.py`` checks that ratio against the masks
-of the interpreter's loads and stores. An argument listed under a condition is only
+of the interpreter's loads and stores. A kernel with loops inside its main
+loop (``inner_trips``) runs their bodies that many times a trip. An argument listed under a condition is only
 touched when that expression of the launch's constexprs (and, for traffic
 that depends on the data, its arguments) is true; the launcher passes a
 placeholder pointer otherwise. ``tests/test_static_audit.py``
@@ -51,6 +52,9 @@ class KernelSpec:
     # Expression of the arguments and constexprs: the slots all the launch's tiles cover, padding included
     # (``padded(n, block)`` rounds up); None where they cover exactly the elements.
     slots: str | None = None
+    # Expression of the arguments: trips the kernel's innermost loops make per trip of the loop around them,
+    # each over ``tile`` slots (the DMOL's loop over a pixel's components); None for a kernel of one loop.
+    inner_trips: str | None = None
 
     def accessed(self, constexprs: dict, args: dict | None = None) -> tuple[list[str], list[str]]:
         """Pointer arguments read and written by a launch with ``constexprs`` (and argument values ``args``)."""
@@ -74,6 +78,9 @@ class KernelSpec:
             return 1.0
         slots = int(eval(self.slots, dict(_HELPERS), {**args, **constexprs}))  # noqa: S307
         return slots / max(self.count_elements(args), 1)
+
+    def count_inner_trips(self, args: dict) -> int:
+        return 1 if self.inner_trips is None else int(eval(self.inner_trips, {}, dict(args)))  # noqa: S307
 
 
 _REPARAM = "fastvae.kernels.reparameterize_kl"
@@ -166,17 +173,18 @@ KERNELS = [
         tile="BLOCK_ROWS * BLOCK_COLS",
         slots=_ROW_SLOTS,
     ),
-    # Elements are pixel-components (B x pixels x M): a program covers BLOCK_ROWS x BLOCK_COLS pixels times the M_PAD
-    # slots of the components (the padding masked off: M = 10 in 16), and a pixel-component reads and writes
-    # (1 + 2C + C(C-1)/2) parameters. Every column split runs all its tiles, the last one's past the row's end too.
+    # Elements are pixel-components (B x pixels x M). A program's tile is BLOCK_ROWS x BLOCK_COLS pixels, whose M
+    # components inner loops take one at a time (one, and a second for the gradient), and a pixel-component reads
+    # and writes (1 + 2C + C(C-1)/2) parameters.
     KernelSpec(
         _DMOL,
         "_dmol_forward_kernel",
         reads={"params_ptr": ALWAYS, "x_ptr": ALWAYS},
         writes={"nll_ptr": ALWAYS, "grad_ptr": "WRITE_GRAD"},
         elements="n_rows * n_cols * n_mix",
-        tile="BLOCK_ROWS * BLOCK_COLS * M_PAD",
-        slots="padded(n_rows, BLOCK_ROWS) * padded(n_cols, cols_per_split) * M_PAD",
+        tile="BLOCK_ROWS * BLOCK_COLS",
+        slots="padded(n_rows, BLOCK_ROWS) * padded(n_cols, BLOCK_COLS) * n_mix",
+        inner_trips="n_mix",
     ),
     KernelSpec(
         _VQ,

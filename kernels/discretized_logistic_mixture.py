@@ -126,8 +126,8 @@ unit wherever nothing else keeps ``params`` alive.
 """
 from __future__ import annotations
 
+import functools
 import math
-
 import struct
 
 import torch
@@ -142,6 +142,7 @@ LOG2_E = tl.constexpr(1.0 / math.log(2.0))
 LOG2_E_LOW = tl.constexpr(1.0 / math.log(2.0) - struct.unpack("f", struct.pack("f", 1.0 / math.log(2.0)))[0])
 # Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude below 2**22 to an integer, half to even.
 ROUNDING_SHIFT = tl.constexpr(1.5 * 2.0**23)
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 NUM_WARPS = 4
 # Pixels a thread holds at once, by channels (1, 2, 3; 1 beyond): consecutive ones, so that its loads are vectors.
 PIXELS_PER_THREAD = {1: 4, 2: 2, 3: 2}
@@ -160,18 +161,24 @@ def tile_pixels(channels: int) -> int:
 
 def plan(batch: int, n_cols: int, channels: int, device) -> RowTiling:
     """The launch plan: :func:`~fastvae.kernels.launch.plan_rows` with tiles of :func:`tile_pixels` pixels, as
-    tall as leaves the fewest pixel slots past the ends of the rows and columns (784 pixels a sample: tiles of
-    16 samples by 32 pixels, 2 % past the end, not 512 pixels of one sample, 31 %)."""
-    block = tile_pixels(channels)
+    tall as leaves the fewest pixel slots past the ends of the samples and of the batch, the widest of those
+    (784 pixels a sample: tiles of 32 samples by 16 pixels cover them exactly, where tiles of 512 pixels of one
+    sample would run 1,024 slots for them)."""
+    return _plan(batch, n_cols, tile_pixels(channels), torch.device(device))
 
-    def slots(tall):
-        tiling = plan_rows(batch, n_cols, device, min_block_rows=tall, block_elements=block, num_warps=NUM_WARPS)
+
+@functools.lru_cache(maxsize=256)
+def _plan(batch: int, n_cols: int, block: int, device: torch.device) -> RowTiling:
+    def slots(tiling):
         return triton.cdiv(batch, tiling.block_rows) * tiling.block_rows * triton.cdiv(
             n_cols, tiling.block_cols
-        ) * tiling.block_cols, tiling
+        ) * tiling.block_cols
 
-    candidates = [slots(1 << k) for k in range(block.bit_length())]
-    return min(candidates, key=lambda c: c[0])[1]  # the first of the fewest: the widest columns
+    tilings = [
+        plan_rows(batch, n_cols, device, min_block_rows=1 << k, block_elements=block, num_warps=NUM_WARPS)
+        for k in range(block.bit_length())
+    ]
+    return min(tilings, key=slots)  # the first of the fewest: the widest columns
 
 
 @triton.jit
@@ -245,40 +252,52 @@ def _clamp(x, low, high):
 
 
 @triton.jit
-def _log_bin_mass(level, y, mean, log_scale, max_level, half_width, log_bin_width):
+def _bin(x, max_level, half_width):
+    """The observed bin of one channel, once per pixel: its edges ``y - h`` and ``y + h``, its centre ``y``, and
+    whether each edge is finite (1.0) or open (0.0: the lowest level reaches -inf, the highest +inf). As numbers,
+    not predicates: a thread holds several pixels' channels at once, more than its predicate registers."""
+    level = _level(x, max_level)
+    y = level * (2.0 * half_width) - 1.0
+    keep_a = tl.where(level == 0.0, 0.0, 1.0)
+    keep_b = tl.where(level == max_level, 0.0, 1.0)
+    return y - half_width, y + half_width, y, keep_a, keep_b
+
+
+@triton.jit
+def _log_bin_mass(y_lo, y_hi, keep_a, keep_b, mean, log_scale, half_width, log_bin_width):
     """log of the bin's mass for one channel, and its derivatives in the mean and in the raw log-scale.
 
     Three exponentials (``e^-|a|``, ``e^-|b|``, ``e^-w``), one reciprocal and one log, shared by the value and
-    both derivatives: ``L = lin + base + log(G / (P_a P_b))`` (see the module docstring).
+    both derivatives: ``L = lin + base + log(G / (P_a P_b))`` (see the module docstring). An open edge
+    (``keep_a`` or ``keep_b`` 0) drops its terms by multiplying them by 0: each is finite there, ``a`` and ``b``
+    in ``lin`` bounded first (they overflow only for means beyond 1e35).
     """
     s = tl.maximum(log_scale, MIN_LOG_SCALE, propagate_nan=tl.PropagateNan.ALL)
     inv = _exp_accurate(-s)
-    a = inv * (y - half_width - mean)
-    b = inv * (y + half_width - mean)
-    lower_open = level == 0.0  # the lowest bin reaches -inf: no F(y - h) term
-    upper_open = level == max_level  # the highest reaches +inf: no F(y + h) term
-    interior = (~lower_open) & (~upper_open)
-    e_a = _exp(-tl.abs(a))
-    e_b = _exp(-tl.abs(b))
-    p_a = tl.where(lower_open, 1.0, 1.0 + e_a)  # e^-max(a, 0) / sigmoid(-a)
-    p_b = tl.where(upper_open, 1.0, 1.0 + e_b)  # e^min(b, 0) / sigmoid(b)
+    a = inv * (y_lo - mean)
+    b = inv * (y_hi - mean)
+    e_a = _exp(-tl.abs(a)) * keep_a
+    e_b = _exp(-tl.abs(b)) * keep_b
+    p_a = 1.0 + e_a  # e^-max(a, 0) / sigmoid(-a); 1 at the open lowest level
+    p_b = 1.0 + e_b  # e^min(b, 0) / sigmoid(b); 1 at the open highest level
+    interior = keep_a * keep_b
     # G: the gap 1 - e^-w (w = -u = 2 h inv), or (1 - e^-w) / w by a series where 1 - e^-w would cancel (its log w
-    # is in base); 1 at an edge.
+    # is in base); 1 at an edge (G is in [1/2, 1], so 1 + (G - 1) is G exactly).
     w = (2.0 * half_width) * inv
     e_w = _exp(-w)
     near = w < LOG_2
-    gap = tl.where(interior, tl.where(near, _one_minus_exp_over(w), 1.0 - e_w), 1.0)
+    gap = 1.0 + interior * (tl.where(near, _one_minus_exp_over(w), 1.0 - e_w) - 1.0)
     inv_all = fast_rcp(gap * p_a * p_b)
     inv_p = gap * inv_all  # 1 / (P_a P_b)
-    lin = tl.where(upper_open, 0.0, tl.minimum(b, 0.0)) - tl.where(lower_open, 0.0, tl.maximum(a, 0.0))
-    base = tl.where(interior & near, log_bin_width - s, 0.0)  # log w, exact even where inv underflows
+    lin = tl.maximum(tl.minimum(b, 0.0), -FLOAT32_MAX) * keep_b - tl.minimum(tl.maximum(a, 0.0), FLOAT32_MAX) * keep_a
+    base = tl.where(near, log_bin_width - s, 0.0) * interior  # log w, exact even where inv underflows
     log_mass = lin + base + fast_log(gap * inv_p)
-    d_a = tl.where(lower_open, 0.0, -tl.where(a >= 0.0, 1.0, e_a) * p_b * inv_p)  # -sigmoid(a)
-    d_b = tl.where(upper_open, 0.0, tl.where(b <= 0.0, 1.0, e_b) * p_a * inv_p)  # sigmoid(-b)
+    d_a = -tl.where(a >= 0.0, keep_a, e_a) * (p_b * inv_p)  # -sigmoid(a)
+    d_b = tl.where(b <= 0.0, keep_b, e_b) * (p_a * inv_p)  # sigmoid(-b)
     d_mean = -inv * (d_a + d_b)
     # a, b and u all scale with inv = e^-s: u d/du log(1 - e^u) = w e^-w / (1 - e^-w) = e^-w / r near, w e^-w / gap.
-    u_d_gap = tl.where(near, e_w, w * e_w) * (p_a * p_b * inv_all)
-    d_log_scale = -(a * d_a + b * d_b) - tl.where(interior, u_d_gap, 0.0)
+    u_d_gap = tl.where(near, e_w, w * e_w) * (p_a * p_b * inv_all) * interior
+    d_log_scale = -(a * d_a + b * d_b) - u_d_gap
     # The clamp passes the gradient where log_scale >= -7.
     d_log_scale = tl.where(log_scale >= MIN_LOG_SCALE, d_log_scale, 0.0)
     return log_mass, d_mean, d_log_scale
@@ -305,8 +324,7 @@ def _coef_block(c, j, C: tl.constexpr):
 
 
 @triton.jit
-def _component(pixels, block_stride, component, mask, levels, ys, max_level, half_width, log_bin_width,
-               C: tl.constexpr):
+def _component(pixels, block_stride, component, mask, bins, half_width, log_bin_width, C: tl.constexpr):
     """One mixture component at the tile's pixels: its logit, ``sum_c L_c`` and, per channel, ``dL/dmean``,
     ``dL/ds`` and the tanh slopes of its coefficients (pair order). What a caller leaves unused is not computed."""
     logit = _load_block(pixels, 0, block_stride, component, mask)
@@ -318,10 +336,11 @@ def _component(pixels, block_stride, component, mask, levels, ys, max_level, hal
         mean = _load_block(pixels, 1 + c, block_stride, component, mask)
         for j in tl.static_range(c):
             t, slope = _tanh_and_derivative(_load_block(pixels, _coef_block(c, j, C), block_stride, component, mask))
-            mean += t * ys[j]
+            mean += t * bins[j][2]
             tanh_slopes = tanh_slopes + (slope,)
         log_scale = _load_block(pixels, 1 + C + c, block_stride, component, mask)
-        l_c, d_mean, d_log_scale = _log_bin_mass(levels[c], ys[c], mean, log_scale, max_level, half_width,
+        y_lo, y_hi, _, keep_a, keep_b = bins[c]
+        l_c, d_mean, d_log_scale = _log_bin_mass(y_lo, y_hi, keep_a, keep_b, mean, log_scale, half_width,
                                                  log_bin_width)
         log_mass += l_c
         d_means = d_means + (d_mean,)
@@ -359,14 +378,11 @@ def _dmol_forward_kernel(
         cols = col_start + tile * BLOCK_COLS + tl.arange(0, BLOCK_COLS)[None, :]
         mask = (rows < n_rows) & (cols < n_cols)
         pixels = params_ptr + rows * stride_params_row + cols * stride_params_col
-        levels = ()
-        ys = ()
+        bins = ()
         for c in tl.static_range(C):
             x_c = tl.load(x_ptr + rows * stride_x_row + c * stride_x_channel + cols * stride_x_col,
                           mask=mask, other=0.0).to(tl.float32)
-            level = _level(x_c, max_level)
-            levels = levels + (level,)
-            ys = ys + (level * (2.0 * half_width) - 1.0,)
+            bins = bins + (_bin(x_c, max_level, half_width),)
 
         # log p = logsumexp_m(J_m) - log(sum_m e^(l_m - max l)), J_m = l_m - max l + sum_c L_cm, both sums online:
         # a running maximum and one exponential per component each. The joints are kept relative to the largest
@@ -377,8 +393,8 @@ def _dmol_forward_kernel(
         joint_sum = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
         m = 0
         while m < n_mix:
-            logit, log_mass, _, _, _ = _component(pixels, params_block, m * stride_params_channel, mask, levels, ys,
-                                                  max_level, half_width, log_bin_width, C)
+            logit, log_mass, _, _, _ = _component(pixels, params_block, m * stride_params_channel, mask, bins,
+                                                  half_width, log_bin_width, C)
             rise = logit - logit_max
             prior_sum = _add_exp(prior_sum, rise)
             logit_max = tl.maximum(logit_max, logit)
@@ -399,8 +415,7 @@ def _dmol_forward_kernel(
             m = 0
             while m < n_mix:
                 logit, log_mass, d_means, d_log_scales, tanh_slopes = _component(
-                    pixels, params_block, m * stride_params_channel, mask, levels, ys, max_level, half_width,
-                    log_bin_width, C,
+                    pixels, params_block, m * stride_params_channel, mask, bins, half_width, log_bin_width, C
                 )
                 component = m * stride_grad_channel
                 weight = -_exp(logit - logit_max + log_mass - joint_max) * posterior_scale  # -R_m grad_scale
@@ -410,7 +425,7 @@ def _dmol_forward_kernel(
                     _store_block(out, grad_mean, 1 + c, grad_block, component, mask)
                     _store_block(out, weight * d_log_scales[c], 1 + C + c, grad_block, component, mask)
                     for j in tl.static_range(c):
-                        grad_coef = grad_mean * tanh_slopes[c * (c - 1) // 2 + j] * ys[j]
+                        grad_coef = grad_mean * tanh_slopes[c * (c - 1) // 2 + j] * bins[j][2]
                         _store_block(out, grad_coef, _coef_block(c, j, C), grad_block, component, mask)
                 m += 1
         tile += 1

@@ -27,20 +27,23 @@ the value carries the float32 rounding of ``a`` and ``b`` themselves and a few
 1e-7 from the last log, for any mean and any scale from ``e^-7`` up (masses
 of 1e-30 and far below), with no density approximation and a finite gradient.
 The mixture takes ``log p = max J + log(sum_m e^(J_m - max J) / sum_m e^(l_m -
-max l))`` with ``J_m = l_m - max l + sum_c L_cm``: one more log and two
-reciprocals per pixel.
+max l))`` with ``J_m = l_m - max l + sum_c L_cm``, both sums online over the
+components (a running maximum, each term one exponential): one more log and
+one reciprocal per pixel.
 
-Fast math, on the GPU: ``e^x`` is ``ex2.approx.ftz`` (as ``tl.exp`` is),
-reciprocals ``rcp.approx.ftz`` (1 ulp, :func:`~fastvae.kernels.launch.fast_rcp`)
+Fast math, on the GPU: ``e^x`` is ``ex2.approx.ftz`` (as ``tl.exp`` is), except
+``inv = e^-s``, whose relative error would grow with ``|s|`` (about ``|s|``
+6e-8, from rounding ``s log2 e``) and is the log-mass's relative error in the
+far tails: there three FMAs put the rounding back (:func:`_exp_accurate`).
+Reciprocals are ``rcp.approx.ftz`` (1 ulp, :func:`~fastvae.kernels.launch.fast_rcp`)
 and the two logs :func:`~fastvae.kernels.launch.fast_log` (``lg2.approx`` on
 the mantissa, within 2^-22 there); the interpreter computes them exactly.
 The tests' tolerances hold with these functions' documented worst errors
 injected, all of one sign (``docs/performance-dmol.md``). Compiled for sm_90
-the forward takes 540.5 SASS instructions per pixel-component slot for RGB
-at M = 10 with the gradient (1,526 with libdevice's logs, ``div.full``
-divisions and one slot per thread), under the memory time of its bytes on an
-H100 in float32 (0.60 of it) and bfloat16 (1.20): the static audit,
-``python -m benchmarks --static``.
+the forward takes 610 SASS instructions per pixel-component for RGB at M = 10
+with the gradient (865 before, in 16 slots for 10 components), under the
+memory time of its bytes on an H100 in float32 (0.67 of it) and bfloat16
+(1.40): the static audit, ``python -m benchmarks --static``.
 
 Gradient in the forward. With ``R_m`` the posterior responsibility of
 component ``m`` (the softmax of the summed log terms), the kernel writes, in
@@ -54,19 +57,21 @@ the pass that sums the nll, times ``grad_scale``::
 (edge levels keep the ``a`` or the ``b`` terms only). The clamp passes the
 gradient at ``log_scale == -7`` exactly, as ``torch.clamp``'s autograd does.
 
-Tiles. The grid is :func:`~fastvae.kernels.launch.plan_rows`'s: rows are
+Tiles. The grid is :func:`plan`'s (:func:`~fastvae.kernels.launch.plan_rows`
+with tiles as tall as leave the fewest slots past the ends): rows are
 samples, columns the pixels of a sample (``N``, the product of the trailing
-dims), and a program covers ``BLOCK_ROWS x BLOCK_COLS`` pixels times the
-``M_PAD`` (``M`` rounded up to a power of two, the padding masked off)
-components, :func:`tile_slots` pixel-components in all, so the registers a
-thread needs do not grow with ``M``. The channel loop is unrolled (``C`` is a
-constexpr): channel ``c``'s derivatives and tanh terms wait in registers for
-the responsibilities, which need every channel. ``params`` and ``x`` are read
-with their own strides (int64 offsets); partial sums per sample and column
-split are added by the launcher. Compiled for sm_90 on contiguous ``params``,
-Triton gives each thread consecutive pixels (vector loads) and spreads the
-components over threads and warps, so the reductions over components pass
-through 1 KiB of shared memory.
+dims), and a program covers ``BLOCK_ROWS x BLOCK_COLS`` pixels,
+:func:`tile_pixels` in all, consecutive ones in each thread (vector loads). A
+thread takes its pixels' ``M`` components one at a time, in a loop: no slot
+is padding whatever ``M`` is, its registers do not grow with ``M``, and the
+sums over components stay in the thread (no shuffles, no shared memory). The
+channel loop is unrolled (``C`` is a constexpr). The nll needs every
+component before the responsibilities are known, so with the gradient a
+second loop over the components computes each one again, now with its
+derivatives (sharing its exponentials with the value), and writes its
+gradient: the compute of the value twice, in exchange for nothing waiting in
+registers. ``params`` and ``x`` are read with their own strides (int64
+offsets); partial sums per sample and column split are added by the launcher.
 
 Memory traffic per pass, in units of ``params``' size (``B P N`` elements of its
 dtype, ``P = M (C + 1)(C + 2) / 2``: 100 per pixel for RGB at M = 10); ``x``
@@ -134,6 +139,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .launch import LOG_2, RowTiling, device_guard, fast_log, fast_rcp, plan_rows, row_offsets, sum_splits
 
 MIN_LOG_SCALE = tl.constexpr(-7.0)
@@ -146,6 +152,7 @@ FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 NUM_WARPS = 4
 # Pixels a thread holds at once, by channels (1, 2, 3; 1 beyond): consecutive ones, so that its loads are vectors.
 PIXELS_PER_THREAD = {1: 4, 2: 2, 3: 2}
+MIN_BLOCK_COLS = 16
 
 
 def tile_pixels(channels: int) -> int:
@@ -161,21 +168,27 @@ def tile_pixels(channels: int) -> int:
 
 def plan(batch: int, n_cols: int, channels: int, device) -> RowTiling:
     """The launch plan: :func:`~fastvae.kernels.launch.plan_rows` with tiles of :func:`tile_pixels` pixels, as
-    tall as leaves the fewest pixel slots past the ends of the samples and of the batch, the widest of those
-    (784 pixels a sample: tiles of 32 samples by 16 pixels cover them exactly, where tiles of 512 pixels of one
-    sample would run 1,024 slots for them)."""
-    return _plan(batch, n_cols, tile_pixels(channels), torch.device(device))
+    tall as leaves the fewest pixel slots past the ends of the samples and of the batch, the widest of those, and
+    at least :data:`MIN_BLOCK_COLS` pixels wide (784 pixels a sample: tiles of 32 samples by 16 pixels cover them
+    exactly, where tiles of 512 pixels of one sample would run 1,024 slots for them)."""
+    device = torch.device(device)
+    # What plan_rows fills (programs per device) is part of the cache's key: the static audit plans for an H100.
+    return _plan(batch, n_cols, tile_pixels(channels), device, launch.target_programs(device))
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(batch: int, n_cols: int, block: int, device: torch.device) -> RowTiling:
+def _plan(batch: int, n_cols: int, block: int, device: torch.device, programs: int) -> RowTiling:
     def slots(tiling):
         return triton.cdiv(batch, tiling.block_rows) * tiling.block_rows * triton.cdiv(
             n_cols, tiling.block_cols
         ) * tiling.block_cols
 
+    # Column blocks of 16 pixels at least (where a sample has them): a row's pixels in a tile then fill whole
+    # 32-byte sectors, and each thread's are consecutive (vector loads).
+    narrowest = min(MIN_BLOCK_COLS, triton.next_power_of_2(n_cols))
     tilings = [
-        plan_rows(batch, n_cols, device, min_block_rows=1 << k, block_elements=block, num_warps=NUM_WARPS)
+        plan_rows(batch, n_cols, device, min_block_cols=narrowest, min_block_rows=1 << k, block_elements=block,
+                  num_warps=NUM_WARPS)
         for k in range(block.bit_length())
     ]
     return min(tilings, key=slots)  # the first of the fewest: the widest columns

@@ -329,6 +329,35 @@ def test_shapes(device, shape):
     check_against_reference(params, x, 2, 8, "none")
 
 
+def test_tiles_are_shaped_to_leave_the_fewest_pixels_past_the_ends():
+    from fastvae.kernels import discretized_logistic_mixture as kernels
+
+    def slots(tiling, batch, n_cols):
+        return math.ceil(batch / tiling.block_rows) * tiling.block_rows * math.ceil(n_cols / tiling.block_cols) * (
+            tiling.block_cols
+        )
+
+    # 784 = 49 x 16 pixels: tiles 16 pixels wide cover MNIST exactly (512 wide would run 1,024 slots a sample).
+    tiling = kernels.plan(128, 784, 1, "cpu")
+    assert slots(tiling, 128, 784) == 128 * 784 and tiling.block_rows * tiling.block_cols == kernels.tile_pixels(1)
+    # Where every shape fits, the widest: a sample's pixels in a row.
+    tiling = kernels.plan(64, 1024, 3, "cpu")
+    assert (tiling.block_rows, tiling.block_cols) == (1, kernels.tile_pixels(3))
+    # Any shape: the fewest slots of the tiles plan_rows offers 16 pixels wide or more (as wide as a sample).
+    for batch, n_cols, channels in [(100, 20, 1), (128, 49, 1), (3, 25, 3), (64, 300, 3), (5, 2000, 1)]:
+        tiling = kernels.plan(batch, n_cols, channels, "cpu")
+        offered = [
+            kernels.launch.plan_rows(batch, n_cols, torch.device("cpu"), min_block_rows=2**k,
+                                     block_elements=kernels.tile_pixels(channels))
+            for k in range(12)
+        ]
+        wide = [t for t in offered if t.block_cols >= min(16, n_cols)]
+        assert tiling.block_cols >= min(16, n_cols)
+        assert slots(tiling, batch, n_cols) == min(slots(t, batch, n_cols) for t in wide)
+    # Samples of one pixel (no spatial dims): tiles of samples.
+    assert kernels.plan(1000, 1, 3, "cpu").block_cols == 1
+
+
 def test_results_do_not_depend_on_tiling(device, monkeypatch):
     from fastvae.kernels import discretized_logistic_mixture as kernels
     from fastvae.kernels import launch

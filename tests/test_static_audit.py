@@ -316,28 +316,34 @@ def _calls_covering_every_kernel_flag():
     return calls
 
 
-@interpreted
-def test_access_table_matches_the_loads_and_stores_the_interpreter_sees():
-    """Each kernel entry's reads and writes, under each flag the ops use, against what the kernel touches."""
-    seen = set()
-    for call in _calls_covering_every_kernel_flag():
+def _launches_run(calls):
+    """Each Triton launch of ``calls`` (recorded, then run alone under the interpreter): the launch, its kernel's
+    entry in the access table, and what the run loaded and stored."""
+    from benchmarks.static.kernels import kernel_spec
+
+    for call in calls:
         launches = []
         with LaunchRecorder(launches=launches, execute=False):
             call()
         for launch in launches:
-            from benchmarks.static.kernels import kernel_spec
-
-            spec = kernel_spec(launch.module, launch.kernel)
-            reads, writes = spec.accessed(launch.constexprs, launch.args)
-            tensors = [v for v in launch.args.values() if isinstance(v, torch.Tensor)]
             kernel = getattr(__import__(launch.module, fromlist=[launch.kernel]), launch.kernel)
             with _Accesses() as accesses:
                 kernel[launch.grid](*launch.args.values(), **launch.constexprs, **launch.options)
-            storage = {name: launch.args[name].untyped_storage().data_ptr() for name in reads + writes}
-            context = (launch.kernel, launch.constexprs)
-            assert _Accesses.storages(accesses.loads, tensors) == {storage[n] for n in reads}, context
-            assert _Accesses.storages(accesses.stores, tensors) == {storage[n] for n in writes}, context
-            seen.add(launch.kernel)
+            yield launch, kernel_spec(launch.module, launch.kernel), accesses
+
+
+@interpreted
+def test_access_table_matches_the_loads_and_stores_the_interpreter_sees():
+    """Each kernel entry's reads and writes, under each flag the ops use, against what the kernel touches."""
+    seen = set()
+    for launch, spec, accesses in _launches_run(_calls_covering_every_kernel_flag()):
+        reads, writes = spec.accessed(launch.constexprs, launch.args)
+        tensors = [v for v in launch.args.values() if isinstance(v, torch.Tensor)]
+        storage = {name: launch.args[name].untyped_storage().data_ptr() for name in reads + writes}
+        context = (launch.kernel, launch.constexprs)
+        assert _Accesses.storages(accesses.loads, tensors) == {storage[n] for n in reads}, context
+        assert _Accesses.storages(accesses.stores, tensors) == {storage[n] for n in writes}, context
+        seen.add(launch.kernel)
     assert seen >= {k.name for k in KERNELS if k.module.startswith("fastvae")}
 
 
@@ -383,25 +389,15 @@ def test_slots_per_element_match_the_masks_the_interpreter_sees():
     """Each kernel entry's slots over elements (the padding whose instructions the audit counts) against the
     fraction of masked-off lanes in the kernel's tile-wide loads and stores."""
     seen = set()
-    for call in _padded_calls():
-        launches = []
-        with LaunchRecorder(launches=launches, execute=False):
-            call()
-        for launch in launches:
-            from benchmarks.static.kernels import kernel_spec
-
-            spec = kernel_spec(launch.module, launch.kernel)
-            kernel = getattr(__import__(launch.module, fromlist=[launch.kernel]), launch.kernel)
-            with _Accesses() as accesses:
-                kernel[launch.grid](*launch.args.values(), **launch.constexprs, **launch.options)
-            if launch.constexprs.get("SKIP_UNIT_ROWS") and not any(
-                slots == spec.tile_elements(launch.constexprs) for _, slots, _ in accesses.masks
-            ):
-                continue  # scale_rows in place with every weight 1: no tile ran
-            measured = _measured_slots_per_element(spec, launch, accesses.masks)
-            modelled = spec.slots_per_element(launch.constexprs, launch.args)
-            assert modelled == pytest.approx(measured, rel=1e-12), (launch.kernel, launch.constexprs, launch.grid)
-            seen.add((launch.kernel, modelled > 1))
+    for launch, spec, accesses in _launches_run(_padded_calls()):
+        if launch.constexprs.get("SKIP_UNIT_ROWS") and not any(
+            slots == spec.tile_elements(launch.constexprs) for _, slots, _ in accesses.masks
+        ):
+            continue  # scale_rows in place with every weight 1: no tile ran
+        measured = _measured_slots_per_element(spec, launch, accesses.masks)
+        modelled = spec.slots_per_element(launch.constexprs, launch.args)
+        assert modelled == pytest.approx(measured, rel=1e-12), (launch.kernel, launch.constexprs, launch.grid)
+        seen.add((launch.kernel, modelled > 1))
     fastvae_kernels = {k.name for k in KERNELS if k.module.startswith("fastvae")}
     assert {name for name, _ in seen} >= fastvae_kernels
     assert {name for name, padded in seen if padded} >= fastvae_kernels - {"_scale_rows_kernel"}

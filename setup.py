@@ -6,6 +6,9 @@ subpackage ``fastvae.kernels`` (``package_dir``), for ``pip install .`` and
 """
 from setuptools import setup
 
+# fastvae.integrations.diffusers: diffusers' AutoencoderKL posterior, fused (checked with 0.30 and 0.42).
+DIFFUSERS = ["diffusers>=0.30"]
+
 setup(
     name="fastvae",
     version="0.1.0",
@@ -13,7 +16,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastvae", "fastvae.models", "fastvae.ops", "fastvae.kernels", "fastvae.training"],
+    packages=[
+        "fastvae", "fastvae.models", "fastvae.ops", "fastvae.kernels", "fastvae.training", "fastvae.integrations",
+    ],
     package_dir={"fastvae.kernels": "kernels"},
     install_requires=[
         # torch.library.custom_op with tags (torch 2.8) keeps torch.compile free of graph breaks.
@@ -33,8 +38,10 @@ setup(
     extras_require={
         # fastvae train --tensorboard (torch.utils.tensorboard writes the event files).
         "tensorboard": ["tensorboard>=2.10"],
-        # CI tests the TensorBoard logs too (reading them back with tensorboard's event reader).
-        "test": ["pytest>=7", "pytest-benchmark>=4", "tensorboard>=2.10"],
+        "diffusers": DIFFUSERS,
+        # CI tests the TensorBoard logs too (reading them back with tensorboard's event reader), and the diffusers
+        # integration against diffusers' own posterior (tests/test_diffusers.py, skipped without diffusers).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "tensorboard>=2.10", *DIFFUSERS],
     },
     entry_points={"console_scripts": ["fastvae = fastvae.cli:main"]},
 )

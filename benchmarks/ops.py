@@ -65,13 +65,20 @@ def _nbytes(shape, dtype) -> int:
 
 
 def reparameterize_case(
-    rows: int, d: int, dtype: torch.dtype, eps_given: bool, logvar_limit: float | None = None
+    rows: int,
+    d: int,
+    dtype: torch.dtype,
+    eps_given: bool,
+    logvar_limit: float | None = None,
+    logvar_clamp: tuple[float, float] | None = None,
 ) -> OpCase:
     """``reparameterize_kl`` on ``(rows, d)``: z gets a random upstream gradient, the summed KL a gradient of 1.
 
     ``logvar_limit``: the soft clamp fused in, as :class:`fastvae.nn.GaussianLatent` (and so every VAE of
-    :mod:`fastvae.models`) calls the op by default; the reference computes it as separate ops.
+    :mod:`fastvae.models`) calls the op by default; ``logvar_clamp``: the hard clamp, as diffusers' posterior
+    (:mod:`fastvae.integrations.diffusers`) calls it. The reference computes either as separate ops.
     """
+    clamps = dict(logvar_limit=logvar_limit, logvar_clamp=logvar_clamp)
     shape = (rows, d)
 
     def make_inputs(device):
@@ -82,12 +89,10 @@ def reparameterize_case(
 
     def eager(t):
         eps = t["eps"] if eps_given else torch.randn_like(t["mu"])
-        return reparameterize_kl_reference(t["mu"], t["logvar"], eps, "sum", logvar_limit=logvar_limit)
+        return reparameterize_kl_reference(t["mu"], t["logvar"], eps, "sum", **clamps)
 
     def fastvae(t):
-        return reparameterize_kl(
-            t["mu"], t["logvar"], t["eps"], reduction="sum", logvar_limit=logvar_limit, backend="triton"
-        )
+        return reparameterize_kl(t["mu"], t["logvar"], t["eps"], reduction="sum", backend="triton", **clamps)
 
     n = _nbytes(shape, dtype)
     per_row = rows * 4
@@ -95,9 +100,13 @@ def reparameterize_case(
     forward = 2 * n + reads_eps + n + per_row  # mu, logvar (, eps) -> z, kl
     backward = 3 * n + reads_eps + 2 * n  # grad_z, mu, logvar (, eps) -> grad_mu, grad_logvar
     variant = "eps given" if eps_given else "eps drawn"
+    if logvar_limit is not None:
+        variant = f"logvar_limit={logvar_limit:g}, {variant}"
+    if logvar_clamp is not None:
+        variant = f"logvar_clamp=({logvar_clamp[0]:g}, {logvar_clamp[1]:g}), {variant}"
     return OpCase(
         op="reparameterize_kl",
-        variant=variant if logvar_limit is None else f"logvar_limit={logvar_limit:g}, {variant}",
+        variant=variant,
         shape=shape,
         dtype=dtype,
         make_inputs=make_inputs,

@@ -3,7 +3,9 @@
 The inputs, of shape ``(*lead, *event)`` (the last ``event_dims`` dims are the
 event), are seen as an ``(n_rows, n_cols)`` matrix: one row per KL value (the
 leading dims, flattened), one column per element of the event. With ``c`` the
-optional soft clamp ``c(x) = L tanh(x / L)`` (``logvar_limit = L``),
+optional clamp of the log-variances, soft ``c(x) = L tanh(x / L)``
+(``logvar_limit = L``) or hard ``c(x) = min(max(x, lo), hi)``
+(``logvar_clamp = (lo, hi)``: ``logvar_min``, ``logvar_max`` in the kernels),
 ``lv = c(logvar)``, ``plv = c(prior_logvar)``, ``pmu = prior_mu`` (both 0 when
 not given: the prior N(0, I)), ``r = exp(lv - plv)`` and
 ``s = (mu - pmu) exp(-plv)``::
@@ -17,10 +19,12 @@ not given: the prior N(0, I)), ``r = exp(lv - plv)`` and
 
 With the N(0, I) prior and no clamp these are exactly the operations (in the
 same order, so the same bits) of the op before priors existed:
-``kl = 0.5 * sum(std * std + mu * mu - 1 - logvar)``. The clamp's derivative is
+``kl = 0.5 * sum(std * std + mu * mu - 1 - logvar)``. The soft clamp's derivative is
 ``c'(x) = 1 - tanh(x / L)**2 = 4 u / (1 + u)**2`` with ``u = exp(-2 |x| / L)``,
 accurate at any ``x``; tanh itself is ``(1 - u) / (1 + u)``, or its series for
-``|x / L| < 0.1``, where ``1 - u`` would cancel.
+``|x / L| < 0.1``, where ``1 - u`` would cancel. The hard clamp's is
+``torch.clamp``'s: 1 on ``[lo, hi]`` (both ends included), 0 outside and at NaN
+(which it passes through, as ``torch.clamp`` does).
 
 Layout. Each input is read in place through three strides
 (:func:`fastvae.kernels.launch.split_rows`): the row index splits into an
@@ -75,7 +79,7 @@ each prior tensor of mu's shape            forward: the prior; backward: the pri
 each prior tensor shared by all rows       forward, backward: the prior, n / n_rows    +0 forward; backward
                                            elements (cached); backward: partial        +1/8 (float32 inputs),
                                            column sums written, then read by the sum   +1/4 (bfloat16, float16)
-logvar_limit                               nothing: the clamp is computed in registers 0
+logvar_limit or logvar_clamp               nothing: the clamp is computed in registers 0
 =========================================  ==========================================  =========================
 
 So a VDVAE-style stochastic layer (posterior and conditional prior, all four
@@ -167,6 +171,26 @@ def _soft_clamp(x, limit):
 
 
 @triton.jit
+def _hard_clamp(x, lo, hi):
+    """``torch.clamp(x, lo, hi)`` and its derivative: 1 on ``[lo, hi]``, 0 outside. A NaN passes through (no
+    comparison holds for it) with a slope of 0, as in torch."""
+    inside = (x >= lo) & (x <= hi)
+    clamped = tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+    return clamped, tl.where(inside, 1.0, 0.0)
+
+
+@triton.jit
+def _through_clamp(grad, slope, logvar_limit, logvar_min):
+    """``grad`` of a clamped log-variance carried back through its clamp: times the soft clamp's slope, or kept
+    where the hard clamp's slope is 1 and exactly 0 elsewhere (as torch.clamp's backward, even for a NaN)."""
+    if logvar_limit is not None:
+        grad *= slope
+    if logvar_min is not None:
+        grad = tl.where(slope != 0.0, grad, 0.0)
+    return grad
+
+
+@triton.jit
 def _kl_terms(mu, logvar, std, prior_mu, prior_logvar, HAS_PRIOR_MU: tl.constexpr, HAS_PRIOR_LOGVAR: tl.constexpr):
     """``(mu - pmu, s = (mu - pmu) exp(-plv), r = exp(lv - plv), lv - plv)`` of the module docstring.
 
@@ -189,10 +213,12 @@ def _kl_terms(mu, logvar, std, prior_mu, prior_logvar, HAS_PRIOR_MU: tl.constexp
 def _load_inputs(
     mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows, prior_logvar_rows,
     cols, mask, stride_mu_col, stride_logvar_col, stride_prior_mu_col, stride_prior_logvar_col, logvar_limit,
+    logvar_min, logvar_max,
 ):
     """``mu``, ``logvar``, ``prior_mu``, ``prior_logvar`` of a tile in float32, the log-variances soft-clamped
-    when ``logvar_limit`` is given, and the clamp's slopes (1 without a clamp). An absent prior tensor (a ``None``
-    pointer, a compile-time constant) reads as zeros, never loaded."""
+    when ``logvar_limit`` is given or clamped to ``[logvar_min, logvar_max]`` when those are, and the clamp's
+    slopes (1 without a clamp). An absent prior tensor (a ``None`` pointer, a compile-time constant) reads as
+    zeros, never loaded."""
     mu = load_f32(mu_ptr, mu_rows, cols, 1, stride_mu_col, mask)
     logvar = load_f32(logvar_ptr, logvar_rows, cols, 1, stride_logvar_col, mask)
     prior_mu = tl.zeros_like(mu)
@@ -207,10 +233,14 @@ def _load_inputs(
         logvar, slope = _soft_clamp(logvar, logvar_limit)
         if prior_logvar_ptr is not None:
             prior_logvar, prior_slope = _soft_clamp(prior_logvar, logvar_limit)
+    if logvar_min is not None:
+        logvar, slope = _hard_clamp(logvar, logvar_min, logvar_max)
+        if prior_logvar_ptr is not None:
+            prior_logvar, prior_slope = _hard_clamp(prior_logvar, logvar_min, logvar_max)
     return mu, logvar, prior_mu, prior_logvar, slope, prior_slope
 
 
-# The optional inputs (the prior's two tensors, the clamp's limit, the prior's gradient buffers) are None when
+# The optional inputs (the prior's two tensors, the clamps' limits, the prior's gradient buffers) are None when
 # absent: Triton compiles None arguments as constants, so each combination is a kernel of its own, with no trace
 # of the parts it lacks.
 
@@ -224,7 +254,7 @@ def _reparameterize_kl_forward_kernel(
     stride_eps_outer, stride_eps_inner, stride_eps_col,
     stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
     stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
-    seed, first_counter, philox_ptr, cols_per_split, logvar_limit,
+    seed, first_counter, philox_ptr, cols_per_split, logvar_limit, logvar_min, logvar_max,
     HAS_EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
@@ -245,7 +275,7 @@ def _reparameterize_kl_forward_kernel(
         mu, logvar, prior_mu, prior_logvar, _, _ = _load_inputs(
             mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows,
             prior_logvar_rows, cols, mask, stride_mu_col, stride_logvar_col, stride_prior_mu_col,
-            stride_prior_logvar_col, logvar_limit,
+            stride_prior_logvar_col, logvar_limit, logvar_min, logvar_max,
         )
         if HAS_EPS:
             eps = load_f32(eps_ptr, eps_rows, cols, 1, stride_eps_col, mask)
@@ -287,7 +317,7 @@ def _reparameterize_kl_backward_kernel(
     stride_eps_outer, stride_eps_inner, stride_eps_col,
     stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
     stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
-    seed, first_counter, philox_ptr, cols_per_split, logvar_limit, prior_mu_grad_by_columns,
+    seed, first_counter, philox_ptr, cols_per_split, logvar_limit, logvar_min, logvar_max, prior_mu_grad_by_columns,
     prior_logvar_grad_by_columns,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_EPS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
@@ -310,7 +340,7 @@ def _reparameterize_kl_backward_kernel(
         mu, logvar, prior_mu, prior_logvar, slope, prior_slope = _load_inputs(
             mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows,
             prior_logvar_rows, cols, mask, stride_mu_col, stride_logvar_col, stride_prior_mu_col,
-            stride_prior_logvar_col, logvar_limit,
+            stride_prior_logvar_col, logvar_limit, logvar_min, logvar_max,
         )
         std = tl.exp(0.5 * logvar)
         grad_mu = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
@@ -332,12 +362,10 @@ def _reparameterize_kl_backward_kernel(
             _store_prior_grad(grad_prior_mu_ptr, -grad_kl * scaled, prior_mu_grad_by_columns, rows, cols, mask,
                               tile, group_start, n_cols, col_end, BLOCK_GROUPS)
             grad_prior_logvar = 0.5 * grad_kl * (1.0 - ratio - diff * scaled)
-            if logvar_limit is not None:
-                grad_prior_logvar *= prior_slope
+            grad_prior_logvar = _through_clamp(grad_prior_logvar, prior_slope, logvar_limit, logvar_min)
             _store_prior_grad(grad_prior_logvar_ptr, grad_prior_logvar, prior_logvar_grad_by_columns, rows, cols,
                               mask, tile, group_start, n_cols, col_end, BLOCK_GROUPS)
-        if logvar_limit is not None:
-            grad_logvar *= slope
+        grad_logvar = _through_clamp(grad_logvar, slope, logvar_limit, logvar_min)
         out = rows * n_cols + cols
         tl.store(grad_mu_ptr + out, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_logvar_ptr + out, grad_logvar.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
@@ -391,6 +419,11 @@ def draw_noise(
     return eps
 
 
+def _clamp_limits(logvar_clamp: tuple[float, float] | None) -> tuple[float | None, float | None]:
+    """``(logvar_min, logvar_max)`` of the hard clamp, as the kernels take them: both ``None`` without it."""
+    return (None, None) if logvar_clamp is None else (float(logvar_clamp[0]), float(logvar_clamp[1]))
+
+
 class _Matrix:
     """An input as the kernels read it: the tensor handed over and its ``(outer, inner, col)`` strides."""
 
@@ -423,6 +456,7 @@ def reparameterize_kl_forward(
     prior_logvar: torch.Tensor | None = None,
     event_dims: int = 1,
     logvar_limit: float | None = None,
+    logvar_clamp: tuple[float, float] | None = None,
     philox_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on non-empty ``(*lead, *event)`` tensors (any strides; priors broadcast to ``mu``).
@@ -431,6 +465,8 @@ def reparameterize_kl_forward(
     (float32, shape ``mu.shape[:-event_dims]``). ``seed``/``first_counter`` are
     ignored when ``eps`` is given, or when ``philox_state`` (int64 ``(2,)`` on
     ``mu``'s device: ``[seed, first_counter]``) is, which the kernel reads instead.
+    ``logvar_limit`` (soft) or ``logvar_clamp = (lo, hi)`` (hard, as ``torch.clamp``) clamps ``logvar`` and
+    ``prior_logvar`` in registers (at most one of them).
     """
     shape = mu.shape
     n_cols = event_size(shape, event_dims)
@@ -448,6 +484,7 @@ def reparameterize_kl_forward(
             n_rows, n_cols, n_inner,
             *mu2.strides, *logvar2.strides, *eps2.strides, *prior_mu2.strides, *prior_logvar2.strides,
             seed, first_counter, philox_state if eps is None else None, tiling.cols_per_split, logvar_limit,
+            *_clamp_limits(logvar_clamp),
             HAS_EPS=eps is not None, BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP,
             num_warps=tiling.num_warps,
         )
@@ -492,6 +529,7 @@ def reparameterize_kl_backward(
     prior_logvar: torch.Tensor | None = None,
     event_dims: int = 1,
     logvar_limit: float | None = None,
+    logvar_clamp: tuple[float, float] | None = None,
     prior_grads: tuple[bool, bool] = (False, False),
     philox_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -535,7 +573,7 @@ def reparameterize_kl_backward(
             *grad_z2.strides, grad_kl1.stride(0) if grad_kl1 is not None else 0,
             *mu2.strides, *logvar2.strides, *eps2.strides, *prior_mu2.strides, *prior_logvar2.strides,
             seed, first_counter, philox_state if eps is None and grad_z is not None else None, tiling.cols_per_split,
-            logvar_limit, *(int(mode == "columns") for mode in modes),
+            logvar_limit, *_clamp_limits(logvar_clamp), *(int(mode == "columns") for mode in modes),
             HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None, HAS_EPS=eps is not None,
             BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )

@@ -58,20 +58,24 @@ PRIOR_FORMS = {"same shape": SHAPE, "shared": SHAPE[1:], "broadcast": (SHAPE[0],
 PRIORS = [("none", None)] + [(part, form) for part in ("mu", "logvar", "both") for form in PRIOR_FORMS]
 NOISES = ("given", "given, requires grad", "drawn")
 LIMIT = 2.0
+# The soft clamp L tanh(x / L) and the hard one, torch.clamp to [-L, L] (gradient 1 inside, 0 outside).
+CLAMPS = {"soft clamp": {"logvar_limit": LIMIT}, "hard clamp": {"logvar_clamp": (-LIMIT, LIMIT)}}
 
 
 def wide_logvar(shape):
-    """Log-variances across [-2.5 L, 2.5 L]: the soft clamp's slope from 0.03 to 1 (and beyond the limit)."""
+    """Log-variances across [-2.5 L, 2.5 L]: the soft clamp's slope from 0.03 to 1; the hard clamp's 1 inside
+    [-L, L] and 0 beyond it."""
     return (LIMIT * (5 * torch.rand(shape) - 2.5)).requires_grad_()
 
 
 @pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("clamp", CLAMPS)
 @pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("prior", PRIORS, ids=lambda p: p[0] if p[1] is None else f"{p[0]} {p[1]}")
-def test_reparameterize_kl(device, prior, noise, backward):
+def test_reparameterize_kl(device, prior, noise, clamp, backward):
     part, form = prior
     mu, logvar = torch.randn(SHAPE, requires_grad=True), wide_logvar(SHAPE)
-    options = {"event_dims": 2, "logvar_limit": LIMIT}
+    options = {"event_dims": 2, **CLAMPS[clamp]}
     if part in ("mu", "both"):
         options["prior_mu"] = torch.randn(PRIOR_FORMS[form], requires_grad=True)
     if part in ("logvar", "both"):
@@ -93,7 +97,7 @@ def test_reparameterize_kl(device, prior, noise, backward):
     references = reparameterize_kl_reference(mu, logvar, eps, **options)
     assert "fastvae" in type(z.grad_fn).__name__  # the kernels ran
     upstreams = [torch.randn_like(z), torch.rand_like(kl) + 0.5]
-    check_gradients([z, kl], references, moved, upstreams, backward, f"{part} prior {form}, {noise} noise")
+    check_gradients([z, kl], references, moved, upstreams, backward, f"{part} prior {form}, {noise} noise, {clamp}")
 
 
 # ---- reconstruction_loss -----------------------------------------------------------------------------------

@@ -369,9 +369,15 @@ def _kernel_job(kernel_name, dtype, int_type, constexprs, device_state=None):
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in ("kl_ptr", "grad_kl_ptr") else f"*{dtype}"
+        elif name == "logvar_limit":  # the soft clamp (the hard one's limits are absent: None)
+            signature[name] = "fp32"
+        elif name in ("logvar_min", "logvar_max"):
+            signature[name] = "constexpr"
         elif not name.isupper():
             signature[name] = int_type
-    constexprs = dict(constexprs, BLOCK_ROWS=8, BLOCK_GROUPS=128, **({} if device_state else {"philox_ptr": None}))
+    clamps = {name: None for name in ("logvar_min", "logvar_max") if name in kernel.arg_names}
+    constexprs = dict(constexprs, BLOCK_ROWS=8, BLOCK_GROUPS=128, **clamps,
+                      **({} if device_state else {"philox_ptr": None}))
     return kernels.__name__, kernel_name, signature, constexprs, 8
 
 

@@ -1,5 +1,5 @@
-"""reparameterize_kl with a prior, multi-dimensional events and the fused soft clamp, against its reference,
-through the Triton kernels; and the N(0, I) path, which must not have moved by a bit."""
+"""reparameterize_kl with a prior, multi-dimensional events and the fused soft and hard clamps, against its
+reference, through the Triton kernels; and the N(0, I) path, which must not have moved by a bit."""
 import hashlib
 import math
 
@@ -293,6 +293,103 @@ def test_logvar_limit_is_the_eager_clamp(device):
         assert_close(a, b)
 
 
+# ---- the hard clamp ---------------------------------------------------------------------------------
+
+LO, HI = -3.0, 2.0
+
+
+def _float32_step(x: float, toward: float) -> float:
+    return torch.nextafter(torch.tensor(x), torch.tensor(toward)).item()
+
+
+# Log-variances where torch.clamp(x, LO, HI) switches: its ends (gradient 1), a float32 step inside and outside
+# each, zero, and far out on both sides (gradient 0).
+HARD_EDGES = [-1e4, LO - 1, _float32_step(LO, -math.inf), LO, _float32_step(LO, 0.0), 0.0, _float32_step(HI, 0.0),
+              HI, _float32_step(HI, math.inf), HI + 1, 80.0, 1e4]
+# The prior modes of the backward kernel (see prior_grad_mode): none, per element, shared by all rows (summed per
+# column), broadcast along the event (per element, then summed).
+HARD_PRIORS = {"none": None, "per element": (2, 12), "shared": (12,), "per sample": (2, 1)}
+
+
+def _prior_logvar_at_edges(shape, device):
+    """A prior log-variance of ``shape`` with values at and beyond the clamp's ends."""
+    if shape == (2, 1):
+        values = torch.tensor([[LO - 1.0], [HI]], device=device)
+    else:
+        values = torch.tensor(HARD_EDGES, device=device).flip(0).expand(shape).clone()
+    return values.requires_grad_()
+
+
+@pytest.mark.parametrize("noise", ["given", "drawn"])
+@pytest.mark.parametrize("prior", HARD_PRIORS.values(), ids=HARD_PRIORS.keys())
+def test_logvar_clamp_at_and_beyond_its_ends(device, prior, noise):
+    """z is drawn with torch.clamp(logvar, lo, hi), the KL uses it, and the gradients go through the clamp as
+    torch.clamp's do: unchanged on [lo, hi] (ends included), exactly 0 outside; for the prior's log-variance too."""
+    edges = torch.tensor(HARD_EDGES, device=device)
+    mu = torch.randn(2, 12, device=device, requires_grad=True)
+    logvar = edges.repeat(2, 1).requires_grad_()
+    prior_logvar = _prior_logvar_at_edges(prior, device) if prior is not None else None
+    options = dict(prior_logvar=prior_logvar, logvar_clamp=(LO, HI))
+    if noise == "drawn":
+        torch.manual_seed(5)
+        eps = reparameterize_kl(torch.zeros_like(mu), torch.zeros_like(mu), backend="triton")[0]
+        torch.manual_seed(5)
+        z, kl = reparameterize_kl(mu, logvar, backend="triton", **options)
+    else:
+        eps = torch.randn_like(mu)
+        z, kl = reparameterize_kl(mu, logvar, eps, backend="triton", **options)
+    clamped = logvar.detach().clamp(LO, HI)
+    assert_close(z, mu.detach() + torch.exp(0.5 * clamped) * eps)
+    check_against_reference(mu, logvar, eps, **options)
+    # The KL's gradient of logvar, by hand: 0.5 * (exp(lv - plv) - 1) inside, exactly 0 outside.
+    inputs = (logvar,) if prior_logvar is None else (logvar, prior_logvar)
+    grads = torch.autograd.grad(kl.sum(), inputs)
+    prior_clamped = prior_logvar.detach().clamp(LO, HI) if prior_logvar is not None else torch.zeros(())
+    inside = (edges >= LO) & (edges <= HI)
+    want = torch.where(inside, 0.5 * (torch.exp(clamped - prior_clamped) - 1), 0.0)
+    assert_close(grads[0], want, rtol=1e-5, atol=1e-6)
+    assert (grads[0][:, ~inside] == 0).all() and (grads[0][:, inside] != 0).any()
+    if prior_logvar is not None:
+        prior_inside = (prior_logvar >= LO) & (prior_logvar <= HI)
+        assert (grads[1][~prior_inside] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("prior", ["none", "same shape", "shared"])
+def test_logvar_clamp_is_torch_clamp(device, dtype, prior):
+    """Fused, or torch.clamp applied before the op: the same z, KL and gradients, bit for bit (the clamp selects
+    values, and its gradient is the one the unclamped op gives, where it is kept)."""
+    shape = (3, 2, 4, 5)
+    mu, logvar = gaussian(shape, device, dtype, scale=4.0)
+    prior_mu, prior_logvar = gaussian(shape if prior == "same shape" else shape[1:], device, dtype, scale=4.0)
+    options = dict(prior_mu=prior_mu, prior_logvar=prior_logvar) if prior != "none" else {}
+    eps = torch.randn(shape, device=device)
+    z, kl = reparameterize_kl(mu, logvar, eps, event_dims=2, logvar_clamp=(LO, HI), backend="triton", **options)
+    eager = dict(options, prior_logvar=prior_logvar.clamp(LO, HI)) if options else {}
+    z_eager, kl_eager = reparameterize_kl(mu, logvar.clamp(LO, HI), eps, event_dims=2, backend="triton", **eager)
+    assert torch.equal(z, z_eager) and torch.equal(kl, kl_eager)
+    inputs = [mu, logvar] + ([prior_mu, prior_logvar] if options else [])
+    grad_z, grad_kl = torch.randn_like(z), torch.rand_like(kl)
+    got = torch.autograd.grad((z.float() * grad_z).sum() + (kl * grad_kl).sum(), inputs)
+    want = torch.autograd.grad((z_eager.float() * grad_z).sum() + (kl_eager * grad_kl).sum(), inputs)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_logvar_clamp_passes_nan_through_with_a_zero_gradient(device, backend):
+    """As torch.clamp: a NaN log-variance stays NaN (so do its z and KL), and its gradient is 0, not NaN."""
+    if backend == "torch" and device.type != "cpu":
+        pytest.skip("the reference path is checked once, on the CPU")
+    mu = torch.randn(2, 3, device=device, requires_grad=True)
+    logvar = torch.tensor([[0.5, math.nan, 40.0], [-40.0, 0.0, 1.0]], device=device, requires_grad=True)
+    z, kl = reparameterize_kl(mu, logvar, torch.randn_like(mu), logvar_clamp=(LO, HI), backend=backend)
+    assert torch.isnan(z[0, 1]) and torch.isnan(kl[0]) and not torch.isnan(z[1]).any() and torch.isfinite(kl[1])
+    (grad,) = torch.autograd.grad(z[1].sum() + kl[1] + z[0, 0], logvar)
+    assert not torch.isnan(grad).any()
+    assert grad[0, 1] == 0 and grad[0, 2] == 0 and grad[1, 0] == 0 and grad[1, 1] != 0
+
+
 # ---- noise ------------------------------------------------------------------------------------------
 
 
@@ -344,13 +441,17 @@ def test_empty_inputs_with_a_prior(device):
 # ---- higher orders, torch.compile -----------------------------------------------------------------
 
 
+CLAMPS = {"soft": dict(logvar_limit=3.0), "hard": dict(logvar_clamp=(-1.5, 2.0))}
+
+
+@pytest.mark.parametrize("clamp", CLAMPS.values(), ids=CLAMPS.keys())
 @pytest.mark.parametrize("noise", ["given", "drawn"])
 @pytest.mark.parametrize("prior", ["same shape", "shared"])
-def test_higher_orders_with_a_prior_and_the_clamp(device, prior, noise):
+def test_higher_orders_with_a_prior_and_the_clamp(device, prior, noise, clamp):
     shape = (2, 3, 2, 3)
     mu, logvar = gaussian(shape, device, scale=2.0)
     prior_mu, prior_logvar = gaussian(shape if prior == "same shape" else shape[2:], device, scale=2.0)
-    options = dict(prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=2, logvar_limit=3.0)
+    options = dict(prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=2, **clamp)
     if noise == "drawn":
         torch.manual_seed(5)
         zeros = torch.zeros(shape, device=device)
@@ -380,9 +481,9 @@ def test_higher_orders_with_a_prior_and_the_clamp(device, prior, noise):
 class TinyStochasticLayer(torch.nn.Module):
     """A conv giving posterior and prior as channel slices, through the fused op: a hierarchical VAE's layer."""
 
-    def __init__(self, zdim=2):
+    def __init__(self, zdim=2, clamp=None):
         super().__init__()
-        self.zdim = zdim
+        self.zdim, self.clamp = zdim, clamp or dict(logvar_limit=4.0)
         self.conv = torch.nn.Conv2d(3, 4 * zdim + 1, 1)
         self.prior_logvar = torch.nn.Parameter(0.1 * torch.randn(zdim, 3, 3))
 
@@ -390,14 +491,15 @@ class TinyStochasticLayer(torch.nn.Module):
         h = self.conv(x)
         d = self.zdim
         z, kl = reparameterize_kl(h[:, :d], h[:, d : 2 * d], eps, prior_mu=h[:, 2 * d : 3 * d],
-                                  prior_logvar=self.prior_logvar, event_dims=3, logvar_limit=4.0, reduction="mean",
-                                  backend="triton")
+                                  prior_logvar=self.prior_logvar, event_dims=3, reduction="mean", backend="triton",
+                                  **self.clamp)
         return (z**2).sum() + kl
 
 
-def test_torch_compile_fullgraph_with_a_prior(device):
+@pytest.mark.parametrize("clamp", CLAMPS.values(), ids=CLAMPS.keys())
+def test_torch_compile_fullgraph_with_a_prior(device, clamp):
     torch._dynamo.reset()
-    model = TinyStochasticLayer().to(device)
+    model = TinyStochasticLayer(clamp=clamp).to(device)
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(2, 3, 3, 3, device=device)
     eps = torch.randn(2, 2, 3, 3, device=device)
@@ -495,6 +597,15 @@ BAD_INPUTS = {
     "logvar_limit nan": (_bad(logvar_limit=math.nan), ValueError, "logvar_limit"),
     "logvar_limit inf": (_bad(logvar_limit=math.inf), ValueError, "logvar_limit"),
     "logvar_limit a string": (_bad(logvar_limit="10"), TypeError, "logvar_limit"),
+    "logvar_clamp lo = hi": (_bad(logvar_clamp=(1.0, 1.0)), ValueError, "logvar_clamp"),
+    "logvar_clamp lo > hi": (_bad(logvar_clamp=[20, -30]), ValueError, "logvar_clamp"),
+    "logvar_clamp nan": (_bad(logvar_clamp=(math.nan, 20.0)), ValueError, "logvar_clamp"),
+    "logvar_clamp infinite": (_bad(logvar_clamp=(-math.inf, 20.0)), ValueError, "logvar_clamp"),
+    "logvar_clamp one number": (_bad(logvar_clamp=20.0), TypeError, "logvar_clamp"),
+    "logvar_clamp three numbers": (_bad(logvar_clamp=(-30, 0, 20)), TypeError, "logvar_clamp"),
+    "logvar_clamp strings": (_bad(logvar_clamp=("-30", "20")), TypeError, "logvar_clamp"),
+    "logvar_clamp bools": (_bad(logvar_clamp=(False, True)), TypeError, "logvar_clamp"),
+    "logvar_clamp and logvar_limit": (_bad(logvar_clamp=(-30, 20), logvar_limit=10.0), ValueError, "logvar_clamp"),
     "float64 prior on triton": (_bad(prior_mu=torch.zeros(4, dtype=torch.float64), backend="triton"), TypeError,
                                 "prior_mu"),
 }
@@ -525,7 +636,7 @@ def _job(kernel_name, dtype, int_type, constexprs, absent=()):
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in float32 else f"*{dtype}"
-        elif name == "logvar_limit":
+        elif name in ("logvar_limit", "logvar_min", "logvar_max"):
             signature[name] = "fp32"
         elif not name.isupper():
             signature[name] = int_type
@@ -537,12 +648,13 @@ def test_prior_and_clamp_variants_compile_for_a_cuda_target():
 
     forward, backward = "_reparameterize_kl_forward_kernel", "_reparameterize_kl_backward_kernel"
     no_prior = ("prior_mu_ptr", "prior_logvar_ptr", "grad_prior_mu_ptr", "grad_prior_logvar_ptr")
+    soft, hard = ("logvar_min", "logvar_max"), ("logvar_limit",)  # absent for the soft clamp, the hard one
     jobs = []
     for dtype, int_type in (("fp32", "i32"), ("bf16", "i64")):
         # The state from memory with everything present; as scalar arguments (eager calls) otherwise.
         eager = ("philox_ptr",)
-        for absent in ((), eager + ("logvar_limit",), eager + no_prior[::2] + no_prior[3:],
-                       eager + no_prior + ("logvar_limit",)):
+        for absent in (soft, hard, eager + soft + hard, eager + no_prior[::2] + no_prior[3:] + soft,
+                       eager + no_prior + hard, eager + no_prior + soft + hard):
             fwd_absent = tuple(name for name in absent if not name.startswith("grad_"))
             jobs.append(_job(forward, dtype, int_type, dict(HAS_EPS=False), fwd_absent))
             for grad_z, grad_kl in ((True, True), (False, True)):

@@ -156,6 +156,25 @@ def _vq_feature_map(batch, d, size):
     return run
 
 
+def _diffusers_posterior(batch, channels, size, sampled=True):
+    def run(dtype):
+        from fastvae.functional import reparameterize_kl
+
+        # diffusers' AutoencoderKL posterior as fastvae.integrations.diffusers computes it: the channel halves of
+        # the encoder's (B, 2C, H, W) output, the hard clamp to [-30, 20], the noise given (diffusers draws it),
+        # one KL per image; kl() before any sample() passes zero noise as one value (stride 0) and uses no z.
+        h = torch.randn(batch, 2 * channels, size, size).to(dtype).requires_grad_()
+        mean, logvar = h.chunk(2, dim=1)
+        noise = torch.randn_like(mean) if sampled else mean.new_zeros(()).expand(mean.shape)
+        z, kl = reparameterize_kl(mean, logvar, noise, event_dims=3, logvar_clamp=(-30.0, 20.0), backend="triton")
+        if sampled:
+            torch.autograd.grad([z, kl], [h], [torch.randn_like(z), torch.ones_like(kl)])
+        else:
+            torch.autograd.grad(kl, [h], torch.ones_like(kl))
+
+    return run
+
+
 # Launches beyond the runner's cases and the training steps: one entry per scenario.
 EXTRA_SCENARIOS = [
     Scenario("gaussian, logvar per element, mean, 256x784", _gaussian((256, 784), "mean")),
@@ -179,6 +198,10 @@ EXTRA_SCENARIOS = [
     Scenario("dmol nll without gradient (evaluation), 1x28x28, M=10, batch 128", _dmol(128, (1, 28, 28), 10, False)),
     Scenario("dmol nll without gradient (evaluation), 3x32x32, M=5, batch 64", _dmol(64, (3, 32, 32), 5, False)),
     Scenario("dmol nll without gradient (evaluation), 3x32x32, M=10, batch 64", _dmol(64, (3, 32, 32), 10, False)),
+    Scenario("diffusers' AutoencoderKL posterior, sample and KL, SD's 4x64x64 latents, batch 8",
+             _diffusers_posterior(8, 4, 64)),
+    Scenario("diffusers' AutoencoderKL posterior, KL alone, SD's 4x64x64 latents, batch 8",
+             _diffusers_posterior(8, 4, 64, sampled=False)),
 ]
 
 
@@ -200,7 +223,8 @@ def noise_launches() -> dict[str, list[Launch]]:
 
 def small_cases(dtypes) -> list:
     """Op cases small enough for the tests, with the tile shapes of the headline grid's (one per block shape)
-    and every kernel variant the headline cases launch (priors, the clamp, the DMOL's gradient)."""
+    and every kernel variant the headline cases launch (priors, the soft clamp, the DMOL's gradient), and the
+    hard clamp (diffusers' posterior)."""
     from benchmarks.ops import dmol_case, latent_map_case, loss_case, reparameterize_case
 
     cases = []
@@ -210,6 +234,7 @@ def small_cases(dtypes) -> list:
             reparameterize_case(64, 256, dtype, True),
             reparameterize_case(256, 32, dtype, eps_given=False),
             reparameterize_case(64, 256, dtype, False, logvar_limit=10.0),
+            reparameterize_case(64, 256, dtype, True, logvar_clamp=(-30.0, 20.0)),
             latent_map_case(32, 16, dtype, "conditional"),
             latent_map_case(32, 16, dtype, "shared"),
             dmol_case(2, (3, 32, 32), dtype),

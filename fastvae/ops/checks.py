@@ -5,6 +5,7 @@ kind, wrong value) with the argument's name, before any kernel sees the input.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -65,6 +66,20 @@ def check_positive_number(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a positive number or None, got {type(value).__name__}")
     if not (0 < value < float("inf")):
         raise ValueError(f"{name} must be a positive finite number or None, got {value}")
+
+
+def check_clamp_range(name: str, value: object) -> None:
+    """``value`` must be ``None`` or a pair ``(lo, hi)`` of finite real numbers with ``lo < hi``."""
+    if value is None:
+        return
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (lo, hi) of numbers or None, got {value!r}")
+    for bound in value:
+        if not isinstance(bound, (int, float)) or isinstance(bound, bool):
+            raise TypeError(f"{name} must be a pair (lo, hi) of numbers or None, got {value!r}")
+    lo, hi = value
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"{name} must be a pair (lo, hi) of finite numbers with lo < hi, got {value!r}")
 
 
 def check_choice(name: str, value: object, choices: Iterable[str]) -> None:

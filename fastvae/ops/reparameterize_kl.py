@@ -28,6 +28,7 @@ from fastvae.ops.checks import (
     REDUCTIONS,
     check_broadcasts_to,
     check_choice,
+    check_clamp_range,
     check_float_tensor,
     check_generator,
     check_int_in_range,
@@ -50,6 +51,28 @@ def soft_clamp(x: torch.Tensor, limit: float) -> torch.Tensor:
     return limit * torch.tanh(x / limit)
 
 
+def _clamp_logvar(x: torch.Tensor, logvar_limit: float | None, logvar_clamp: tuple[float, float] | None):
+    """A log-variance through the op's clamp: soft (``logvar_limit``), hard (``logvar_clamp``) or none."""
+    if logvar_limit is not None:
+        return soft_clamp(x, logvar_limit)
+    if logvar_clamp is not None:
+        return x.clamp(*logvar_clamp)
+    return x
+
+
+def _through_clamp(grad: torch.Tensor, x: torch.Tensor, clamped: torch.Tensor, logvar_limit: float | None,
+                   logvar_clamp: tuple[float, float] | None) -> torch.Tensor:
+    """``grad`` of the clamped log-variance (``clamped``) carried back through the clamp to ``x``, in torch ops
+    that autograd can differentiate. Hard: torch.clamp's backward, ``grad`` on ``[lo, hi]`` (ends included),
+    exactly 0 outside (a NaN ``grad`` there too)."""
+    if logvar_limit is not None:
+        return grad * (1.0 - (clamped / logvar_limit) ** 2)
+    if logvar_clamp is not None:
+        lo, hi = logvar_clamp
+        return torch.where((x >= lo) & (x <= hi), grad, 0.0)
+    return grad
+
+
 def _event_sum(values: torch.Tensor, event_dims: int) -> torch.Tensor:
     """The sum over the last ``event_dims`` dims."""
     return values.sum(dim=-1) if event_dims == 1 else values.sum(dim=tuple(range(-event_dims, 0)))
@@ -65,6 +88,7 @@ def reparameterize_kl_reference(
     prior_logvar: torch.Tensor | None = None,
     event_dims: int = 1,
     logvar_limit: float | None = None,
+    logvar_clamp: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The specification of :func:`reparameterize_kl` with ``eps`` given, in plain PyTorch.
 
@@ -72,9 +96,7 @@ def reparameterize_kl_reference(
     """
     priors = [t for t in (prior_mu, prior_logvar) if t is not None]
     acc = compute_dtype(mu.dtype, logvar.dtype, *(t.dtype for t in priors))
-    mu_, logvar_ = mu.to(acc), logvar.to(acc)
-    if logvar_limit is not None:
-        logvar_ = soft_clamp(logvar_, logvar_limit)
+    mu_, logvar_ = mu.to(acc), _clamp_logvar(logvar.to(acc), logvar_limit, logvar_clamp)
     z = (mu_ + torch.exp(0.5 * logvar_) * eps.to(acc)).to(mu.dtype)
     if not priors:
         kl = -0.5 * _event_sum(1 + logvar_ - mu_ * mu_ - torch.exp(logvar_), event_dims)
@@ -83,9 +105,7 @@ def reparameterize_kl_reference(
     if prior_logvar is None:
         terms = torch.exp(logvar_) + diff * diff - 1 - logvar_
     else:
-        prior_logvar_ = prior_logvar.to(acc)
-        if logvar_limit is not None:
-            prior_logvar_ = soft_clamp(prior_logvar_, logvar_limit)
+        prior_logvar_ = _clamp_logvar(prior_logvar.to(acc), logvar_limit, logvar_clamp)
         log_ratio = logvar_ - prior_logvar_
         # Scaled before it is squared: (mu - prior_mu)^2 alone overflows where its ratio to the prior's variance fits.
         scaled_diff = diff * torch.exp(-0.5 * prior_logvar_)
@@ -123,6 +143,7 @@ def _fused_forward(
     prior_logvar: torch.Tensor | None,
     event_dims: int,
     logvar_limit: float | None,
+    logvar_clamp: list[float] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``z``, the KL per event, and the Philox ``(seed, first_counter)`` as a CPU int64 tensor.
 
@@ -143,21 +164,21 @@ def _fused_forward(
     z, kl = _kernels().reparameterize_kl_forward(
         mu, logvar, eps, seed, first_counter,
         prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims, logvar_limit=logvar_limit,
-        philox_state=philox_device,
+        logvar_clamp=logvar_clamp, philox_state=philox_device,
     )
     return z, kl, philox_state
 
 
 @_fused_forward.register_fake
-def _(mu, logvar, eps, philox, philox_device, prior_mu, prior_logvar, event_dims, logvar_limit):
+def _(mu, logvar, eps, philox, philox_device, prior_mu, prior_logvar, event_dims, logvar_limit, logvar_clamp):
     z = mu.new_empty(mu.shape)
     kl = mu.new_empty(_kl_shape(mu, event_dims), dtype=torch.float32)
     return z, kl, torch.empty(2, dtype=torch.int64, device="cpu")
 
 
 def _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed: int, first_counter: int, prior_mu, prior_logvar,
-                     event_dims: int, logvar_limit: float | None, prior_grads: tuple[bool, bool],
-                     philox_device: torch.Tensor | None = None):
+                     event_dims: int, logvar_limit: float | None, logvar_clamp: list[float] | None,
+                     prior_grads: tuple[bool, bool], philox_device: torch.Tensor | None = None):
     """The backward kernel's four gradients (``None`` for a prior gradient not asked for); the noise's state is
     ``philox_device`` when given, else ``seed`` and ``first_counter``."""
     wanted = [p if (p is not None and needed and grad_kl is not None) else None
@@ -169,7 +190,7 @@ def _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed: int, first_counter:
     return _kernels().reparameterize_kl_backward(
         grad_z, grad_kl, mu, logvar, eps, seed, first_counter,
         prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims, logvar_limit=logvar_limit,
-        prior_grads=tuple(p is not None for p in wanted), philox_state=philox_device,
+        logvar_clamp=logvar_clamp, prior_grads=tuple(p is not None for p in wanted), philox_state=philox_device,
     )
 
 
@@ -186,6 +207,7 @@ def _fused_backward(
     prior_logvar: torch.Tensor | None,
     event_dims: int,
     logvar_limit: float | None,
+    logvar_clamp: list[float] | None,
     grad_prior_mu: bool,
     grad_prior_logvar: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,13 +219,14 @@ def _fused_backward(
     """
     seed, first_counter = philox_state.tolist() if philox_device is None else (0, 0)  # a CPU tensor: no sync
     grads = _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed, first_counter, prior_mu, prior_logvar,
-                             event_dims, logvar_limit, (grad_prior_mu, grad_prior_logvar), philox_device)
+                             event_dims, logvar_limit, logvar_clamp, (grad_prior_mu, grad_prior_logvar),
+                             philox_device)
     return tuple(g if g is not None else mu.new_empty(0) for g in grads)
 
 
 @_fused_backward.register_fake
 def _(grad_z, grad_kl, mu, logvar, eps, philox_state, philox_device, prior_mu, prior_logvar, event_dims,
-      logvar_limit, grad_prior_mu, grad_prior_logvar):
+      logvar_limit, logvar_clamp, grad_prior_mu, grad_prior_logvar):
     def prior_grad(prior, wanted):
         defined = prior is not None and wanted and grad_kl is not None
         return prior.new_empty(prior.shape) if defined else mu.new_empty(0)
@@ -213,14 +236,14 @@ def _(grad_z, grad_kl, mu, logvar, eps, philox_state, philox_device, prior_mu, p
 
 
 def _setup_context(ctx, inputs, output):
-    mu, logvar, eps, philox, philox_device, prior_mu, prior_logvar, event_dims, logvar_limit = inputs
+    mu, logvar, eps, philox, philox_device, prior_mu, prior_logvar, event_dims, logvar_limit, logvar_clamp = inputs
     # Eager calls reserve the Philox state outside the op (see reparameterize_kl), so the backward has it as
     # Python ints, or (under CUDA-graph capture) as the device tensor the kernels read; a traced one draws it
     # inside, and its backward reads the CPU tensor the op returned.
     ctx.philox = (0, 0) if eps is not None or philox_device is not None else (
         tuple(philox) if philox is not None else None
     )
-    ctx.event_dims, ctx.logvar_limit = event_dims, logvar_limit
+    ctx.event_dims, ctx.logvar_limit, ctx.logvar_clamp = event_dims, logvar_limit, logvar_clamp
     ctx.save_for_backward(mu, logvar, eps, prior_mu, prior_logvar, output[2],
                           philox_device if eps is None else None)
     # Autograd would have every output require grad when any input does; as in the reference, z requires grad only
@@ -236,16 +259,14 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _differentiable_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, event_dims, logvar_limit):
+def _differentiable_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, event_dims, logvar_limit,
+                             logvar_clamp):
     """``(grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar)`` in float32 torch ops, which autograd
     records under ``create_graph`` (the formulas of :mod:`fastvae.kernels.reparameterize_kl`; ``None`` where
     there is no gradient). The prior gradients are per element of ``mu``: the caller sums them to the prior's shape.
     """
-    logvar = logvar.float()
-    clamp_slope = prior_clamp_slope = None
-    if logvar_limit is not None:
-        logvar = soft_clamp(logvar, logvar_limit)
-        clamp_slope = 1.0 - (logvar / logvar_limit) ** 2
+    raw = logvar.float()
+    logvar = _clamp_logvar(raw, logvar_limit, logvar_clamp)
     std = torch.exp(0.5 * logvar)
     grad_mu = grad_logvar = grad_eps = grad_prior_mu = grad_prior_logvar = None
     if grad_z is not None:
@@ -256,10 +277,8 @@ def _differentiable_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_l
         diff = mu.float() - prior_mu.float() if prior_mu is not None else mu.float()
         scaled, ratio = diff, std * std
         if prior_logvar is not None:
-            prior_logvar = prior_logvar.float()
-            if logvar_limit is not None:
-                prior_logvar = soft_clamp(prior_logvar, logvar_limit)
-                prior_clamp_slope = 1.0 - (prior_logvar / logvar_limit) ** 2
+            raw_prior = prior_logvar.float()
+            prior_logvar = _clamp_logvar(raw_prior, logvar_limit, logvar_clamp)
             # (mu - pmu)^2 e^-plv as the square of (mu - pmu) e^(-plv / 2): no overflow of (mu - pmu)^2 in it, or in
             # its derivatives.
             inv_prior_std = torch.exp(-0.5 * prior_logvar)
@@ -271,10 +290,9 @@ def _differentiable_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_l
         grad_logvar = add_grads(grad_logvar, 0.5 * grad_kl * (ratio - 1.0), dtype=torch.float32)
         grad_prior_mu = -grad_kl * scaled
         grad_prior_logvar = 0.5 * grad_kl * (1.0 - ratio - half_scaled * half_scaled)
-        if prior_clamp_slope is not None:
-            grad_prior_logvar = grad_prior_logvar * prior_clamp_slope
-    if clamp_slope is not None:
-        grad_logvar = grad_logvar * clamp_slope
+        if prior_logvar is not None:
+            grad_prior_logvar = _through_clamp(grad_prior_logvar, raw_prior, prior_logvar, logvar_limit, logvar_clamp)
+    grad_logvar = _through_clamp(grad_logvar, raw, logvar, logvar_limit, logvar_clamp)
     return grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar
 
 
@@ -289,10 +307,10 @@ def _to_input(grad: torch.Tensor | None, tensor: torch.Tensor | None, needed: bo
 
 def _backward(ctx, grad_z, grad_kl, _grad_philox):
     mu, logvar, eps, prior_mu, prior_logvar, philox_state, philox_device = ctx.saved_tensors
-    event_dims, limit = ctx.event_dims, ctx.logvar_limit
+    event_dims, limit, clamp = ctx.event_dims, ctx.logvar_limit, ctx.logvar_clamp
     needs = ctx.needs_input_grad
     if grad_z is None and grad_kl is None:
-        return (None,) * 9
+        return (None,) * 10
     mode = backward_mode(mu)
     if mode is Mode.DIFFERENTIABLE:
         # create_graph=True: plain torch ops, so that autograd can differentiate the backward again.
@@ -302,7 +320,7 @@ def _backward(ctx, grad_z, grad_kl, _grad_philox):
             noise = _kernels().draw_noise(mu.shape, mu.device, seed, first_counter, event_dims,
                                           philox_state=philox_device)
         grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar = _differentiable_backward(
-            grad_z, grad_kl, mu, logvar, noise, prior_mu, prior_logvar, event_dims, limit
+            grad_z, grad_kl, mu, logvar, noise, prior_mu, prior_logvar, event_dims, limit, clamp
         )
         return (
             grad_mu.to(mu.dtype),
@@ -314,11 +332,12 @@ def _backward(ctx, grad_z, grad_kl, _grad_philox):
             _to_input(grad_prior_logvar, prior_logvar, needs[6]),
             None,
             None,
+            None,
         )
     prior_grads = (needs[5], needs[6])
     if mode is Mode.TRACED or ctx.philox is None:
         grads = _fused_backward(grad_z, grad_kl, mu, logvar, eps, philox_state, philox_device, prior_mu,
-                                prior_logvar, event_dims, limit, *prior_grads)
+                                prior_logvar, event_dims, limit, clamp, *prior_grads)
         grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = (
             g if wanted else None for g, wanted in zip(grads, (True, True, *prior_grads))
         )
@@ -326,14 +345,14 @@ def _backward(ctx, grad_z, grad_kl, _grad_philox):
             grad_prior_mu = grad_prior_logvar = None
     else:
         grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = _launch_backward(
-            grad_z, grad_kl, mu, logvar, eps, *ctx.philox, prior_mu, prior_logvar, event_dims, limit, prior_grads,
-            philox_device,
+            grad_z, grad_kl, mu, logvar, eps, *ctx.philox, prior_mu, prior_logvar, event_dims, limit, clamp,
+            prior_grads, philox_device,
         )
     grad_eps = None
     if eps is not None and needs[2] and grad_z is not None:
-        clamped = logvar.float() if limit is None else soft_clamp(logvar.float(), limit)
+        clamped = _clamp_logvar(logvar.float(), limit, clamp)
         grad_eps = _to_input(grad_z * torch.exp(0.5 * clamped), eps, True)
-    return grad_mu, grad_logvar, grad_eps, None, None, grad_prior_mu, grad_prior_logvar, None, None
+    return grad_mu, grad_logvar, grad_eps, None, None, grad_prior_mu, grad_prior_logvar, None, None, None
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -348,6 +367,7 @@ def reparameterize_kl(
     prior_logvar: torch.Tensor | None = None,
     event_dims: int = 1,
     logvar_limit: float | None = None,
+    logvar_clamp: tuple[float, float] | None = None,
     reduction: str = "none",
     generator: torch.Generator | None = None,
     backend: str | None = None,
@@ -356,7 +376,7 @@ def reparameterize_kl(
 
     The prior is ``N(prior_mu, exp(prior_logvar))`` (``N(0, I)`` by default).
     With ``lv = logvar`` and ``plv = prior_logvar`` (after the soft clamp, if
-    ``logvar_limit`` is given), summed over the event:
+    ``logvar_limit`` is given, or the hard one, if ``logvar_clamp`` is), summed over the event:
 
     .. math::
         z = \mu + e^{lv / 2} \, \epsilon, \qquad
@@ -389,6 +409,12 @@ def reparameterize_kl(
         logvar_limit: ``L > 0``: ``logvar`` and ``prior_logvar`` pass through
             the soft clamp ``L * tanh(x / L)`` (:func:`soft_clamp`) inside the op;
             ``z`` is drawn with the clamped value and gradients go through the clamp.
+        logvar_clamp: ``(lo, hi)``, finite, ``lo < hi``: ``logvar`` and
+            ``prior_logvar`` are clamped to ``[lo, hi]`` inside the op, as
+            ``torch.clamp`` does (gradient 1 on ``[lo, hi]``, ends included, 0
+            outside): diffusers' ``DiagonalGaussianDistribution`` uses
+            ``(-30, 20)``. The log-variances are still read where they lie, with
+            no extra pass. At most one of ``logvar_limit`` and ``logvar_clamp``.
         reduction: ``"none"`` (KL per event), ``"sum"`` or ``"mean"`` (over the events).
         generator: the generator to draw ``eps`` from (default: torch's default
             generator of the tensors' device), so ``torch.manual_seed`` makes
@@ -417,6 +443,10 @@ def reparameterize_kl(
     check_int_in_range("event_dims", event_dims, 1, mu.dim())
     check_positive_number("logvar_limit", logvar_limit)
     logvar_limit = float(logvar_limit) if logvar_limit is not None else None
+    check_clamp_range("logvar_clamp", logvar_clamp)
+    if logvar_clamp is not None and logvar_limit is not None:
+        raise ValueError("give logvar_limit (the soft clamp) or logvar_clamp (the hard clamp), not both")
+    logvar_clamp = [float(bound) for bound in logvar_clamp] if logvar_clamp is not None else None
     check_choice("reduction", reduction, REDUCTIONS)
     check_generator(generator, mu.device)
     tensors = {"mu": mu, "logvar": logvar, "eps": eps, "prior_mu": prior_mu, "prior_logvar": prior_logvar}
@@ -429,6 +459,7 @@ def reparameterize_kl(
         return reparameterize_kl_reference(
             mu, logvar, eps, reduction,
             prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims, logvar_limit=logvar_limit,
+            logvar_clamp=logvar_clamp,
         )
 
     # The op's schema takes no generator, so an explicit one's Philox state is read here. So is the default
@@ -441,5 +472,5 @@ def reparameterize_kl(
     elif eps is None and (generator is not None or not is_tracing(mu)):
         philox = _reserve_philox(generator, mu, event_dims)
     z, kl, _ = _fused_forward(mu, logvar, eps, philox, philox_device, prior_mu, prior_logvar, event_dims,
-                              logvar_limit)
+                              logvar_limit, logvar_clamp)
     return z, reduce_per_sample(kl, reduction)

@@ -246,9 +246,10 @@ class _Accesses:
 
 
 def _calls_covering_every_kernel_flag():
-    def reparam(eps, grad_z, grad_kl):
+    def reparam(eps, grad_z, grad_kl, clamp=None):
         mu, logvar = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10, requires_grad=True)
-        z, kl = reparameterize_kl(mu, logvar, torch.randn(6, 10) if eps else None, backend="triton")
+        z, kl = reparameterize_kl(mu, logvar, torch.randn(6, 10) if eps else None, logvar_clamp=clamp,
+                                  backend="triton")
         outs = [o for o, used in ((z, grad_z), (kl, grad_kl)) if used]
         torch.autograd.grad(outs, [mu, logvar], [torch.randn_like(o) for o in outs])
 
@@ -304,7 +305,7 @@ def _calls_covering_every_kernel_flag():
         wrt = [t for t, used in ((z, grad_z), (codebook, grad_codebook)) if used]
         torch.autograd.grad(outs, wrt, [torch.randn_like(o) for o in outs])
 
-    calls += [second_order, device_state]
+    calls += [second_order, device_state, lambda: reparam(True, True, True, clamp=(-1.0, 1.0))]  # the hard clamp
     calls += [lambda f=f: vq(*f) for f in ((True, True, True, True), (True, False, True, False),
                                            (False, True, True, False), (False, True, False, True))]
     calls += [lambda g=g, r=r: dmol(g, r) for g, r in ((False, False), (True, False), (True, True))]
@@ -349,7 +350,8 @@ def test_access_table_matches_the_loads_and_stores_the_interpreter_sees():
 
 def _padded_calls():
     """Launches whose tiles have padding: rows of 10, 7 and 784 columns, mixtures of 3 and 10 components (in 4 and
-    16 slots), a codebook of 7 codes of 5 values, and the splits of rows over several programs."""
+    16 slots), a codebook of 7 codes of 5 values, the splits of rows over several programs, and the noise
+    benchmark's normals (a block and 904 more)."""
 
     def dmol(channels, mixtures, pixels, grad):
         params = torch.randn(3, mixtures * (channels + 1) * (channels + 2) // 2, *pixels, requires_grad=grad)
@@ -363,9 +365,18 @@ def _padded_calls():
         out = reconstruction_loss(x_hat, torch.rand(3, 784), "bce", reduction="none", backend="triton")
         torch.autograd.grad(out, [x_hat], torch.rand_like(out))
 
+    def noise():  # the noise benchmark's kernels, at a size past a block
+        import triton
+
+        from benchmarks.noise import BLOCK, _randn4x_kernel, _randn_kernel
+
+        n = BLOCK + 904
+        for kernel in (_randn_kernel, _randn4x_kernel):
+            kernel[(triton.cdiv(n, BLOCK),)](torch.empty(n), n, 7, BLOCK=BLOCK)
+
     calls = [lambda a=a: dmol(*a) for a in ((1, 3, (5, 7), True), (3, 10, (4, 5), False), (3, 1, (9,), True),
                                              (1, 10, (28, 28), False))]
-    return _calls_covering_every_kernel_flag() + calls + [loss]
+    return _calls_covering_every_kernel_flag() + calls + [loss, noise]
 
 
 def _measured_slots_per_element(spec, launch, masks) -> float:
@@ -398,9 +409,9 @@ def test_slots_per_element_match_the_masks_the_interpreter_sees():
         modelled = spec.slots_per_element(launch.constexprs, launch.args)
         assert modelled == pytest.approx(measured, rel=1e-12), (launch.kernel, launch.constexprs, launch.grid)
         seen.add((launch.kernel, modelled > 1))
-    fastvae_kernels = {k.name for k in KERNELS if k.module.startswith("fastvae")}
-    assert {name for name, _ in seen} >= fastvae_kernels
-    assert {name for name, padded in seen if padded} >= fastvae_kernels - {"_scale_rows_kernel"}
+    every_kernel = {k.name for k in KERNELS}
+    assert {name for name, _ in seen} >= every_kernel
+    assert {name for name, padded in seen if padded} >= every_kernel - {"_scale_rows_kernel"}
 
 
 @interpreted

@@ -50,8 +50,8 @@ class KernelSpec:
     elements: str  # expression of the arguments: elements a launch covers
     tile: str  # expression of the constexprs: slots (elements, padding included) one program covers per loop trip
     # Expression of the arguments and constexprs: the slots all the launch's tiles cover, padding included
-    # (``padded(n, block)`` rounds up); None where they cover exactly the elements.
-    slots: str | None = None
+    # (``padded(n, block)`` rounds up). Every entry says it: the audit's instructions per element depend on it.
+    slots: str
     # Expression of the arguments: trips the kernel's innermost loops make per trip of the loop around them,
     # each over ``tile`` slots (the DMOL's loop over a pixel's components); None for a kernel of one loop.
     inner_trips: str | None = None
@@ -74,8 +74,6 @@ class KernelSpec:
     def slots_per_element(self, constexprs: dict, args: dict) -> float:
         """Slots the launch's tiles cover per element it covers: 1 without padding, 1.6 for M = 10 components in
         tiles of 16. A tile's instructions per slot times this are its instructions per element."""
-        if self.slots is None:
-            return 1.0
         slots = int(eval(self.slots, dict(_HELPERS), {**args, **constexprs}))  # noqa: S307
         return slots / max(self.count_elements(args), 1)
 
@@ -223,8 +221,11 @@ KERNELS = [
         slots="padded(n_rows, BLOCK_N) * BLOCK_D * D_CHUNKS",
     ),
     # The in-kernel noise benchmark (benchmarks/noise.py): tl.randn against tl.randn4x.
-    KernelSpec("benchmarks.noise", "_randn_kernel", reads={}, writes={"out_ptr": ALWAYS}, elements="n", tile="BLOCK"),
-    KernelSpec("benchmarks.noise", "_randn4x_kernel", reads={}, writes={"out_ptr": ALWAYS}, elements="n", tile="BLOCK"),
+    *(
+        KernelSpec("benchmarks.noise", name, reads={}, writes={"out_ptr": ALWAYS}, elements="n", tile="BLOCK",
+                   slots="padded(n, BLOCK)")
+        for name in ("_randn_kernel", "_randn4x_kernel")
+    ),
 ]
 _BY_NAME = {(k.module, k.name): k for k in KERNELS}
 

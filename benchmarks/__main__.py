@@ -140,6 +140,17 @@ def build_plan(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out_dir = args.out or Path(__file__).parent / "results" / ("static" if args.static else device_name(
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    if not args.dry_run or args.out:
+        from fastvae.errors import ConfigError
+        from fastvae.training.files import prepare_output_folder
+
+        try:  # before any case runs: a folder that cannot be written fails now, not after the run
+            prepare_output_folder(str(out_dir))
+        except ConfigError as err:
+            print(f"python -m benchmarks: error: {err}", file=sys.stderr)
+            return 2
     if args.static:
         return main_static(args, argv)
     on_gpu = torch.cuda.is_available()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.harness import host_syncs, kernel_count, median_ms, peak_memory_bytes, rotating, synchronize
+from benchmarks.iwae import iwae_model
 from fastvae.models import HierarchicalVAE, conv_vae, mlp_vae
 
 IMPLS = ("eager", "compile", "fastvae", "fastvae+compile")
@@ -42,6 +43,10 @@ MODELS = {
     "conv": lambda backend: conv_vae(IMAGE_SHAPE[0], IMAGE_SHAPE[1], backend=backend),
     "hvae": lambda backend: HierarchicalVAE(IMAGE_SHAPE, backend=backend),
     "mlp-dmol": lambda backend: mlp_vae(IMAGE_SHAPE, likelihood="dmol", backend=backend),
+    # The MLP VAE on the importance-weighted bound (--objective iwae): the reference path is the bound written the
+    # usual way (benchmarks/iwae.py), the fused one VAE(iwae_k=K).
+    "mlp-iwae5": lambda backend: iwae_model(5, backend),
+    "mlp-iwae50": lambda backend: iwae_model(50, backend),
 }
 
 
@@ -163,11 +168,14 @@ def measure_train_case(case: TrainCase, device: torch.device, impls=None) -> lis
 
 
 # Batch sizes per grid: "*" for every model, or a model's own.
+# The IWAE's steps decode K images per image: batches of K x 128 and up.
+_IWAE_BATCHES = {"mlp-iwae5": (128, 1024, 4096), "mlp-iwae50": (128, 1024)}
 GRID_BATCHES = {
-    "smoke": {"*": (64,), "mlp": (256,), "hvae": (16,), "mlp-dmol": (16,)},
+    "smoke": {"*": (64,), "mlp": (256,), "hvae": (16,), "mlp-dmol": (16,), "mlp-iwae5": (16,), "mlp-iwae50": (16,)},
     "default": {"*": (256, 4096, 16384), "mlp": (256, 1024, 4096, 16384, 65536), "hvae": (256, 2048),
-                "mlp-dmol": (256, 4096)},
-    "full": {"*": (256, 1024, 4096, 16384, 65536), "hvae": (256, 1024, 4096), "mlp-dmol": (256, 1024, 4096, 16384)},
+                "mlp-dmol": (256, 4096), **_IWAE_BATCHES},
+    "full": {"*": (256, 1024, 4096, 16384, 65536), "hvae": (256, 1024, 4096), "mlp-dmol": (256, 1024, 4096, 16384),
+             **_IWAE_BATCHES},
 }
 # The launch-bound regime (issue 12 §4): every grid but the smoke one.
 LAUNCH_BOUND_BATCHES = {"mlp": (128, 512, 2048), "conv": (128,)}

@@ -14,12 +14,13 @@ ends with status 1, an interrupt with 130. Warnings are one line too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fastvae.errors import ConfigError, RunError
@@ -92,7 +93,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastvae.data import DATASETS
     from fastvae.corruption import CORRUPTIONS
     from fastvae.models import LIKELIHOODS
-    from fastvae.training.builders import MLP_HIDDEN, MODELS, OBJECTIVES, default_likelihood, describe_default_eval_k
+    from fastvae.training.builders import (
+        DEFAULT_IWAE_K,
+        MLP_HIDDEN,
+        MODELS,
+        OBJECTIVES,
+        default_likelihood,
+        describe_default_eval_k,
+    )
     from fastvae.training.config import NOISE_MODES, PRECISIONS, TrainConfig
     from fastvae.training.distributed import DEVICES
     from fastvae.training.schedule import LR_SCHEDULES
@@ -197,6 +205,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STEPS",
         help="raise the KL weight linearly from 0 to beta over this many steps "
         f"(default: {d.kl_warmup}, no warm-up)",
+    )
+    how.add_argument(
+        "--iwae-k",
+        type=_positive_int,
+        metavar="K",
+        help=f"--objective iwae: importance samples per image of the bound it trains on (default: {DEFAULT_IWAE_K})",
     )
     how.add_argument(
         "--free-bits",
@@ -475,21 +489,18 @@ def _run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from fastvae.training.figures import image_format, save_image_grid
-    from fastvae.training.files import describe_os_error
+    from fastvae.training.files import write_new_file
 
     if args.out:
         image_format(args.out)  # refuse a format it cannot write before loading anything
     model, _, _, path = _open_checkpoint(args)
     temperature = f"-t{args.temperature:g}" if args.temperature != 1.0 else ""
     out = args.out or os.path.join(os.path.dirname(path), f"samples-{args.n}-seed{args.seed}{temperature}.png")
-    _check_new_file(out)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    samples = model.sample(args.n, temperature=args.temperature, generator=generator)
-    try:
-        save_image_grid(out, samples, math.ceil(math.sqrt(args.n)))
-    except OSError as err:
-        raise ConfigError(f"cannot write {out}: {describe_os_error(err)}") from None
+    with _new_output(out):
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        samples = model.sample(args.n, temperature=args.temperature, generator=generator)
+        write_new_file(out, lambda file: save_image_grid(file, samples, math.ceil(math.sqrt(args.n))))
     print(f"wrote {args.n} samples to {out}")
     note = model.sample_note()
     if note:
@@ -497,12 +508,16 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_new_file(path: str) -> None:
-    """A file about to be written: it must not exist (nor be a dangling link), and its folder must."""
-    if os.path.lexists(path):
-        raise ConfigError(f"{path} already exists; choose another --out")
-    if not os.path.isdir(os.path.dirname(path) or "."):
-        raise ConfigError(f"the folder of {path} does not exist")
+@contextlib.contextmanager
+def _new_output(path: str) -> Iterator[None]:
+    """Check that ``path`` can be written as a new file, and hold its folder's lock for the block where that
+    folder is a run folder (:mod:`fastvae.training.runlock`): a live run's folder is refused."""
+    from fastvae.training.files import check_new_file
+    from fastvae.training.runlock import hold_run_folder
+
+    check_new_file(path)
+    with hold_run_folder(os.path.dirname(path) or ".", create=False):
+        yield
 
 
 # --- fastvae encode ----------------------------------------------------------------------------
@@ -550,6 +565,7 @@ def _run_encode(args: argparse.Namespace) -> int:
     from fastvae.training.checkpoint import save_atomic
     from fastvae.training.evaluate import batched_codes
     from fastvae.training.progress import Progress
+    from fastvae.training.files import write_new_file
 
     model, config, checkpoint, path = _open_checkpoint(args)
     source = args.data or config.data
@@ -559,25 +575,25 @@ def _run_encode(args: argparse.Namespace) -> int:
     out = args.out or os.path.join(os.path.dirname(path), f"latents-{data.name}-{args.split}.npz")
     if not out.endswith(".npz"):
         raise ConfigError(f"--out must name a .npz file, got {out}")
-    _check_new_file(out)
     trained_on = tuple(checkpoint["image_shape"])
     if data.image_shape != trained_on:
         shape = "x".join(map(str, data.image_shape))
         raise ConfigError(
             f"{data.name} holds {shape} images, but {path} was trained on {'x'.join(map(str, trained_on))} images"
         )
-    subset = data.subset(args.split)
-    codes = batched_codes(model, subset.images, args.batch_size or config.batch_size).cpu()
-    codes = (codes.float() if codes.is_floating_point() else codes).numpy()  # a VQ-VAE's code maps stay integers
-    arrays = {"codes": codes, "index": subset.index.numpy()}
-    if subset.labels is not None:
-        arrays["labels"] = subset.labels.numpy()
-    if subset.factors is not None:
-        arrays["factors"] = subset.factors.numpy()
-        arrays["factor_names"] = np.array(data.factor_names)
-    if data.files is not None:
-        arrays["files"] = np.array([data.files.names[i] for i in subset.index.tolist()])
-    save_atomic(arrays, out, save=lambda values, f: np.savez(f, **values))
+    with _new_output(out):
+        subset = data.subset(args.split)
+        codes = batched_codes(model, subset.images, args.batch_size or config.batch_size).cpu()
+        codes = (codes.float() if codes.is_floating_point() else codes).numpy()  # a VQ-VAE's code maps stay integers
+        arrays = {"codes": codes, "index": subset.index.numpy()}
+        if subset.labels is not None:
+            arrays["labels"] = subset.labels.numpy()
+        if subset.factors is not None:
+            arrays["factors"] = subset.factors.numpy()
+            arrays["factor_names"] = np.array(data.factor_names)
+        if data.files is not None:
+            arrays["files"] = np.array([data.files.names[i] for i in subset.index.tolist()])
+        write_new_file(out, lambda file: save_atomic(arrays, file, save=lambda values, f: np.savez(f, **values)))
     which = {"train": "the training images", "test": "the held-out images", "all": "all the images"}[args.split]
     print(f"wrote the codes {codes.shape} of {which} of {data.name} ({', '.join(arrays)}) to {out}")
     return 0

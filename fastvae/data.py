@@ -60,7 +60,8 @@ NPZ_LAYOUT_KEY = "layout"
 LAYOUTS = {"NCHW": 4, "NHWC": 4, "NHW": 3}
 MAX_CHANNELS = 4
 # The first bytes of a .npy file, and of an .npz file (a zip archive).
-NPY_MAGIC, NPZ_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+# An .npz is a zip file: it starts with a local file header, or, holding no arrays, with the end of its directory.
+NPY_MAGIC, NPZ_MAGIC, EMPTY_NPZ_MAGIC = b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06"
 SPLITS = ("train", "test", "all")
 
 
@@ -377,7 +378,7 @@ def load_image_file(path: str, *, num_images: int | None = None) -> torch.Tensor
     try:
         with open(path, "rb") as f:
             magic = f.read(len(NPY_MAGIC))
-        if not magic.startswith((NPY_MAGIC, NPZ_MAGIC)):
+        if not magic.startswith((NPY_MAGIC, NPZ_MAGIC, EMPTY_NPZ_MAGIC)):
             raise ConfigError(f"{path} is not a numpy file (.npy or .npz): it does not start as one")
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
         layout = None
@@ -401,6 +402,9 @@ def _npz_images(path: str, archive) -> tuple[np.ndarray, str | None]:
     """The images of an ``.npz`` file, and the layout its ``layout`` entry names (``None`` without one)."""
     with archive:
         keys = [k for k in archive.keys() if k != NPZ_LAYOUT_KEY]
+        if not keys:
+            raise ConfigError(f"{path} is an .npz file that holds no arrays; store the images under one of "
+                              f"{', '.join(NPZ_KEYS)}")
         key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
         if key is None:
             raise ConfigError(f"{path} holds the arrays {keys}; store the images under one of {', '.join(NPZ_KEYS)}")
@@ -436,6 +440,8 @@ def _channels_first(path: str, array: np.ndarray, layout: str | None) -> bool:
 def _images_from_array(path: str, array: np.ndarray, layout: str | None = None) -> np.ndarray:
     """Check ``array``'s dtype, range and shape (in ``layout``, if given); return it as a contiguous
     ``(N, C, H, W)`` array."""
+    if array.ndim not in (3, 4) and (array.dtype in (np.bool_, np.uint8) or np.issubdtype(array.dtype, np.floating)):
+        raise ConfigError(_layout_error(path, array.shape))  # before the values: one number is no image of bad ones
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
@@ -454,13 +460,17 @@ def _images_from_array(path: str, array: np.ndarray, layout: str | None = None) 
     elif array.ndim == 4 and min(array.shape[1:]) >= 1 and not _channels_first(path, array, layout):
         array = array.transpose(0, 3, 1, 2)  # channels last
     if array.ndim != 4 or array.shape[1] > MAX_CHANNELS or min(array.shape[1:]) < 1:
-        raise ConfigError(
-            f"{path}: expected images of shape (N, H, W), (N, C, H, W) or (N, H, W, C) with 1 to {MAX_CHANNELS} "
-            f"channels; got an array of shape {tuple(array.shape)}"
-        )
+        raise ConfigError(_layout_error(path, array.shape))
     if array.flags.owndata and array.flags.c_contiguous:
         return array
     return np.array(array, order="C")  # a copy in memory, of the layout asked for: array may be mapped from the file
+
+
+def _layout_error(path: str, shape: tuple[int, ...]) -> str:
+    return (
+        f"{path}: expected images of shape (N, H, W), (N, C, H, W) or (N, H, W, C) with 1 to {MAX_CHANNELS} "
+        f"channels; got an array of shape {tuple(shape)}"
+    )
 
 
 SHAPES_IMAGE_SIZE = 64

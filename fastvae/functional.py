@@ -10,6 +10,7 @@ from fastvae.ops.discretized_logistic_mixture import (
 )
 from fastvae.ops.reconstruction_loss import reconstruction_loss
 from fastvae.ops.reparameterize_kl import reparameterize_kl
+from fastvae.ops.reparameterize_log_ratio import reparameterize_log_ratio
 from fastvae.ops.vector_quantize import vector_quantize
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "discretized_logistic_mixture_nll",
     "reconstruction_loss",
     "reparameterize_kl",
+    "reparameterize_log_ratio",
     "sample_discretized_logistic_mixture",
     "vector_quantize",
 ]

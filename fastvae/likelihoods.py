@@ -146,7 +146,8 @@ class _FusedLikelihood(Likelihood):
         self.logvar: nn.Parameter | None = None  # the learned log-variance of the "gaussian" family
 
     def forward(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.loss(params, x) + self.nll_constant * x[0].numel()
+        constant = self.nll_constant * x[0].numel()
+        return self.loss(params, x) + constant if constant else self.loss(params, x)  # no kernel to add 0
 
     def loss(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return reconstruction_loss(params, x, self.kind, reduction="none", logvar=self.logvar, backend=self.backend)

@@ -38,6 +38,7 @@ from fastvae.functional import (
     discretized_logistic_mixture_nll,
     reconstruction_loss,
     reparameterize_kl,
+    reparameterize_log_ratio,
     sample_discretized_logistic_mixture,
     vector_quantize,
 )
@@ -83,6 +84,15 @@ class LatentSample(NamedTuple):
     logvar: torch.Tensor  # (..., D) log sigma**2 as the head gives it: the op soft-clamps it (GaussianLatent.clamp)
 
 
+class ImportanceSamples(NamedTuple):
+    """What :meth:`GaussianLatent.importance_samples` returns: ``K`` samples per input and their log ratios."""
+
+    z: torch.Tensor  # (K, ..., D) the samples
+    log_ratio: torch.Tensor  # (K, ...) float32 log p(z) - log q(z | x) of each sample
+    mu: torch.Tensor  # (..., D)
+    logvar: torch.Tensor  # (..., D) log sigma**2 as the head gives it (before the op's soft clamp)
+
+
 class GaussianLatent(nn.Module):
     r"""A diagonal Gaussian latent layer: ``features -> (mu, logvar) -> z`` with the KL to ``N(0, I)``.
 
@@ -112,6 +122,8 @@ class GaussianLatent(nn.Module):
     :func:`~fastvae.functional.reparameterize_kl`; its log-variance is clamped
     too), and returns a :class:`LatentSample` ``(z, kl, mu, logvar)``, with
     ``logvar`` before the clamp (:meth:`clamp` gives the clamped one).
+    :meth:`importance_samples` draws ``K`` samples per input with their log
+    density ratios instead, for an importance-weighted bound (IWAE).
     """
 
     def __init__(
@@ -162,6 +174,32 @@ class GaussianLatent(nn.Module):
             reduction=self.reduction, backend=self.backend,
         )
         return LatentSample(z, kl, mu, logvar)
+
+    def importance_samples(
+        self,
+        h: torch.Tensor,
+        k: int,
+        eps: torch.Tensor | None = None,
+        *,
+        prior_mu: torch.Tensor | None = None,
+        prior_logvar: torch.Tensor | None = None,
+    ) -> ImportanceSamples:
+        """``k`` samples ``z ~ q(z | h)`` per input and ``log p(z) - log q(z | h)`` of each, from one fused op
+        (:func:`~fastvae.functional.reparameterize_log_ratio` with ``samples=k``): the latent part of the log
+        weights of an importance-weighted bound.
+
+        ``h``: ``(..., in_features)``; ``eps``: optional noise ``(k, ..., D)``;
+        the prior as in ``forward`` (``N(0, I)`` by default). Returns
+        :class:`ImportanceSamples` with ``z`` ``(k, ..., D)`` and ``log_ratio``
+        ``(k, ...)`` float32. ``mu`` and ``logvar`` (the head's halves) are read
+        in place by each sample, never copied; ``mean_in_eval`` does not apply.
+        """
+        mu, logvar = self.head(h).chunk(2, dim=-1)
+        z, log_ratio = reparameterize_log_ratio(
+            mu, logvar, eps, samples=k, prior_mu=prior_mu, prior_logvar=prior_logvar, logvar_limit=self.logvar_limit,
+            backend=self.backend,
+        )
+        return ImportanceSamples(z, log_ratio, mu, logvar)
 
     def extra_repr(self) -> str:
         return (
@@ -293,24 +331,20 @@ class ConvGaussianLatent(nn.Module):
     def log_weight(
         self, posterior: torch.Tensor, prior: torch.Tensor | None, eps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z = mu + sigma * eps`` (through the fused op) and ``log p(z) - log q(z)`` per image, ``(B,)`` float32.
+        """``z = mu + sigma * eps`` and ``log p(z) - log q(z)`` per image, ``(B,)`` float32, from one fused op
+        (:func:`~fastvae.functional.reparameterize_log_ratio`, log-variances clamped as in training).
 
         The importance weight's share of this layer: with ``eps`` standard
         normal, ``log q(z) = -0.5 * sum(eps**2 + logvar) + const`` and
         ``log p(z) = -0.5 * sum((z - prior_mu)**2 / exp(prior_logvar) + prior_logvar) + const``,
-        the constants cancelling (log-variances clamped as in the op).
+        the constants cancelling.
         """
         mu, logvar = self.split(posterior, "posterior")
-        z, _ = reparameterize_kl(mu, logvar, eps, event_dims=3, logvar_limit=self.logvar_limit, backend=self.backend)
-        eps = eps.float()
-        log_q = eps * eps + self.clamp(logvar.float())
-        if prior is None:
-            log_p = z.float().square()
-        else:
-            prior_mu, prior_logvar = self.split(prior, "prior")
-            prior_logvar = self.clamp(prior_logvar.float())
-            log_p = (z.float() - prior_mu.float()).square() * torch.exp(-prior_logvar) + prior_logvar
-        return z, 0.5 * (log_q - log_p).sum(dim=(-3, -2, -1))
+        prior_mu, prior_logvar = self.split(prior, "prior") if prior is not None else (None, None)
+        return reparameterize_log_ratio(
+            mu, logvar, eps, prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=3,
+            logvar_limit=self.logvar_limit, backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -179,6 +179,22 @@ def test_smoke_run_within_a_budget_records_the_skipped_cases(tmp_path, monkeypat
     statuses = [p["status"] for p in payload["plan"]]
     assert payload["complete"] and "skipped" in statuses
     assert "## Plan" in (tmp_path / "results.md").read_text()
+@pytest.mark.parametrize("mode", [[], ["--static"], ["--dry-run"]])
+def test_an_output_folder_that_cannot_be_written_fails_before_anything_runs(tmp_path, monkeypatch, capsys, mode):
+    import benchmarks.__main__ as runner
+
+    monkeypatch.setattr(runner, "run_within", lambda *a, **k: pytest.fail("ran a case into a folder it cannot write"))
+    monkeypatch.setattr(runner, "main_static", lambda *a, **k: pytest.fail("ran the audit"))
+    (tmp_path / "file").write_text("")
+    for out, message in (
+        ("/proc/results", "cannot create the folder /proc/results: No such file or directory"),
+        (tmp_path / "file" / "r", f"cannot create the folder {tmp_path / 'file' / 'r'}: Not a directory"),
+        ("/proc", "cannot write into /proc: No such file or directory"),  # it exists, but takes no file
+    ):
+        assert run_benchmarks([*mode, "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"python -m benchmarks: error: {message}\n"
+
+
 def test_the_canonical_vae_baseline_runs_a_few_steps(capsys):
     """The baseline of fastvae train's defaults (README), at 5 steps and 2 importance samples."""
     from benchmarks.canonical_vae import main as canonical_vae

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -211,10 +212,12 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
 
 def test_default_run_folder_names_do_not_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20250101-120000")
-    config = TrainConfig(model="conv")
-    assert new_run_dir(config, "shapes") == (os.path.join("runs", "shapes-conv-20250101-120000"), False)
-    assert new_run_dir(config, "shapes") == (os.path.join("runs", "shapes-conv-20250101-120000-2"), False)
+    # rundir's clock only: patching time.strftime itself would break whatever else formats a date meanwhile.
+    monkeypatch.setattr(rundir, "time", types.SimpleNamespace(strftime=lambda fmt: "20250101-120000"))
+    config, held = TrainConfig(model="conv"), []
+    assert new_run_dir(config, "shapes", held.append) == (os.path.join("runs", "shapes-conv-20250101-120000"), False)
+    assert new_run_dir(config, "shapes", held.append) == (os.path.join("runs", "shapes-conv-20250101-120000-2"), False)
+    assert held == [os.path.join("runs", "shapes-conv-20250101-120000"), os.path.join("runs", "shapes-conv-20250101-120000-2")]
     status, stdout, _ = run("train", *TINY, "--steps", 2, "--quiet")
     assert status == 0 and os.path.isdir("runs/digits-mlp-20250101-120000")
     assert "run folder: runs/digits-mlp-20250101-120000" in stdout
@@ -332,7 +335,10 @@ def test_subcommands_plug_into_the_registry(monkeypatch):
 def test_the_installed_command_and_python_m_fail_cleanly(tmp_path):
     """A real process: exit status 2 and one line on stderr, with no traceback."""
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    for command in (["fastvae"], [sys.executable, "-m", "fastvae"]):
+    # The command installed beside this interpreter (a venv's bin/), whether or not that venv is activated.
+    installed = os.path.join(os.path.dirname(sys.executable), "fastvae")
+    assert os.access(installed, os.X_OK), f"no fastvae command beside {sys.executable}: pip install -e ."
+    for command in ([installed], [sys.executable, "-m", "fastvae"]):
         done = subprocess.run(
             [*command, "train", "--data", "cifar"], cwd=tmp_path, env=env, capture_output=True, text=True
         )
@@ -495,6 +501,7 @@ def test_a_run_stopped_before_its_first_checkpoint_is_taken_over_by_the_next(tmp
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert_one_line_error(*run("train", *TINY, "--out", tmp_path / "mine")[:3:2], "holds files of its own", "notes.txt")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]  # not even a lock file
 
 
 def test_ctrl_c_in_the_final_evaluation_and_a_resume_that_finishes_it(tmp_path, monkeypatch):
@@ -574,7 +581,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, mon
     assert status == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     assert f"cannot write the checkpoint {out / FILES['checkpoint']}: No space left on device" in stderr
     assert "(step 3, written while the loss was finite), is intact" in stderr
-    assert sorted(os.listdir(out)) == [FILES["checkpoint"], FILES["metrics"]]  # no checkpoint.pt.tmp
+    assert sorted(os.listdir(out)) == sorted([FILES["lock"], FILES["checkpoint"], FILES["metrics"]])  # no .tmp
     assert torch.load(out / FILES["checkpoint"], weights_only=True)["step"] == 3
     monkeypatch.undo()
     assert run("train", "--out", out, "--resume", "--quiet")[0] == 0
@@ -607,7 +614,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_finishes_it_then_stops(tmp_path, m
     status, _, stderr = run("train", *TINY, "--steps", 9, "--checkpoint-every", 3, "--out", out, "--quiet")
     assert status == 130 and stderr.count("\n") == 1, stderr
     assert "(step 6, written while the loss was finite), is intact; continue with" in stderr
-    assert sorted(os.listdir(out)) == [FILES["checkpoint"], FILES["metrics"]]
+    assert sorted(os.listdir(out)) == sorted([FILES["lock"], FILES["checkpoint"], FILES["metrics"]])
     assert torch.load(out / FILES["checkpoint"], weights_only=True)["step"] == 6
     monkeypatch.undo()
     assert run("train", "--out", out, "--resume", "--quiet")[0] == 0
@@ -705,6 +712,35 @@ def test_sample_writes_the_format_its_name_asks_for_and_refuses_others(tiny_run,
     assert_one_line_error(*run("sample", out, "--out", "/proc/a.png")[:3:2], "cannot write /proc/a.png")
     assert sorted(os.listdir(tmp_path)) == ["s.PNG", "s.jpg", "s.pdf"]
     assert run("sample", out, "--n", 1, "--seed", 2**64 - 1, "--out", tmp_path / "max.png")[0] == 0
+
+
+@pytest.mark.parametrize("command, name", [("sample", "s.png"), ("encode", "codes.npz")])
+def test_an_output_file_that_cannot_be_written_is_one_line_for_every_command(
+    tiny_run, tmp_path, monkeypatch, command, name
+):
+    """sample and encode alike: checked before any work, and a write that fails when done (a full disk) too."""
+    out, _, _ = tiny_run
+    before = snapshot(out)
+    (tmp_path / "file").write_text("")
+    (tmp_path / name).write_text("")
+    for path, fragment in (
+        (f"/proc/{name}", f"cannot write /proc/{name}: No such file or directory"),
+        (tmp_path / "file" / name, f"cannot write {tmp_path / 'file' / name}: {tmp_path / 'file'} is not a folder"),
+        (tmp_path / "missing" / name, f"the folder of {tmp_path / 'missing' / name} does not exist"),
+        (tmp_path / name, f"{tmp_path / name} already exists"),
+    ):
+        assert_one_line_error(*run(command, out, "--out", path)[:3:2], fragment)
+    (tmp_path / name).unlink()
+
+    def full_disk(path, write, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    for module in ("figures", "checkpoint"):
+        monkeypatch.setattr(f"fastvae.training.{module}.write_atomic", full_disk)
+    path = tmp_path / name
+    assert_one_line_error(*run(command, out, "--out", path)[:3:2], f"cannot write {path}: No space left on device")
+    assert os.listdir(tmp_path) == ["file"]
+    assert snapshot(out) == before
 
 
 def test_running_out_of_memory_is_one_line(tiny_run, monkeypatch):

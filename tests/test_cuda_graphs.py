@@ -5,8 +5,12 @@ regenerates the forward's noise (every order of gradient matches the reference o
 is untouched (no extra launch). On a GPU (skipped without one): graph replays draw fresh noise, replay gradients
 match eager ones on the same noise, and graph training reaches the eager run's loss.
 """
+import functools
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from fastvae.functional import reparameterize_kl
 from fastvae.ops import rng
@@ -242,13 +246,42 @@ def test_cuda_graphs_is_kept_on_resume():
     assert "cuda_graphs" in FIXED_ON_RESUME
 
 
+class _ReadAddresses(TorchDispatchMode):
+    """Records, in order, the storages that the block's ops read and that no earlier op of the block wrote: what a
+    captured CUDA graph reads from the addresses it was captured with (inputs, parameters, the learning rate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[tuple[str, int]] = []
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in self._seen:
+                self.reads.append((str(func), t.untyped_storage().data_ptr()))
+                self._seen.add(t.untyped_storage().data_ptr())
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel():
+                self._seen.add(t.untyped_storage().data_ptr())
+        return out
+
+
 def _replay_by_rerunning(step):
     """A stand-in for :func:`capture_cuda_graph` on the CPU: each replay runs ``step()`` again and writes its values
-    into the one tensor the capture returned (as a graph's replay rewrites its outputs); the capture runs nothing."""
-    values = torch.empty(0)
+    into the one tensor the capture returned (as a graph's replay rewrites its outputs); the capture runs nothing.
+
+    A graph reads the memory it was captured reading, whatever Python later binds to the names: so every replay
+    must read the same storages as the first (the capture's own). A step whose inputs were rebound to new tensors,
+    rather than copied into the captured ones, reads other memory, and the replay fails here; on a GPU it would
+    train on the captured batch forever."""
+    values, captured = torch.empty(0), []
 
     def replay():
-        out = step()
+        with _ReadAddresses() as read:
+            out = step()
+        captured.append(captured[0] if captured else read.reads)
+        assert read.reads == captured[0], "a replay read other memory than the capture: a rebound static input"
         values.resize_(out.shape).copy_(out)
 
     return replay, values
@@ -285,3 +318,29 @@ def test_graphed_step_feeds_each_steps_inputs_to_the_replays():
     assert graphed.replay is not None and got.data_ptr() != graphed.values.data_ptr()  # a copy per step
     for p, q in zip(eager_model.parameters(), graphed_model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_graphed_training_copies_every_changing_input_into_the_captured_buffers(tmp_path, monkeypatch):
+    """The trainer's side on the CPU, with every input of the step changing each step: the batch, its clean target
+    (--denoise), the noise (--noise global), the KL weight (--kl-warmup) and the learning rate (--lr-schedule
+    cosine, filled into the capturable optimizer's tensor). The replays read the captured memory (see
+    :func:`_replay_by_rerunning`) and the run logs, step by step, what the eager run logs."""
+    from fastvae.training import loop
+    from fastvae.training.config import TrainConfig
+    from fastvae.training.cuda_graph import GraphedStep
+    from fastvae.training.metrics import read_metrics
+
+    monkeypatch.setattr(loop, "check_cuda_graphs", lambda config: None)  # it needs a GPU; the stand-in does not
+    monkeypatch.setattr(loop, "GraphedStep", functools.partial(GraphedStep, capture=_replay_by_rerunning))
+    runs = {}
+    for graphs in (False, True):
+        config = TrainConfig(data="digits", num_images=120, model="mlp", latent_dim=3, hidden=(8,), batch_size=12,
+                             steps=8, kl_warmup=6, lr_schedule="cosine", noise="global", denoise="mask:0.3", eval_k=2,
+                             log_every=1, out=str(tmp_path / f"graphs-{graphs}"), quiet=True, device="cpu",
+                             cuda_graphs=graphs)
+        loop.train(config)
+        runs[graphs] = read_metrics(config.out + "/metrics.jsonl")
+    assert [r["step"] for r in runs[True]] == list(range(1, 9))
+    for eager, graphed in zip(runs[False], runs[True]):
+        assert graphed["lr"] == eager["lr"] and graphed["kl_weight"] == eager["kl_weight"]
+        assert graphed["loss"] == pytest.approx(eager["loss"], rel=1e-6), (eager, graphed)

@@ -165,6 +165,8 @@ def test_npz_files_by_key_or_single_array(tmp_path):
     "array, message",
     [
         (np.zeros((4, 3), dtype=np.uint8), "expected images of shape"),
+        (np.float32(5.0), "expected images of shape .*got an array of shape \\(\\)"),  # not "values in [0, 1]"
+        (np.zeros((), dtype=np.uint8), "got an array of shape \\(\\)"),
         (np.zeros((4, 2, 3, 5, 5), dtype=np.uint8), "expected images of shape"),
         (np.zeros((4, 8, 6, 6), dtype=np.uint8), "got an array of shape \\(4, 8, 6, 6\\)"),  # 8 channels first, 6 last
         (np.zeros((4, 5, 5), dtype=np.int32), "dtype int32"),
@@ -194,6 +196,9 @@ def test_unreadable_missing_and_ambiguous_files(tmp_path):
     np.savez(tmp_path / "two.npz", a=np.zeros((3, 4, 4)), b=np.zeros((3, 4, 4)))
     with pytest.raises(ConfigError, match="store the images under one of"):
         load_images(str(tmp_path / "two.npz"))
+    np.savez(tmp_path / "empty.npz")  # a valid .npz holding no arrays: not "not a numpy file"
+    with pytest.raises(ConfigError, match="empty.npz is an .npz file that holds no arrays; store the images under"):
+        load_images(str(tmp_path / "empty.npz"))
     np.save(tmp_path / "one.npy", np.zeros((1, 4, 4), dtype=np.uint8))
     with pytest.raises(ConfigError, match="at least 2"):
         load_images(str(tmp_path / "one.npy"))

@@ -107,6 +107,8 @@ def test_each_rank_draws_its_own_noise_and_only_rank_0_writes(tmp_path):
     files = sorted(os.listdir(tmp_path / "ranks"))
     events = [name for name in files if name.startswith("events.out.tfevents.")]
     assert len(events) == 1 and sorted(set(files) - set(events)) == sorted(FILES.values())
+    holder = json.loads((tmp_path / "ranks" / FILES["lock"]).read_text())
+    assert holder["command"].startswith("fastvae train")  # rank 0 held the folder, and no rank refused another
     tensorboard = EventAccumulator(str(tmp_path / "ranks"), size_guidance={"scalars": 0, "images": 0})
     tensorboard.Reload()
     assert [e.step for e in tensorboard.Scalars("train/loss")] == list(range(1, 7))

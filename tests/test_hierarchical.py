@@ -1,11 +1,13 @@
 """The hierarchical VAE: its loss, sampling and importance-sampled likelihood through the fused op, its training
 on the fused and the reference paths, and ``fastvae train --model hvae`` end to end (small)."""
+import copy
 import json
 import math
 import os
 
 import pytest
 import torch
+from torch.distributions import Bernoulli, Normal, kl_divergence
 
 import fastvae.nn
 from fastvae.training.config import TrainConfig
@@ -13,7 +15,7 @@ from fastvae.models import HierarchicalVAE
 from fastvae.models.hierarchical import resolutions
 from fastvae.training.rundir import FILES
 from tests.test_cli import assert_one_line_error, metrics, run, train_interrupted_and_resumed, weights
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_float32_sum_of_float64
 
 SHAPE = (1, 8, 8)
 SMALL = dict(layers_per_resolution=(1, 2), latent_channels=2, width=8)
@@ -103,6 +105,90 @@ def test_log_likelihood_is_an_importance_sampled_bound_through_every_layer():
     assert ((one_sample.mean(0) - elbos.mean(0)).abs() < 5 * error + 1e-3).all()
     tight = model.log_likelihood(x, 64, chunk_size=5, generator=generator)
     assert torch.isfinite(tight).all() and (tight > one_sample.mean(0)).all()
+
+
+def layer_densities(params: torch.Tensor, channels: int, limit: float | None) -> Normal:
+    """The diagonal Gaussian whose mean and log-variance are the first two groups of ``channels`` channels."""
+    mu, logvar = params[:, :channels], params[:, channels : 2 * channels]
+    if limit is not None:
+        logvar = limit * torch.tanh(logvar / limit)  # the soft clamp, written out
+    return Normal(mu, torch.exp(0.5 * logvar))
+
+
+def float64_log_weights(model: HierarchicalVAE, x: torch.Tensor, noise: list[torch.Tensor]):
+    """One importance sample's terms per image, in float64 from the model's networks and torch.distributions, with
+    the top-down pass written out: ``log p(x | z)``, ``sum_l log p(z_l | z_<l) - log q(z_l | x, z_<l)`` and the
+    analytic ``sum_l KL(q_l || p_l)``; ``noise[l]`` ``(B, C, h, w)`` is layer ``l``'s standard normal draw."""
+    model = copy.deepcopy(model).double()
+    x, noise = x.double(), [e.double() for e in noise]
+    features = model.encode(x)
+    state = model.start.expand(len(x), *model.start.shape)
+    log_ratio, kl, index = 0.0, 0.0, 0
+    for resolution, (count, plain) in enumerate(zip(model.counts, model.plain_blocks)):
+        if resolution > 0:
+            state = torch.nn.functional.interpolate(state, scale_factor=2, mode="nearest")
+        for _ in range(count):
+            layer = model.layers[index]
+            channels, limit = layer.latent_channels, layer.latent.logvar_limit
+            prior_params = layer.prior(state)
+            prior = layer_densities(prior_params, channels, limit)  # the conditional prior p(z_l | z_<l)
+            posterior = layer_densities(layer.posterior(state, features[resolution]), channels, limit)
+            z = posterior.mean + posterior.stddev * noise[index]
+            log_ratio = log_ratio + (prior.log_prob(z) - posterior.log_prob(z)).sum(dim=(1, 2, 3))
+            kl = kl + kl_divergence(posterior, prior).sum(dim=(1, 2, 3))
+            state = layer.update(state, prior_params, z)
+            index += 1
+        state = plain(state)
+    logits = model.out(torch.nn.functional.gelu(state))
+    log_p_x = Bernoulli(logits=logits).log_prob(x).sum(dim=(1, 2, 3))
+    return log_p_x, log_ratio, kl
+
+
+def model_with_learned_priors() -> HierarchicalVAE:
+    """The small model with every prior moved off N(0, I): the prior nets start at zero, where a layer weighed
+    against N(0, I) instead of its conditional prior gives the same numbers."""
+    model = small_model().eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.layers:
+            last = layer.prior_net.convs[-1]
+            last.weight.copy_(0.2 * torch.randn(last.weight.shape, generator=generator))
+            last.bias.copy_(0.5 * torch.randn(last.bias.shape, generator=generator))
+    return model
+
+
+def test_log_likelihood_against_a_float64_computation_with_the_conditional_priors():
+    """The estimate with k samples (chunked so that a chunk is short) is log mean_j w_j from a float64 top-down pass
+    of its own, each layer's sample weighed against its conditional prior; with k = 1 on the noise forward was
+    given, its parts are forward's: the same log p(x | z) as recon, and the sampled KL of the analytic one."""
+    model = model_with_learned_priors()
+    x = torch.rand(3, *SHAPE).round()  # binary images, for Bernoulli's log_prob
+    terms = math.prod(SHAPE) + sum(math.prod(shape) for shape in model.latent_shapes)
+    for k, chunk_size in ((1, 1), (5, 2)):
+        generator = torch.Generator().manual_seed(11)
+        estimate = model.log_likelihood(x, k, chunk_size=chunk_size, generator=generator)
+        # The noise as log_likelihood documents it: chunk by chunk, each layer's (c * B, C, h, w), sample-major.
+        generator.manual_seed(11)
+        samples = [[] for _ in range(k)]
+        for start in range(0, k, chunk_size):
+            c = min(chunk_size, k - start)
+            for shape in model.latent_shapes:
+                drawn = torch.randn((c * len(x), *shape), generator=generator).unflatten(0, (c, len(x)))
+                for j in range(c):
+                    samples[start + j].append(drawn[j])
+        log_w = []
+        for noise in samples:
+            log_p_x, log_ratio, kl = float64_log_weights(model, x, noise)
+            log_w.append(log_p_x + log_ratio)
+        want = torch.logsumexp(torch.stack(log_w), dim=0) - math.log(k)
+        assert_float32_sum_of_float64(estimate, want, terms, scale=10.0)
+        if k == 1:
+            eps = torch.cat([e.flatten(1) for e in samples[0]], dim=1)
+            out = model(x, eps=eps, kl_weight=1.0)
+            assert_float32_sum_of_float64(-out.recon, log_p_x, terms, scale=10.0)
+            assert_float32_sum_of_float64(out.kl, kl, terms, scale=10.0)
+            # The ELBO and the one-sample estimate on that noise differ by the sampled KL less the analytic one.
+            assert_float32_sum_of_float64(estimate - (-(out.recon + out.kl)), log_ratio + kl, terms, scale=10.0)
 
 
 def test_reconstruct_and_interpolate_decode_the_posterior_means():

@@ -21,7 +21,7 @@ from fastvae.models import (
 )
 from fastvae.likelihoods import GaussianLikelihood
 from fastvae.nn import ReconstructionLoss
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_float32_sum_of_float64
 
 SHAPE = (1, 4, 5)
 
@@ -103,6 +103,27 @@ def test_log_likelihood_against_a_direct_computation(likelihood, k, chunk_size):
     assert_close(estimate, expected, rtol=1e-5, atol=1e-4)
 
 
+def test_one_sample_log_likelihood_is_the_sampled_elbo_of_forward_on_the_same_noise():
+    """k = 1 against the training path (the fused ops): on the noise forward is given, the estimate is
+    -recon + log N(z; 0, I) - log q(z | x), with q's log-variance soft-clamped as the op clamps it (the head's bias
+    pushes it past the clamp's knee, where an unclamped one would differ), in float64 from torch.distributions."""
+    model = small_vae(logvar_limit=2.0).eval()
+    with torch.no_grad():
+        model.latent.head.bias[3:].fill_(2.5)  # logvar = 2.5 + ...: the clamp gives about 2 tanh(1.25) = 1.7
+    x = torch.rand(4, *SHAPE).round()
+    generator = torch.Generator().manual_seed(5)
+    estimate = model.log_likelihood(x, 1, generator=generator)
+    eps = torch.randn((1, 4, 3), generator=generator.manual_seed(5))[0]  # the draw log_likelihood documents
+    with torch.no_grad():
+        out = model(x, eps=eps, kl_weight=1.0)
+    z, mu = out.z.double(), out.mu.double()
+    logvar = 2.0 * torch.tanh(out.logvar.double() / 2.0)
+    log_q = Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+    log_prior = Normal(0.0, 1.0).log_prob(z).sum(-1)
+    want = -out.recon.double() + log_prior - log_q
+    assert_float32_sum_of_float64(estimate, want, terms=math.prod(SHAPE) + 3, scale=10.0)
+
+
 def test_log_likelihood_bound_is_tighter_than_the_elbo_on_average():
     torch.manual_seed(2)
     model = small_vae().eval()
@@ -160,6 +181,11 @@ def test_conv_vae_default_widths_fit_the_image(channels, size, widths):
 def test_builders_reject_shapes_they_cannot_build():
     with pytest.raises(ValueError, match="image_size 28 must be divisible by 2\\*\\*len\\(widths\\) = 8"):
         conv_vae(1, 28, widths=(8, 8, 8))
+    for size in (1, 7):  # odd: no number of widths fits, passed or not
+        for widths in (None, (8,)):
+            with pytest.raises(ValueError, match=f"image_size {size} is odd.*use an MLP") as raised:
+                conv_vae(1, size, widths=widths)
+            assert "fewer widths" not in str(raised.value)
     with pytest.raises(ValueError, match="hidden"):
         mlp_vae(SHAPE, hidden=())
     with pytest.raises(ValueError, match="likelihood must be one of"):
@@ -460,3 +486,27 @@ def test_sampling_at_temperature_zero_decodes_the_prior_mean(model):
     torch.testing.assert_close(samples, samples[0].expand_as(samples))
     with pytest.raises(ValueError, match="temperature"):
         built.sample(2, temperature=-1.0)
+
+
+def test_an_empty_batch_has_no_loss_but_has_empty_per_image_results():
+    """forward's loss is a mean over the batch: an empty batch is a ValueError saying so, for every model; per-image
+    results (log_likelihood, codes, reconstructions) of no images are empty, of the right shape."""
+    from fastvae.models import HierarchicalVAE
+
+    image = (1, 8, 8)
+    models = [
+        mlp_vae(image, latent_dim=3, hidden=(12,)),
+        conv_vae(1, 8, latent_dim=3, widths=(4,)),
+        mlp_autoencoder(image, latent_dim=3, hidden=(12,)),
+        HierarchicalVAE(image, layers_per_resolution=(1, 1), latent_channels=2, width=8),
+    ]
+    empty = torch.rand(0, *image)
+    for model in models:
+        model.eval()
+        with pytest.raises(ValueError, match=r"x must be a batch of at least one image.*got shape \(0, 1, 8, 8\)"):
+            model(empty)
+        if hasattr(model, "log_likelihood"):
+            estimate = model.log_likelihood(empty, 3)
+            assert estimate.shape == (0,) and estimate.dtype == torch.float32
+        assert model.codes(empty).shape[0] == 0
+        assert model.reconstruct(empty).shape == empty.shape

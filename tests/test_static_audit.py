@@ -295,6 +295,19 @@ def _calls_covering_every_kernel_flag():
         with philox_state_on_device():
             reparam(False, True, True)
 
+    def log_ratio(eps, prior, grad_z, grad_log_ratio):  # K = 3 samples; a prior shared by K, per sample, or by all
+        from fastvae.functional import reparameterize_log_ratio
+
+        h = torch.randn(4, 12, requires_grad=True)
+        mu, logvar = h[:, :6], h[:, 6:]
+        p = {"none": None, "per posterior": torch.randn(4, 6), "per sample": torch.randn(3, 4, 6),
+             "shared": torch.randn(6)}[prior]
+        p = p.requires_grad_() if p is not None else None
+        z, lr = reparameterize_log_ratio(mu, logvar, torch.randn(3, 4, 6) if eps else None, samples=3, prior_mu=p,
+                                         prior_logvar=p, logvar_limit=4.0, backend="triton")
+        outs = [o for o, used in ((z, grad_z), (lr, grad_log_ratio)) if used]
+        torch.autograd.grad(outs, [h] + ([p] if p is not None else []), [torch.randn_like(o) for o in outs])
+
     def vq(grad_z_q, grad_loss, grad_z, grad_codebook):
         from fastvae.functional import vector_quantize
 
@@ -306,6 +319,9 @@ def _calls_covering_every_kernel_flag():
         torch.autograd.grad(outs, wrt, [torch.randn_like(o) for o in outs])
 
     calls += [second_order, device_state, lambda: reparam(True, True, True, clamp=(-1.0, 1.0))]  # the hard clamp
+    calls += [lambda e=e, p=p, z=z, r=r: log_ratio(e, p, z, r) for e in (False, True)
+              for p in ("none", "per posterior", "per sample", "shared") for z, r in ((True, True), (False, True))]
+    calls += [lambda: log_ratio(False, "none", True, False)]
     calls += [lambda f=f: vq(*f) for f in ((True, True, True, True), (True, False, True, False),
                                            (False, True, True, False), (False, True, False, True))]
     calls += [lambda g=g, r=r: dmol(g, r) for g, r in ((False, False), (True, False), (True, True))]

@@ -166,3 +166,26 @@ def record_kernel_calls(monkeypatch, module, forward_name: str) -> dict:
     monkeypatch.setattr(scaling, "scale_rows", spy("new", scale))
     monkeypatch.setattr(scaling, "scale_rows_", spy("in place", scale_))
     return calls
+
+
+def assert_float32_sum_of_float64(got: torch.Tensor, want: torch.Tensor, terms: int, scale: float) -> None:
+    """Float32 against float64: a sum of ``terms`` float32 values of magnitude up to ``scale``, each off by a few
+    units of float32's precision (2**-24 relative) through the small networks above it, is off by at most
+    ``terms * scale * 2**-24`` times a few (the hierarchical test measured 1/60 of that bound); the bugs these
+    tests catch move it by nats."""
+    assert_close(got.double(), want, rtol=0, atol=4 * terms * scale * 2**-24)
+
+
+# Called with the worst error / bound of each assert_within: the seed sweep (tests/conftest.py) listens here.
+MARGIN_OBSERVERS: list = []
+
+
+def assert_within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, name: str) -> None:
+    """``|got - want| <= bound`` element by element (``bound`` from an error analysis, float64)."""
+    error = (got.double() - want.double()).abs()
+    for observe in MARGIN_OBSERVERS:
+        observe(float((error / bound).max()))
+    worst = torch.argmax(error - bound)
+    assert (error <= bound).all(), (
+        f"{name}: off by {error.flatten()[worst]:.3g} where the analysis allows {bound.flatten()[worst]:.3g}"
+    )

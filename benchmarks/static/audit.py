@@ -111,6 +111,36 @@ def _hvae_layer(batch, channels, size):
     return run
 
 
+def _importance_samples(batch, latent_dim, samples):
+    def run(dtype):
+        from fastvae.functional import reparameterize_log_ratio
+
+        # The IWAE's latent layer (fastvae train --objective iwae): K samples of a linear head's halves.
+        h = torch.randn(batch, 2 * latent_dim).to(dtype).requires_grad_()
+        mu, logvar = h.chunk(2, dim=-1)
+        z, log_ratio = reparameterize_log_ratio(mu, logvar, samples=samples, logvar_limit=10.0, backend="triton")
+        torch.autograd.grad([z, log_ratio], [h], [torch.randn_like(z), torch.rand_like(log_ratio)])
+
+    return run
+
+
+def _hvae_importance_samples(batch, channels, size, samples):
+    def run(dtype):
+        from fastvae.functional import reparameterize_log_ratio
+
+        # A hierarchical VAE's layer under importance sampling: the prior per sample (channel slices of the prior
+        # net's output on the K B states), the posterior of the top layer shared by the samples.
+        posterior = torch.randn(batch, 2 * channels, size, size).to(dtype).requires_grad_()
+        prior = torch.randn(samples, batch, 2 * channels + 32, size, size).to(dtype).requires_grad_()
+        z, log_ratio = reparameterize_log_ratio(
+            posterior[:, :channels], posterior[:, channels:], samples=samples, prior_mu=prior[:, :, :channels],
+            prior_logvar=prior[:, :, channels : 2 * channels], event_dims=3, logvar_limit=10.0, backend="triton",
+        )
+        torch.autograd.grad([z, log_ratio], [posterior, prior], [torch.randn_like(z), torch.rand_like(log_ratio)])
+
+    return run
+
+
 def _dmol(batch, image_shape, num_mixtures, grad=True):
     def run(dtype):
         from fastvae.functional import discretized_logistic_mixture_nll
@@ -183,6 +213,11 @@ EXTRA_SCENARIOS = [
     Scenario("reparameterize_kl of a linear head's halves, 4096x32", _latent_head(4096, 32)),
     Scenario("reparameterize_kl of a linear head's halves, 128x16", _latent_head(128, 16)),
     Scenario("reparameterize_kl of an hvae layer, 8 channels of 7x7 maps, batch 64", _hvae_layer(64, 8, 7)),
+    Scenario("reparameterize_log_ratio of a linear head's halves, K=5 samples of 128x20", _importance_samples(128, 20, 5)),
+    Scenario("reparameterize_log_ratio of a linear head's halves, K=50 samples of 128x20",
+             _importance_samples(128, 20, 50)),
+    Scenario("reparameterize_log_ratio of an hvae layer, K=5, a prior per sample, 8 channels of 7x7, batch 16",
+             _hvae_importance_samples(16, 8, 7, 5)),
     Scenario("vector_quantize, 4096 vectors of 64 against 512 codes, codebook by gradient",
              _vector_quantize(4096, 512, 64, True)),
     Scenario("vector_quantize, 1024 vectors of 200 against 300 codes", _vector_quantize(1024, 300, 200, False)),

@@ -82,6 +82,7 @@ class KernelSpec:
 
 
 _REPARAM = "fastvae.kernels.reparameterize_kl"
+_LOG_RATIO = "fastvae.kernels.reparameterize_log_ratio"
 _LOSS = "fastvae.kernels.reconstruction_loss"
 _SCALE = "fastvae.kernels.scale_rows"
 _DMOL = "fastvae.kernels.discretized_logistic_mixture"
@@ -91,6 +92,7 @@ _VQ = "fastvae.kernels.vector_quantize"
 # blocks are BLOCK_GROUPS groups of 4.
 _ROW_SLOTS = "padded(n_rows, BLOCK_ROWS) * padded(n_cols, BLOCK_COLS)"
 _ROW_GROUP_SLOTS = "padded(n_rows, BLOCK_ROWS) * padded(n_cols, BLOCK_GROUPS * 4)"
+_LOG_RATIO_SLOTS = _ROW_GROUP_SLOTS + " * n_samples"
 # A prior tensor is passed as None when absent (Triton compiles None as a constant: a kernel of its own).
 _GIVEN = "{} is not None"
 
@@ -135,6 +137,49 @@ KERNELS = [
         elements="n_rows * n_cols",
         tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
         slots=_ROW_GROUP_SLOTS,
+    ),
+    # K importance samples per row of mu: a launch covers the K n_rows x n_cols elements of z. A program's loop over
+    # its column blocks loads the posterior's tile once, and an inner loop takes the K samples over that tile.
+    KernelSpec(
+        _LOG_RATIO,
+        "_log_ratio_forward_kernel",
+        reads={
+            "mu_ptr": ALWAYS,
+            "logvar_ptr": ALWAYS,
+            "eps_ptr": "HAS_EPS",
+            "prior_mu_ptr": _GIVEN.format("prior_mu_ptr"),
+            "prior_logvar_ptr": _GIVEN.format("prior_logvar_ptr"),
+            "philox_ptr": _GIVEN.format("philox_ptr"),
+        },
+        writes={"z_ptr": ALWAYS, "log_ratio_ptr": ALWAYS},
+        elements="n_samples * n_rows * n_cols",
+        tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
+        slots=_LOG_RATIO_SLOTS,
+        inner_trips="n_samples",
+    ),
+    KernelSpec(
+        _LOG_RATIO,
+        "_log_ratio_backward_kernel",
+        reads={
+            "grad_z_ptr": "HAS_GRAD_Z",
+            "grad_log_ratio_ptr": "HAS_GRAD_LOG_RATIO",
+            "mu_ptr": ALWAYS,
+            "logvar_ptr": ALWAYS,
+            "eps_ptr": "HAS_EPS",  # for both gradients: the log ratio's depends on the noise too
+            "prior_mu_ptr": "HAS_GRAD_LOG_RATIO and " + _GIVEN.format("prior_mu_ptr"),
+            "prior_logvar_ptr": "HAS_GRAD_LOG_RATIO and " + _GIVEN.format("prior_logvar_ptr"),
+            "philox_ptr": _GIVEN.format("philox_ptr"),
+        },
+        writes={
+            "grad_mu_ptr": ALWAYS,
+            "grad_logvar_ptr": ALWAYS,
+            "grad_prior_mu_ptr": "HAS_GRAD_LOG_RATIO and " + _GIVEN.format("grad_prior_mu_ptr"),
+            "grad_prior_logvar_ptr": "HAS_GRAD_LOG_RATIO and " + _GIVEN.format("grad_prior_logvar_ptr"),
+        },
+        elements="n_samples * n_rows * n_cols",
+        tile="BLOCK_ROWS * BLOCK_GROUPS * 4",
+        slots=_LOG_RATIO_SLOTS,
+        inner_trips="n_samples",
     ),
     KernelSpec(
         _LOSS,

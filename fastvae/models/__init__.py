@@ -2,7 +2,8 @@
 
 * :mod:`fastvae.models.base`: :class:`TrainableModel`, the interface the training engine speaks;
 * :mod:`fastvae.models.vae`: :class:`VAE` (loss, sampling, reconstruction, the
-  importance-sampled log-likelihood) and the KL warm-up schedule :func:`kl_warmup_weight`;
+  importance-sampled log-likelihood; trained on the ELBO or on the importance-weighted bound,
+  :class:`IWAEOutput`) and the KL warm-up schedule :func:`kl_warmup_weight`;
 * :mod:`fastvae.models.hierarchical`: :class:`HierarchicalVAE`, a top-down hierarchical VAE (VDVAE/NVAE style)
   whose stochastic layers sample and take their KL through the fused op on latent feature maps;
 * :mod:`fastvae.models.autoencoder`: the deterministic baseline :class:`Autoencoder`;
@@ -30,7 +31,7 @@ from fastvae.models.networks import (
     mlp_encoder,
     mlp_vae,
 )
-from fastvae.models.vae import LOG_LIKELIHOOD_ROWS, VAE, VAEOutput, kl_warmup_weight
+from fastvae.models.vae import LOG_LIKELIHOOD_ROWS, VAE, IWAEOutput, VAEOutput, kl_warmup_weight
 from fastvae.models.vqvae import VQVAE, VQVAEOutput
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "CONV_WIDTHS",
     "HVAEOutput",
     "HierarchicalVAE",
+    "IWAEOutput",
     "LIKELIHOODS",
     "LOG_LIKELIHOOD_ROWS",
     "MetricPlot",

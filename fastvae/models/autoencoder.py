@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastvae.likelihoods import Likelihood, make_likelihood
-from fastvae.models.base import TrainableModel, check_temperature, held_out_label, lerp_codes
+from fastvae.models.base import TrainableModel, check_batch, check_temperature, held_out_label, lerp_codes
 
 
 class AutoencoderOutput(NamedTuple):
@@ -90,7 +90,9 @@ class Autoencoder(TrainableModel):
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor, *, target: torch.Tensor | None = None) -> AutoencoderOutput:
-        """Encode and decode ``x`` ``(B, ...)``; ``recon`` scores the output against ``target`` (default ``x``)."""
+        """Encode and decode ``x`` ``(B, ...)``; ``recon`` scores the output against ``target`` (default ``x``).
+        An empty batch is a ``ValueError`` (its loss, a mean, is undefined)."""
+        check_batch(x)
         z = self.encode(x)
         x_hat = self.decode(z)
         # The batch mean inside the fused op: loss.backward() hands its gradient over without a scaling pass.

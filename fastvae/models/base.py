@@ -148,6 +148,15 @@ class TrainableModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot interpolate")
 
 
+def check_batch(x: torch.Tensor, name: str = "x") -> None:
+    """Raise ``ValueError`` unless ``x`` is a batch of at least one image, ``(B, ...)`` with ``B >= 1``: a loss
+    is a mean over the batch, which an empty one does not have (per-image results of no images are empty instead)."""
+    if x.dim() < 2 or len(x) == 0:
+        raise ValueError(
+            f"{name} must be a batch of at least one image, (B, ...) with B >= 1; got shape {tuple(x.shape)}"
+        )
+
+
 def check_temperature(temperature: float) -> None:
     """Raise ``ValueError`` unless ``temperature``, the scale of the prior's spread when sampling, is ``>= 0``."""
     if not temperature >= 0:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvae.likelihoods import Likelihood, make_likelihood
-from fastvae.models.base import MetricPlot, StepInputs, TrainableModel, check_temperature
+from fastvae.models.base import MetricPlot, StepInputs, TrainableModel, check_batch, check_temperature
 from fastvae.models.vae import elbo_results, format_elbo_evaluation, kl_warmup_weight
 from fastvae.nn import ConvGaussianLatent
 
@@ -192,8 +192,9 @@ class HierarchicalVAE(TrainableModel):
                              f"got {layers_per_resolution}")
         if len(layers_per_resolution) > len(sizes):
             raise ValueError(
-                f"layers_per_resolution has {len(layers_per_resolution)} entries but {height}x{width_px} images have "
-                f"{len(sizes)} resolutions ({', '.join(f'{h}x{w}' for h, w in sizes)}); give at most that many"
+                f"layers_per_resolution {layers_per_resolution} has {len(layers_per_resolution)} entries but "
+                f"{height}x{width_px} images have {len(sizes)} resolution{'s' if len(sizes) > 1 else ''} "
+                f"({', '.join(f'{h}x{w}' for h, w in sizes)}); give at most {len(sizes)}"
             )
         if latent_channels < 1 or width < 1:
             raise ValueError(f"latent_channels and width must be positive, got {latent_channels} and {width}")
@@ -282,7 +283,9 @@ class HierarchicalVAE(TrainableModel):
     ) -> HVAEOutput:
         """Encode ``x`` ``(B, C, H, W)``, sample every layer top-down (with ``eps`` ``(B, total latent elements)``
         if given, else noise drawn in the fused op), decode and score against ``target`` (default ``x``; a
-        denoising run's clean images). ``kl_weight`` (default ``beta``) weights the KL term of the loss."""
+        denoising run's clean images). ``kl_weight`` (default ``beta``) weights the KL term of the loss. An empty
+        batch is a ``ValueError`` (its loss, a mean, is undefined)."""
+        check_batch(x)
         features = self.encode(x)
         samples = []
 
@@ -407,9 +410,12 @@ class HierarchicalVAE(TrainableModel):
         a time (default: about 256 decoded images per chunk), combined with a
         running ``logsumexp``. Noise: ``torch.randn`` of each layer's shape from ``generator``.
         ``target`` (default ``x``): estimate ``log p(target)`` with ``q(z | x)`` as the proposal.
+        An empty batch ``(0, ...)`` gives an empty ``(0,)`` result.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        if len(x) == 0:
+            return torch.empty(0, device=x.device)
         batch = x.shape[0]
         if chunk_size is None:
             chunk_size = max(1, LOG_LIKELIHOOD_ROWS // max(batch, 1))

@@ -49,13 +49,15 @@ def mlp_vae(
     beta: float = 1.0,
     kl_warmup: int = 0,
     logvar_limit: float | None = 10.0,
+    iwae_k: int | None = None,
     backend: str | None = None,
 ) -> VAE:
     """An MLP VAE for images of shape ``input_shape`` (``(C, H, W)``, or any shape).
 
     The encoder has hidden layers ``hidden``; the decoder mirrors them and
     outputs the likelihood's parameters: ``likelihood.params_channels(C)``
-    channels for ``input_shape = (C, ...)``.
+    channels for ``input_shape = (C, ...)``. ``iwae_k``: train on the
+    importance-weighted bound with this many samples per image (see :class:`~fastvae.models.VAE`).
     """
     likelihood = make_likelihood(likelihood, backend=backend, channels=input_shape[0])
     encoder, decoder, features = _mlp_networks(input_shape, latent_dim, hidden, likelihood)
@@ -68,6 +70,7 @@ def mlp_vae(
         kl_warmup=kl_warmup,
         features=features,
         logvar_limit=logvar_limit,
+        iwae_k=iwae_k,
         backend=backend,
     )
 
@@ -112,6 +115,11 @@ def default_conv_widths(image_size: int) -> tuple[int, ...]:
 
 def _conv_final_size(image_size: int, widths: Sequence[int]) -> int:
     factor = 2 ** len(widths)
+    if image_size % 2:
+        raise ValueError(
+            f"image_size {image_size} is odd, and each stride-2 conv layer halves the image: the conv networks "
+            "need an even size; use an MLP for these images (mlp_vae, --model mlp)"
+        )
     if image_size % factor:
         raise ValueError(
             f"image_size {image_size} must be divisible by 2**len(widths) = {factor}: each of the "
@@ -157,6 +165,7 @@ def conv_vae(
     beta: float = 1.0,
     kl_warmup: int = 0,
     logvar_limit: float | None = 10.0,
+    iwae_k: int | None = None,
     backend: str | None = None,
 ) -> VAE:
     """A convolutional VAE for square ``(channels, image_size, image_size)`` images.
@@ -166,6 +175,7 @@ def conv_vae(
     (:func:`default_conv_widths`) halves while the size stays even and at least
     4: 28 -> ``(32, 64)``, 64 -> ``(32, 64, 128, 256)``, 8 -> ``(32,)``. The
     decoder outputs the likelihood's parameters: ``likelihood.params_channels(channels)`` channels.
+    ``iwae_k``: as for :func:`mlp_vae`.
     """
     likelihood = make_likelihood(likelihood, backend=backend, channels=channels)
     encoder, decoder, features = _conv_networks(channels, image_size, latent_dim, widths, likelihood)
@@ -178,6 +188,7 @@ def conv_vae(
         kl_warmup=kl_warmup,
         features=features,
         logvar_limit=logvar_limit,
+        iwae_k=iwae_k,
         backend=backend,
     )
 

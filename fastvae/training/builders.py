@@ -48,16 +48,30 @@ class Objective:
 MLP_HIDDEN = (400,)
 
 
+def _vae_options(config: TrainConfig) -> dict:
+    return dict(beta=config.beta, kl_warmup=config.kl_warmup, logvar_limit=config.logvar_limit or None)
+
+
+# Importance samples per image of --objective iwae by default (Burda et al. train with 5 and 50).
+DEFAULT_IWAE_K = 5
 _NO_KL = "an autoencoder has no KL term"
+_IWAE_ONLY = "the importance samples per image belong to --objective iwae"
 OBJECTIVES: dict[str, Objective] = {
     "vae": Objective(
         "the variational autoencoder, trained on the negative ELBO",
         mlp_vae,
         conv_vae,
         default_likelihood="bce",
-        model_options=lambda config: dict(
-            beta=config.beta, kl_warmup=config.kl_warmup, logvar_limit=config.logvar_limit or None
-        ),
+        model_options=_vae_options,
+        evaluation_options=lambda config: {"k": config.eval_k},
+        unused_options={"iwae_k": _IWAE_ONLY},
+    ),
+    "iwae": Objective(
+        "the VAE's networks trained on the importance-weighted bound (IWAE) with --iwae-k samples per image",
+        mlp_vae,
+        conv_vae,
+        default_likelihood="bce",
+        model_options=lambda config: dict(_vae_options(config), iwae_k=config.iwae_k),
         evaluation_options=lambda config: {"k": config.eval_k},
     ),
     "ae": Objective(
@@ -71,6 +85,7 @@ OBJECTIVES: dict[str, Objective] = {
             "logvar_limit": "an autoencoder's code is deterministic, with no log-variance",
             "eval_k": "an autoencoder has no likelihood to importance-sample (its evaluation is the reconstruction "
             "error)",
+            "iwae_k": _IWAE_ONLY,
         },
     ),
 }

@@ -13,7 +13,7 @@ from fastvae.backend import BACKENDS, requested_backend, resolve_backend
 from fastvae.corruption import parse_corruption
 from fastvae.errors import ConfigError
 from fastvae.models import LIKELIHOODS
-from fastvae.training.builders import MODELS, OBJECTIVES, default_eval_k, default_likelihood
+from fastvae.training.builders import DEFAULT_IWAE_K, MODELS, OBJECTIVES, default_eval_k, default_likelihood
 from fastvae.training.distributed import DEVICES
 from fastvae.training.schedule import LR_SCHEDULES
 
@@ -35,7 +35,7 @@ class TrainConfig:
     data: str = "mnist"
     num_images: int | None = None
     image_size: int | None = None  # a folder of images: resize the shorter side to this, crop the centre square
-    objective: str = "vae"  # "vae", or "ae": the deterministic autoencoder
+    objective: str = "vae"  # "vae"; "iwae": the importance-weighted bound; or "ae": the deterministic autoencoder
     model: str = "mlp"
     latent_dim: int = 20
     hidden: tuple[int, ...] | None = None
@@ -56,6 +56,7 @@ class TrainConfig:
     free_bits: float = 0.0  # hvae: nats per latent channel of each layer that the KL term counts at least
     grad_clip: float | None = None  # clip the gradient norm to this; None: the model's default; 0: no clipping
     kl_warmup: int = 0
+    iwae_k: int | None = None  # objective "iwae": importance samples per image (None: DEFAULT_IWAE_K, set on creation)
     denoise: str | None = None  # "gaussian:SIGMA" or "mask:FRACTION": corrupt the inputs, score the clean images
     batch_size: int = 128
     lr: float = 3e-3  # the peak of the schedule
@@ -91,6 +92,8 @@ class TrainConfig:
             self.likelihood = default_likelihood(self.objective)
         if self.eval_k is None:
             self.eval_k = default_eval_k(self.model)
+        if self.iwae_k is None and self.objective == "iwae":
+            self.iwae_k = DEFAULT_IWAE_K
         # The likelihood's own defaults for the settings it takes and that are not given, so that a checkpoint
         # records the values the run used.
         family = LIKELIHOODS.get(self.likelihood)
@@ -165,6 +168,7 @@ def validate_config(config: TrainConfig) -> None:
     at_least("num_images", 2, allow_none=True)
     at_least("image_size", 1, allow_none=True)
     at_least("kl_warmup", 0)
+    at_least("iwae_k", 1, allow_none=True)
     at_least("seed", 0)
     if config.seed > MAX_SEED:
         raise ConfigError(f"seed must be at most 2**64 - 1 = {MAX_SEED}, got {config.seed}")

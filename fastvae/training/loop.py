@@ -18,10 +18,11 @@ the model needs no other knowledge of it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,7 @@ from fastvae.training.rundir import (
     new_run_dir,
     remove_temporaries,
 )
+from fastvae.training.runlock import hold_run_folder, refuse_if_held
 from fastvae.training.schedule import learning_rate
 from fastvae.training.seeds import (
     corruption_generator,
@@ -109,8 +111,13 @@ def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> Tr
     A resumed run that already reached its last step but lacks its evaluation
     or figures (stopped while writing them) writes them and returns.
 
+    The run folder is held (:mod:`fastvae.training.runlock`) from before its
+    first write until this returns or raises: another command writing into it
+    meanwhile is refused.
+
     Raises:
-        ConfigError: bad settings, data, output folder or checkpoint; nothing was written.
+        ConfigError: bad settings, data, output folder or checkpoint, or an output folder that a live process
+            holds; nothing was written.
         NonFiniteLossError: the loss became NaN or infinite (the last checkpoint stays intact).
         RunError: a file of the run could not be written, a full disk (the last checkpoint stays intact).
         KeyboardInterrupt: Ctrl-C, with a message saying what is intact and how to go on.
@@ -122,6 +129,8 @@ def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> Tr
     backend = config.backend if "backend" in explicit else backend_from_environment()
     config = dataclasses.replace(config, backend=backend, data=data_source(config.data))
     validate_config(config)
+    if config.out:
+        refuse_if_held(config.out)  # before any work; the run takes the lock itself before its first write
     checkpoint, path, changes = None, None, []
     if config.resume:  # before the process group starts: the run's --device decides how it connects
         checkpoint, path = checkpoint_to_resume(config.out)
@@ -132,15 +141,22 @@ def train(config: TrainConfig, *, explicit: Collection[str] | None = None) -> Tr
         require_tensorboard()
     ctx = start_distributed(config.device)
     try:
-        return _train(config, ctx, checkpoint, path, changes)
+        with contextlib.ExitStack() as folder_lock:  # rank 0 holds the run folder from its first write to the end
+            return _train(config, ctx, checkpoint, path, changes, folder_lock)
     finally:
         stop_distributed(ctx)
 
 
 def _train(
-    config: TrainConfig, ctx: Distributed, checkpoint: dict | None, path: str | None, changes: list[str]
+    config: TrainConfig,
+    ctx: Distributed,
+    checkpoint: dict | None,
+    path: str | None,
+    changes: list[str],
+    folder_lock: contextlib.ExitStack,
 ) -> TrainResult:
-    """Train; ``checkpoint``, read from ``path``, is the one a resumed run continues, with the ``changes`` it makes."""
+    """Train; ``checkpoint``, read from ``path``, is the one a resumed run continues, with the ``changes`` it makes.
+    The run folder's lock is entered into ``folder_lock``, which the caller releases when the run ends."""
     progress = Progress(quiet=config.quiet, is_main=ctx.is_main)
     message = loading_message(config.data, num_images=config.num_images)
     if message:
@@ -148,7 +164,9 @@ def _train(
     data = load_images(config.data, num_images=config.num_images, image_size=config.image_size, bar=progress.bar)
     if checkpoint is not None:
         ctx.decide_on_main(lambda: check_checkpoint_data(checkpoint, path, data, config.data))
-    run = _Run(config, ctx, data, checkpoint, changes, progress)
+    run = _Run(
+        config, ctx, data, checkpoint, changes, progress, hold=lambda f: folder_lock.enter_context(hold_run_folder(f))
+    )
     try:
         run.train()
     except KeyboardInterrupt:
@@ -191,7 +209,9 @@ class _Run:
         checkpoint: dict | None,
         changes: list[str],
         progress: Progress,
+        hold: Callable[[str], None],
     ):
+        """``hold(folder)`` takes the run folder's lock before anything in it is written (rank 0 only)."""
         self.config, self.ctx, self.data, self.progress = config, ctx, data, progress
         n_train = len(data.train)
         if config.batch_size > n_train:
@@ -245,10 +265,10 @@ class _Run:
         if config.resume:
             self.out_dir = config.out
         else:
-            self.out_dir, took_over = ctx.decide_on_main(lambda: new_run_dir(config, data.name))
+            self.out_dir, took_over = ctx.decide_on_main(lambda: new_run_dir(config, data.name, hold))
         self.paths = {key: os.path.join(self.out_dir, name) for key, name in {**FILES, **OPTIONAL_FILES}.items()}
         if config.resume:
-            ctx.decide_on_main(self._tidy_run_dir)
+            ctx.decide_on_main(lambda: (hold(self.out_dir), self._tidy_run_dir()))
         if self.step == self.total_steps:
             progress.say(
                 f"the run in {self.out_dir} is at its last step, {self.step}; writing the evaluation and figures it "

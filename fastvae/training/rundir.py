@@ -29,9 +29,13 @@
 * with ``--tensorboard``: ``events.out.tfevents.*``, TensorBoard's event files
   (:mod:`fastvae.training.tensorboard_log`), one per process that trained the run.
 
+* ``.lock``: the lock a command holds while it writes into the folder
+  (:mod:`fastvae.training.runlock`): a second command is refused while the run is alive.
+
 A folder that holds no checkpoint belongs to a run that stopped before its
-first one (interrupted, or stopped by a NaN loss): there is nothing to resume
-in it, and a new run may take it over (:func:`new_run_dir`).
+first one (interrupted, killed, or stopped by a NaN loss): there is nothing to
+resume in it, and a new run may take it over (:func:`new_run_dir`), unless the
+run is still alive and holds it.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastvae.errors import ConfigError
 from fastvae.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from fastvae.training.files import describe_os_error
+from fastvae.training.runlock import LOCK_FILE
 
 if TYPE_CHECKING:
     from fastvae.training.config import TrainConfig
@@ -57,6 +63,7 @@ FILES = {
     "interpolation": "interpolation.png",
     "loss_curve": "loss.png",
     "eval": "eval.json",
+    "lock": LOCK_FILE,
 }
 # The names of TensorBoard's event files begin with this (the rest names the time, host and process).
 EVENT_FILE_PREFIX = "events.out.tfevents."
@@ -66,50 +73,64 @@ FINAL_FILES = ("reconstructions", "samples", "interpolation", "loss_curve", "eva
 OPTIONAL_FILES = {"denoising": "denoising.png", "latent_scatter": "latents.png"}
 
 
-def new_run_dir(config: TrainConfig, data_name: str) -> tuple[str, bool]:
+def new_run_dir(config: TrainConfig, data_name: str, hold: Callable[[str], None]) -> tuple[str, bool]:
     """Create the run folder: ``config.out``, or a fresh ``runs/<data>-<model>-<time>``; returns it, and whether
-    it took over ``config.out``: an existing folder holding no checkpoint and only files a run writes."""
+    it took over ``config.out``: an existing folder holding no checkpoint and only files a run writes.
+
+    ``hold(folder)`` takes the folder's lock (:func:`~fastvae.training.runlock.hold_run_folder`) before anything
+    in it is looked at or removed: a folder held by a live run is refused, even before its first checkpoint.
+    """
     if config.out:
-        return config.out, _claim(config.out)
+        return config.out, _claim(config.out, hold)
     stem = os.path.join(RUNS_DIR, f"{data_name}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     for attempt in range(1, 1000):
         path = stem if attempt == 1 else f"{stem}-{attempt}"
         try:
             os.makedirs(path)
-            return path, False
         except FileExistsError:
             continue
         except OSError as err:
             raise ConfigError(f"cannot create the run folder {path}: {describe_os_error(err)}; pass --out") from None
+        hold(path)
+        return path, False
     raise ConfigError(f"cannot find a free run folder name like {stem}; pass --out")
 
 
-def _claim(out: str) -> bool:
+def _claim(out: str, hold: Callable[[str], None]) -> bool:
     """Create the folder ``out``, or empty one that held a run without a checkpoint; whether it existed."""
-    if os.path.isdir(out):
-        names = _list(out)
-        if CHECKPOINT_FILE in names:
-            raise ConfigError(
-                f"{out} already exists and holds a run; pass --resume to continue it, or choose another --out"
-            )
-        run_files = set(FILES.values()) | {f"{name}.tmp" for name in FILES.values()}
-        others = sorted(name for name in set(names) - run_files if not name.startswith(EVENT_FILE_PREFIX))
-        if others:
-            raise ConfigError(
-                f"{out} already exists and holds files of its own ({', '.join(others[:3])}"
-                f"{', ...' if len(others) > 3 else ''}); choose another --out"
-            )
-        for name in names:  # what a run that stopped before its first checkpoint left: its metrics, its events
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out, name))
-        return True
-    if os.path.lexists(out):
-        raise ConfigError(f"{out} already exists and is not a folder; choose another --out")
-    try:
-        os.makedirs(out)
-    except OSError as err:
-        raise ConfigError(f"cannot create the run folder {out}: {describe_os_error(err)}") from None
-    return False
+    existed = os.path.isdir(out)
+    if existed:
+        _claimable_files(out)  # refused before the lock is taken: a refused folder is left as it was
+    else:
+        if os.path.lexists(out):
+            raise ConfigError(f"{out} already exists and is not a folder; choose another --out")
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create the run folder {out}: {describe_os_error(err)}") from None
+    hold(out)
+    for name in _claimable_files(out):  # again, now that no other command writes into it: what a run that stopped
+        with contextlib.suppress(FileNotFoundError):  # before its first checkpoint left (its metrics, its events)
+            os.remove(os.path.join(out, name))
+    return existed
+
+
+def _claimable_files(out: str) -> list[str]:
+    """The files in the folder ``out`` but its lock file; a ConfigError unless they are those of a run stopped
+    before its first checkpoint."""
+    names = [name for name in _list(out) if name != LOCK_FILE]
+    if CHECKPOINT_FILE in names:
+        raise ConfigError(
+            f"{out} already exists and holds a run; pass --resume to continue it, or choose another --out"
+        )
+    run_files = set(FILES.values()) | {f"{name}.tmp" for name in FILES.values()}
+    others = sorted(name for name in set(names) - run_files if not name.startswith(EVENT_FILE_PREFIX))
+    if others:
+        raise ConfigError(
+            f"{out} already exists and holds files of its own ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); choose another --out"
+        )
+    return names
 
 
 def _list(folder: str) -> list[str]:

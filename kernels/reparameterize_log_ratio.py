@@ -1,0 +1,562 @@
+"""Fused importance samples of a diagonal Gaussian posterior and their log density ratio to a prior, forward and backward.
+
+The IWAE bound needs, for each of ``K`` samples ``z_k ~ q(z | x)`` per input,
+the latent part of its log importance weight, ``log p(z_k) - log q(z_k | x)``.
+The inputs ``mu``, ``logvar`` of shape ``(*lead, *event)`` are seen as an
+``(R, n_cols)`` matrix (one row per value of the leading dims, one column per
+element of the event, as in :mod:`fastvae.kernels.reparameterize_kl`); the
+output ``z`` of shape ``(K, *lead, *event)`` is a ``(K R, n_cols)`` matrix
+whose row ``k R + j`` is sample ``k`` of row ``j``. With ``c`` the optional
+soft clamp (``logvar_limit``), ``lv = c(logvar)``, ``plv = c(prior_logvar)``,
+``pmu = prior_mu`` (both 0 when not given: the prior N(0, I)), per element::
+
+    z = mu + exp(lv / 2) * eps,        t = (z - pmu) exp(-plv / 2),        s = t exp(-plv / 2)
+    log_ratio = 0.5 * sum_cols ((lv - plv) + (eps - t)(eps + t))       (one value per row k R + j)
+
+which is ``log N(z; pmu, e^plv) - log N(z; mu, e^lv)`` summed over the event
+(the ``log 2 pi`` terms cancel; ``(eps - t)(eps + t)`` is ``eps^2 - t^2``
+without the cancellation of two squares where the prior matches the posterior).
+Its gradients, with ``g`` the upstream gradient of the row's log ratio and
+``eps`` held fixed (the reparameterized, "total" derivative: through ``z`` and
+through both densities, the estimator of Burda et al.)::
+
+    grad_mu      = sum_k (grad_z - g s)
+    grad_logvar  = 0.5 sum_k (exp(lv / 2) eps (grad_z - g s) + g) * c'(logvar)
+    grad_prior_mu = g s,    grad_prior_logvar = 0.5 g (t^2 - 1) * c'(prior_logvar)
+
+Layout. ``mu`` and ``logvar`` are read in place, as
+:func:`fastvae.kernels.launch.split_rows` describes (the halves of a linear
+head, the channel slices of a conv output), and never expanded: a program
+loads a tile of their rows and columns (and of a prior broadcast along ``K``)
+once, then loops over the ``K`` samples, drawing each one's noise, writing its
+``z`` and its partial log ratio over the tile's columns (one value per row and
+block of columns, added up afterwards where a row spans several blocks). A
+tensor of the output's shape (``eps``, ``grad_z``, a prior per sample) has a
+fourth stride, along ``K``, and is read for each sample; the backward sums
+``mu``'s and ``logvar``'s gradients over ``K`` in registers and writes them
+once, at ``mu``'s size, as it does for a prior broadcast along ``K``.
+
+Noise. Element ``(k R + j, col)`` of the output takes normal ``col % 4`` of
+the Philox round ``first_counter + (k R + j) ceil(n_cols / 4) + col // 4``
+(:func:`fastvae.kernels.reparameterize_kl.standard_normal`, shared with that
+op): the noise of a call on ``(K, *lead, *event)`` is the noise
+``reparameterize_kl`` would draw for that shape, and
+:func:`fastvae.kernels.reparameterize_kl.draw_noise` writes it out bit for bit
+for a differentiable backward. The backward regenerates it; it is never stored.
+
+Memory traffic, in units of the element count n of ``mu`` times the element
+size (the log ratios, ``K R`` floats, and their gradients left out):
+
+=======================================  ===============================================  ========================
+pass                                     reads / writes                                   units
+=======================================  ===============================================  ========================
+forward                                  mu, logvar -> z (K samples)                      2 + K (2 + 2K with eps)
+backward                                 grad_z, mu, logvar -> grad_mu, grad_logvar       4 + K (4 + 2K with eps)
+forward + backward                                                                        6 + 2K (6 + 4K with eps)
+a prior tensor of mu's shape             forward: read; backward: read, its gradient      +1 forward, +2 backward
+  (broadcast along K)                    written once (summed over K in registers)
+a prior tensor per sample (K, ...)       forward: read; backward: read, gradient written  +K forward, +2K backward
+a prior shared by all rows               as for reparameterize_kl: n / R elements and     +0 forward, +1/8 backward
+                                         the partial column sums of its gradient          (float32)
+logvar_limit                             nothing: computed in registers                   0
+=======================================  ===============================================  ========================
+
+With the noise drawn, the kernels are bound by drawing it, not by memory: ``K``
+samples read ``mu`` and ``logvar`` once, so at ``K = 5`` a float32 sample
+moves about 5 bytes (the sm_90 audit: some 170 instructions per element
+forward, 190 backward, three to four times the memory time on the H100 model).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import (
+    _split_strides,
+    device_guard,
+    load_f32,
+    plan_rows,
+    row_offsets,
+    split_row_starts,
+    split_rows,
+    sum_splits,
+)
+
+# Shared with reparameterize_kl: the noise (the one generator of fastvae's kernels, so that both ops draw the same
+# noise for the same counters and a faster noise serves both), the Philox state, the soft clamp, and the host-side
+# helpers for the event's size, the rounds a call consumes and a shared prior's gradient. The tiling below is this
+# file's own.
+from .reparameterize_kl import (
+    COLUMN_BLOCK_ROWS,
+    GROUP,
+    _philox_state,
+    _prior_grad,
+    _soft_clamp,
+    event_size,
+    prior_grad_mode,
+    standard_normal,
+)
+from .reparameterize_kl import philox_rounds as output_rounds
+
+
+@triton.jit
+def _program_span(n_cols, cols_per_split, BLOCK_ROWS: tl.constexpr):
+    """This program's row tile and column split (int64), its rows ``[BLOCK_ROWS, 1, 1]``, its end column, and
+    its first and past-the-last groups of four columns."""
+    tile = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
+    rows = row_offsets(tile, BLOCK_ROWS)[:, None, None]
+    return tile, split, rows, col_end, split * (cols_per_split // 4), tl.cdiv(col_end, 4)
+
+
+@triton.jit
+def _tile_columns(group_start, BLOCK_GROUPS: tl.constexpr):
+    """Column groups ``[1, BLOCK_GROUPS, 1]`` and lanes ``[1, 1, 4]`` of a tile: column = 4 * group + lane (the
+    layout :func:`~fastvae.kernels.reparameterize_kl.standard_normal` draws the noise in)."""
+    return group_start + tl.arange(0, BLOCK_GROUPS)[None, :, None], tl.arange(0, 4)[None, None, :]
+
+
+@triton.jit
+def _store_prior_grad(ptr, grad, by_columns, rows, cols, mask, tile, group_start, n_cols, col_end,
+                      BLOCK_GROUPS: tl.constexpr):
+    """Write a prior's gradient: per element, or (``by_columns``) this tile's sums over its rows, per column."""
+    if ptr is not None:
+        if by_columns:
+            column_sums = tl.sum(tl.where(mask, grad, 0.0), axis=0)  # [BLOCK_GROUPS, 4]
+            col = (group_start + tl.arange(0, BLOCK_GROUPS))[:, None] * 4 + tl.arange(0, 4)[None, :]
+            tl.store(ptr + tile * n_cols + col, column_sums.to(ptr.dtype.element_ty), mask=col < col_end)
+        else:
+            tl.store(ptr + rows * n_cols + cols, grad.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_clamped(ptr, rows, cols, stride_col, mask, logvar_limit):
+    """A log-variance tile in float32, soft-clamped when ``logvar_limit`` is given, and the clamp's slope."""
+    value = load_f32(ptr, rows, cols, 1, stride_col, mask)
+    slope = tl.zeros_like(value) + 1.0
+    if logvar_limit is not None:
+        value, slope = _soft_clamp(value, logvar_limit)
+    return value, slope
+
+
+@triton.jit
+def _log_ratio_terms(z, eps, logvar, prior_mu, prior_logvar, HAS_PRIOR_MU: tl.constexpr,
+                     HAS_PRIOR_LOGVAR: tl.constexpr):
+    """``(t, s, term)`` of the module docstring: the standardized ``z`` under the prior, ``t e^{-plv/2}``, and
+    the element's term of ``2 log_ratio``. Without a prior they are ``z, z, lv + (eps - z)(eps + z)``."""
+    diff = z
+    if HAS_PRIOR_MU:
+        diff = z - prior_mu
+    t = diff
+    s = diff
+    log_ratio = logvar
+    if HAS_PRIOR_LOGVAR:
+        inv_sd = tl.exp(-0.5 * prior_logvar)
+        t = diff * inv_sd
+        s = t * inv_sd
+        log_ratio = logvar - prior_logvar
+    return t, s, log_ratio + (eps - t) * (eps + t)
+
+
+@triton.jit
+def _sample_offsets(rows, n_inner, stride_sample, stride_outer, stride_inner, sample):
+    """Offsets of rows ``rows`` of sample ``sample`` in a tensor of the output's shape (``stride_sample`` along K)."""
+    return sample * stride_sample + split_row_starts(rows, n_inner, stride_outer, stride_inner)
+
+
+@triton.jit
+def _prior_of_sample(ptr, rows, cols, mask, n_inner, stride_sample, stride_outer, stride_inner, stride_col, sample,
+                     logvar_limit, like, IS_LOGVAR: tl.constexpr):
+    """One prior tensor on a tile, for sample ``sample``, in float32 (a log-variance clamped), with the clamp's
+    slope; zeros (slope 1) for an absent one, a ``None`` pointer, never loaded."""
+    value = tl.zeros_like(like)
+    slope = tl.zeros_like(like) + 1.0
+    if ptr is not None:
+        offsets = _sample_offsets(rows, n_inner, stride_sample, stride_outer, stride_inner, sample)
+        if IS_LOGVAR:
+            value, slope = _load_clamped(ptr, offsets, cols, stride_col, mask, logvar_limit)
+        else:
+            value = load_f32(ptr, offsets, cols, 1, stride_col, mask)
+    return value, slope
+
+
+# Both kernels take a tile of mu's rows and columns, load the posterior (and a prior shared by the samples) once,
+# and loop over the samples inside: the noise, z and the log ratio's terms of each sample, and (backward) the
+# gradients summed over the samples in registers.
+
+
+@triton.jit
+def _log_ratio_forward_kernel(
+    mu_ptr, logvar_ptr, eps_ptr, prior_mu_ptr, prior_logvar_ptr, z_ptr, log_ratio_ptr,
+    n_samples, n_rows, n_cols, n_inner, n_col_blocks,
+    stride_mu_outer, stride_mu_inner, stride_mu_col,
+    stride_logvar_outer, stride_logvar_inner, stride_logvar_col,
+    stride_eps_sample, stride_eps_outer, stride_eps_inner, stride_eps_col,
+    stride_prior_mu_sample, stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
+    stride_prior_logvar_sample, stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
+    seed, first_counter, philox_ptr, cols_per_split, logvar_limit,
+    HAS_EPS: tl.constexpr, PRIOR_MU_PER_SAMPLE: tl.constexpr, PRIOR_LOGVAR_PER_SAMPLE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+):
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
+    groups_per_row = tl.cdiv(n_cols, 4)
+    seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
+    mu_rows = split_row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner)
+    logvar_rows = split_row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner)
+    row = row_offsets(tile, BLOCK_ROWS)
+    # While loops, not range(): Triton 3.6's interpreter cannot take a kernel argument or a tensor as a bound.
+    while group_start < group_end:
+        groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
+        cols = groups * 4 + lanes
+        mask = (rows < n_rows) & (cols < col_end)
+        mu = load_f32(mu_ptr, mu_rows, cols, 1, stride_mu_col, mask)
+        logvar, slope = _load_clamped(logvar_ptr, logvar_rows, cols, stride_logvar_col, mask, logvar_limit)
+        std = tl.exp(0.5 * logvar)
+        prior_mu, unit = _prior_of_sample(prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample,
+                                          stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col, 0,
+                                          logvar_limit, mu, False)
+        prior_logvar, prior_slope = _prior_of_sample(
+            prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample, stride_prior_logvar_outer,
+            stride_prior_logvar_inner, stride_prior_logvar_col, 0, logvar_limit, mu, True,
+        )
+        # Each sample's log ratio over this block of columns: one partial sum per row and column block.
+        col_block = group_start // BLOCK_GROUPS
+        sample = tl.full([], 0, tl.int64)  # int64: row k R + j may pass 2**31
+        while sample < n_samples:
+            out_rows = sample * n_rows + rows  # rows of the (K R, n_cols) output
+            if PRIOR_MU_PER_SAMPLE:
+                prior_mu, unit = _prior_of_sample(prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample,
+                                                  stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
+                                                  sample, logvar_limit, mu, False)
+            if PRIOR_LOGVAR_PER_SAMPLE:
+                prior_logvar, prior_slope = _prior_of_sample(
+                    prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample,
+                    stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col, sample,
+                    logvar_limit, mu, True,
+                )
+            if HAS_EPS:
+                eps_rows = _sample_offsets(rows, n_inner, stride_eps_sample, stride_eps_outer, stride_eps_inner,
+                                           sample)
+                eps = load_f32(eps_ptr, eps_rows, cols, 1, stride_eps_col, mask)
+            else:
+                eps = standard_normal(seed, first_counter, out_rows, groups, lanes, groups_per_row)
+            z = mu + std * eps
+            tl.store(z_ptr + out_rows * n_cols + cols, z.to(z_ptr.dtype.element_ty), mask=mask)
+            t, s, term = _log_ratio_terms(z, eps, logvar, prior_mu, prior_logvar, prior_mu_ptr is not None,
+                                          prior_logvar_ptr is not None)
+            # Masked lanes drew noise too: their terms are not the row's.
+            partial = 0.5 * tl.sum(tl.sum(tl.where(mask, term, 0.0), axis=2), axis=1)
+            tl.store(log_ratio_ptr + (sample * n_rows + row) * n_col_blocks + col_block, partial, mask=row < n_rows)
+            sample += 1
+        group_start += BLOCK_GROUPS
+
+
+@triton.jit
+def _log_ratio_backward_kernel(
+    grad_z_ptr, grad_log_ratio_ptr, mu_ptr, logvar_ptr, eps_ptr, prior_mu_ptr, prior_logvar_ptr,
+    grad_mu_ptr, grad_logvar_ptr, grad_prior_mu_ptr, grad_prior_logvar_ptr,
+    n_samples, n_rows, n_cols, n_inner,
+    stride_grad_z_sample, stride_grad_z_outer, stride_grad_z_inner, stride_grad_z_col, stride_grad_log_ratio,
+    stride_mu_outer, stride_mu_inner, stride_mu_col,
+    stride_logvar_outer, stride_logvar_inner, stride_logvar_col,
+    stride_eps_sample, stride_eps_outer, stride_eps_inner, stride_eps_col,
+    stride_prior_mu_sample, stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
+    stride_prior_logvar_sample, stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
+    seed, first_counter, philox_ptr, cols_per_split, logvar_limit, prior_mu_grad_by_columns,
+    prior_logvar_grad_by_columns,
+    HAS_GRAD_Z: tl.constexpr, HAS_GRAD_LOG_RATIO: tl.constexpr, HAS_EPS: tl.constexpr,
+    PRIOR_MU_PER_SAMPLE: tl.constexpr, PRIOR_LOGVAR_PER_SAMPLE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+):
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
+    groups_per_row = tl.cdiv(n_cols, 4)
+    seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
+    mu_rows = split_row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner)
+    logvar_rows = split_row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner)
+    # While loops, not range(): Triton 3.6's interpreter cannot take a kernel argument or a tensor as a bound.
+    while group_start < group_end:
+        groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
+        cols = groups * 4 + lanes
+        mask = (rows < n_rows) & (cols < col_end)
+        mu = load_f32(mu_ptr, mu_rows, cols, 1, stride_mu_col, mask)
+        logvar, slope = _load_clamped(logvar_ptr, logvar_rows, cols, stride_logvar_col, mask, logvar_limit)
+        std = tl.exp(0.5 * logvar)
+        prior_mu = tl.zeros_like(mu)
+        prior_logvar = tl.zeros_like(mu)
+        prior_slope = tl.zeros_like(mu) + 1.0
+        if HAS_GRAD_LOG_RATIO:  # the priors matter to the log ratio's gradient only
+            prior_mu, unit = _prior_of_sample(prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample,
+                                              stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col, 0,
+                                              logvar_limit, mu, False)
+            prior_logvar, prior_slope = _prior_of_sample(
+                prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample, stride_prior_logvar_outer,
+                stride_prior_logvar_inner, stride_prior_logvar_col, 0, logvar_limit, mu, True,
+            )
+        grad_mu = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
+        grad_logvar = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
+        grad_prior_mu = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
+        grad_prior_logvar = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
+        sample = tl.full([], 0, tl.int64)
+        while sample < n_samples:
+            out_rows = sample * n_rows + rows
+            if HAS_EPS:
+                eps_rows = _sample_offsets(rows, n_inner, stride_eps_sample, stride_eps_outer, stride_eps_inner,
+                                           sample)
+                eps = load_f32(eps_ptr, eps_rows, cols, 1, stride_eps_col, mask)
+            else:
+                eps = standard_normal(seed, first_counter, out_rows, groups, lanes, groups_per_row)
+            grad_std_eps = tl.zeros_like(mu)  # d(loss)/d(std * eps) of this sample
+            if HAS_GRAD_Z:
+                grad_z_rows = _sample_offsets(rows, n_inner, stride_grad_z_sample, stride_grad_z_outer,
+                                              stride_grad_z_inner, sample)
+                grad_std_eps = load_f32(grad_z_ptr, grad_z_rows, cols, 1, stride_grad_z_col, mask)
+            if HAS_GRAD_LOG_RATIO:
+                g = tl.load(grad_log_ratio_ptr + out_rows * stride_grad_log_ratio, mask=rows < n_rows,
+                            other=0.0).to(tl.float32)
+                if PRIOR_MU_PER_SAMPLE:
+                    prior_mu, unit = _prior_of_sample(
+                        prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample, stride_prior_mu_outer,
+                        stride_prior_mu_inner, stride_prior_mu_col, sample, logvar_limit, mu, False,
+                    )
+                if PRIOR_LOGVAR_PER_SAMPLE:
+                    prior_logvar, prior_slope = _prior_of_sample(
+                        prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample,
+                        stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col, sample,
+                        logvar_limit, mu, True,
+                    )
+                t, s, term = _log_ratio_terms(mu + std * eps, eps, logvar, prior_mu, prior_logvar,
+                                              prior_mu_ptr is not None, prior_logvar_ptr is not None)
+                grad_std_eps -= g * s
+                grad_logvar += g
+                sample_prior_mu = g * s
+                sample_prior_logvar = 0.5 * g * (t * t - 1.0)
+                if logvar_limit is not None:
+                    sample_prior_logvar *= prior_slope
+                if PRIOR_MU_PER_SAMPLE:
+                    _store_prior_grad(grad_prior_mu_ptr, sample_prior_mu, 0, out_rows, cols, mask, tile,
+                                      group_start, n_cols, col_end, BLOCK_GROUPS)
+                else:
+                    grad_prior_mu += sample_prior_mu
+                if PRIOR_LOGVAR_PER_SAMPLE:
+                    _store_prior_grad(grad_prior_logvar_ptr, sample_prior_logvar, 0, out_rows, cols, mask, tile,
+                                      group_start, n_cols, col_end, BLOCK_GROUPS)
+                else:
+                    grad_prior_logvar += sample_prior_logvar
+            grad_mu += grad_std_eps
+            grad_logvar += std * eps * grad_std_eps
+            sample += 1
+        grad_logvar = 0.5 * grad_logvar
+        if logvar_limit is not None:
+            grad_logvar *= slope
+        out = rows * n_cols + cols
+        tl.store(grad_mu_ptr + out, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_logvar_ptr + out, grad_logvar.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
+        if HAS_GRAD_LOG_RATIO:
+            if not PRIOR_MU_PER_SAMPLE:
+                _store_prior_grad(grad_prior_mu_ptr, grad_prior_mu, prior_mu_grad_by_columns, rows, cols, mask,
+                                  tile, group_start, n_cols, col_end, BLOCK_GROUPS)
+            if not PRIOR_LOGVAR_PER_SAMPLE:
+                _store_prior_grad(grad_prior_logvar_ptr, grad_prior_logvar, prior_logvar_grad_by_columns, rows, cols,
+                                  mask, tile, group_start, n_cols, col_end, BLOCK_GROUPS)
+        group_start += BLOCK_GROUPS
+
+
+class _SampledMatrix:
+    """An input as the kernels read it: the tensor handed over and its ``(sample, outer, inner, col)`` strides.
+
+    ``tensor`` broadcasts to the output's shape ``(K, *lead, *event)`` (or to
+    ``(*lead, *event)`` without a sample dim). Its first sample is read as
+    :func:`~fastvae.kernels.launch.split_rows` reads a tensor of ``mu``'s shape
+    (a view where its layout allows, else a copy); ``sample`` is its stride
+    along ``K``: 0 where it is broadcast along ``K``. ``per_sample``: it varies along ``K``.
+    """
+
+    def __init__(self, tensor: torch.Tensor | None, shape: torch.Size, samples: int | None, event_dims: int):
+        self.tensor, self.strides, self.per_sample = None, (0, 0, 0, 0), False
+        if tensor is None:
+            return
+        if samples is None:
+            self.tensor, strides = split_rows(tensor, shape, event_dims)
+            self.strides = (0, *strides)
+            return
+        full = tensor.expand(samples, *shape)
+        sample = full.stride(0) if samples > 1 else 0
+        if sample == 0:  # broadcast along K: read as a tensor of mu's shape
+            self.tensor, strides = split_rows(full[0], shape, event_dims)
+            self.strides = (0, *strides)
+            return
+        n_lead = len(shape) - event_dims
+        strides = _split_strides(full.shape[1:], full.stride()[1:], n_lead)
+        if strides is None:
+            full = full.contiguous()
+            sample, strides = full.stride(0), _split_strides(full.shape[1:], full.stride()[1:], n_lead)
+        self.tensor, self.strides, self.per_sample = full, (sample, *strides), True
+
+    def pointer(self, fallback: torch.Tensor) -> torch.Tensor:
+        """The tensor, or ``fallback`` as a valid pointer for an input that a constexpr flag switches off."""
+        return self.tensor if self.tensor is not None else fallback
+
+
+def output_shape(shape: torch.Size, samples: int | None) -> torch.Size:
+    """The shape of ``z``: ``(samples, *shape)``, or ``shape`` without a sample dim."""
+    return shape if samples is None else torch.Size((samples, *shape))
+
+
+def philox_rounds(shape: torch.Size, samples: int | None, event_dims: int = 1) -> int:
+    """Philox rounds one call consumes for ``samples`` draws of noise for ``mu`` of ``shape``."""
+    return output_rounds(output_shape(shape, samples), event_dims)
+
+
+# Elements a program takes per trip through its loop: 8 a thread at 8 warps. The noise and the loop over the samples
+# keep more values live than reparameterize_kl does: at 16 a thread (its 4096) the kernels spill.
+BLOCK_ELEMENTS = 2048
+NUM_WARPS = 8
+
+
+def _plan(n_rows: int, n_cols: int, device: torch.device, min_block_rows: int = 1):
+    """The launch plan of both kernels over ``mu``'s ``n_rows`` rows (see :func:`~fastvae.kernels.launch.plan_rows`)."""
+    return plan_rows(n_rows, n_cols, device, min_block_cols=GROUP, min_block_rows=min_block_rows,
+                     block_elements=BLOCK_ELEMENTS, num_warps=NUM_WARPS)
+
+
+def _matrix(shape: torch.Size, event_dims: int) -> tuple[int, int, int]:
+    """``(rows, columns, inner rows)`` of ``mu``'s shape: see :func:`~fastvae.kernels.launch.split_rows`."""
+    n_cols = event_size(shape, event_dims)
+    n_lead = len(shape) - event_dims
+    return math.prod(shape[:n_lead]), n_cols, math.prod(shape[1:n_lead])
+
+
+def reparameterize_log_ratio_forward(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    eps: torch.Tensor | None,
+    seed: int,
+    first_counter: int,
+    *,
+    samples: int | None = None,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    event_dims: int = 1,
+    logvar_limit: float | None = None,
+    philox_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on non-empty tensors (``mu``, ``logvar`` of one shape, any strides; ``eps`` and
+    the priors broadcast to the output's shape).
+
+    Returns ``z`` (contiguous, :func:`output_shape`, ``mu``'s dtype) and the
+    log ratio per row (float32, ``z``'s shape without the event dims).
+    ``seed``/``first_counter`` are ignored when ``eps`` is given, or when
+    ``philox_state`` (int64 ``(2,)`` on ``mu``'s device) is, which the kernel reads instead.
+    """
+    shape = mu.shape
+    out_shape = output_shape(shape, samples)
+    n_rows, n_cols, n_inner = _matrix(shape, event_dims)
+    n_samples = samples or 1
+    mu2, logvar2 = (_SampledMatrix(t, shape, None, event_dims) for t in (mu, logvar))
+    eps2, prior_mu2, prior_logvar2 = (_SampledMatrix(t, shape, samples, event_dims) for t in (eps, prior_mu, prior_logvar))
+    tiling = _plan(n_rows, n_cols, mu.device)
+    z = torch.empty(out_shape, dtype=mu.dtype, device=mu.device)
+    # The log ratios' partial sums, one per row and block of columns (one block: the log ratios themselves).
+    n_col_blocks = triton.cdiv(n_cols, tiling.block_cols)
+    log_ratio = torch.empty((n_samples * n_rows, n_col_blocks), dtype=torch.float32, device=mu.device)
+    with device_guard(mu):
+        _log_ratio_forward_kernel[tiling.grid](
+            mu2.tensor, logvar2.tensor, eps2.pointer(mu2.tensor), prior_mu2.tensor, prior_logvar2.tensor, z, log_ratio,
+            n_samples, n_rows, n_cols, n_inner, n_col_blocks,
+            *mu2.strides[1:], *logvar2.strides[1:], *eps2.strides, *prior_mu2.strides, *prior_logvar2.strides,
+            seed, first_counter, philox_state if eps is None else None, tiling.cols_per_split, logvar_limit,
+            HAS_EPS=eps is not None, PRIOR_MU_PER_SAMPLE=prior_mu2.per_sample,
+            PRIOR_LOGVAR_PER_SAMPLE=prior_logvar2.per_sample, BLOCK_ROWS=tiling.block_rows,
+            BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
+        )
+    return z, sum_splits(log_ratio).view(out_shape[: len(out_shape) - event_dims])
+
+
+def prior_grad_buffer(mode: str, per_sample: bool, prior: torch.Tensor | None, shape: torch.Size,
+                      samples: int | None, row_tiles: int, n_cols: int) -> torch.Tensor | None:
+    """Where the backward kernel writes a prior's gradient: per element of the output (a prior per sample), per
+    element of ``mu`` (summed over the samples), or per row tile and column (a prior shared by all rows)."""
+    if mode == "none":
+        return None
+    if mode == "columns":
+        return torch.empty((row_tiles, n_cols), dtype=torch.float32, device=prior.device)
+    # A leading 1 for the sample dim, so that the buffer sums to any shape the prior broadcasts from.
+    elements = output_shape(shape, samples) if per_sample else (shape if samples is None else (1, *shape))
+    dtype = prior.dtype if tuple(prior.shape) == tuple(elements) else torch.float32
+    return torch.empty(elements, dtype=dtype, device=prior.device)
+
+
+def reparameterize_log_ratio_backward(
+    grad_z: torch.Tensor | None,
+    grad_log_ratio: torch.Tensor | None,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    eps: torch.Tensor | None,
+    seed: int,
+    first_counter: int,
+    *,
+    samples: int | None = None,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    event_dims: int = 1,
+    logvar_limit: float | None = None,
+    prior_grads: tuple[bool, bool] = (False, False),
+    philox_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the backward kernel; returns new ``grad_mu`` and ``grad_logvar`` (contiguous, ``mu``'s shape:
+    summed over the samples), and the gradients of ``prior_mu`` and ``prior_logvar`` in their own shapes where
+    ``prior_grads`` asks for them (else ``None``).
+
+    ``grad_z`` has the output's shape, ``grad_log_ratio`` its shape without
+    the event dims (any strides; a stride-0 broadcast is read in place); either
+    may be ``None`` (that output was unused; without ``grad_log_ratio`` the
+    priors get no gradient). Without ``eps`` the noise is regenerated from
+    ``seed`` and ``first_counter``, or from ``philox_state`` when it is given.
+    """
+    shape = mu.shape
+    out_shape = output_shape(shape, samples)
+    n_rows, n_cols, n_inner = _matrix(shape, event_dims)
+    n_samples = samples or 1
+    mu2, logvar2 = (_SampledMatrix(t, shape, None, event_dims) for t in (mu, logvar))
+    grad_z2, eps2, prior_mu2, prior_logvar2 = (
+        _SampledMatrix(t, shape, samples, event_dims) for t in (grad_z, eps, prior_mu, prior_logvar)
+    )
+    grad_log_ratio1 = grad_log_ratio.reshape(n_samples * n_rows) if grad_log_ratio is not None else None
+    modes = [
+        prior_grad_mode(prior, out_shape, event_dims, needed and grad_log_ratio is not None)
+        for prior, needed in zip((prior_mu, prior_logvar), prior_grads)
+    ]
+    # Read for each sample, and written for each sample, where the prior varies along K.
+    per_sample = [matrix.per_sample for matrix in (prior_mu2, prior_logvar2)]
+    min_block_rows = COLUMN_BLOCK_ROWS if "columns" in modes else 1
+    tiling = _plan(n_rows, n_cols, mu.device, min_block_rows)
+    grad_mu = torch.empty(shape, dtype=mu.dtype, device=mu.device)
+    grad_logvar = torch.empty(shape, dtype=logvar.dtype, device=logvar.device)
+    buffers = [
+        prior_grad_buffer(mode, each, prior, shape, samples, tiling.row_tiles, n_cols)
+        for mode, each, prior in zip(modes, per_sample, (prior_mu, prior_logvar))
+    ]
+    unused = mu2.tensor  # a valid pointer for the arguments that a constexpr switches off
+    with device_guard(mu):
+        _log_ratio_backward_kernel[tiling.grid](
+            grad_z2.pointer(unused), grad_log_ratio1 if grad_log_ratio1 is not None else unused,
+            mu2.tensor, logvar2.tensor, eps2.pointer(unused), prior_mu2.tensor, prior_logvar2.tensor,
+            grad_mu, grad_logvar, *buffers,
+            n_samples, n_rows, n_cols, n_inner,
+            *grad_z2.strides, grad_log_ratio1.stride(0) if grad_log_ratio1 is not None else 0,
+            *mu2.strides[1:], *logvar2.strides[1:], *eps2.strides, *prior_mu2.strides, *prior_logvar2.strides,
+            seed, first_counter, philox_state if eps is None else None, tiling.cols_per_split,
+            logvar_limit, *(int(mode == "columns") for mode in modes),
+            HAS_GRAD_Z=grad_z is not None, HAS_GRAD_LOG_RATIO=grad_log_ratio is not None, HAS_EPS=eps is not None,
+            PRIOR_MU_PER_SAMPLE=per_sample[0], PRIOR_LOGVAR_PER_SAMPLE=per_sample[1],
+            BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
+        )
+    grad_prior_mu, grad_prior_logvar = (
+        _prior_grad(mode, buffer, prior, out_shape, event_dims)
+        for mode, buffer, prior in zip(modes, buffers, (prior_mu, prior_logvar))
+    )
+    return grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar

@@ -317,6 +317,19 @@ def test_dmol_forward_does_not_spill_and_stays_near_its_memory_time(sm90_variant
     assert not over
 
 
+def test_the_audit_counts_each_importance_sample_of_the_log_ratio_kernels(sm90_variants):
+    """reparameterize_log_ratio's kernels load a tile of the posterior once and take its K samples in a loop inside:
+    the audit counts that loop's instructions K times (its entry's ``inner_trips``), which holds while the compiler
+    leaves the sample loop whole (the loop over column blocks and one inside it, not unrolled)."""
+    rows = [r for r in sm90_variants if r["kernel"].startswith("_log_ratio_")]
+    assert {(r["kernel"], r["dtype"]) for r in rows} == {
+        (k, d) for k in ("_log_ratio_forward_kernel", "_log_ratio_backward_kernel") for d in ("fp32", "bf16")
+    }
+    for r in rows:
+        assert r["loops"] == 2 and r["innermost_loop_instructions"] > 0, (r["kernel"], r["dtype"], r["constexprs"])
+        assert r["inner_trips"] > 1
+
+
 def _loss_rows(sm90_variants):
     """Loss kernels whose element data are aligned: contiguous x_hat and x, a unit column stride, 16-byte pointers."""
     rows = []

@@ -309,22 +309,37 @@ DMOL_BOUND = {"fp32": 1.25, "bf16": 2.5}
 
 def test_dmol_forward_does_not_spill_and_stays_near_its_memory_time(sm90_variants):
     """Every DMOL forward variant the audit compiles (greyscale and RGB, 5 and 10 components, with the gradient and
-    without, both dtypes) spills nothing, and its SASS instructions per element on the executed path, at the H100
-    model's issue rate, take at most 1.25 (float32) or 2.5 (bfloat16) times the memory time of its bytes."""
+    without, both dtypes) spills nothing, and its SASS instructions per pixel-component (the audit's: per real
+    element, its inner loops over the components run M times), at the H100 model's issue rate, take at most 1.25
+    (float32) or 2.5 (bfloat16) times the memory time of its bytes."""
     rows = [r for r in sm90_variants if r["kernel"] == "_dmol_forward_kernel"]
-    shapes = {(r["dtype"], r["constexprs"]["C"], r["constexprs"]["M_PAD"], r["constexprs"]["WRITE_GRAD"]) for r in rows}
-    grad = {(d, c, m, True) for d in DMOL_BOUND for c in (1, 3) for m in (8, 16)}
-    evaluation = {(d, c, 16, False) for d in DMOL_BOUND for c in (1, 3)}
-    assert grad | evaluation <= shapes
+    shapes = {(r["dtype"], r["constexprs"]["C"], r["inner_trips"], r["constexprs"]["WRITE_GRAD"]) for r in rows}
+    assert {(d, c, m, g) for d in DMOL_BOUND for c in (1, 3) for m in (5, 10) for g in (True, False)} <= shapes
     assert not [(r["dtype"], r["constexprs"], r["ptxas"]) for r in rows if _spills(r)]
     for r in rows:
         assert r["instructions_per_element"] > 0 and r["bytes_per_element"] > 0
+        # The tile loop and one loop over the components, a second for the gradient, none unrolled by the compiler
+        # (the audit multiplies the innermost loops' instructions by M).
+        assert r["loops"] == 2 + r["constexprs"]["WRITE_GRAD"] and r["innermost_loop_instructions"] > 0, r["constexprs"]
     over = [
-        (r["dtype"], r["constexprs"], round(r["bound"]["compute_over_memory"], 2))
+        (r["dtype"], r["constexprs"], r["inner_trips"], round(r["bound"]["compute_over_memory"], 2))
         for r in rows
         if r["bound"]["compute_over_memory"] > DMOL_BOUND[r["dtype"]]
     ]
     assert not over
+
+
+def test_the_audit_counts_each_importance_sample_of_the_log_ratio_kernels(sm90_variants):
+    """reparameterize_log_ratio's kernels load a tile of the posterior once and take its K samples in a loop inside:
+    the audit counts that loop's instructions K times (its entry's ``inner_trips``), which holds while the compiler
+    leaves the sample loop whole (the loop over column blocks and one inside it, not unrolled)."""
+    rows = [r for r in sm90_variants if r["kernel"].startswith("_log_ratio_")]
+    assert {(r["kernel"], r["dtype"]) for r in rows} == {
+        (k, d) for k in ("_log_ratio_forward_kernel", "_log_ratio_backward_kernel") for d in ("fp32", "bf16")
+    }
+    for r in rows:
+        assert r["loops"] == 2 and r["innermost_loop_instructions"] > 0, (r["kernel"], r["dtype"], r["constexprs"])
+        assert r["inner_trips"] > 1
 
 
 def _loss_rows(sm90_variants):

@@ -329,17 +329,46 @@ def test_shapes(device, shape):
     check_against_reference(params, x, 2, 8, "none")
 
 
+def test_tiles_are_shaped_to_leave_the_fewest_pixels_past_the_ends():
+    from fastvae.kernels import discretized_logistic_mixture as kernels
+
+    def slots(tiling, batch, n_cols):
+        return math.ceil(batch / tiling.block_rows) * tiling.block_rows * math.ceil(n_cols / tiling.block_cols) * (
+            tiling.block_cols
+        )
+
+    # 784 = 49 x 16 pixels: tiles 16 pixels wide cover MNIST exactly (512 wide would run 1,024 slots a sample).
+    tiling = kernels.plan(128, 784, 1, "cpu")
+    assert slots(tiling, 128, 784) == 128 * 784 and tiling.block_rows * tiling.block_cols == kernels.tile_pixels(1)
+    # Where every shape fits, the widest: a sample's pixels in a row.
+    tiling = kernels.plan(64, 1024, 3, "cpu")
+    assert (tiling.block_rows, tiling.block_cols) == (1, kernels.tile_pixels(3))
+    # Any shape: the fewest slots of the tiles plan_rows offers 16 pixels wide or more (as wide as a sample).
+    for batch, n_cols, channels in [(100, 20, 1), (128, 49, 1), (3, 25, 3), (64, 300, 3), (5, 2000, 1)]:
+        tiling = kernels.plan(batch, n_cols, channels, "cpu")
+        offered = [
+            kernels.launch.plan_rows(batch, n_cols, torch.device("cpu"), min_block_rows=2**k,
+                                     block_elements=kernels.tile_pixels(channels))
+            for k in range(12)
+        ]
+        wide = [t for t in offered if t.block_cols >= min(16, n_cols)]
+        assert tiling.block_cols >= min(16, n_cols)
+        assert slots(tiling, batch, n_cols) == min(slots(t, batch, n_cols) for t in wide)
+    # Samples of one pixel (no spatial dims): tiles of samples.
+    assert kernels.plan(1000, 1, 3, "cpu").block_cols == 1
+
+
 def test_results_do_not_depend_on_tiling(device, monkeypatch):
     from fastvae.kernels import discretized_logistic_mixture as kernels
     from fastvae.kernels import launch
 
     # Tiny tiles and many programs: several row tiles, column splits and loop trips even at small sizes.
-    monkeypatch.setattr(kernels, "tile_slots", lambda channels: 16)
+    monkeypatch.setattr(kernels, "tile_pixels", lambda channels: 4)
     monkeypatch.setattr(launch, "target_programs", lambda device: 6)
     for batch, spatial in [(3, (2, 5)), (1, (24,)), (5, ())]:
         params = make_params(batch, 3, 3, spatial, device)
         x = make_images(batch, 3, spatial, 8, device)
-        tiling = launch.plan_rows(batch, math.prod(spatial), device, block_elements=16 // 4, num_warps=4)
+        tiling = kernels.plan(batch, math.prod(spatial), 3, device)
         assert tiling.n_splits > 1 or tiling.row_tiles > 1
         check_against_reference(params, x, 3, 8, "none")
 
@@ -663,7 +692,7 @@ def test_custom_op_registration(device, reduction, grad):
                           (params, x, 2, 8, reduction, grad))
 
 
-def _forward_kernel_job(channels, m_pad, dtype, write_grad):
+def _forward_kernel_job(channels, dtype, write_grad):
     """The forward kernel as a launch on contiguous ``params`` specializes it: unit strides are constants."""
     from fastvae.kernels import discretized_logistic_mixture as kernels
 
@@ -678,8 +707,7 @@ def _forward_kernel_job(channels, m_pad, dtype, write_grad):
             signature[name] = "constexpr"
         else:
             signature[name] = "fp32" if name in floats else "i64"
-    block_cols = kernels.tile_slots(channels) // m_pad
-    constexprs = dict(C=channels, M_PAD=m_pad, WRITE_GRAD=write_grad, BLOCK_ROWS=1, BLOCK_COLS=block_cols)
+    constexprs = dict(C=channels, WRITE_GRAD=write_grad, BLOCK_ROWS=1, BLOCK_COLS=kernels.tile_pixels(channels))
     constexprs.update({name: 1 for name in unit_strides})
     return kernels.__name__, "_dmol_forward_kernel", signature, constexprs, kernels.NUM_WARPS
 
@@ -687,9 +715,9 @@ def _forward_kernel_job(channels, m_pad, dtype, write_grad):
 def test_kernels_compile_for_a_cuda_target():
     """The interpreter runs code that compiled Triton refuses: compile the variants as a GPU would."""
     jobs = [
-        _forward_kernel_job(1, 1, "fp32", True),
-        _forward_kernel_job(3, 16, "bf16", True),
-        _forward_kernel_job(3, 4, "fp16", False),
+        _forward_kernel_job(1, "fp32", True),
+        _forward_kernel_job(3, "bf16", True),
+        _forward_kernel_job(3, "fp16", False),
     ]
     compile_for_cuda(jobs)
 

@@ -89,6 +89,29 @@ def test_walk_leaves_a_top_tested_loop_after_one_trip():
     assert [i.addr for i in executed_path(code).executed] == [0x00, 0x10, 0x20, 0x30, 0x40, 0x10, 0x50]
 
 
+def test_walk_counts_the_innermost_loops_apart():
+    """A main loop around two inner ones (the DMOL's loops over components): each runs once, and the instructions
+    of the innermost (which hold no loop) are counted apart, for the audit to multiply by their trips."""
+    listing = sass(
+        "S2R R0, SR_CTAID.X",  # 0x00
+        "FADD R1, R1, R1",  # 0x10  main loop: per-tile work
+        "FFMA R2, R2, R2, R2",  # 0x20  first inner loop
+        "@P0 BRA 0x20",  # 0x30
+        "FMUL R3, R3, R3",  # 0x40  between the inner loops
+        "MUFU.EX2 R4, R4",  # 0x50  second inner loop
+        "FADD R4, R4, R4",  # 0x60
+        "@P1 BRA 0x50",  # 0x70
+        "@P2 BRA 0x10",  # 0x80  the main loop's back edge
+        "EXIT",  # 0x90
+    )
+    path = executed_path(parse_sass(listing))
+    assert [i.addr for i in path.executed] == [0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90]
+    assert path.loops == 3 and path.loop_body == 8
+    assert [i.addr for i in path.innermost] == [0x20, 0x30, 0x50, 0x60, 0x70]
+    result = analyse(listing, "REG:8")
+    assert result["innermost_loop_instructions"] == 5 and result["innermost_pipes"] == {"fp32": 2, "mufu": 1}
+
+
 def test_walk_skips_a_division_subroutine():
     listing = sass(
         "MUFU.RCP R1, R0",  # 0x00
@@ -171,6 +194,7 @@ class _Accesses:
 
     def __init__(self):
         self.loads, self.stores = [], []
+        self.masks = []  # ("load" or "store", slots, live lanes) of each access, in order
 
     def __enter__(self):
         from triton.runtime.interpreter import InterpreterBuilder
@@ -180,16 +204,21 @@ class _Accesses:
         original_load, original_store, original_atomic = self._saved
         recorder = self
 
+        def live(ptrs, mask, kind="store"):
+            mask = np.broadcast_to(np.asarray(mask.data, dtype=bool), np.shape(ptrs.data))
+            recorder.masks.append((kind, mask.size, int(mask.sum())))
+            return np.asarray(ptrs.data)[mask]
+
         def load(builder, ptrs, mask, *args, **kwargs):
-            recorder.loads.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
+            recorder.loads.append(live(ptrs, mask, "load"))
             return original_load(builder, ptrs, mask, *args, **kwargs)
 
         def store(builder, ptrs, value, mask, *args, **kwargs):
-            recorder.stores.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
+            recorder.stores.append(live(ptrs, mask))
             return original_store(builder, ptrs, value, mask, *args, **kwargs)
 
         def atomic(builder, op, ptrs, value, mask, *args, **kwargs):  # a read-modify-write: counted as a store
-            recorder.stores.append(np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)])
+            recorder.stores.append(live(ptrs, mask))
             return original_atomic(builder, op, ptrs, value, mask, *args, **kwargs)
 
         InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
@@ -217,9 +246,10 @@ class _Accesses:
 
 
 def _calls_covering_every_kernel_flag():
-    def reparam(eps, grad_z, grad_kl):
+    def reparam(eps, grad_z, grad_kl, clamp=None):
         mu, logvar = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10, requires_grad=True)
-        z, kl = reparameterize_kl(mu, logvar, torch.randn(6, 10) if eps else None, backend="triton")
+        z, kl = reparameterize_kl(mu, logvar, torch.randn(6, 10) if eps else None, logvar_clamp=clamp,
+                                  backend="triton")
         outs = [o for o, used in ((z, grad_z), (kl, grad_kl)) if used]
         torch.autograd.grad(outs, [mu, logvar], [torch.randn_like(o) for o in outs])
 
@@ -288,7 +318,7 @@ def _calls_covering_every_kernel_flag():
         wrt = [t for t, used in ((z, grad_z), (codebook, grad_codebook)) if used]
         torch.autograd.grad(outs, wrt, [torch.randn_like(o) for o in outs])
 
-    calls += [second_order, device_state]
+    calls += [second_order, device_state, lambda: reparam(True, True, True, clamp=(-1.0, 1.0))]  # the hard clamp
     calls += [lambda e=e, p=p, z=z, r=r: log_ratio(e, p, z, r) for e in (False, True)
               for p in ("none", "per posterior", "per sample", "shared") for z, r in ((True, True), (False, True))]
     calls += [lambda: log_ratio(False, "none", True, False)]
@@ -303,29 +333,101 @@ def _calls_covering_every_kernel_flag():
     return calls
 
 
-@interpreted
-def test_access_table_matches_the_loads_and_stores_the_interpreter_sees():
-    """Each kernel entry's reads and writes, under each flag the ops use, against what the kernel touches."""
-    seen = set()
-    for call in _calls_covering_every_kernel_flag():
+def _launches_run(calls):
+    """Each Triton launch of ``calls`` (recorded, then run alone under the interpreter): the launch, its kernel's
+    entry in the access table, and what the run loaded and stored."""
+    from benchmarks.static.kernels import kernel_spec
+
+    for call in calls:
         launches = []
         with LaunchRecorder(launches=launches, execute=False):
             call()
         for launch in launches:
-            from benchmarks.static.kernels import kernel_spec
-
-            spec = kernel_spec(launch.module, launch.kernel)
-            reads, writes = spec.accessed(launch.constexprs, launch.args)
-            tensors = [v for v in launch.args.values() if isinstance(v, torch.Tensor)]
             kernel = getattr(__import__(launch.module, fromlist=[launch.kernel]), launch.kernel)
             with _Accesses() as accesses:
                 kernel[launch.grid](*launch.args.values(), **launch.constexprs, **launch.options)
-            storage = {name: launch.args[name].untyped_storage().data_ptr() for name in reads + writes}
-            context = (launch.kernel, launch.constexprs)
-            assert _Accesses.storages(accesses.loads, tensors) == {storage[n] for n in reads}, context
-            assert _Accesses.storages(accesses.stores, tensors) == {storage[n] for n in writes}, context
-            seen.add(launch.kernel)
+            yield launch, kernel_spec(launch.module, launch.kernel), accesses
+
+
+@interpreted
+def test_access_table_matches_the_loads_and_stores_the_interpreter_sees():
+    """Each kernel entry's reads and writes, under each flag the ops use, against what the kernel touches."""
+    seen = set()
+    for launch, spec, accesses in _launches_run(_calls_covering_every_kernel_flag()):
+        reads, writes = spec.accessed(launch.constexprs, launch.args)
+        tensors = [v for v in launch.args.values() if isinstance(v, torch.Tensor)]
+        storage = {name: launch.args[name].untyped_storage().data_ptr() for name in reads + writes}
+        context = (launch.kernel, launch.constexprs)
+        assert _Accesses.storages(accesses.loads, tensors) == {storage[n] for n in reads}, context
+        assert _Accesses.storages(accesses.stores, tensors) == {storage[n] for n in writes}, context
+        seen.add(launch.kernel)
     assert seen >= {k.name for k in KERNELS if k.module.startswith("fastvae")}
+
+
+def _padded_calls():
+    """Launches whose tiles have padding: rows of 10, 7 and 784 columns, mixtures of 3 and 10 components (in 4 and
+    16 slots), a codebook of 7 codes of 5 values, the splits of rows over several programs, and the noise
+    benchmark's normals (a block and 904 more)."""
+
+    def dmol(channels, mixtures, pixels, grad):
+        params = torch.randn(3, mixtures * (channels + 1) * (channels + 2) // 2, *pixels, requires_grad=grad)
+        x = torch.rand(3, channels, *pixels)
+        nll = discretized_logistic_mixture_nll(params, x, num_mixtures=mixtures, backend="triton")
+        if grad:
+            torch.autograd.grad(nll, [params], torch.rand_like(nll))
+
+    def loss():
+        x_hat = torch.randn(3, 784, requires_grad=True)
+        out = reconstruction_loss(x_hat, torch.rand(3, 784), "bce", reduction="none", backend="triton")
+        torch.autograd.grad(out, [x_hat], torch.rand_like(out))
+
+    def noise():  # the noise benchmark's kernels, at a size past a block
+        import triton
+
+        from benchmarks.noise import BLOCK, _randn4x_kernel, _randn_kernel
+
+        n = BLOCK + 904
+        for kernel in (_randn_kernel, _randn4x_kernel):
+            kernel[(triton.cdiv(n, BLOCK),)](torch.empty(n), n, 7, BLOCK=BLOCK)
+
+    calls = [lambda a=a: dmol(*a) for a in ((1, 3, (5, 7), True), (3, 10, (4, 5), False), (3, 1, (9,), True),
+                                             (1, 10, (28, 28), False))]
+    return _calls_covering_every_kernel_flag() + calls + [loss, noise]
+
+
+def _measured_slots_per_element(spec, launch, masks) -> float:
+    """Slots per live lane of the accesses that span a whole tile: the fraction of a tile's slots that hold an
+    element, as the interpreter's masks see it. The nearest-code search's tiles are (vector, code) pairs, which
+    no access spans: its vectors' live fraction (the stores of an index and a loss per vector) times its codes'
+    (the loads of their norms)."""
+
+    def ratio(kinds, size):
+        spanning = [(slots, live) for kind, slots, live in masks if kind in kinds and slots == size]
+        assert spanning, (launch.kernel, launch.constexprs)
+        return sum(slots for slots, _ in spanning) / sum(live for _, live in spanning)
+
+    if launch.kernel == "_vector_quantize_forward_kernel":
+        return ratio(("store",), launch.constexprs["BLOCK_N"]) * ratio(("load",), launch.constexprs["BLOCK_K"])
+    return ratio(("load", "store"), spec.tile_elements(launch.constexprs))
+
+
+@interpreted
+def test_slots_per_element_match_the_masks_the_interpreter_sees():
+    """Each kernel entry's slots over elements (the padding whose instructions the audit counts) against the
+    fraction of masked-off lanes in the kernel's tile-wide loads and stores."""
+    seen = set()
+    for launch, spec, accesses in _launches_run(_padded_calls()):
+        if launch.constexprs.get("SKIP_UNIT_ROWS") and not any(
+            slots == spec.tile_elements(launch.constexprs) for _, slots, _ in accesses.masks
+        ):
+            continue  # scale_rows in place with every weight 1: no tile ran
+        measured = _measured_slots_per_element(spec, launch, accesses.masks)
+        modelled = spec.slots_per_element(launch.constexprs, launch.args)
+        assert modelled == pytest.approx(measured, rel=1e-12), (launch.kernel, launch.constexprs, launch.grid)
+        seen.add((launch.kernel, modelled > 1))
+    every_kernel = {k.name for k in KERNELS}
+    assert {name for name, _ in seen} >= every_kernel
+    assert {name for name, padded in seen if padded} >= every_kernel - {"_scale_rows_kernel"}
 
 
 @interpreted

@@ -264,13 +264,15 @@ EXTRA_SCENARIOS = [
     Scenario("vector_quantize, 1024 vectors of 200 against 300 codes", _vector_quantize(1024, 300, 200, False)),
     Scenario("vector_quantize of a VQ-VAE's 7x7 map slice, 16 channels, batch 128, EMA codebook",
              _vq_feature_map(128, 16, 7)),
-    # The DMOL forward's variants: greyscale and RGB at 5 and 10 components (M_PAD 8 and 16), with the gradient as
-    # training takes it and without, as an evaluation does (several tiles per program, as at scale).
+    # The DMOL forward's variants: greyscale and RGB at 5 and 10 components, with the gradient as training takes it
+    # and without, as an evaluation does (several tiles per program, as at scale).
     Scenario("dmol nll, 1x28x28, M=5, batch 128", _dmol(128, (1, 28, 28), 5)),
     Scenario("dmol nll, 1x28x28, M=10, batch 128", _dmol(128, (1, 28, 28), 10)),
     Scenario("dmol nll, 3x32x32, M=5, batch 64", _dmol(64, (3, 32, 32), 5)),
     Scenario("dmol nll, 3x32x32, M=10, batch 64", _dmol(64, (3, 32, 32), 10)),
+    Scenario("dmol nll without gradient (evaluation), 1x28x28, M=5, batch 128", _dmol(128, (1, 28, 28), 5, False)),
     Scenario("dmol nll without gradient (evaluation), 1x28x28, M=10, batch 128", _dmol(128, (1, 28, 28), 10, False)),
+    Scenario("dmol nll without gradient (evaluation), 3x32x32, M=5, batch 64", _dmol(64, (3, 32, 32), 5, False)),
     Scenario("dmol nll without gradient (evaluation), 3x32x32, M=10, batch 64", _dmol(64, (3, 32, 32), 10, False)),
     Scenario("diffusers' AutoencoderKL posterior, sample and KL, SD's 4x64x64 latents, batch 8",
              _diffusers_posterior(8, 4, 64)),
@@ -386,30 +388,49 @@ def record_extra(dtypes, scenarios=EXTRA_SCENARIOS) -> dict[str, list[Launch]]:
 
 
 def audit_variants(launches: dict[str, list[Launch]], workers: int | None = None) -> list[dict]:
-    """One row per distinct compiled variant among ``launches``, with where it is used."""
+    """One row per distinct compiled variant among ``launches`` (and per trip count of its inner loops, if it has
+    any), with where it is used; its figures per element are those of its largest launch."""
     from benchmarks.static.compile_sm90 import compile_in_subprocess
 
     flat = [(scenario, launch) for scenario, items in launches.items() for launch in items]
     compiled = compile_in_subprocess([launch.job() for _, launch in flat], workers)
-    rows: dict[str, dict] = {}
+    rows: dict[tuple[str, int], dict] = {}
     for (scenario, launch), key in zip(flat, compiled["variant_of"]):
         variant = compiled["variants"][key]
-        row = rows.get(key)
+        spec = kernel_spec(launch.module, launch.kernel)
+        # A row per variant, and per trip count of its inner loops (the DMOL's M): the work per element differs.
+        trips = spec.count_inner_trips(launch.args)
+        row = rows.get((key, trips))
         if row is None:
-            row = rows[key] = variant_row(launch, variant)
+            row = rows[(key, trips)] = variant_row(launch, variant)
+            row["inner_trips"] = trips
         row["used_by"].add(scenario)
         if launch.elements > row["elements_of_launch"]:
             row["elements_of_launch"] = launch.elements
             row["bytes_per_element"] = (launch.read_bytes + launch.write_bytes) / max(launch.elements, 1)
             row["grid"] = list(launch.grid)
+            row["slots_per_element"] = spec.slots_per_element(launch.constexprs, launch.args)
     out = []
     for row in rows.values():
         row["used_by"] = sorted(row["used_by"])
+        # Per element of the same launch as the bytes: a slot's instructions run in the padding too, and the inner
+        # loops (if any) run their trips over the same tile.
+        trips = row["inner_trips"]
+        extra = trips - 1  # trips of the inner loops beyond the one the walk took
+        per_slot = row["slots_per_element"] / (row["elements_per_thread"] * trips)
+        executed = row["executed_instructions"] + extra * row["innermost_loop_instructions"]
+        row["instructions_per_element"] = executed * per_slot
+        inner_pipes = row.pop("innermost_pipes_per_thread")
+        row["pipes_per_element"] = {
+            p: (n + extra * inner_pipes.get(p, 0)) * per_slot for p, n in row.pop("pipes_per_thread").items()
+        }
         row["bound"] = hardware.bound(
             row["instructions_per_element"], row["pipes_per_element"], row["bytes_per_element"]
         )
         out.append(row)
-    return sorted(out, key=lambda r: (r["kernel"], r["dtype"], json.dumps(r["constexprs"], sort_keys=True)))
+    return sorted(
+        out, key=lambda r: (r["kernel"], r["dtype"], json.dumps(r["constexprs"], sort_keys=True), r["inner_trips"])
+    )
 
 
 def variant_row(launch: Launch, variant: dict) -> dict:
@@ -458,14 +479,18 @@ def variant_row(launch: Launch, variant: dict) -> dict:
         "executed_instructions": variant["executed_instructions"],
         "cold_instructions": variant["cold_instructions"],
         "loop_body_instructions": variant["loop_body_instructions"],
-        "tile_elements": tile,
-        "elements_per_thread": per_thread,
-        "instructions_per_element": variant["executed_instructions"] / per_thread,
-        "pipes_per_element": {p: n / per_thread for p, n in variant["pipes"].items()},
+        "tile_elements": tile,  # slots, padding included
+        "elements_per_thread": per_thread,  # slots a thread holds per trip
+        "pipes_per_thread": variant["pipes"],
+        "loops": variant["loops"],
+        "innermost_loop_instructions": variant["innermost_loop_instructions"],
+        "innermost_pipes_per_thread": variant["innermost_pipes"],
         "mix": variant["mix"],
         "used_by": set(),
         "elements_of_launch": -1,
         "bytes_per_element": 0.0,
+        "slots_per_element": 1.0,  # of the launch the bytes are of (see benchmarks/static/kernels.py)
+        "inner_trips": 1,  # of its inner loops per trip of its main loop, in the launches of this row
         "grid": None,
     }
 

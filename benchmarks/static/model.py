@@ -201,16 +201,14 @@ OP_MODELS = {
 # ---- one VAE training step ---------------------------------------------------------------------------------------
 
 
-def dmol_split_sums(batch: int, pixels: int, channels: int, num_mixtures: int) -> int:
+def dmol_split_sums(batch: int, pixels: int, channels: int) -> int:
     """Small kernels beside the fused DMOL forward: 1 when the launch planner (sized for an H100) splits the
     pixels of a sample over several programs, whose partial sums are then added (else 0)."""
     from benchmarks.static.capture import planning_for_h100
-    from fastvae.kernels.discretized_logistic_mixture import tile_slots
-    from fastvae.kernels.launch import plan_rows
+    from fastvae.kernels.discretized_logistic_mixture import plan
 
-    m_pad = 1 << max(num_mixtures - 1, 0).bit_length()
     with planning_for_h100():
-        tiling = plan_rows(batch, pixels, "cuda", block_elements=max(tile_slots(channels) // m_pad, 1), num_warps=4)
+        tiling = plan(batch, pixels, channels, "cuda")
     return int(tiling.n_splits > 1)
 
 
@@ -246,7 +244,7 @@ def vae_step_savings(
         loss = discretized_logistic_mixture(channels, num_mixtures)
         n_x = batch * pixels * num_mixtures * (1 + 2 * channels + channels * (channels - 1) // 2)
         inputs = {"params": n_x}
-        extra_kernels = dmol_split_sums(batch, pixels, channels, num_mixtures)
+        extra_kernels = dmol_split_sums(batch, pixels, channels)
     else:
         logvar = "scalar" if likelihood == "gaussian" else None  # the VAE's default learned variance
         loss = reconstruction_loss(likelihood, logvar, upstream_one=True)

@@ -35,7 +35,7 @@ def audit_table(rows: list[dict]) -> list[str]:
     lines = [
         "| kernel | dtype | flags | block | warps | regs | spilled B (ptxas) / stack B / LDL+STL executed | smem B "
         "| warps/SM (limit) "
-        "| LDG (count x bits) | STG | instr. executed (cold left out) | elem./thread | instr./elem. | B/elem. "
+        "| LDG (count x bits) | STG | instr. executed (cold left out) | slots/thread (per elem.) | instr./elem. | B/elem. "
         "| compute/memory | estimate |",
         "|" + "---|" * 17,
     ]
@@ -47,7 +47,8 @@ def audit_table(rows: list[dict]) -> list[str]:
             f"| {r['num_warps']} | {r['registers']} | {_spilled(r)} / {r['stack_bytes']} / {r['spill_instructions']} "
             f"| {r['shared_bytes']} | {occ['warps_per_sm']} ({occ['limited_by']}) | {_widths(r['global_loads'])} "
             f"| {_widths(r['global_stores'])} | {r['executed_instructions']} ({r['cold_instructions']}) "
-            f"| {r['elements_per_thread']:g} | {r['instructions_per_element']:.1f} | {r['bytes_per_element']:.1f} "
+            f"| {r['elements_per_thread']:g} ({r['slots_per_element']:.2f}) | {r['instructions_per_element']:.1f} "
+            f"| {r['bytes_per_element']:.1f} "
             f"| {bound['compute_over_memory']:.2f} ({bound['compute_limiter']}) | {bound['label']} |"
         )
     return lines
@@ -167,7 +168,10 @@ def markdown(payload: dict) -> str:
         "constexpr 1). *instr. executed*: SASS instructions one thread executes for a program that makes one "
         "trip through its loop, slow paths left out (the number in brackets: instructions of the cubin off "
         "that path, mostly libdevice's sin/cos range reduction for large arguments and IEEE division's "
-        "subroutine). *instr./elem.*: executed instructions per element a thread handles. *B/elem.*: the "
+        "subroutine). *slots/thread*: the tile's slots a thread holds, padding included; *per elem.*: the "
+        "slots the launch's tiles cover per element, the padding whose instructions run too (1.60 for 10 "
+        "mixture components in 16 slots). *instr./elem.*: executed instructions per slot a thread holds, "
+        "times slots per element: per real element of the launch. *B/elem.*: the "
         "launch's modelled traffic per element. *compute/memory*: issue (or pipe) time over memory time "
         "per element on the H100 model above; *estimate* says which should bound the kernel.",
         "",

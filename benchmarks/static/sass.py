@@ -93,6 +93,7 @@ class ExecutedPath:
     executed: list[Instruction]
     loop_body: int  # instructions executed inside the loops, one trip
     loops: int  # loops the path went through
+    innermost: list[Instruction] | None = None  # those executed inside the innermost loops (holding no other)
 
 
 def executed_path(code: list[Instruction], max_steps: int = 200_000) -> ExecutedPath:
@@ -139,7 +140,11 @@ def executed_path(code: list[Instruction], max_steps: int = 200_000) -> Executed
         pc += 1
     hot_loops = [(lo, hi) for lo, hi in loops if any(lo <= ins.addr <= hi for ins in executed)]
     body = sum(1 for ins in executed if any(lo <= ins.addr <= hi for lo, hi in hot_loops))
-    return ExecutedPath(executed, body, len(hot_loops))
+    innermost = [
+        (lo, hi) for lo, hi in hot_loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in hot_loops)
+    ]
+    inner = [ins for ins in executed if any(lo <= ins.addr <= hi for lo, hi in innermost)]
+    return ExecutedPath(executed, body, len(hot_loops), inner)
 
 
 CONTROL = ("BRA", "EXIT", "CALL", "RET", "BSSY", "BSYNC", "BRX", "JMP", "WARPSYNC")
@@ -194,6 +199,8 @@ def analyse(sass_text: str, resource_text: str) -> dict:
         "executed_instructions": len(hot),
         "cold_instructions": len(static) - len({ins.addr for ins in hot}),
         "loop_body_instructions": path.loop_body,
+        "innermost_loop_instructions": len(path.innermost),
+        "innermost_pipes": pipe_counts(path.innermost),
         "loops": path.loops,
         "spill_instructions": sum(1 for ins in hot if ins.base in SPILLS),
         "local_instructions_off_path": sum(1 for ins in static if ins.base in SPILLS)

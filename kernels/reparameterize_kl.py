@@ -123,6 +123,7 @@ from triton.language.extra import libdevice
 
 from .launch import (
     INTERPRETED,
+    RowTiling,
     device_guard,
     fast_exp,
     fast_log2,
@@ -705,7 +706,7 @@ def draw_noise(
         return eps
     n_cols = event_size(shape, event_dims)
     n_rows = eps.numel() // n_cols
-    tiling = plan_rows(n_rows, n_cols, device, min_block_cols=GROUP)
+    tiling = plan_rows(n_rows, n_cols, device, min_block_cols=GROUP, narrow_padded_cols=True)
     with device_guard(eps):
         _standard_normal_kernel[tiling.grid](
             eps, n_rows, n_cols, seed, first_counter, philox_state, tiling.cols_per_split,
@@ -762,6 +763,18 @@ def prior_grad_mode(prior: torch.Tensor | None, shape: torch.Size, event_dims: i
     return "columns" if all(size == 1 for size in aligned[:n_lead]) else "elements"
 
 
+def plan_forward(n_rows: int, n_cols: int, device: torch.device, shared_prior: bool) -> RowTiling:
+    """The forward kernel's tiling of ``n_rows`` rows of ``n_cols`` columns. Where it splits the columns over
+    programs (``n_splits > 1``), the per-split KL sums are added by one more (small) kernel."""
+    if shared_prior:
+        # Its clamp and exponential are computed once per column a thread holds: tall tiles of few columns give each
+        # thread four rows of one group (2048 elements, 4 warps).
+        return plan_rows(n_rows, n_cols, device, min_block_cols=GROUP, narrow_padded_cols=True,
+                         min_block_rows=SHARED_PRIOR_BLOCK_ROWS, block_elements=SHARED_PRIOR_BLOCK_ELEMENTS,
+                         num_warps=4)
+    return plan_rows(n_rows, n_cols, device, min_block_cols=GROUP, narrow_padded_cols=True)
+
+
 def reparameterize_kl_forward(
     mu: torch.Tensor,
     logvar: torch.Tensor,
@@ -793,13 +806,7 @@ def reparameterize_kl_forward(
         _Matrix(t, shape, event_dims) for t in (mu, logvar, eps, prior_mu, prior_logvar)
     )
     shared_prior = shared_by_rows(prior_mu2, prior_logvar2)
-    if shared_prior:
-        # Its clamp and exponential are computed once per column a thread holds: tall tiles of few columns give each
-        # thread four rows of one group (2048 elements, 4 warps).
-        tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP, min_block_rows=SHARED_PRIOR_BLOCK_ROWS,
-                           block_elements=SHARED_PRIOR_BLOCK_ELEMENTS, num_warps=4)
-    else:
-        tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP)
+    tiling = plan_forward(n_rows, n_cols, mu.device, shared_prior)
     z = torch.empty(shape, dtype=mu.dtype, device=mu.device)
     kl = torch.empty((n_rows, tiling.n_splits), dtype=torch.float32, device=mu.device)
     with device_guard(mu):
@@ -887,7 +894,8 @@ def reparameterize_kl_backward(
     # fit the registers, and with the flags ptxas held one variant (noise drawn, 20 columns) to 128 and spilled.
     small_tiles = (has_prior and grad_kl is not None) or logvar_clamp is not None
     block_elements = PRIOR_BACKWARD_BLOCK_ELEMENTS if small_tiles else None
-    tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP, min_block_rows=min_block_rows,
+    tiling = plan_rows(n_rows, n_cols, mu.device, min_block_cols=GROUP, narrow_padded_cols=True,
+                       min_block_rows=min_block_rows,
                        block_elements=block_elements)
     grad_mu = torch.empty(shape, dtype=mu.dtype, device=mu.device)
     grad_logvar = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)

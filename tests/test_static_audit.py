@@ -194,7 +194,8 @@ class _Accesses:
 
     def __init__(self):
         self.loads, self.stores = [], []
-        self.masks = []  # ("load" or "store", slots, live lanes, the access's shape) of each access, in order
+        # ("load" or "store", slots, live lanes, the access's shape, its lowest address) of each access, in order
+        self.masks = []
 
     def __enter__(self):
         from triton.runtime.interpreter import InterpreterBuilder
@@ -206,7 +207,7 @@ class _Accesses:
 
         def live(ptrs, mask, kind="store"):
             mask = np.broadcast_to(np.asarray(mask.data, dtype=bool), np.shape(ptrs.data))
-            recorder.masks.append((kind, mask.size, int(mask.sum()), mask.shape))
+            recorder.masks.append((kind, mask.size, int(mask.sum()), mask.shape, int(np.min(ptrs.data))))
             return np.asarray(ptrs.data)[mask]
 
         def load(builder, ptrs, mask, *args, **kwargs):
@@ -400,13 +401,23 @@ def _measured_slots_per_element(spec, launch, masks) -> float:
     element, as the interpreter's masks see it. The nearest-code search's tiles are (vector, code) pairs, which
     no access spans: its vectors' live fraction (the stores of an index and a loss per vector) times its codes'
     (the loads of their norms). reparameterize_kl's rows that are not 16-byte aligned are loaded and stored lane
-    by lane (``[R, G, 1]`` accesses, four to a tile): together those span the tile."""
+    by lane (``[R, G, 1]`` accesses, four to a tile): together those span the tile. Where a tile is one group
+    wide, a row's value (its KL or the KL's gradient, ``[R, 1, 1]``) looks the same: only the accesses to the
+    element tensors count (those of at least ``n_rows * n_cols`` elements' bytes)."""
+    elements = spec.count_elements(launch.args)
+    element_tensors = [t for t in launch.args.values()
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= elements * t.element_size()]
+
+    def in_element_tensor(address):
+        return any(0 <= address - t.untyped_storage().data_ptr() < t.untyped_storage().nbytes()
+                   for t in element_tensors)
 
     def ratio(kinds, size):
-        spanning = [(slots, live) for kind, slots, live, _ in masks if kind in kinds and slots == size]
+        spanning = [(slots, live) for kind, slots, live, _, _ in masks if kind in kinds and slots == size]
         if not spanning:
-            spanning = [(slots, live) for kind, slots, live, shape in masks
-                        if kind in kinds and 4 * slots == size and len(shape) == 3 and shape[-1] == 1]
+            spanning = [(slots, live) for kind, slots, live, shape, address in masks
+                        if kind in kinds and 4 * slots == size and len(shape) == 3 and shape[-1] == 1
+                        and in_element_tensor(address)]
         assert spanning, (launch.kernel, launch.constexprs)
         return sum(slots for slots, _ in spanning) / sum(live for _, live in spanning)
 
@@ -422,7 +433,7 @@ def test_slots_per_element_match_the_masks_the_interpreter_sees():
     seen = set()
     for launch, spec, accesses in _launches_run(_padded_calls()):
         if launch.constexprs.get("SKIP_UNIT_ROWS") and not any(
-            slots == spec.tile_elements(launch.constexprs) for _, slots, _, _ in accesses.masks
+            slots == spec.tile_elements(launch.constexprs) for _, slots, *_ in accesses.masks
         ):
             continue  # scale_rows in place with every weight 1: no tile ran
         measured = _measured_slots_per_element(spec, launch, accesses.masks)

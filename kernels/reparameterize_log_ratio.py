@@ -188,25 +188,29 @@ def _log_ratio_forward_kernel(
     stride_prior_logvar_sample, stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
     seed, first_counter, philox_ptr, cols_per_split, logvar_limit,
     HAS_EPS: tl.constexpr, PRIOR_MU_PER_SAMPLE: tl.constexpr, PRIOR_LOGVAR_PER_SAMPLE: tl.constexpr,
-    ALIGNED: tl.constexpr, INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+    ALIGNED: tl.constexpr, SAMPLES_ALIGNED: tl.constexpr, INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr,
 ):
     tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS, INT64)
     groups_per_row = tl.cdiv(n_cols, 4)
     seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
     row_mask = rows < n_rows
+    PRIOR_MU_ALIGNED: tl.constexpr = (PRIOR_MU_PER_SAMPLE and SAMPLES_ALIGNED) or (not PRIOR_MU_PER_SAMPLE and ALIGNED)
+    PRIOR_LOGVAR_ALIGNED: tl.constexpr = ((PRIOR_LOGVAR_PER_SAMPLE and SAMPLES_ALIGNED)
+                                          or (not PRIOR_LOGVAR_PER_SAMPLE and ALIGNED))
     HAS_PRIOR_MU: tl.constexpr = prior_mu_ptr is not None
     HAS_PRIOR_LOGVAR: tl.constexpr = prior_logvar_ptr is not None
     mu_rows = _row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner, ALIGNED)
     logvar_rows = _row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner, ALIGNED)
     eps_rows = mu_rows
     if HAS_EPS:
-        eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, ALIGNED)
+        eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, SAMPLES_ALIGNED)
     prior_mu_rows = _input_rows(prior_mu_ptr, rows, n_inner, stride_prior_mu_outer, stride_prior_mu_inner, mu_rows,
-                                ALIGNED)
+                                PRIOR_MU_ALIGNED)
     prior_logvar_rows = _input_rows(prior_logvar_ptr, rows, n_inner, stride_prior_logvar_outer,
-                                    stride_prior_logvar_inner, mu_rows, ALIGNED)
+                                    stride_prior_logvar_inner, mu_rows, PRIOR_LOGVAR_ALIGNED)
     z_rows = rows * n_cols  # z is contiguous: sample k's rows lie k n_rows n_cols on
-    if ALIGNED:
+    if SAMPLES_ALIGNED:
         z_rows = _multiple_of_4(z_rows)
     z_sample = n_rows * n_cols
     log_ratio_rows = rows * n_col_blocks
@@ -228,19 +232,19 @@ def _log_ratio_forward_kernel(
         while sample < n_samples:
             if PRIOR_MU_PER_SAMPLE:
                 prior_mu, _ = _sample_prior(prior_mu_ptr, sample, stride_prior_mu_sample, prior_mu_rows, col0, groups,
-                                            stride_prior_mu_col, row_mask, n_left, logvar_limit, False, ALIGNED)
+                                            stride_prior_mu_col, row_mask, n_left, logvar_limit, False, PRIOR_MU_ALIGNED)
             if PRIOR_LOGVAR_PER_SAMPLE:
                 prior_logvar, _ = _sample_prior(prior_logvar_ptr, sample, stride_prior_logvar_sample,
                                                 prior_logvar_rows, col0, groups, stride_prior_logvar_col, row_mask,
-                                                n_left, logvar_limit, True, ALIGNED)
+                                                n_left, logvar_limit, True, PRIOR_LOGVAR_ALIGNED)
             if HAS_EPS:
-                eps = _load_tile(eps_ptr, _of_sample(eps_rows, sample, stride_eps_sample, ALIGNED), col0, groups, stride_eps_col,
-                                 row_mask, n_left, ALIGNED)
+                eps = _load_tile(eps_ptr, _of_sample(eps_rows, sample, stride_eps_sample, SAMPLES_ALIGNED), col0, groups, stride_eps_col,
+                                 row_mask, n_left, SAMPLES_ALIGNED)
             else:
                 eps = standard_normal(seed, _sample_counter(first_counter, sample, n_rows, groups_per_row), rows,
                                       group_start + groups, lanes, groups_per_row)
             z = mu + std * eps
-            _store_tile(z_ptr, _of_sample(z_rows, sample, z_sample, ALIGNED), col0, groups, row_mask, n_left, z, ALIGNED)
+            _store_tile(z_ptr, _of_sample(z_rows, sample, z_sample, SAMPLES_ALIGNED), col0, groups, row_mask, n_left, z, SAMPLES_ALIGNED)
             _, _, term = _log_ratio_terms(z, eps, logvar, prior_mu, prior_logvar, HAS_PRIOR_MU, HAS_PRIOR_LOGVAR)
             tl.store(log_ratio_ptr + sample * (n_rows * n_col_blocks) + log_ratio_rows + col_block,
                      0.5 * _row_sums(term), mask=row_mask)
@@ -263,12 +267,15 @@ def _log_ratio_backward_kernel(
     prior_logvar_grad_by_columns,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_LOG_RATIO: tl.constexpr, HAS_EPS: tl.constexpr,
     PRIOR_MU_PER_SAMPLE: tl.constexpr, PRIOR_LOGVAR_PER_SAMPLE: tl.constexpr, ALIGNED: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+    SAMPLES_ALIGNED: tl.constexpr, INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS, INT64)
     groups_per_row = tl.cdiv(n_cols, 4)
     seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
     row_mask = rows < n_rows
+    PRIOR_MU_ALIGNED: tl.constexpr = (PRIOR_MU_PER_SAMPLE and SAMPLES_ALIGNED) or (not PRIOR_MU_PER_SAMPLE and ALIGNED)
+    PRIOR_LOGVAR_ALIGNED: tl.constexpr = ((PRIOR_LOGVAR_PER_SAMPLE and SAMPLES_ALIGNED)
+                                          or (not PRIOR_LOGVAR_PER_SAMPLE and ALIGNED))
     # The priors matter to the log ratio's gradient alone.
     HAS_PRIOR_MU: tl.constexpr = HAS_GRAD_LOG_RATIO and prior_mu_ptr is not None
     HAS_PRIOR_LOGVAR: tl.constexpr = HAS_GRAD_LOG_RATIO and prior_logvar_ptr is not None
@@ -278,16 +285,16 @@ def _log_ratio_backward_kernel(
     logvar_rows = _row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner, ALIGNED)
     grad_z_rows = mu_rows
     if HAS_GRAD_Z:
-        grad_z_rows = _row_starts(rows, n_inner, stride_grad_z_outer, stride_grad_z_inner, ALIGNED)
+        grad_z_rows = _row_starts(rows, n_inner, stride_grad_z_outer, stride_grad_z_inner, SAMPLES_ALIGNED)
     eps_rows = mu_rows
     if HAS_EPS:
-        eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, ALIGNED)
+        eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, SAMPLES_ALIGNED)
     prior_mu_rows = _input_rows(prior_mu_ptr, rows, n_inner, stride_prior_mu_outer, stride_prior_mu_inner, mu_rows,
-                                ALIGNED)
+                                PRIOR_MU_ALIGNED)
     prior_logvar_rows = _input_rows(prior_logvar_ptr, rows, n_inner, stride_prior_logvar_outer,
-                                    stride_prior_logvar_inner, mu_rows, ALIGNED)
+                                    stride_prior_logvar_inner, mu_rows, PRIOR_LOGVAR_ALIGNED)
     out_rows = rows * n_cols  # the gradients are contiguous; a prior's per sample lie k n_rows n_cols on
-    if ALIGNED:
+    if SAMPLES_ALIGNED:
         out_rows = _multiple_of_4(out_rows)
     out_sample = n_rows * n_cols
     groups = tl.arange(0, BLOCK_GROUPS)[None, :, None]
@@ -309,26 +316,26 @@ def _log_ratio_backward_kernel(
         sample = tile * 0  # int64 with INT64
         while sample < n_samples:
             if HAS_EPS:
-                eps = _load_tile(eps_ptr, _of_sample(eps_rows, sample, stride_eps_sample, ALIGNED), col0, groups, stride_eps_col,
-                                 row_mask, n_left, ALIGNED)
+                eps = _load_tile(eps_ptr, _of_sample(eps_rows, sample, stride_eps_sample, SAMPLES_ALIGNED), col0, groups, stride_eps_col,
+                                 row_mask, n_left, SAMPLES_ALIGNED)
             else:
                 eps = standard_normal(seed, _sample_counter(first_counter, sample, n_rows, groups_per_row), rows,
                                       group_start + groups, lanes, groups_per_row)
             grad_std_eps = tl.zeros_like(mu)  # d(loss)/d(std * eps) of this sample
             if HAS_GRAD_Z:
-                grad_std_eps = _load_tile(grad_z_ptr, _of_sample(grad_z_rows, sample, stride_grad_z_sample, ALIGNED), col0, groups,
-                                          stride_grad_z_col, row_mask, n_left, ALIGNED)
+                grad_std_eps = _load_tile(grad_z_ptr, _of_sample(grad_z_rows, sample, stride_grad_z_sample, SAMPLES_ALIGNED), col0, groups,
+                                          stride_grad_z_col, row_mask, n_left, SAMPLES_ALIGNED)
             if HAS_GRAD_LOG_RATIO:
                 g = tl.load(grad_log_ratio_ptr + (sample * n_rows + rows) * stride_grad_log_ratio, mask=row_mask,
                             other=0.0).to(tl.float32)
                 if MU_PER_SAMPLE:
                     prior_mu, _ = _sample_prior(prior_mu_ptr, sample, stride_prior_mu_sample, prior_mu_rows, col0,
                                                 groups, stride_prior_mu_col, row_mask, n_left, logvar_limit, False,
-                                                ALIGNED)
+                                                PRIOR_MU_ALIGNED)
                 if LOGVAR_PER_SAMPLE:
                     prior_logvar, prior_slope = _sample_prior(
                         prior_logvar_ptr, sample, stride_prior_logvar_sample, prior_logvar_rows, col0, groups,
-                        stride_prior_logvar_col, row_mask, n_left, logvar_limit, True, ALIGNED,
+                        stride_prior_logvar_col, row_mask, n_left, logvar_limit, True, PRIOR_LOGVAR_ALIGNED,
                     )
                 t, s, _ = _log_ratio_terms(mu + std * eps, eps, logvar, prior_mu, prior_logvar, HAS_PRIOR_MU,
                                            HAS_PRIOR_LOGVAR)
@@ -340,14 +347,14 @@ def _log_ratio_backward_kernel(
                     sample_prior_logvar *= prior_slope
                 if MU_PER_SAMPLE:
                     if grad_prior_mu_ptr is not None:
-                        _store_tile(grad_prior_mu_ptr, _of_sample(out_rows, sample, out_sample, ALIGNED), col0,
-                                    groups, row_mask, n_left, g_s, ALIGNED)
+                        _store_tile(grad_prior_mu_ptr, _of_sample(out_rows, sample, out_sample, SAMPLES_ALIGNED), col0,
+                                    groups, row_mask, n_left, g_s, SAMPLES_ALIGNED)
                 else:
                     grad_prior_mu += g_s
                 if LOGVAR_PER_SAMPLE:
                     if grad_prior_logvar_ptr is not None:
-                        _store_tile(grad_prior_logvar_ptr, _of_sample(out_rows, sample, out_sample, ALIGNED), col0,
-                                    groups, row_mask, n_left, sample_prior_logvar, ALIGNED)
+                        _store_tile(grad_prior_logvar_ptr, _of_sample(out_rows, sample, out_sample, SAMPLES_ALIGNED), col0,
+                                    groups, row_mask, n_left, sample_prior_logvar, SAMPLES_ALIGNED)
                 else:
                     grad_prior_logvar += sample_prior_logvar
             grad_mu += grad_std_eps
@@ -357,14 +364,14 @@ def _log_ratio_backward_kernel(
         grad_logvar = 0.5 * (std * grad_std_eps_eps + g_sum)
         if logvar_limit is not None:
             grad_logvar *= slope
-        _store_tile(grad_mu_ptr, out_rows, col0, groups, row_mask, n_left, grad_mu, ALIGNED)
-        _store_tile(grad_logvar_ptr, out_rows, col0, groups, row_mask, n_left, grad_logvar, ALIGNED)
+        _store_tile(grad_mu_ptr, out_rows, col0, groups, row_mask, n_left, grad_mu, SAMPLES_ALIGNED)
+        _store_tile(grad_logvar_ptr, out_rows, col0, groups, row_mask, n_left, grad_logvar, SAMPLES_ALIGNED)
         if HAS_PRIOR_MU and not PRIOR_MU_PER_SAMPLE:
             _store_prior_grad(grad_prior_mu_ptr, out_rows, grad_prior_mu, prior_mu_grad_by_columns, col0, groups,
-                              row_mask, n_left, tile, n_cols, ALIGNED)
+                              row_mask, n_left, tile, n_cols, SAMPLES_ALIGNED)
         if HAS_PRIOR_LOGVAR and not PRIOR_LOGVAR_PER_SAMPLE:
             _store_prior_grad(grad_prior_logvar_ptr, out_rows, grad_prior_logvar, prior_logvar_grad_by_columns, col0,
-                              groups, row_mask, n_left, tile, n_cols, ALIGNED)
+                              groups, row_mask, n_left, tile, n_cols, SAMPLES_ALIGNED)
         group_start += BLOCK_GROUPS
 
 
@@ -413,14 +420,22 @@ class _SampledMatrix:
                 and self.tensor.data_ptr() % 16 == 0)
 
 
-def _flags(n_cols: int, out_elements: int, *matrices: _SampledMatrix) -> dict:
-    """The kernels' ``ALIGNED`` (rows of whole groups of four columns, each on a vector boundary in every input and
-    in the contiguous outputs) and ``INT64`` (an input, or the output of ``out_elements``, too large for int32
-    indices: :func:`~fastvae.kernels.launch.needs_int64`)."""
-    tensors = [m.tensor for m in matrices]
+def _flags(n_cols: int, out_elements: int, posterior: list[_SampledMatrix], priors: list[_SampledMatrix],
+           per_sample: list[_SampledMatrix]) -> dict:
+    """The kernels' ``ALIGNED`` and ``SAMPLES_ALIGNED``, rows of whole groups of four columns each on a vector
+    boundary (a group loads as one vector): ``ALIGNED`` in the tensors read once per tile (``mu``, ``logvar``, a prior
+    broadcast along K), ``SAMPLES_ALIGNED`` in those read or written for each sample (``z``, ``eps``, ``grad_z``, a
+    prior per sample) and in the contiguous outputs. Apart because a linear head's halves in half precision often
+    start off a 16-byte boundary (the second half of 20 columns, 40 bytes on) where ``z`` and ``grad_z`` do not: the
+    K-fold traffic stays vectors. And ``INT64``: an input, or the output of ``out_elements``, too large for int32
+    indices (:func:`~fastvae.kernels.launch.needs_int64`)."""
+    once = posterior + [m for m in priors if not m.per_sample]
+    each = per_sample + [m for m in priors if m.per_sample]  # eps and grad_z: read at a sample's offset, even stride 0
+    whole_groups = n_cols % GROUP == 0
     return {
-        "ALIGNED": n_cols % GROUP == 0 and all(m.aligned() for m in matrices),
-        "INT64": out_elements >= INT32_INDEX_LIMIT or needs_int64(*tensors),
+        "ALIGNED": whole_groups and all(m.aligned() for m in once),
+        "SAMPLES_ALIGNED": whole_groups and all(m.aligned() for m in each),
+        "INT64": out_elements >= INT32_INDEX_LIMIT or needs_int64(*(m.tensor for m in once + each)),
     }
 
 
@@ -494,7 +509,8 @@ def reparameterize_log_ratio_forward(
             seed, first_counter, philox_state if eps is None else None, tiling.cols_per_split, logvar_limit,
             HAS_EPS=eps is not None, PRIOR_MU_PER_SAMPLE=prior_mu2.per_sample,
             PRIOR_LOGVAR_PER_SAMPLE=prior_logvar2.per_sample,
-            **_flags(n_cols, z.numel(), mu2, logvar2, eps2, prior_mu2, prior_logvar2), BLOCK_ROWS=tiling.block_rows,
+            **_flags(n_cols, z.numel(), [mu2, logvar2], [prior_mu2, prior_logvar2], [eps2]),
+            BLOCK_ROWS=tiling.block_rows,
             BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )
     return z, sum_splits(log_ratio).view(out_shape[: len(out_shape) - event_dims])
@@ -577,7 +593,7 @@ def reparameterize_log_ratio_backward(
             logvar_limit, *(int(mode == "columns") for mode in modes),
             HAS_GRAD_Z=grad_z is not None, HAS_GRAD_LOG_RATIO=grad_log_ratio is not None, HAS_EPS=eps is not None,
             PRIOR_MU_PER_SAMPLE=per_sample[0], PRIOR_LOGVAR_PER_SAMPLE=per_sample[1],
-            **_flags(n_cols, n_samples * mu.numel(), mu2, logvar2, grad_z2, eps2, prior_mu2, prior_logvar2),
+            **_flags(n_cols, n_samples * mu.numel(), [mu2, logvar2], [prior_mu2, prior_logvar2], [grad_z2, eps2]),
             BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )
     grad_prior_mu, grad_prior_logvar = (

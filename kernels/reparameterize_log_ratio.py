@@ -61,10 +61,10 @@ a prior shared by all rows               as for reparameterize_kl: n / R element
 logvar_limit                             nothing: computed in registers                   0
 =======================================  ===============================================  ========================
 
-With the noise drawn, the kernels are bound by drawing it, not by memory: ``K``
-samples read ``mu`` and ``logvar`` once, so at ``K = 5`` a float32 sample
-moves about 5 bytes (the sm_90 audit: some 170 instructions per element
-forward, 190 backward, three to four times the memory time on the H100 model).
+A float32 sample moves about 4.4 bytes (its ``z``, a share of ``mu`` and ``logvar``), a budget of some 50
+instructions on the sm_90 audit's H100 model, where drawing its noise takes 21: a linear head's kernels take 45 to
+58 per element in float32 (under their memory time) and 46 to 59 in bfloat16 (1.5 to 2 times it, the noise alone some
+1.3 at 20 columns padded to 32): ``python -m benchmarks --static --scenario log_ratio``, docs/iwae.md.
 """
 from __future__ import annotations
 

@@ -161,13 +161,21 @@ def _of_sample(starts, sample, stride_sample, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _input_rows(ptr, rows, n_inner, stride_outer, stride_inner, fallback, ALIGNED: tl.constexpr):
-    """Row offsets of an optional input (its first sample's: the others lie ``sample * stride_sample`` on), once per
-    program; ``fallback`` where it is absent (never read)."""
-    starts = fallback
-    if ptr is not None:
-        starts = _row_starts(rows, n_inner, stride_outer, stride_inner, ALIGNED)
-    return starts
+def _input_rows(rows, n_inner, prior_mu_ptr, prior_logvar_ptr, stride_mu_outer, stride_mu_inner, stride_logvar_outer,
+                stride_logvar_inner, stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_logvar_outer,
+                stride_prior_logvar_inner, ALIGNED: tl.constexpr, PRIOR_ALIGNED: tl.constexpr):
+    """Row offsets of ``mu``, ``logvar`` and the priors (a prior per sample: its first sample's, the others lie
+    ``sample * stride_sample`` on), once per program; ``mu``'s for an absent prior (never read)."""
+    mu_rows = _row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner, ALIGNED)
+    logvar_rows = _row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner, ALIGNED)
+    prior_mu_rows = mu_rows
+    if prior_mu_ptr is not None:
+        prior_mu_rows = _row_starts(rows, n_inner, stride_prior_mu_outer, stride_prior_mu_inner, PRIOR_ALIGNED)
+    prior_logvar_rows = mu_rows
+    if prior_logvar_ptr is not None:
+        prior_logvar_rows = _row_starts(rows, n_inner, stride_prior_logvar_outer, stride_prior_logvar_inner,
+                                        PRIOR_ALIGNED)
+    return mu_rows, logvar_rows, prior_mu_rows, prior_logvar_rows
 
 
 # Both kernels take a tile of mu's rows and columns, load the posterior (and a prior shared by the samples) once,
@@ -188,27 +196,23 @@ def _log_ratio_forward_kernel(
     stride_prior_logvar_sample, stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
     seed, first_counter, philox_ptr, cols_per_split, logvar_limit,
     HAS_EPS: tl.constexpr, PRIOR_MU_PER_SAMPLE: tl.constexpr, PRIOR_LOGVAR_PER_SAMPLE: tl.constexpr,
-    ALIGNED: tl.constexpr, SAMPLES_ALIGNED: tl.constexpr, INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-    BLOCK_GROUPS: tl.constexpr,
+    ALIGNED: tl.constexpr, PRIOR_ALIGNED: tl.constexpr, SAMPLES_ALIGNED: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS, INT64)
     groups_per_row = tl.cdiv(n_cols, 4)
     seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
     row_mask = rows < n_rows
-    PRIOR_MU_ALIGNED: tl.constexpr = (PRIOR_MU_PER_SAMPLE and SAMPLES_ALIGNED) or (not PRIOR_MU_PER_SAMPLE and ALIGNED)
-    PRIOR_LOGVAR_ALIGNED: tl.constexpr = ((PRIOR_LOGVAR_PER_SAMPLE and SAMPLES_ALIGNED)
-                                          or (not PRIOR_LOGVAR_PER_SAMPLE and ALIGNED))
     HAS_PRIOR_MU: tl.constexpr = prior_mu_ptr is not None
     HAS_PRIOR_LOGVAR: tl.constexpr = prior_logvar_ptr is not None
-    mu_rows = _row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner, ALIGNED)
-    logvar_rows = _row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner, ALIGNED)
+    mu_rows, logvar_rows, prior_mu_rows, prior_logvar_rows = _input_rows(
+        rows, n_inner, prior_mu_ptr, prior_logvar_ptr, stride_mu_outer, stride_mu_inner, stride_logvar_outer,
+        stride_logvar_inner, stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_logvar_outer,
+        stride_prior_logvar_inner, ALIGNED, PRIOR_ALIGNED,
+    )
     eps_rows = mu_rows
     if HAS_EPS:
         eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, SAMPLES_ALIGNED)
-    prior_mu_rows = _input_rows(prior_mu_ptr, rows, n_inner, stride_prior_mu_outer, stride_prior_mu_inner, mu_rows,
-                                PRIOR_MU_ALIGNED)
-    prior_logvar_rows = _input_rows(prior_logvar_ptr, rows, n_inner, stride_prior_logvar_outer,
-                                    stride_prior_logvar_inner, mu_rows, PRIOR_LOGVAR_ALIGNED)
     z_rows = rows * n_cols  # z is contiguous: sample k's rows lie k n_rows n_cols on
     if SAMPLES_ALIGNED:
         z_rows = _multiple_of_4(z_rows)
@@ -223,7 +227,8 @@ def _log_ratio_forward_kernel(
             mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows,
             prior_logvar_rows, col0, groups, row_mask, row_mask, n_left, stride_mu_col, stride_logvar_col,
             stride_prior_mu_col, stride_prior_logvar_col, logvar_limit, None, None,
-            HAS_PRIOR_MU and not PRIOR_MU_PER_SAMPLE, HAS_PRIOR_LOGVAR and not PRIOR_LOGVAR_PER_SAMPLE, ALIGNED,
+            HAS_PRIOR_MU and not PRIOR_MU_PER_SAMPLE, HAS_PRIOR_LOGVAR and not PRIOR_LOGVAR_PER_SAMPLE,
+            ALIGNED and PRIOR_ALIGNED,
         )
         std = fast_exp(logvar, 0.5)
         # Each sample's log ratio over this block of columns: one partial sum per row and column block.
@@ -232,11 +237,11 @@ def _log_ratio_forward_kernel(
         while sample < n_samples:
             if PRIOR_MU_PER_SAMPLE:
                 prior_mu, _ = _sample_prior(prior_mu_ptr, sample, stride_prior_mu_sample, prior_mu_rows, col0, groups,
-                                            stride_prior_mu_col, row_mask, n_left, logvar_limit, False, PRIOR_MU_ALIGNED)
+                                            stride_prior_mu_col, row_mask, n_left, logvar_limit, False, PRIOR_ALIGNED)
             if PRIOR_LOGVAR_PER_SAMPLE:
                 prior_logvar, _ = _sample_prior(prior_logvar_ptr, sample, stride_prior_logvar_sample,
                                                 prior_logvar_rows, col0, groups, stride_prior_logvar_col, row_mask,
-                                                n_left, logvar_limit, True, PRIOR_LOGVAR_ALIGNED)
+                                                n_left, logvar_limit, True, PRIOR_ALIGNED)
             if HAS_EPS:
                 eps = _load_tile(eps_ptr, _of_sample(eps_rows, sample, stride_eps_sample, SAMPLES_ALIGNED), col0, groups, stride_eps_col,
                                  row_mask, n_left, SAMPLES_ALIGNED)
@@ -267,32 +272,29 @@ def _log_ratio_backward_kernel(
     prior_logvar_grad_by_columns,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_LOG_RATIO: tl.constexpr, HAS_EPS: tl.constexpr,
     PRIOR_MU_PER_SAMPLE: tl.constexpr, PRIOR_LOGVAR_PER_SAMPLE: tl.constexpr, ALIGNED: tl.constexpr,
-    SAMPLES_ALIGNED: tl.constexpr, INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+    PRIOR_ALIGNED: tl.constexpr, SAMPLES_ALIGNED: tl.constexpr, INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr,
 ):
     tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS, INT64)
     groups_per_row = tl.cdiv(n_cols, 4)
     seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
     row_mask = rows < n_rows
-    PRIOR_MU_ALIGNED: tl.constexpr = (PRIOR_MU_PER_SAMPLE and SAMPLES_ALIGNED) or (not PRIOR_MU_PER_SAMPLE and ALIGNED)
-    PRIOR_LOGVAR_ALIGNED: tl.constexpr = ((PRIOR_LOGVAR_PER_SAMPLE and SAMPLES_ALIGNED)
-                                          or (not PRIOR_LOGVAR_PER_SAMPLE and ALIGNED))
     # The priors matter to the log ratio's gradient alone.
     HAS_PRIOR_MU: tl.constexpr = HAS_GRAD_LOG_RATIO and prior_mu_ptr is not None
     HAS_PRIOR_LOGVAR: tl.constexpr = HAS_GRAD_LOG_RATIO and prior_logvar_ptr is not None
     MU_PER_SAMPLE: tl.constexpr = HAS_PRIOR_MU and PRIOR_MU_PER_SAMPLE
     LOGVAR_PER_SAMPLE: tl.constexpr = HAS_PRIOR_LOGVAR and PRIOR_LOGVAR_PER_SAMPLE
-    mu_rows = _row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner, ALIGNED)
-    logvar_rows = _row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner, ALIGNED)
+    mu_rows, logvar_rows, prior_mu_rows, prior_logvar_rows = _input_rows(
+        rows, n_inner, prior_mu_ptr, prior_logvar_ptr, stride_mu_outer, stride_mu_inner, stride_logvar_outer,
+        stride_logvar_inner, stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_logvar_outer,
+        stride_prior_logvar_inner, ALIGNED, PRIOR_ALIGNED,
+    )
     grad_z_rows = mu_rows
     if HAS_GRAD_Z:
         grad_z_rows = _row_starts(rows, n_inner, stride_grad_z_outer, stride_grad_z_inner, SAMPLES_ALIGNED)
     eps_rows = mu_rows
     if HAS_EPS:
         eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, SAMPLES_ALIGNED)
-    prior_mu_rows = _input_rows(prior_mu_ptr, rows, n_inner, stride_prior_mu_outer, stride_prior_mu_inner, mu_rows,
-                                PRIOR_MU_ALIGNED)
-    prior_logvar_rows = _input_rows(prior_logvar_ptr, rows, n_inner, stride_prior_logvar_outer,
-                                    stride_prior_logvar_inner, mu_rows, PRIOR_LOGVAR_ALIGNED)
     out_rows = rows * n_cols  # the gradients are contiguous; a prior's per sample lie k n_rows n_cols on
     if SAMPLES_ALIGNED:
         out_rows = _multiple_of_4(out_rows)
@@ -305,7 +307,8 @@ def _log_ratio_backward_kernel(
             mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows,
             prior_logvar_rows, col0, groups, row_mask, row_mask, n_left, stride_mu_col, stride_logvar_col,
             stride_prior_mu_col, stride_prior_logvar_col, logvar_limit, None, None,
-            HAS_PRIOR_MU and not PRIOR_MU_PER_SAMPLE, HAS_PRIOR_LOGVAR and not PRIOR_LOGVAR_PER_SAMPLE, ALIGNED,
+            HAS_PRIOR_MU and not PRIOR_MU_PER_SAMPLE, HAS_PRIOR_LOGVAR and not PRIOR_LOGVAR_PER_SAMPLE,
+            ALIGNED and PRIOR_ALIGNED,
         )
         std = fast_exp(logvar, 0.5)
         grad_mu = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
@@ -331,11 +334,11 @@ def _log_ratio_backward_kernel(
                 if MU_PER_SAMPLE:
                     prior_mu, _ = _sample_prior(prior_mu_ptr, sample, stride_prior_mu_sample, prior_mu_rows, col0,
                                                 groups, stride_prior_mu_col, row_mask, n_left, logvar_limit, False,
-                                                PRIOR_MU_ALIGNED)
+                                                PRIOR_ALIGNED)
                 if LOGVAR_PER_SAMPLE:
                     prior_logvar, prior_slope = _sample_prior(
                         prior_logvar_ptr, sample, stride_prior_logvar_sample, prior_logvar_rows, col0, groups,
-                        stride_prior_logvar_col, row_mask, n_left, logvar_limit, True, PRIOR_LOGVAR_ALIGNED,
+                        stride_prior_logvar_col, row_mask, n_left, logvar_limit, True, PRIOR_ALIGNED,
                     )
                 t, s, _ = _log_ratio_terms(mu + std * eps, eps, logvar, prior_mu, prior_logvar, HAS_PRIOR_MU,
                                            HAS_PRIOR_LOGVAR)
@@ -422,20 +425,18 @@ class _SampledMatrix:
 
 def _flags(n_cols: int, out_elements: int, posterior: list[_SampledMatrix], priors: list[_SampledMatrix],
            per_sample: list[_SampledMatrix]) -> dict:
-    """The kernels' ``ALIGNED`` and ``SAMPLES_ALIGNED``, rows of whole groups of four columns each on a vector
-    boundary (a group loads as one vector): ``ALIGNED`` in the tensors read once per tile (``mu``, ``logvar``, a prior
-    broadcast along K), ``SAMPLES_ALIGNED`` in those read or written for each sample (``z``, ``eps``, ``grad_z``, a
-    prior per sample) and in the contiguous outputs. Apart because a linear head's halves in half precision often
-    start off a 16-byte boundary (the second half of 20 columns, 40 bytes on) where ``z`` and ``grad_z`` do not: the
-    K-fold traffic stays vectors. And ``INT64``: an input, or the output of ``out_elements``, too large for int32
-    indices (:func:`~fastvae.kernels.launch.needs_int64`)."""
-    once = posterior + [m for m in priors if not m.per_sample]
-    each = per_sample + [m for m in priors if m.per_sample]  # eps and grad_z: read at a sample's offset, even stride 0
+    """The kernels' flags. ``ALIGNED``, ``PRIOR_ALIGNED``, ``SAMPLES_ALIGNED``: rows of whole groups of four columns,
+    each on a vector boundary (a group loads as one vector), in ``mu`` and ``logvar``, in the priors, in the tensors
+    read or written at each sample's offset (``z``, ``eps``, ``grad_z``) and the contiguous outputs. Apart because a
+    linear head's halves in half precision often start off a 16-byte boundary (the second half of 20 columns, 40
+    bytes on) where ``z`` and ``grad_z`` do not: the K-fold traffic stays vectors. ``INT64``: an input, or the
+    output of ``out_elements``, too large for int32 indices (:func:`~fastvae.kernels.launch.needs_int64`)."""
     whole_groups = n_cols % GROUP == 0
     return {
-        "ALIGNED": whole_groups and all(m.aligned() for m in once),
-        "SAMPLES_ALIGNED": whole_groups and all(m.aligned() for m in each),
-        "INT64": out_elements >= INT32_INDEX_LIMIT or needs_int64(*(m.tensor for m in once + each)),
+        "ALIGNED": whole_groups and all(m.aligned() for m in posterior),
+        "PRIOR_ALIGNED": whole_groups and all(m.aligned() for m in priors),
+        "SAMPLES_ALIGNED": whole_groups and all(m.aligned() for m in per_sample),
+        "INT64": out_elements >= INT32_INDEX_LIMIT or needs_int64(*(m.tensor for m in posterior + priors + per_sample)),
     }
 
 

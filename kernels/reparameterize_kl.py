@@ -399,6 +399,14 @@ def _load_lane(ptr, starts, cols, stride_col, row_mask, n_left):
 
 
 @triton.jit
+def _group_mask(row_mask, groups, n_left):
+    """The mask of aligned groups ``[R, G, 4]``: a group of four columns is in range or out as a whole (``n_left`` is
+    a multiple of four where ``ALIGNED``), said on the group index so that Triton sees the mask constant along the
+    four lanes and keeps the access one vector (a mask on each column would split it into four)."""
+    return (row_mask & (groups * 4 < n_left)) & (tl.arange(0, 4)[None, None, :] < 4)
+
+
+@triton.jit
 def _load_tile(ptr, starts, col0, groups, stride_col, row_mask, n_left, ALIGNED: tl.constexpr):
     """Columns ``col0 + 4 g + lane`` of the rows at ``starts`` (``[R, G, 4]`` float32; zeros past ``n_left``
     columns and in rows past the end), for the step's groups ``g`` (``[1, G, 1]``, from 0).
@@ -410,7 +418,7 @@ def _load_tile(ptr, starts, col0, groups, stride_col, row_mask, n_left, ALIGNED:
     starts = starts + col0 * stride_col
     if ALIGNED:
         cols = groups * 4 + tl.arange(0, 4)[None, None, :]
-        x = tl.load(ptr + starts + cols * stride_col, mask=row_mask & (cols < n_left), other=0.0)
+        x = tl.load(ptr + starts + cols * stride_col, mask=_group_mask(row_mask, groups, n_left), other=0.0)
     else:
         cols = groups * 4
         x = _interleave(
@@ -429,7 +437,7 @@ def _store_tile(ptr, starts, col0, groups, row_mask, n_left, value, ALIGNED: tl.
     value = value.to(ptr.dtype.element_ty)
     if ALIGNED:
         cols = groups * 4 + tl.arange(0, 4)[None, None, :]
-        tl.store(ptr + starts + cols, value, mask=row_mask & (cols < n_left))
+        tl.store(ptr + starts + cols, value, mask=_group_mask(row_mask, groups, n_left))
     else:
         cols = groups * 4
         v0, v1, v2, v3 = _deinterleave(value)

@@ -61,10 +61,10 @@ a prior shared by all rows               as for reparameterize_kl: n / R element
 logvar_limit                             nothing: computed in registers                   0
 =======================================  ===============================================  ========================
 
-With the noise drawn, the kernels are bound by drawing it, not by memory: ``K``
-samples read ``mu`` and ``logvar`` once, so at ``K = 5`` a float32 sample
-moves about 5 bytes (the sm_90 audit: some 170 instructions per element
-forward, 190 backward, three to four times the memory time on the H100 model).
+A float32 sample moves about 4.4 bytes (its ``z``, a share of ``mu`` and ``logvar``), a budget of some 50
+instructions on the sm_90 audit's H100 model, where drawing its noise takes 21: a linear head's kernels take 45 to
+58 per element in float32 (under their memory time) and 46 to 59 in bfloat16 (1.5 to 2 times it, the noise alone some
+1.3 at 20 columns padded to 32): ``python -m benchmarks --static --scenario log_ratio``, docs/iwae.md.
 """
 from __future__ import annotations
 
@@ -74,27 +74,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (
-    _split_strides,
-    device_guard,
-    load_f32,
-    plan_rows,
-    row_offsets,
-    split_row_starts,
-    split_rows,
-    sum_splits,
-)
+from .launch import INT32_INDEX_LIMIT, _split_strides, device_guard, fast_exp, needs_int64, plan_rows, split_rows, sum_splits
 
 # Shared with reparameterize_kl: the noise (the one generator of fastvae's kernels, so that both ops draw the same
 # noise for the same counters and a faster noise serves both), the Philox state, the soft clamp, and the host-side
-# helpers for the event's size, the rounds a call consumes and a shared prior's gradient. The tiling below is this
-# file's own.
+# helpers for the event's size, the rounds a call consumes and a shared prior's gradient, and the tiling: a program's
+# span, its row offsets, the loads and stores of a tile whose groups of four columns are one vector where aligned.
 from .reparameterize_kl import (
     COLUMN_BLOCK_ROWS,
     GROUP,
+    _load_inputs,
+    _load_tile,
+    _multiple_of_4,
     _philox_state,
     _prior_grad,
+    _program_span,
+    _row_starts,
     _soft_clamp,
+    _step,
+    _store_prior_grad,
+    _store_tile,
     event_size,
     prior_grad_mode,
     standard_normal,
@@ -103,51 +102,20 @@ from .reparameterize_kl import philox_rounds as output_rounds
 
 
 @triton.jit
-def _program_span(n_cols, cols_per_split, BLOCK_ROWS: tl.constexpr):
-    """This program's row tile and column split (int64), its rows ``[BLOCK_ROWS, 1, 1]``, its end column, and
-    its first and past-the-last groups of four columns."""
-    tile = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
-    rows = row_offsets(tile, BLOCK_ROWS)[:, None, None]
-    return tile, split, rows, col_end, split * (cols_per_split // 4), tl.cdiv(col_end, 4)
-
-
-@triton.jit
-def _tile_columns(group_start, BLOCK_GROUPS: tl.constexpr):
-    """Column groups ``[1, BLOCK_GROUPS, 1]`` and lanes ``[1, 1, 4]`` of a tile: column = 4 * group + lane (the
-    layout :func:`~fastvae.kernels.reparameterize_kl.standard_normal` draws the noise in)."""
-    return group_start + tl.arange(0, BLOCK_GROUPS)[None, :, None], tl.arange(0, 4)[None, None, :]
-
-
-@triton.jit
-def _store_prior_grad(ptr, grad, by_columns, rows, cols, mask, tile, group_start, n_cols, col_end,
-                      BLOCK_GROUPS: tl.constexpr):
-    """Write a prior's gradient: per element, or (``by_columns``) this tile's sums over its rows, per column."""
-    if ptr is not None:
-        if by_columns:
-            column_sums = tl.sum(tl.where(mask, grad, 0.0), axis=0)  # [BLOCK_GROUPS, 4]
-            col = (group_start + tl.arange(0, BLOCK_GROUPS))[:, None] * 4 + tl.arange(0, 4)[None, :]
-            tl.store(ptr + tile * n_cols + col, column_sums.to(ptr.dtype.element_ty), mask=col < col_end)
-        else:
-            tl.store(ptr + rows * n_cols + cols, grad.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _load_clamped(ptr, rows, cols, stride_col, mask, logvar_limit):
-    """A log-variance tile in float32, soft-clamped when ``logvar_limit`` is given, and the clamp's slope."""
-    value = load_f32(ptr, rows, cols, 1, stride_col, mask)
-    slope = tl.zeros_like(value) + 1.0
-    if logvar_limit is not None:
-        value, slope = _soft_clamp(value, logvar_limit)
-    return value, slope
+def _sample_counter(first_counter, sample, n_rows, groups_per_row):
+    """The Philox round before sample ``sample``'s: its rows are rows ``sample * n_rows + j`` of the ``(K R, n_cols)``
+    output. A scalar per sample (int64), so that the per-element part of the counter stays out of the sample loop."""
+    return tl.cast(first_counter, tl.int64) + sample.to(tl.int64) * n_rows * groups_per_row
 
 
 @triton.jit
 def _log_ratio_terms(z, eps, logvar, prior_mu, prior_logvar, HAS_PRIOR_MU: tl.constexpr,
                      HAS_PRIOR_LOGVAR: tl.constexpr):
     """``(t, s, term)`` of the module docstring: the standardized ``z`` under the prior, ``t e^{-plv/2}``, and
-    the element's term of ``2 log_ratio``. Without a prior they are ``z, z, lv + (eps - z)(eps + z)``."""
+    the element's term of ``2 log_ratio``. Without a prior they are ``z, z, lv + (eps - z)(eps + z)``.
+
+    A masked lane (every input loaded as 0, so ``std = 1``) has ``z = eps = t`` and a term of exactly 0: the row
+    sums need no mask."""
     diff = z
     if HAS_PRIOR_MU:
         diff = z - prior_mu
@@ -155,7 +123,7 @@ def _log_ratio_terms(z, eps, logvar, prior_mu, prior_logvar, HAS_PRIOR_MU: tl.co
     s = diff
     log_ratio = logvar
     if HAS_PRIOR_LOGVAR:
-        inv_sd = tl.exp(-0.5 * prior_logvar)
+        inv_sd = fast_exp(prior_logvar, -0.5)
         t = diff * inv_sd
         s = t * inv_sd
         log_ratio = logvar - prior_logvar
@@ -163,30 +131,58 @@ def _log_ratio_terms(z, eps, logvar, prior_mu, prior_logvar, HAS_PRIOR_MU: tl.co
 
 
 @triton.jit
-def _sample_offsets(rows, n_inner, stride_sample, stride_outer, stride_inner, sample):
-    """Offsets of rows ``rows`` of sample ``sample`` in a tensor of the output's shape (``stride_sample`` along K)."""
-    return sample * stride_sample + split_row_starts(rows, n_inner, stride_outer, stride_inner)
+def _row_sums(x):
+    """Sums over a tile's columns, ``[R, 1, 1]`` in the tile's own layout: stored from there, with no layout change
+    (through shared memory) in the sample loop."""
+    return tl.sum(tl.sum(x, axis=2, keep_dims=True), axis=1, keep_dims=True)
 
 
 @triton.jit
-def _prior_of_sample(ptr, rows, cols, mask, n_inner, stride_sample, stride_outer, stride_inner, stride_col, sample,
-                     logvar_limit, like, IS_LOGVAR: tl.constexpr):
-    """One prior tensor on a tile, for sample ``sample``, in float32 (a log-variance clamped), with the clamp's
-    slope; zeros (slope 1) for an absent one, a ``None`` pointer, never loaded."""
-    value = tl.zeros_like(like)
-    slope = tl.zeros_like(like) + 1.0
-    if ptr is not None:
-        offsets = _sample_offsets(rows, n_inner, stride_sample, stride_outer, stride_inner, sample)
-        if IS_LOGVAR:
-            value, slope = _load_clamped(ptr, offsets, cols, stride_col, mask, logvar_limit)
-        else:
-            value = load_f32(ptr, offsets, cols, 1, stride_col, mask)
+def _sample_prior(ptr, sample, stride_sample, starts, col0, groups, stride_col, row_mask, n_left, logvar_limit,
+                  IS_LOGVAR: tl.constexpr, ALIGNED: tl.constexpr):
+    """Sample ``sample``'s tile of a prior tensor that varies along K, in float32 (a log-variance soft-clamped when
+    ``logvar_limit`` is given), and the clamp's slope (1 without it)."""
+    value = _load_tile(ptr, _of_sample(starts, sample, stride_sample, ALIGNED), col0, groups, stride_col, row_mask, n_left, ALIGNED)
+    slope = tl.zeros_like(value) + 1.0
+    if IS_LOGVAR and logvar_limit is not None:
+        value, slope = _soft_clamp(value, logvar_limit, ptr.dtype.element_ty == tl.float32)
     return value, slope
+
+
+@triton.jit
+def _of_sample(starts, sample, stride_sample, ALIGNED: tl.constexpr):
+    """Row offsets ``starts`` of a tensor's first sample moved to sample ``sample`` (``stride_sample`` along K; a
+    multiple of four where ``ALIGNED``: the launcher checked), still declared multiples of four, so that the loads
+    and stores stay vectors: per row a thread holds, not per element."""
+    starts = starts + sample * stride_sample
+    if ALIGNED:
+        starts = _multiple_of_4(starts)
+    return starts
+
+
+@triton.jit
+def _input_rows(rows, n_inner, prior_mu_ptr, prior_logvar_ptr, stride_mu_outer, stride_mu_inner, stride_logvar_outer,
+                stride_logvar_inner, stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_logvar_outer,
+                stride_prior_logvar_inner, ALIGNED: tl.constexpr, PRIOR_ALIGNED: tl.constexpr):
+    """Row offsets of ``mu``, ``logvar`` and the priors (a prior per sample: its first sample's, the others lie
+    ``sample * stride_sample`` on), once per program; ``mu``'s for an absent prior (never read)."""
+    mu_rows = _row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner, ALIGNED)
+    logvar_rows = _row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner, ALIGNED)
+    prior_mu_rows = mu_rows
+    if prior_mu_ptr is not None:
+        prior_mu_rows = _row_starts(rows, n_inner, stride_prior_mu_outer, stride_prior_mu_inner, PRIOR_ALIGNED)
+    prior_logvar_rows = mu_rows
+    if prior_logvar_ptr is not None:
+        prior_logvar_rows = _row_starts(rows, n_inner, stride_prior_logvar_outer, stride_prior_logvar_inner,
+                                        PRIOR_ALIGNED)
+    return mu_rows, logvar_rows, prior_mu_rows, prior_logvar_rows
 
 
 # Both kernels take a tile of mu's rows and columns, load the posterior (and a prior shared by the samples) once,
 # and loop over the samples inside: the noise, z and the log ratio's terms of each sample, and (backward) the
-# gradients summed over the samples in registers.
+# gradients summed over the samples in registers. The tiling is reparameterize_kl's (_program_span, _row_starts,
+# _load_tile, _store_tile: int32 indices below 2**30 elements, a group of four columns one vector where ALIGNED);
+# what depends on the row alone is computed once per program, and a sample moves each pointer by a scalar.
 
 
 @triton.jit
@@ -200,57 +196,63 @@ def _log_ratio_forward_kernel(
     stride_prior_logvar_sample, stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col,
     seed, first_counter, philox_ptr, cols_per_split, logvar_limit,
     HAS_EPS: tl.constexpr, PRIOR_MU_PER_SAMPLE: tl.constexpr, PRIOR_LOGVAR_PER_SAMPLE: tl.constexpr,
+    ALIGNED: tl.constexpr, PRIOR_ALIGNED: tl.constexpr, SAMPLES_ALIGNED: tl.constexpr, INT64: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
-    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS, INT64)
     groups_per_row = tl.cdiv(n_cols, 4)
     seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
-    mu_rows = split_row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner)
-    logvar_rows = split_row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner)
-    row = row_offsets(tile, BLOCK_ROWS)
-    # While loops, not range(): Triton 3.6's interpreter cannot take a kernel argument or a tensor as a bound.
+    row_mask = rows < n_rows
+    HAS_PRIOR_MU: tl.constexpr = prior_mu_ptr is not None
+    HAS_PRIOR_LOGVAR: tl.constexpr = prior_logvar_ptr is not None
+    mu_rows, logvar_rows, prior_mu_rows, prior_logvar_rows = _input_rows(
+        rows, n_inner, prior_mu_ptr, prior_logvar_ptr, stride_mu_outer, stride_mu_inner, stride_logvar_outer,
+        stride_logvar_inner, stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_logvar_outer,
+        stride_prior_logvar_inner, ALIGNED, PRIOR_ALIGNED,
+    )
+    eps_rows = mu_rows
+    if HAS_EPS:
+        eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, SAMPLES_ALIGNED)
+    z_rows = rows * n_cols  # z is contiguous: sample k's rows lie k n_rows n_cols on
+    if SAMPLES_ALIGNED:
+        z_rows = _multiple_of_4(z_rows)
+    z_sample = n_rows * n_cols
+    log_ratio_rows = rows * n_col_blocks
+    groups = tl.arange(0, BLOCK_GROUPS)[None, :, None]
+    lanes = tl.arange(0, 4)[None, None, :]
+    # A while loop, not range(): Triton 3.6's interpreter cannot take a kernel argument or a tensor as a bound.
     while group_start < group_end:
-        groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
-        cols = groups * 4 + lanes
-        mask = (rows < n_rows) & (cols < col_end)
-        mu = load_f32(mu_ptr, mu_rows, cols, 1, stride_mu_col, mask)
-        logvar, slope = _load_clamped(logvar_ptr, logvar_rows, cols, stride_logvar_col, mask, logvar_limit)
-        std = tl.exp(0.5 * logvar)
-        prior_mu, unit = _prior_of_sample(prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample,
-                                          stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col, 0,
-                                          logvar_limit, mu, False)
-        prior_logvar, prior_slope = _prior_of_sample(
-            prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample, stride_prior_logvar_outer,
-            stride_prior_logvar_inner, stride_prior_logvar_col, 0, logvar_limit, mu, True,
+        col0, n_left = _step(group_start, col_end, BLOCK_GROUPS)
+        mu, logvar, prior_mu, prior_logvar, _, _ = _load_inputs(
+            mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows,
+            prior_logvar_rows, col0, groups, row_mask, row_mask, n_left, stride_mu_col, stride_logvar_col,
+            stride_prior_mu_col, stride_prior_logvar_col, logvar_limit, None, None,
+            HAS_PRIOR_MU and not PRIOR_MU_PER_SAMPLE, HAS_PRIOR_LOGVAR and not PRIOR_LOGVAR_PER_SAMPLE,
+            ALIGNED and PRIOR_ALIGNED,
         )
+        std = fast_exp(logvar, 0.5)
         # Each sample's log ratio over this block of columns: one partial sum per row and column block.
         col_block = group_start // BLOCK_GROUPS
-        sample = tl.full([], 0, tl.int64)  # int64: row k R + j may pass 2**31
+        sample = tile * 0  # int64 with INT64: sample k's offsets pass 2**31 in a large output
         while sample < n_samples:
-            out_rows = sample * n_rows + rows  # rows of the (K R, n_cols) output
             if PRIOR_MU_PER_SAMPLE:
-                prior_mu, unit = _prior_of_sample(prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample,
-                                                  stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col,
-                                                  sample, logvar_limit, mu, False)
+                prior_mu, _ = _sample_prior(prior_mu_ptr, sample, stride_prior_mu_sample, prior_mu_rows, col0, groups,
+                                            stride_prior_mu_col, row_mask, n_left, logvar_limit, False, PRIOR_ALIGNED)
             if PRIOR_LOGVAR_PER_SAMPLE:
-                prior_logvar, prior_slope = _prior_of_sample(
-                    prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample,
-                    stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col, sample,
-                    logvar_limit, mu, True,
-                )
+                prior_logvar, _ = _sample_prior(prior_logvar_ptr, sample, stride_prior_logvar_sample,
+                                                prior_logvar_rows, col0, groups, stride_prior_logvar_col, row_mask,
+                                                n_left, logvar_limit, True, PRIOR_ALIGNED)
             if HAS_EPS:
-                eps_rows = _sample_offsets(rows, n_inner, stride_eps_sample, stride_eps_outer, stride_eps_inner,
-                                           sample)
-                eps = load_f32(eps_ptr, eps_rows, cols, 1, stride_eps_col, mask)
+                eps = _load_tile(eps_ptr, _of_sample(eps_rows, sample, stride_eps_sample, SAMPLES_ALIGNED), col0, groups, stride_eps_col,
+                                 row_mask, n_left, SAMPLES_ALIGNED)
             else:
-                eps = standard_normal(seed, first_counter, out_rows, groups, lanes, groups_per_row)
+                eps = standard_normal(seed, _sample_counter(first_counter, sample, n_rows, groups_per_row), rows,
+                                      group_start + groups, lanes, groups_per_row)
             z = mu + std * eps
-            tl.store(z_ptr + out_rows * n_cols + cols, z.to(z_ptr.dtype.element_ty), mask=mask)
-            t, s, term = _log_ratio_terms(z, eps, logvar, prior_mu, prior_logvar, prior_mu_ptr is not None,
-                                          prior_logvar_ptr is not None)
-            # Masked lanes drew noise too: their terms are not the row's.
-            partial = 0.5 * tl.sum(tl.sum(tl.where(mask, term, 0.0), axis=2), axis=1)
-            tl.store(log_ratio_ptr + (sample * n_rows + row) * n_col_blocks + col_block, partial, mask=row < n_rows)
+            _store_tile(z_ptr, _of_sample(z_rows, sample, z_sample, SAMPLES_ALIGNED), col0, groups, row_mask, n_left, z, SAMPLES_ALIGNED)
+            _, _, term = _log_ratio_terms(z, eps, logvar, prior_mu, prior_logvar, HAS_PRIOR_MU, HAS_PRIOR_LOGVAR)
+            tl.store(log_ratio_ptr + sample * (n_rows * n_col_blocks) + log_ratio_rows + col_block,
+                     0.5 * _row_sums(term), mask=row_mask)
             sample += 1
         group_start += BLOCK_GROUPS
 
@@ -269,99 +271,110 @@ def _log_ratio_backward_kernel(
     seed, first_counter, philox_ptr, cols_per_split, logvar_limit, prior_mu_grad_by_columns,
     prior_logvar_grad_by_columns,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_LOG_RATIO: tl.constexpr, HAS_EPS: tl.constexpr,
-    PRIOR_MU_PER_SAMPLE: tl.constexpr, PRIOR_LOGVAR_PER_SAMPLE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+    PRIOR_MU_PER_SAMPLE: tl.constexpr, PRIOR_LOGVAR_PER_SAMPLE: tl.constexpr, ALIGNED: tl.constexpr,
+    PRIOR_ALIGNED: tl.constexpr, SAMPLES_ALIGNED: tl.constexpr, INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr,
 ):
-    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS)
+    tile, split, rows, col_end, group_start, group_end = _program_span(n_cols, cols_per_split, BLOCK_ROWS, INT64)
     groups_per_row = tl.cdiv(n_cols, 4)
     seed, first_counter = _philox_state(seed, first_counter, philox_ptr)
-    mu_rows = split_row_starts(rows, n_inner, stride_mu_outer, stride_mu_inner)
-    logvar_rows = split_row_starts(rows, n_inner, stride_logvar_outer, stride_logvar_inner)
-    # While loops, not range(): Triton 3.6's interpreter cannot take a kernel argument or a tensor as a bound.
+    row_mask = rows < n_rows
+    # The priors matter to the log ratio's gradient alone.
+    HAS_PRIOR_MU: tl.constexpr = HAS_GRAD_LOG_RATIO and prior_mu_ptr is not None
+    HAS_PRIOR_LOGVAR: tl.constexpr = HAS_GRAD_LOG_RATIO and prior_logvar_ptr is not None
+    MU_PER_SAMPLE: tl.constexpr = HAS_PRIOR_MU and PRIOR_MU_PER_SAMPLE
+    LOGVAR_PER_SAMPLE: tl.constexpr = HAS_PRIOR_LOGVAR and PRIOR_LOGVAR_PER_SAMPLE
+    mu_rows, logvar_rows, prior_mu_rows, prior_logvar_rows = _input_rows(
+        rows, n_inner, prior_mu_ptr, prior_logvar_ptr, stride_mu_outer, stride_mu_inner, stride_logvar_outer,
+        stride_logvar_inner, stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_logvar_outer,
+        stride_prior_logvar_inner, ALIGNED, PRIOR_ALIGNED,
+    )
+    grad_z_rows = mu_rows
+    if HAS_GRAD_Z:
+        grad_z_rows = _row_starts(rows, n_inner, stride_grad_z_outer, stride_grad_z_inner, SAMPLES_ALIGNED)
+    eps_rows = mu_rows
+    if HAS_EPS:
+        eps_rows = _row_starts(rows, n_inner, stride_eps_outer, stride_eps_inner, SAMPLES_ALIGNED)
+    out_rows = rows * n_cols  # the gradients are contiguous; a prior's per sample lie k n_rows n_cols on
+    if SAMPLES_ALIGNED:
+        out_rows = _multiple_of_4(out_rows)
+    out_sample = n_rows * n_cols
+    groups = tl.arange(0, BLOCK_GROUPS)[None, :, None]
+    lanes = tl.arange(0, 4)[None, None, :]
     while group_start < group_end:
-        groups, lanes = _tile_columns(group_start, BLOCK_GROUPS)
-        cols = groups * 4 + lanes
-        mask = (rows < n_rows) & (cols < col_end)
-        mu = load_f32(mu_ptr, mu_rows, cols, 1, stride_mu_col, mask)
-        logvar, slope = _load_clamped(logvar_ptr, logvar_rows, cols, stride_logvar_col, mask, logvar_limit)
-        std = tl.exp(0.5 * logvar)
-        prior_mu = tl.zeros_like(mu)
-        prior_logvar = tl.zeros_like(mu)
-        prior_slope = tl.zeros_like(mu) + 1.0
-        if HAS_GRAD_LOG_RATIO:  # the priors matter to the log ratio's gradient only
-            prior_mu, unit = _prior_of_sample(prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample,
-                                              stride_prior_mu_outer, stride_prior_mu_inner, stride_prior_mu_col, 0,
-                                              logvar_limit, mu, False)
-            prior_logvar, prior_slope = _prior_of_sample(
-                prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample, stride_prior_logvar_outer,
-                stride_prior_logvar_inner, stride_prior_logvar_col, 0, logvar_limit, mu, True,
-            )
+        col0, n_left = _step(group_start, col_end, BLOCK_GROUPS)
+        mu, logvar, prior_mu, prior_logvar, slope, prior_slope = _load_inputs(
+            mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, mu_rows, logvar_rows, prior_mu_rows,
+            prior_logvar_rows, col0, groups, row_mask, row_mask, n_left, stride_mu_col, stride_logvar_col,
+            stride_prior_mu_col, stride_prior_logvar_col, logvar_limit, None, None,
+            HAS_PRIOR_MU and not PRIOR_MU_PER_SAMPLE, HAS_PRIOR_LOGVAR and not PRIOR_LOGVAR_PER_SAMPLE,
+            ALIGNED and PRIOR_ALIGNED,
+        )
+        std = fast_exp(logvar, 0.5)
         grad_mu = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
-        grad_logvar = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
+        grad_std_eps_eps = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)  # sum_k eps (grad_z - g s)
         grad_prior_mu = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
         grad_prior_logvar = tl.zeros([BLOCK_ROWS, BLOCK_GROUPS, 4], dtype=tl.float32)
-        sample = tl.full([], 0, tl.int64)
+        g_sum = tl.zeros([BLOCK_ROWS, 1, 1], dtype=tl.float32)
+        sample = tile * 0  # int64 with INT64
         while sample < n_samples:
-            out_rows = sample * n_rows + rows
             if HAS_EPS:
-                eps_rows = _sample_offsets(rows, n_inner, stride_eps_sample, stride_eps_outer, stride_eps_inner,
-                                           sample)
-                eps = load_f32(eps_ptr, eps_rows, cols, 1, stride_eps_col, mask)
+                eps = _load_tile(eps_ptr, _of_sample(eps_rows, sample, stride_eps_sample, SAMPLES_ALIGNED), col0, groups, stride_eps_col,
+                                 row_mask, n_left, SAMPLES_ALIGNED)
             else:
-                eps = standard_normal(seed, first_counter, out_rows, groups, lanes, groups_per_row)
+                eps = standard_normal(seed, _sample_counter(first_counter, sample, n_rows, groups_per_row), rows,
+                                      group_start + groups, lanes, groups_per_row)
             grad_std_eps = tl.zeros_like(mu)  # d(loss)/d(std * eps) of this sample
             if HAS_GRAD_Z:
-                grad_z_rows = _sample_offsets(rows, n_inner, stride_grad_z_sample, stride_grad_z_outer,
-                                              stride_grad_z_inner, sample)
-                grad_std_eps = load_f32(grad_z_ptr, grad_z_rows, cols, 1, stride_grad_z_col, mask)
+                grad_std_eps = _load_tile(grad_z_ptr, _of_sample(grad_z_rows, sample, stride_grad_z_sample, SAMPLES_ALIGNED), col0, groups,
+                                          stride_grad_z_col, row_mask, n_left, SAMPLES_ALIGNED)
             if HAS_GRAD_LOG_RATIO:
-                g = tl.load(grad_log_ratio_ptr + out_rows * stride_grad_log_ratio, mask=rows < n_rows,
+                g = tl.load(grad_log_ratio_ptr + (sample * n_rows + rows) * stride_grad_log_ratio, mask=row_mask,
                             other=0.0).to(tl.float32)
-                if PRIOR_MU_PER_SAMPLE:
-                    prior_mu, unit = _prior_of_sample(
-                        prior_mu_ptr, rows, cols, mask, n_inner, stride_prior_mu_sample, stride_prior_mu_outer,
-                        stride_prior_mu_inner, stride_prior_mu_col, sample, logvar_limit, mu, False,
+                if MU_PER_SAMPLE:
+                    prior_mu, _ = _sample_prior(prior_mu_ptr, sample, stride_prior_mu_sample, prior_mu_rows, col0,
+                                                groups, stride_prior_mu_col, row_mask, n_left, logvar_limit, False,
+                                                PRIOR_ALIGNED)
+                if LOGVAR_PER_SAMPLE:
+                    prior_logvar, prior_slope = _sample_prior(
+                        prior_logvar_ptr, sample, stride_prior_logvar_sample, prior_logvar_rows, col0, groups,
+                        stride_prior_logvar_col, row_mask, n_left, logvar_limit, True, PRIOR_ALIGNED,
                     )
-                if PRIOR_LOGVAR_PER_SAMPLE:
-                    prior_logvar, prior_slope = _prior_of_sample(
-                        prior_logvar_ptr, rows, cols, mask, n_inner, stride_prior_logvar_sample,
-                        stride_prior_logvar_outer, stride_prior_logvar_inner, stride_prior_logvar_col, sample,
-                        logvar_limit, mu, True,
-                    )
-                t, s, term = _log_ratio_terms(mu + std * eps, eps, logvar, prior_mu, prior_logvar,
-                                              prior_mu_ptr is not None, prior_logvar_ptr is not None)
-                grad_std_eps -= g * s
-                grad_logvar += g
-                sample_prior_mu = g * s
+                t, s, _ = _log_ratio_terms(mu + std * eps, eps, logvar, prior_mu, prior_logvar, HAS_PRIOR_MU,
+                                           HAS_PRIOR_LOGVAR)
+                g_s = g * s
+                grad_std_eps -= g_s
+                g_sum += g
                 sample_prior_logvar = 0.5 * g * (t * t - 1.0)
                 if logvar_limit is not None:
                     sample_prior_logvar *= prior_slope
-                if PRIOR_MU_PER_SAMPLE:
-                    _store_prior_grad(grad_prior_mu_ptr, sample_prior_mu, 0, out_rows, cols, mask, tile,
-                                      group_start, n_cols, col_end, BLOCK_GROUPS)
+                if MU_PER_SAMPLE:
+                    if grad_prior_mu_ptr is not None:
+                        _store_tile(grad_prior_mu_ptr, _of_sample(out_rows, sample, out_sample, SAMPLES_ALIGNED), col0,
+                                    groups, row_mask, n_left, g_s, SAMPLES_ALIGNED)
                 else:
-                    grad_prior_mu += sample_prior_mu
-                if PRIOR_LOGVAR_PER_SAMPLE:
-                    _store_prior_grad(grad_prior_logvar_ptr, sample_prior_logvar, 0, out_rows, cols, mask, tile,
-                                      group_start, n_cols, col_end, BLOCK_GROUPS)
+                    grad_prior_mu += g_s
+                if LOGVAR_PER_SAMPLE:
+                    if grad_prior_logvar_ptr is not None:
+                        _store_tile(grad_prior_logvar_ptr, _of_sample(out_rows, sample, out_sample, SAMPLES_ALIGNED), col0,
+                                    groups, row_mask, n_left, sample_prior_logvar, SAMPLES_ALIGNED)
                 else:
                     grad_prior_logvar += sample_prior_logvar
             grad_mu += grad_std_eps
-            grad_logvar += std * eps * grad_std_eps
+            grad_std_eps_eps += eps * grad_std_eps
             sample += 1
-        grad_logvar = 0.5 * grad_logvar
+        # grad_logvar = 0.5 sum_k (std eps (grad_z - g s) + g): std taken out of the sum.
+        grad_logvar = 0.5 * (std * grad_std_eps_eps + g_sum)
         if logvar_limit is not None:
             grad_logvar *= slope
-        out = rows * n_cols + cols
-        tl.store(grad_mu_ptr + out, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_logvar_ptr + out, grad_logvar.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
-        if HAS_GRAD_LOG_RATIO:
-            if not PRIOR_MU_PER_SAMPLE:
-                _store_prior_grad(grad_prior_mu_ptr, grad_prior_mu, prior_mu_grad_by_columns, rows, cols, mask,
-                                  tile, group_start, n_cols, col_end, BLOCK_GROUPS)
-            if not PRIOR_LOGVAR_PER_SAMPLE:
-                _store_prior_grad(grad_prior_logvar_ptr, grad_prior_logvar, prior_logvar_grad_by_columns, rows, cols,
-                                  mask, tile, group_start, n_cols, col_end, BLOCK_GROUPS)
+        _store_tile(grad_mu_ptr, out_rows, col0, groups, row_mask, n_left, grad_mu, SAMPLES_ALIGNED)
+        _store_tile(grad_logvar_ptr, out_rows, col0, groups, row_mask, n_left, grad_logvar, SAMPLES_ALIGNED)
+        if HAS_PRIOR_MU and not PRIOR_MU_PER_SAMPLE:
+            _store_prior_grad(grad_prior_mu_ptr, out_rows, grad_prior_mu, prior_mu_grad_by_columns, col0, groups,
+                              row_mask, n_left, tile, n_cols, SAMPLES_ALIGNED)
+        if HAS_PRIOR_LOGVAR and not PRIOR_LOGVAR_PER_SAMPLE:
+            _store_prior_grad(grad_prior_logvar_ptr, out_rows, grad_prior_logvar, prior_logvar_grad_by_columns, col0,
+                              groups, row_mask, n_left, tile, n_cols, SAMPLES_ALIGNED)
         group_start += BLOCK_GROUPS
 
 
@@ -399,6 +412,32 @@ class _SampledMatrix:
     def pointer(self, fallback: torch.Tensor) -> torch.Tensor:
         """The tensor, or ``fallback`` as a valid pointer for an input that a constexpr flag switches off."""
         return self.tensor if self.tensor is not None else fallback
+
+    def aligned(self) -> bool:
+        """Whether each row of each sample starts at a multiple of four elements, on a 16-byte aligned tensor, with
+        unit column stride (a group of four columns loads as one vector). True when absent."""
+        if self.tensor is None:
+            return True
+        sample, outer, inner, col = self.strides
+        return (col == 1 and sample % GROUP == 0 and outer % GROUP == 0 and inner % GROUP == 0
+                and self.tensor.data_ptr() % 16 == 0)
+
+
+def _flags(n_cols: int, out_elements: int, posterior: list[_SampledMatrix], priors: list[_SampledMatrix],
+           per_sample: list[_SampledMatrix]) -> dict:
+    """The kernels' flags. ``ALIGNED``, ``PRIOR_ALIGNED``, ``SAMPLES_ALIGNED``: rows of whole groups of four columns,
+    each on a vector boundary (a group loads as one vector), in ``mu`` and ``logvar``, in the priors, in the tensors
+    read or written at each sample's offset (``z``, ``eps``, ``grad_z``) and the contiguous outputs. Apart because a
+    linear head's halves in half precision often start off a 16-byte boundary (the second half of 20 columns, 40
+    bytes on) where ``z`` and ``grad_z`` do not: the K-fold traffic stays vectors. ``INT64``: an input, or the
+    output of ``out_elements``, too large for int32 indices (:func:`~fastvae.kernels.launch.needs_int64`)."""
+    whole_groups = n_cols % GROUP == 0
+    return {
+        "ALIGNED": whole_groups and all(m.aligned() for m in posterior),
+        "PRIOR_ALIGNED": whole_groups and all(m.aligned() for m in priors),
+        "SAMPLES_ALIGNED": whole_groups and all(m.aligned() for m in per_sample),
+        "INT64": out_elements >= INT32_INDEX_LIMIT or needs_int64(*(m.tensor for m in posterior + priors + per_sample)),
+    }
 
 
 def output_shape(shape: torch.Size, samples: int | None) -> torch.Size:
@@ -470,7 +509,9 @@ def reparameterize_log_ratio_forward(
             *mu2.strides[1:], *logvar2.strides[1:], *eps2.strides, *prior_mu2.strides, *prior_logvar2.strides,
             seed, first_counter, philox_state if eps is None else None, tiling.cols_per_split, logvar_limit,
             HAS_EPS=eps is not None, PRIOR_MU_PER_SAMPLE=prior_mu2.per_sample,
-            PRIOR_LOGVAR_PER_SAMPLE=prior_logvar2.per_sample, BLOCK_ROWS=tiling.block_rows,
+            PRIOR_LOGVAR_PER_SAMPLE=prior_logvar2.per_sample,
+            **_flags(n_cols, z.numel(), [mu2, logvar2], [prior_mu2, prior_logvar2], [eps2]),
+            BLOCK_ROWS=tiling.block_rows,
             BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )
     return z, sum_splits(log_ratio).view(out_shape[: len(out_shape) - event_dims])
@@ -553,6 +594,7 @@ def reparameterize_log_ratio_backward(
             logvar_limit, *(int(mode == "columns") for mode in modes),
             HAS_GRAD_Z=grad_z is not None, HAS_GRAD_LOG_RATIO=grad_log_ratio is not None, HAS_EPS=eps is not None,
             PRIOR_MU_PER_SAMPLE=per_sample[0], PRIOR_LOGVAR_PER_SAMPLE=per_sample[1],
+            **_flags(n_cols, n_samples * mu.numel(), [mu2, logvar2], [prior_mu2, prior_logvar2], [grad_z2, eps2]),
             BLOCK_ROWS=tiling.block_rows, BLOCK_GROUPS=tiling.block_cols // GROUP, num_warps=tiling.num_warps,
         )
     grad_prior_mu, grad_prior_logvar = (

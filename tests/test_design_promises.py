@@ -342,6 +342,32 @@ def test_the_audit_counts_each_importance_sample_of_the_log_ratio_kernels(sm90_v
         assert r["inner_trips"] > 1
 
 
+# The IWAE's reparameterize_log_ratio (K samples per posterior tile): compute at most this multiple of memory time. A
+# sample of z moves 4 bytes (fp32) or 2 (bf16) plus the posterior's 8 or 4 over K, so its budget at 11.2
+# instructions per byte is some 50 instructions in fp32 and 25 in bf16, where the noise alone takes 21 per slot
+# (benchmarks/noise.py's fastvae kernel) and a row of 20 columns fills 32 slots: in bf16 the noise alone costs about
+# 1.3 of the linear head's memory time at K = 50 (python -m benchmarks --static --scenario log_ratio gave 1.82
+# forward and 1.96 backward there; float32 0.93 and 0.94).
+LOG_RATIO_BOUND = {"fp32": 1.0, "bf16": 2.0}
+
+
+def test_log_ratio_kernels_do_not_spill_and_stay_near_their_memory_time(sm90_variants):
+    rows = [r for r in sm90_variants if r["kernel"].startswith("_log_ratio_")]
+    assert {r["dtype"] for r in rows} == set(LOG_RATIO_BOUND)
+    # The linear head's K = 5 and K = 50 and the hvae layer's prior per sample are among those checked.
+    assert {r["inner_trips"] for r in rows} >= {5, 50}
+    assert not [r for r in rows if _spills(r)]
+    over = [
+        (r["kernel"], r["dtype"], r["constexprs"], r["inner_trips"], round(r["bound"]["compute_over_memory"], 2))
+        for r in rows
+        if not r["bound"]["compute_over_memory"] <= LOG_RATIO_BOUND[r["dtype"]]
+    ]
+    assert not over
+    # The float32 linear head's K-fold traffic is vectors: one load of grad_z and one store of z per group of four.
+    aligned = [r for r in rows if r["dtype"] == "fp32" and r["constexprs"].get("SAMPLES_ALIGNED")]
+    assert aligned and all(set(r["global_stores"]) >= {"128"} for r in aligned), [r["global_stores"] for r in aligned]
+
+
 def _loss_rows(sm90_variants):
     """Loss kernels whose element data are aligned: contiguous x_hat and x, a unit column stride, 16-byte pointers."""
     rows = []

@@ -441,6 +441,9 @@ def test_kernels_compile_for_a_cuda_target():
             elif not arg.isupper():
                 signature[arg] = "fp32" if arg == "logvar_limit" else int_type
         flags = {k: v for k, v in constexprs.items() if k != "limit"}
+        # Vector loads with int32 indices, or lane by lane with int64 ones, the samples' tensors the other way in bf16.
+        flags.update(ALIGNED=int_type == "i32", PRIOR_ALIGNED=int_type == "i32", SAMPLES_ALIGNED=dtype == "bf16",
+                     INT64=int_type == "i64")
         nones = {arg: None for arg, kind in signature.items() if kind == "constexpr"}
         return kernels.__name__, name, signature, dict(flags, BLOCK_ROWS=8, BLOCK_GROUPS=128, **nones), 8
 

@@ -403,8 +403,8 @@ def _measured_slots_per_element(spec, launch, masks) -> float:
     (the loads of their norms). reparameterize_kl's rows that are not 16-byte aligned are loaded and stored lane
     by lane (``[R, G, 1]`` accesses, four to a tile): together those span the tile. Where a tile is one group
     wide, a row's value (its KL or the KL's gradient, ``[R, 1, 1]``) looks the same: only the accesses to the
-    element tensors count (those of at least ``n_rows * n_cols`` elements' bytes)."""
-    elements = spec.count_elements(launch.args)
+    element tensors count (those of at least ``n_rows * n_cols`` elements' bytes: a row's values are fewer)."""
+    elements = launch.args["n_rows"] * launch.args["n_cols"] if "n_cols" in launch.args else 0
     element_tensors = [t for t in launch.args.values()
                        if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= elements * t.element_size()]
 

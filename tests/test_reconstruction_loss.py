@@ -710,7 +710,12 @@ def check_higher_orders(kind, reduction, shape, device, dtype, requires_grad, lo
                 # error relative to the largest value, not to each one; a broadcast logvar's gradient adds up
                 # `summed` such terms (each of order 1 here), whose sum may cancel to near 0.
                 rtol = TOLERANCES[dtype]["rtol"]
-                atol = max(atol, rtol * w.abs().max().item(), rtol * summed if order > 1 else 0.0)
+                # Each path's error in a later order is a few bfloat16 units (2**-7: the interpreter truncates) of
+                # the largest term, and the two paths' errors add: 2 x 4 units of the largest value (seed 115, the
+                # Gaussian's third order in x against float64: the reference 2.0% of the largest value off, the
+                # kernels 1.2%, 2.1% apart). The float32 run of the same test checks the math itself.
+                later = 2 * 4 * 2**-7 * w.abs().max().item() if order > 1 else 0.0
+                atol = max(atol, rtol * w.abs().max().item(), later, rtol * summed if order > 1 else 0.0)
                 if kind == "bce" and order > 1 and tensors[0].requires_grad:
                     bound = atol + rtol * w.abs().double() + bce_saved_gradient_error(
                         grad_loss, reduction, shape, directions[0], order)

@@ -40,6 +40,9 @@ from fastvae.ops.checks import (
 )
 from fastvae.ops.grad_in_forward import Mode, add_grads, backward_mode, is_tracing
 from fastvae.ops.rng import device_philox_state, needs_device_state, philox_seed_offset
+from fastvae.ops.sampling_wiring import (differentiable_input_grads, fake_backward_grads, grad_to_input,
+                                          op_input_grads, philox_for_backward, philox_ints, priors_to_differentiate,
+                                          unpack_traced_grads, zero_grads)
 
 
 def soft_clamp(x: torch.Tensor, limit: float) -> torch.Tensor:
@@ -181,12 +184,9 @@ def _launch_backward(grad_z, grad_kl, mu, logvar, eps, seed: int, first_counter:
                      prior_grads: tuple[bool, bool], philox_device: torch.Tensor | None = None):
     """The backward kernel's four gradients (``None`` for a prior gradient not asked for); the noise's state is
     ``philox_device`` when given, else ``seed`` and ``first_counter``."""
-    wanted = [p if (p is not None and needed and grad_kl is not None) else None
-              for p, needed in zip((prior_mu, prior_logvar), prior_grads)]
+    wanted = priors_to_differentiate(prior_mu, prior_logvar, prior_grads, grad_kl)
     if mu.numel() == 0:
-        zeros = [torch.zeros_like(t, memory_format=torch.contiguous_format) if t is not None else None
-                 for t in (mu, logvar, *wanted)]
-        return tuple(zeros)
+        return zero_grads(mu, logvar, *wanted)
     return _kernels().reparameterize_kl_backward(
         grad_z, grad_kl, mu, logvar, eps, seed, first_counter,
         prior_mu=prior_mu, prior_logvar=prior_logvar, event_dims=event_dims, logvar_limit=logvar_limit,
@@ -227,22 +227,12 @@ def _fused_backward(
 @_fused_backward.register_fake
 def _(grad_z, grad_kl, mu, logvar, eps, philox_state, philox_device, prior_mu, prior_logvar, event_dims,
       logvar_limit, logvar_clamp, grad_prior_mu, grad_prior_logvar):
-    def prior_grad(prior, wanted):
-        defined = prior is not None and wanted and grad_kl is not None
-        return prior.new_empty(prior.shape) if defined else mu.new_empty(0)
-
-    return (mu.new_empty(mu.shape), logvar.new_empty(logvar.shape),
-            prior_grad(prior_mu, grad_prior_mu), prior_grad(prior_logvar, grad_prior_logvar))
+    return fake_backward_grads(mu, logvar, prior_mu, prior_logvar, (grad_prior_mu, grad_prior_logvar), grad_kl)
 
 
 def _setup_context(ctx, inputs, output):
     mu, logvar, eps, philox, philox_device, prior_mu, prior_logvar, event_dims, logvar_limit, logvar_clamp = inputs
-    # Eager calls reserve the Philox state outside the op (see reparameterize_kl), so the backward has it as
-    # Python ints, or (under CUDA-graph capture) as the device tensor the kernels read; a traced one draws it
-    # inside, and its backward reads the CPU tensor the op returned.
-    ctx.philox = (0, 0) if eps is not None or philox_device is not None else (
-        tuple(philox) if philox is not None else None
-    )
+    ctx.philox = philox_for_backward(eps, philox, philox_device)
     ctx.event_dims, ctx.logvar_limit, ctx.logvar_clamp = event_dims, logvar_limit, logvar_clamp
     ctx.save_for_backward(mu, logvar, eps, prior_mu, prior_logvar, output[2],
                           philox_device if eps is None else None)
@@ -296,15 +286,6 @@ def _differentiable_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_l
     return grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar
 
 
-def _to_input(grad: torch.Tensor | None, tensor: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
-    """``grad`` (per element of ``mu``) summed to ``tensor``'s shape, in its dtype; ``None`` if not needed."""
-    if grad is None or tensor is None or not needed:
-        return None
-    if grad.shape != tensor.shape:
-        grad = grad.sum_to_size(tensor.shape)
-    return grad.to(tensor.dtype)
-
-
 def _backward(ctx, grad_z, grad_kl, _grad_philox):
     mu, logvar, eps, prior_mu, prior_logvar, philox_state, philox_device = ctx.saved_tensors
     event_dims, limit, clamp = ctx.event_dims, ctx.logvar_limit, ctx.logvar_clamp
@@ -316,33 +297,17 @@ def _backward(ctx, grad_z, grad_kl, _grad_philox):
         # create_graph=True: plain torch ops, so that autograd can differentiate the backward again.
         noise = eps
         if eps is None and grad_z is not None:
-            seed, first_counter = ctx.philox if ctx.philox is not None else philox_state.tolist()
+            seed, first_counter = philox_ints(ctx.philox, philox_state)
             noise = _kernels().draw_noise(mu.shape, mu.device, seed, first_counter, event_dims,
                                           philox_state=philox_device)
-        grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar = _differentiable_backward(
-            grad_z, grad_kl, mu, logvar, noise, prior_mu, prior_logvar, event_dims, limit, clamp
-        )
-        return (
-            grad_mu.to(mu.dtype),
-            grad_logvar.to(logvar.dtype),
-            _to_input(grad_eps, eps, needs[2]),
-            None,
-            None,
-            _to_input(grad_prior_mu, prior_mu, needs[5]),
-            _to_input(grad_prior_logvar, prior_logvar, needs[6]),
-            None,
-            None,
-            None,
-        )
+        grads = _differentiable_backward(grad_z, grad_kl, mu, logvar, noise, prior_mu, prior_logvar, event_dims,
+                                         limit, clamp)
+        return differentiable_input_grads(grads, mu, logvar, eps, prior_mu, prior_logvar, needs)
     prior_grads = (needs[5], needs[6])
     if mode is Mode.TRACED or ctx.philox is None:
         grads = _fused_backward(grad_z, grad_kl, mu, logvar, eps, philox_state, philox_device, prior_mu,
                                 prior_logvar, event_dims, limit, clamp, *prior_grads)
-        grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = (
-            g if wanted else None for g, wanted in zip(grads, (True, True, *prior_grads))
-        )
-        if grad_kl is None:
-            grad_prior_mu = grad_prior_logvar = None
+        grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = unpack_traced_grads(grads, prior_grads, grad_kl)
     else:
         grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = _launch_backward(
             grad_z, grad_kl, mu, logvar, eps, *ctx.philox, prior_mu, prior_logvar, event_dims, limit, clamp,
@@ -351,8 +316,8 @@ def _backward(ctx, grad_z, grad_kl, _grad_philox):
     grad_eps = None
     if eps is not None and needs[2] and grad_z is not None:
         clamped = _clamp_logvar(logvar.float(), limit, clamp)
-        grad_eps = _to_input(grad_z * torch.exp(0.5 * clamped), eps, True)
-    return grad_mu, grad_logvar, grad_eps, None, None, grad_prior_mu, grad_prior_logvar, None, None, None
+        grad_eps = grad_to_input(grad_z * torch.exp(0.5 * clamped), eps, True)
+    return op_input_grads(grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar)
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -30,8 +30,11 @@ from fastvae.ops.checks import (
     compute_dtype,
 )
 from fastvae.ops.grad_in_forward import Mode, add_grads, backward_mode, is_tracing
-from fastvae.ops.reparameterize_kl import _event_sum, _to_input, soft_clamp
+from fastvae.ops.reparameterize_kl import _event_sum, soft_clamp
 from fastvae.ops.rng import device_philox_state, needs_device_state, philox_seed_offset
+from fastvae.ops.sampling_wiring import (differentiable_input_grads, fake_backward_grads, grad_to_input,
+                                          op_input_grads, philox_for_backward, philox_ints, priors_to_differentiate,
+                                          unpack_traced_grads, zero_grads)
 
 
 def _output_shape(mu: torch.Tensor, samples: int | None) -> torch.Size:
@@ -141,11 +144,9 @@ def _(mu, logvar, eps, philox, philox_device, prior_mu, prior_logvar, samples, e
 def _launch_backward(grad_z, grad_log_ratio, mu, logvar, eps, seed: int, first_counter: int, prior_mu, prior_logvar,
                      samples, event_dims: int, logvar_limit, prior_grads: tuple[bool, bool], philox_device=None):
     """The backward kernel's four gradients (``None`` for a prior gradient not asked for)."""
-    wanted = [p if (p is not None and needed and grad_log_ratio is not None) else None
-              for p, needed in zip((prior_mu, prior_logvar), prior_grads)]
+    wanted = priors_to_differentiate(prior_mu, prior_logvar, prior_grads, grad_log_ratio)
     if mu.numel() == 0:
-        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) if t is not None else None
-                     for t in (mu, logvar, *wanted))
+        return zero_grads(mu, logvar, *wanted)
     return _kernels().reparameterize_log_ratio_backward(
         grad_z, grad_log_ratio, mu, logvar, eps, seed, first_counter, samples=samples, prior_mu=prior_mu,
         prior_logvar=prior_logvar, event_dims=event_dims, logvar_limit=logvar_limit,
@@ -181,21 +182,13 @@ def _fused_backward(
 @_fused_backward.register_fake
 def _(grad_z, grad_log_ratio, mu, logvar, eps, philox_state, philox_device, prior_mu, prior_logvar, samples,
       event_dims, logvar_limit, grad_prior_mu, grad_prior_logvar):
-    def prior_grad(prior, wanted):
-        defined = prior is not None and wanted and grad_log_ratio is not None
-        return prior.new_empty(prior.shape) if defined else mu.new_empty(0)
-
-    return (mu.new_empty(mu.shape), logvar.new_empty(logvar.shape),
-            prior_grad(prior_mu, grad_prior_mu), prior_grad(prior_logvar, grad_prior_logvar))
+    return fake_backward_grads(mu, logvar, prior_mu, prior_logvar, (grad_prior_mu, grad_prior_logvar),
+                               grad_log_ratio)
 
 
 def _setup_context(ctx, inputs, output):
     mu, logvar, eps, philox, philox_device, prior_mu, prior_logvar, samples, event_dims, logvar_limit = inputs
-    # As in reparameterize_kl: eager calls hold the Philox state as Python ints (or the device tensor under
-    # capture); a traced call drew it inside the op, and its backward reads the CPU tensor the op returned.
-    ctx.philox = (0, 0) if eps is not None or philox_device is not None else (
-        tuple(philox) if philox is not None else None
-    )
+    ctx.philox = philox_for_backward(eps, philox, philox_device)
     ctx.samples, ctx.event_dims, ctx.logvar_limit = samples, event_dims, logvar_limit
     ctx.save_for_backward(mu, logvar, eps, prior_mu, prior_logvar, output[2],
                           philox_device if eps is None else None)
@@ -247,7 +240,7 @@ def _noise_for_backward(ctx, mu, eps, philox_state, philox_device):
     """The forward's noise as a tensor: ``eps`` itself, or regenerated bit for bit (``create_graph=True`` only)."""
     if eps is not None:
         return eps
-    seed, first_counter = ctx.philox if ctx.philox is not None else philox_state.tolist()
+    seed, first_counter = philox_ints(ctx.philox, philox_state)
     return _noise_kernels().draw_noise(_output_shape(mu, ctx.samples), mu.device, seed, first_counter,
                                        ctx.event_dims, philox_state=philox_device)
 
@@ -262,30 +255,15 @@ def _backward(ctx, grad_z, grad_log_ratio, _grad_philox):
     if mode is Mode.DIFFERENTIABLE:
         # create_graph=True: plain torch ops, so that autograd can differentiate the backward again.
         noise = _noise_for_backward(ctx, mu, eps, philox_state, philox_device)
-        grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar = _differentiable_backward(
-            grad_z, grad_log_ratio, mu, logvar, noise, prior_mu, prior_logvar, event_dims, limit
-        )
-        return (
-            _to_input(grad_mu, mu, True),
-            _to_input(grad_logvar, logvar, True),
-            _to_input(grad_eps, eps, needs[2]),
-            None,
-            None,
-            _to_input(grad_prior_mu, prior_mu, needs[5]),
-            _to_input(grad_prior_logvar, prior_logvar, needs[6]),
-            None,
-            None,
-            None,
-        )
+        grads = _differentiable_backward(grad_z, grad_log_ratio, mu, logvar, noise, prior_mu, prior_logvar,
+                                         event_dims, limit)
+        return differentiable_input_grads(grads, mu, logvar, eps, prior_mu, prior_logvar, needs)
     prior_grads = (needs[5], needs[6])
     if mode is Mode.TRACED or ctx.philox is None:
         grads = _fused_backward(grad_z, grad_log_ratio, mu, logvar, eps, philox_state, philox_device, prior_mu,
                                 prior_logvar, samples, event_dims, limit, *prior_grads)
-        grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = (
-            g if wanted else None for g, wanted in zip(grads, (True, True, *prior_grads))
-        )
-        if grad_log_ratio is None:
-            grad_prior_mu = grad_prior_logvar = None
+        grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = unpack_traced_grads(grads, prior_grads,
+                                                                                     grad_log_ratio)
     else:
         grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = _launch_backward(
             grad_z, grad_log_ratio, mu, logvar, eps, *ctx.philox, prior_mu, prior_logvar, samples, event_dims, limit,
@@ -295,8 +273,8 @@ def _backward(ctx, grad_z, grad_log_ratio, _grad_philox):
     if eps is not None and needs[2]:  # given noise that requires grad: rare, so in torch ops
         grad_eps = _differentiable_backward(grad_z, grad_log_ratio, mu, logvar, eps, prior_mu, prior_logvar,
                                             event_dims, limit)[2]
-        grad_eps = _to_input(grad_eps, eps, True)
-    return grad_mu, grad_logvar, grad_eps, None, None, grad_prior_mu, grad_prior_logvar, None, None, None
+        grad_eps = grad_to_input(grad_eps, eps, True)
+    return op_input_grads(grad_mu, grad_logvar, grad_eps, grad_prior_mu, grad_prior_logvar)
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)

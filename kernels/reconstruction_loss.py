@@ -150,12 +150,19 @@ def _reconstruction_loss_forward_kernel(
     stride_x_hat_row, stride_x_hat_col, stride_x_row, stride_x_col, stride_logvar_row, stride_logvar_col,
     cols_per_split, grad_scale,
     KIND: tl.constexpr, GRAD_X_HAT: tl.constexpr, GRAD_X: tl.constexpr, LOGVAR_GRAD: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    LOGVAR_PER_ROW: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(1)
     rows = row_offsets(tile, BLOCK_ROWS)[:, None]
+    if KIND == "gaussian" and LOGVAR_PER_ROW:
+        # A scalar or per-sample logvar, constant along each row: one load per row, once. Read per element through
+        # its stride of 0, it cost every element a lane's address, mask and load (Triton 3.6: 94 instructions an
+        # element in bfloat16, 1.7x the memory time on the audit).
+        row_logvar = load_f32(logvar_ptr, rows, 0, stride_logvar_row, 0, rows < n_rows)
+    else:
+        row_logvar = tl.zeros([BLOCK_ROWS, 1], dtype=tl.float32)  # unused; compiled loops want it defined
     col_end = tl.minimum((split + 1) * cols_per_split, n_cols)
     loss_sum = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
     logvar_grad_sum = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
@@ -166,7 +173,9 @@ def _reconstruction_loss_forward_kernel(
         mask = (rows < n_rows) & (cols < col_end)
         x_hat = load_f32(x_hat_ptr, rows, cols, stride_x_hat_row, stride_x_hat_col, mask)
         x = load_f32(x_ptr, rows, cols, stride_x_row, stride_x_col, mask)
-        if KIND == "gaussian":
+        if KIND == "gaussian" and LOGVAR_PER_ROW:
+            logvar = row_logvar
+        elif KIND == "gaussian":
             logvar = load_f32(logvar_ptr, rows, cols, stride_logvar_row, stride_logvar_col, mask)
         else:
             logvar = x_hat  # unused
@@ -245,6 +254,7 @@ def reconstruction_loss_forward(
             *x_hat2.stride(), *x2.stride(), *(logvar_rows.stride() if logvar_rows is not None else (0, 0)),
             tiling.cols_per_split, grad_scale,
             KIND=kind, GRAD_X_HAT=grad_x_hat, GRAD_X=grad_x, LOGVAR_GRAD=logvar_grad,
+            LOGVAR_PER_ROW=logvar_rows is not None and (n_cols == 1 or logvar_rows.stride(1) == 0),
             BLOCK_ROWS=tiling.block_rows, BLOCK_COLS=tiling.block_cols, num_warps=tiling.num_warps,
         )
     if logvar_grad == "rows":

@@ -514,7 +514,7 @@ def test_custom_op_registration(device, kind, reduction, logvar_shape, grads):
                                                                        torch.rand(3, device=device)))
 
 
-def _forward_kernel_job(kind, logvar_grad, dtype):
+def _forward_kernel_job(kind, logvar_grad, dtype, logvar_per_row=False):
     from fastvae.kernels import reconstruction_loss as kernels
 
     kernel = kernels._reconstruction_loss_forward_kernel
@@ -525,7 +525,8 @@ def _forward_kernel_job(kind, logvar_grad, dtype):
             signature[name] = pointer_types.get(name) or f"*{dtype}"
         elif not name.isupper():
             signature[name] = "fp32" if name == "grad_scale" else "i64"
-    constexprs = dict(KIND=kind, GRAD_X_HAT=True, GRAD_X=True, LOGVAR_GRAD=logvar_grad, BLOCK_ROWS=4, BLOCK_COLS=1024)
+    constexprs = dict(KIND=kind, GRAD_X_HAT=True, GRAD_X=True, LOGVAR_GRAD=logvar_grad,
+                      LOGVAR_PER_ROW=logvar_per_row, BLOCK_ROWS=4, BLOCK_COLS=1024)
     return kernels.__name__, "_reconstruction_loss_forward_kernel", signature, constexprs, 8
 
 
@@ -533,6 +534,8 @@ def test_kernels_compile_for_a_cuda_target():
     """The interpreter runs code that compiled Triton refuses; this compiles every variant as a GPU would."""
     jobs = [_forward_kernel_job(kind, "none", dtype) for kind in ("mse", "bce", "l1") for dtype in ("bf16", "fp32")]
     jobs += [_forward_kernel_job("gaussian", mode, "fp16") for mode in ("none", "elements", "rows", "columns")]
+    # A scalar or per-sample logvar, read once per row: its gradient is summed per row, or not asked for.
+    jobs += [_forward_kernel_job("gaussian", mode, "fp16", logvar_per_row=True) for mode in ("none", "rows")]
     scale_signature = {"src_ptr": "*bf16", "weight_ptr": "*fp32", "out_ptr": "*bf16", "n_rows": "i64",
                        "n_cols": "i64", "stride_weight": "i64", "cols_per_split": "i64"}
     for skip_unit_rows, block_rows in ((False, 1), (True, 1), (True, 16)):

@@ -176,6 +176,19 @@ def assert_float32_sum_of_float64(got: torch.Tensor, want: torch.Tensor, terms: 
     assert_close(got.double(), want, rtol=0, atol=4 * terms * scale * 2**-24)
 
 
+def summed_terms(total_of, tensor: torch.Tensor, shape) -> float:
+    """The largest sum of |terms| that the gradient of ``tensor``, broadcast to ``shape``, adds up.
+
+    A broadcast input's gradient is a sum over the elements each of its values spans, whose terms may cancel:
+    float32 errs by units of the terms, not of the sum, so its tolerance scales with this. ``total_of(full)`` is
+    the scalar the gradient is of, computed by the reference with ``full``, a per-element copy of ``tensor``, in
+    its place; this is that gradient in absolute value, summed back to ``tensor``'s shape.
+    """
+    full = tensor.detach().expand(shape).clone().requires_grad_()
+    (per_element,) = torch.autograd.grad(total_of(full), full)
+    return per_element.abs().sum_to_size(tensor.shape).max().item()
+
+
 # Called with the worst error / bound of each assert_within: the seed sweep (tests/conftest.py) listens here.
 MARGIN_OBSERVERS: list = []
 
